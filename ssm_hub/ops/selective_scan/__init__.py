@@ -1,0 +1,79 @@
+"""Selective scan (Mamba-1): the public ops and their one dispatch point. The math is in ``reference.py``."""
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.selective_scan.reference import (
+    selective_scan_naive_ref,
+    selective_scan_ref,
+    selective_scan_step_ref,
+)
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_step",
+    "selective_scan_ref",
+    "selective_scan_naive_ref",
+    "selective_scan_step_ref",
+]
+
+
+def selective_scan(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    initial_state=None,
+    seq_idx=None,
+    cu_seqlens=None,
+    return_final_state=False,
+    backend="auto",
+):
+    """Selective scan over a sequence: u, delta [B, T, D], A [D, N], B/C [B, T, N] -> y [B, T, D].
+
+    Arguments and returns as :func:`ssm_hub.ops.selective_scan.reference.selective_scan_ref`; ``backend`` is
+    "auto", "triton" or "torch" (see ``ssm_hub.backend``).
+    """
+    resolve_backend("selective_scan", backend, has_triton_kernel=False)
+    args = (u, delta, A, B, C)
+    kwargs = dict(
+        D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
+        seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
+    )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # The reference materialises every state, [B, T, D, N] in float32, several times over (decays, inputs,
+        # states): for d_inner 1536 and N = 16 that is 128 floats per input float and tensor. Checkpointed, a
+        # layer keeps only its inputs and rebuilds the states in its own backward, one layer at a time.
+        return checkpoint(selective_scan_ref, *args, use_reentrant=False, **kwargs)
+    return selective_scan_ref(*args, **kwargs)
+
+
+def selective_scan_step(
+    state,
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    backend="auto",
+):
+    """One decoding step: state [B, D, N], u/delta [B, D], B/C [B, N] -> (y [B, D], new_state [B, D, N]).
+
+    Arguments and returns as :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`; ``state`` is
+    not modified.
+    """
+    resolve_backend("selective_scan_step", backend, has_triton_kernel=False)
+    return selective_scan_step_ref(
+        state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
+    )
