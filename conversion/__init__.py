@@ -1,0 +1,1 @@
+"""Checkpoint conversion between ssm_hub and other formats, shipped as ``ssm_hub.conversion``."""

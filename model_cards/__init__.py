@@ -1,0 +1,1 @@
+"""Model card templates, shipped as ``ssm_hub.model_cards``; none are written yet."""
