@@ -1,0 +1,32 @@
+"""ssm_hub: state-space models (Mamba, Mamba-2) as first-class transformers models.
+
+``import ssm_hub`` registers the model types ``ssm_hub_mamba`` and ``ssm_hub_mamba2`` with AutoConfig, AutoModel,
+AutoModelForCausalLM and AutoModelForSequenceClassification, and gives PEFT default LoRA targets for them.
+"""
+
+from ssm_hub import auto  # noqa: F401  (registration happens on import)
+from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
+from ssm_hub.models.mamba.modeling_mamba import (
+    SsmHubMambaForCausalLM,
+    SsmHubMambaForSequenceClassification,
+    SsmHubMambaModel,
+)
+from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
+from ssm_hub.models.mamba2.modeling_mamba2 import (
+    SsmHubMamba2ForCausalLM,
+    SsmHubMamba2ForSequenceClassification,
+    SsmHubMamba2Model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SsmHubMambaConfig",
+    "SsmHubMambaModel",
+    "SsmHubMambaForCausalLM",
+    "SsmHubMambaForSequenceClassification",
+    "SsmHubMamba2Config",
+    "SsmHubMamba2Model",
+    "SsmHubMamba2ForCausalLM",
+    "SsmHubMamba2ForSequenceClassification",
+]

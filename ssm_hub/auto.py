@@ -1,0 +1,56 @@
+"""Registration with transformers' Auto classes and PEFT, run once by ``import ssm_hub``.
+
+This is the only module that calls ``AutoConfig.register`` / ``AutoModel*.register``,
+``register_for_auto_class`` and PEFT's default-target tables: one place to read what ``import ssm_hub`` changes.
+Registration never uses ``exist_ok=True``: a clash with another model type must fail loudly.
+"""
+
+import sys
+
+import transformers
+from transformers import AutoConfig
+
+from ssm_hub.models.mamba import modeling_mamba
+from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
+from ssm_hub.models.mamba2 import modeling_mamba2
+from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
+
+ARCHITECTURES = ((SsmHubMambaConfig, modeling_mamba), (SsmHubMamba2Config, modeling_mamba2))
+
+# LoRA targets used when a LoraConfig names none: every projection of the mixer. conv1d is left out (a depthwise
+# kernel of width 4 gains little from a low-rank update) but works when targeted explicitly.
+PEFT_TARGET_MODULES = {
+    SsmHubMambaConfig.model_type: ["in_proj", "x_proj", "dt_proj", "out_proj"],
+    SsmHubMamba2Config.model_type: ["in_proj", "out_proj"],
+}
+
+
+def _register_transformers() -> None:
+    for config_class, modeling_module in ARCHITECTURES:
+        AutoConfig.register(config_class.model_type, config_class)
+        config_class.register_for_auto_class("AutoConfig")
+        for auto_class_name, class_name in modeling_module.AUTO_MAP.items():
+            model_class = getattr(modeling_module, class_name)
+            getattr(transformers, auto_class_name).register(config_class, model_class)
+            model_class.register_for_auto_class(auto_class_name)
+
+
+def _register_peft() -> None:
+    """PEFT looks up default LoRA targets by model_type; it has none for ours."""
+    if "peft" not in sys.modules:
+        try:
+            import peft  # noqa: F401  (optional at import time; PEFT reads the table only when it is used)
+        except ImportError:
+            return
+    from peft.utils import constants
+
+    for table_name in ("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",):
+        table = getattr(constants, table_name)
+        for model_type, targets in PEFT_TARGET_MODULES.items():
+            if model_type in table:
+                raise ValueError(f"PEFT already has LoRA defaults for {model_type}; refusing to overwrite them")
+            table[model_type] = list(targets)
+
+
+_register_transformers()
+_register_peft()

@@ -1,0 +1,1 @@
+"""nn.Modules shared by ssm_hub's models: SSM mixers, norms, and the helpers they need."""

@@ -1,0 +1,113 @@
+"""The Mamba-2 mixer (SSD): in_proj -> causal conv1d + SiLU -> chunked SSD scan -> gated RMSNorm -> out_proj.
+
+Parameter names match transformers' Mamba2Mixer, so native checkpoints map one to one. All recurrence math is in
+``ssm_hub.ops``; this module only projects, splits and reshapes, and talks to transformers' cache.
+"""
+
+import torch
+from torch import nn
+
+from transformers import initialization as init
+
+from ssm_hub.layers.norms import GatedRMSNorm
+from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
+from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
+from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
+from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_step
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.hidden_size * config.expand
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.state_size
+        self.conv_kernel_size = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.time_step_limit = tuple(config.time_step_limit)
+        self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.state_size
+
+        # in_proj output, in order: gate z [d_inner], conv input xBC [d_inner + 2 G N], dt [H].
+        self.in_proj = nn.Linear(self.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size, groups=self.conv_dim,
+            padding=self.conv_kernel_size - 1, bias=config.use_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(
+            self.intermediate_size, n_groups=self.n_groups, eps=config.layer_norm_epsilon,
+            norm_before_gate=config.norm_before_gate,
+        )
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self, config) -> None:
+        """Mamba-2's init: A ~ U(A_init_range) (stored as log), D = 1, dt ~ logU(time_step_min, time_step_max)
+        floored at time_step_floor and stored through the inverse softplus as dt_bias."""
+        low, high = config.A_init_range
+        init.copy_(self.A_log, torch.log(torch.empty(self.num_heads).uniform_(low, high)))
+        init.ones_(self.D)
+        init.copy_(self.dt_bias, inverse_softplus(sample_time_steps(self.num_heads, config)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        padding_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch_size, seq_len, _ = hidden_states.shape
+        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+
+        gate, xBC, dt = self.in_proj(hidden_states).split(
+            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
+        )
+        if padding_mask is not None:
+            xBC = xBC * padding_mask[..., None].to(xBC.dtype)
+        conv_weight, conv_bias = unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
+        A = -torch.exp(self.A_log.float())
+        scan_kwargs = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
+
+        if conv_state is not None and ssm_state is not None and seq_len == 1:
+            # Decode: one token against the cached conv window and recurrent state.
+            xBC, conv_state = causal_conv1d_step(xBC[:, 0], conv_state, conv_weight, conv_bias, activation="silu")
+            x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
+            y, ssm_state = ssd_step(
+                ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], A,
+                B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),
+                **scan_kwargs,
+            )
+            y = y.reshape(batch_size, 1, self.intermediate_size)
+        else:
+            want_states = cache is not None
+            conv_out = causal_conv1d(
+                xBC, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
+                return_final_state=want_states,
+            )
+            xBC, conv_state = conv_out if want_states else (conv_out, None)
+            if padding_mask is not None:
+                xBC = xBC * padding_mask[..., None].to(xBC.dtype)
+            x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
+            scan_out = ssd_chunked_scan(
+                x.view(batch_size, seq_len, self.num_heads, self.head_dim), dt, A,
+                B.view(batch_size, seq_len, self.n_groups, self.state_size),
+                C.view(batch_size, seq_len, self.n_groups, self.state_size),
+                self.chunk_size, initial_states=ssm_state, seq_idx=seq_idx, return_final_states=want_states,
+                **scan_kwargs,
+            )
+            y, ssm_state = scan_out if want_states else (scan_out, None)
+            y = y.reshape(batch_size, seq_len, self.intermediate_size)
+
+        if cache is not None:
+            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+            cache.update_recurrent_state(ssm_state, self.layer_idx)
+        y = self.norm(y, gate)
+        return self.out_proj(y.to(hidden_states.dtype))

@@ -1,0 +1,105 @@
+"""The Mamba-1 mixer (selective scan): in_proj -> causal conv1d + SiLU -> x_proj -> dt_proj -> selective scan
+(gated by silu(z)) -> out_proj.
+
+Parameter names match transformers' MambaMixer, so native checkpoints map one to one. dt_proj is called as a
+module (bias included) rather than read as a tensor, so a LoRA adapter on it takes effect.
+"""
+
+import torch
+from torch import nn
+
+from transformers import initialization as init
+
+from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
+from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
+from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
+from ssm_hub.ops.selective_scan import selective_scan, selective_scan_step
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = config.hidden_size * config.expand
+        self.state_size = config.state_size
+        self.time_step_rank = config.time_step_rank
+        self.conv_kernel_size = config.conv_kernel
+
+        self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
+        self.conv1d = nn.Conv1d(
+            self.intermediate_size, self.intermediate_size, kernel_size=self.conv_kernel_size,
+            groups=self.intermediate_size, padding=self.conv_kernel_size - 1, bias=config.use_conv_bias,
+        )
+        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.state_size))
+        self.D = nn.Parameter(torch.empty(self.intermediate_size))
+        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+
+    @torch.no_grad()
+    def init_ssm_parameters(self, config) -> None:
+        """Mamba's init: A = -[1..N] per channel (S4D-real, stored as log), D = 1, dt_proj.weight ~ U(+-rank^-0.5 *
+        time_step_scale) (or constant), and dt_proj.bias = softplus^-1(dt) with dt ~ logU(time_step_min,
+        time_step_max) floored at time_step_floor."""
+        A = torch.arange(1, self.state_size + 1, dtype=torch.float32).expand(self.intermediate_size, -1)
+        init.copy_(self.A_log, torch.log(A))
+        init.ones_(self.D)
+        dt_init_std = self.time_step_rank**-0.5 * config.time_step_scale
+        if config.time_step_init_scheme == "constant":
+            init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        init.copy_(self.dt_proj.bias, inverse_softplus(sample_time_steps(self.intermediate_size, config)))
+
+    def _selection(self, x: torch.Tensor):
+        """Input-dependent dt, B, C from the conv output x (any leading shape)."""
+        dt_low_rank, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        return self.dt_proj(dt_low_rank), B, C
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache=None,
+        padding_mask: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        seq_len = hidden_states.shape[1]
+        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
+        ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+
+        x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
+        if padding_mask is not None:
+            x = x * padding_mask[..., None].to(x.dtype)
+        conv_weight, conv_bias = unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
+        A = -torch.exp(self.A_log.float())
+
+        if conv_state is not None and ssm_state is not None and seq_len == 1:
+            # Decode: one token against the cached conv window and recurrent state.
+            x, conv_state = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu")
+            dt, B, C = self._selection(x)
+            y, ssm_state = selective_scan_step(
+                ssm_state, x, dt, A, B, C, D=self.D, z=gate[:, 0], delta_softplus=True
+            )
+            y = y[:, None]
+        else:
+            want_states = cache is not None
+            conv_out = causal_conv1d(
+                x, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
+                return_final_state=want_states,
+            )
+            x, conv_state = conv_out if want_states else (conv_out, None)
+            if padding_mask is not None:
+                x = x * padding_mask[..., None].to(x.dtype)
+            dt, B, C = self._selection(x)
+            scan_out = selective_scan(
+                x, dt, A, B, C, D=self.D, z=gate, delta_softplus=True, initial_state=ssm_state, seq_idx=seq_idx,
+                return_final_state=want_states,
+            )
+            y, ssm_state = scan_out if want_states else (scan_out, None)
+
+        if cache is not None:
+            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+            cache.update_recurrent_state(ssm_state, self.layer_idx)
+        return self.out_proj(y.to(hidden_states.dtype))

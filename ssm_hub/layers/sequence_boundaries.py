@@ -1,0 +1,91 @@
+"""Where documents start inside a row, and which positions are padding.
+
+Packed training rows (transformers' ``DataCollatorWithFlattening``) mark document starts by restarting
+``position_ids`` at 0, or give ``cu_seq_lens_q`` / ``cu_seqlens`` (flash-attention style, batch 1) or
+``seq_idx`` directly. An SSM must reset its recurrent and conv state at each start, or state leaks from one
+document into the next. Everything is turned into one ``seq_idx`` tensor [B, T] (document number per token,
+non-decreasing) that the ops understand.
+"""
+
+import torch
+
+# Names under which transformers' collators and attention kwargs hand over flash-attention style boundaries.
+CU_SEQLENS_KWARGS = ("cu_seqlens", "cu_seq_lens_q")
+
+
+def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[S+1] cumulative lengths of a batch-1 packed row -> seq_idx [1, T]."""
+    if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != seq_len:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D tensor starting at 0 and ending at the sequence length {seq_len}, "
+            f"got {cu_seqlens.tolist()}"
+        )
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    positions = torch.arange(seq_len, device=cu_seqlens.device)
+    return (torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)).to(torch.int32)[None]
+
+
+def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """A document starts wherever ``position_ids`` returns to 0 after the first token; None if no row restarts."""
+    restarts = position_ids[:, 1:] == 0
+    if not bool(restarts.any()):
+        return None
+    seq_idx = torch.cumsum(restarts.to(torch.int32), dim=1)
+    return torch.cat([torch.zeros_like(seq_idx[:, :1]), seq_idx], dim=1)
+
+
+def resolve_seq_idx(
+    batch_size: int, seq_len: int, position_ids: torch.Tensor | None, kwargs: dict
+) -> torch.Tensor | None:
+    """One ``seq_idx`` [B, T] from whichever boundary description the caller passed, or None for one document a row.
+
+    Several descriptions at once must agree; passing conflicting ones would silently pick one, so it raises.
+    """
+    candidates = {}
+    if kwargs.get("seq_idx") is not None:
+        seq_idx = kwargs["seq_idx"]
+        if seq_idx.shape != (batch_size, seq_len):
+            raise ValueError(f"seq_idx must have shape {(batch_size, seq_len)}, got {tuple(seq_idx.shape)}")
+        candidates["seq_idx"] = seq_idx.to(torch.int32)
+    for name in CU_SEQLENS_KWARGS:
+        if kwargs.get(name) is not None:
+            if batch_size != 1:
+                raise ValueError(f"{name} describes a packed batch of one row, but the batch has {batch_size} rows")
+            candidates[name] = seq_idx_from_cu_seqlens(kwargs[name], seq_len)
+    if position_ids is not None and seq_len > 1:
+        if position_ids.shape[-1] != seq_len or position_ids.ndim != 2:
+            raise ValueError(f"position_ids must have shape [batch, {seq_len}], got {tuple(position_ids.shape)}")
+        from_positions = seq_idx_from_position_ids(position_ids)
+        if from_positions is not None:
+            candidates["position_ids"] = from_positions.expand(batch_size, -1)
+    if not candidates:
+        return None
+    names = list(candidates)
+    first = candidates[names[0]]
+    for name in names[1:]:
+        # Compare boundaries, not numbering: a source may number documents from a different offset.
+        if not torch.equal(torch.diff(first, dim=1) != 0, torch.diff(candidates[name], dim=1) != 0):
+            raise ValueError(f"{names[0]} and {name} describe different document boundaries")
+    return first
+
+
+def padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """The 2-D padding mask sliced to the current tokens, or None when nothing is padded.
+
+    Padded positions get zero input to the conv and the scan, so a left-padded row computes exactly what the
+    unpadded row computes (the state before the first real token stays zero).
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim != 2:
+        raise ValueError(
+            f"ssm_hub SSM models take a 2-D padding attention_mask [batch, seq_len], got {attention_mask.ndim}-D"
+        )
+    if seq_len == 1:
+        return None
+    mask = attention_mask[:, -seq_len:]
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
+    return mask

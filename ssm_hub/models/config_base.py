@@ -1,0 +1,45 @@
+"""What the ssm_hub configs share: the remote-code export on save, and validators that raise ``ValueError``
+naming the field, the constraint and the value, so a bad config fails at construction time instead of deep
+inside a forward pass."""
+
+from transformers import PreTrainedConfig
+
+from ssm_hub.models.remote_code import write_remote_code
+
+
+class SsmHubConfig(PreTrainedConfig):
+    """Base of ssm_hub's configs: saving one also writes the code that reads it (trust_remote_code)."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(type(self), save_directory)
+
+
+def require_positive_int(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
+
+
+def require_positive_float(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive number, got {value!r}")
+
+
+def require_choice(config, name: str, choices: tuple) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{type(config).__name__}.{name} must be one of {choices}, got {value!r}")
+
+
+def require_time_step_range(config) -> None:
+    """dt is initialised log-uniformly in [time_step_min, time_step_max] and floored at time_step_floor."""
+    require_positive_float(config, "time_step_min", "time_step_max", "time_step_floor")
+    if config.time_step_min > config.time_step_max:
+        raise ValueError(
+            f"{type(config).__name__}: time_step_min ({config.time_step_min}) must not exceed "
+            f"time_step_max ({config.time_step_max})"
+        )

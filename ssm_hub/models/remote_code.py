@@ -1,0 +1,142 @@
+"""Write a model's code next to its weights so the checkpoint loads with ``trust_remote_code=True`` where
+ssm_hub is not installed.
+
+transformers' own ``custom_object_save`` copies the model file and its single-dot relative imports only, which
+cannot express ssm_hub's layered package (models -> layers -> ops). This walks the ssm_hub modules a model class
+needs, writes each as one flat file in the checkpoint folder and rewrites ``from ssm_hub.a.b import x`` into
+``from .a_b import x``. Model and config files keep their own names (``modeling_mamba2.py``), which is what the
+``auto_map`` in config.json points at. Code loaded that way saves itself the same way: its imports are already
+flat, so the walk copies them as they are.
+"""
+
+import ast
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+AUTO_MAP_CLASSES_ATTRIBUTE = "AUTO_MAP"
+
+
+def _root_package(module_name: str) -> str:
+    if module_name.split(".")[0] == "ssm_hub":
+        return "ssm_hub"
+    # Code loaded from a checkpoint lives in one flat package (transformers_modules.<name>.<file>).
+    return module_name.rpartition(".")[0]
+
+
+def _imported_modules(tree: ast.Module, module_name: str, is_package: bool, root: str):
+    """Yield (node, absolute module name) for every import of a module inside ``root``."""
+    package = module_name if is_package else module_name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == root or alias.name.startswith(root + "."):
+                    raise ValueError(
+                        f"{module_name}: `import {alias.name}` cannot be exported as remote code; "
+                        f"use `from {alias.name.rpartition('.')[0]} import {alias.name.rpartition('.')[2]}`"
+                    )
+        elif isinstance(node, ast.ImportFrom):
+            target = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level else node.module
+            if target == root or target.startswith(root + "."):
+                yield node, target
+
+
+def _module_source(module_name: str) -> tuple[str, bool]:
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None) if module is not None else None
+    if path is None:
+        spec = importlib.util.find_spec(module_name)
+        path = spec.origin
+    return Path(path).read_text(encoding="utf-8"), Path(path).name == "__init__.py"
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def collect_modules(start_modules: list[str]) -> dict[str, tuple[str, bool]]:
+    """All modules of the start modules' package reachable through imports: name -> (source, is_package)."""
+    root = _root_package(start_modules[0])
+    found: dict[str, tuple[str, bool]] = {}
+    pending = list(start_modules)
+    while pending:
+        name = pending.pop()
+        if name in found:
+            continue
+        source, is_package = _module_source(name)
+        found[name] = (source, is_package)
+        for node, target in _imported_modules(ast.parse(source), name, is_package, root):
+            if target == root:
+                raise ValueError(f"{name} imports from the package root {root}; import from the defining module")
+            # `from pkg import submodule` would need the package's folder structure, which the flat bundle drops.
+            submodules = [a.name for a in node.names if root == "ssm_hub" and _is_module(f"{target}.{a.name}")]
+            if submodules:
+                raise ValueError(f"{name} imports modules {submodules} from {target}; import names from them instead")
+            pending.append(target)
+    return found
+
+
+def flat_names(modules: dict[str, tuple[str, bool]], start_modules: list[str]) -> dict[str, str]:
+    """Each module's file name in the checkpoint: its own name where that is unique, else its dotted path inside
+    the package joined with underscores (``ssm_hub.ops.ssd.reference`` -> ``ops_ssd_reference``)."""
+    root = _root_package(start_modules[0])
+    last = {name: name.rpartition(".")[2] for name in modules}
+    counts: dict[str, int] = {}
+    for name in modules:
+        counts[last[name]] = counts.get(last[name], 0) + 1
+    result = {}
+    for name, (_, is_package) in modules.items():
+        keeps_own_name = name in start_modules or (counts[last[name]] == 1 and not is_package)
+        result[name] = last[name] if keeps_own_name else name[len(root) + 1:].replace(".", "_")
+    if len(set(result.values())) != len(result):
+        raise ValueError(f"remote-code export: two modules map to one file name: {result}")
+    return result
+
+
+def rewrite_imports(source: str, module_name: str, is_package: bool, names: dict[str, str]) -> str:
+    """Replace every import of a bundled module by a single-dot import of its flat file."""
+    root = _root_package(module_name)
+    lines = source.splitlines(keepends=True)
+    edits = []
+    for node, target in _imported_modules(ast.parse(source), module_name, is_package, root):
+        imported = ", ".join(alias.name + (f" as {alias.asname}" if alias.asname else "") for alias in node.names)
+        indent = " " * node.col_offset
+        edits.append((node.lineno - 1, node.end_lineno, f"{indent}from .{names[target]} import {imported}\n"))
+    for start, end, text in sorted(edits, reverse=True):
+        lines[start:end] = [text]
+    return "".join(lines)
+
+
+def write_remote_code(model_or_config_class: type, save_directory: str | os.PathLike) -> list[Path]:
+    """Write the flat code bundle for ``model_or_config_class`` and a complete ``auto_map`` into config.json."""
+    save_directory = Path(save_directory)
+    config_class = getattr(model_or_config_class, "config_class", None) or model_or_config_class
+    start = [config_class.__module__]
+    if model_or_config_class is not config_class:
+        start.insert(0, model_or_config_class.__module__)
+    modules = collect_modules(start)
+    names = flat_names(modules, start)
+    written = []
+    for module_name, (source, is_package) in modules.items():
+        path = save_directory / f"{names[module_name]}.py"
+        path.write_text(rewrite_imports(source, module_name, is_package, names), encoding="utf-8")
+        written.append(path)
+
+    config_path = save_directory / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        auto_map = {"AutoConfig": f"{names[config_class.__module__]}.{config_class.__name__}"}
+        if model_or_config_class is not config_class:
+            model_module = sys.modules[model_or_config_class.__module__]
+            for auto_class, class_name in getattr(model_module, AUTO_MAP_CLASSES_ATTRIBUTE).items():
+                auto_map[auto_class] = f"{names[model_or_config_class.__module__]}.{class_name}"
+        else:
+            auto_map = {**config.get("auto_map", {}), **auto_map}
+        config["auto_map"] = auto_map
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return written

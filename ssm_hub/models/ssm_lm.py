@@ -1,0 +1,300 @@
+"""The parts every pure-SSM language model shares: the residual block, the backbone, the causal-LM and
+sequence-classification heads, weight initialisation and the trust_remote_code export on save.
+
+An architecture (Mamba, Mamba-2) subclasses these and only names its config class and mixer class.
+Caching goes through transformers' own ``DynamicCache`` / ``StaticCache``: the configs declare every layer as
+``linear_attention``, so the cache holds one conv window and one recurrent state per layer, and ``generate``,
+beam search and the static cache work as for any transformers model.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
+from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
+from ssm_hub.models.remote_code import write_remote_code
+
+# Keyword arguments a packing collator or an attention-style caller may pass; the boundary ones become seq_idx,
+# the max_length ones only matter to flash attention and carry nothing an SSM needs.
+PACKING_KWARGS = ("seq_idx", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+
+
+def _reject_unknown_kwargs(owner: str, kwargs: dict, allowed: tuple) -> None:
+    if kwargs.pop("output_attentions", None):
+        raise ValueError(f"{owner} has no attention layers: output_attentions=True cannot be honoured")
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"{owner}.forward got unexpected keyword arguments {unknown}")
+
+
+@dataclass
+class SSMModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SSMCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SSMSequenceClassifierOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class SSMBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: ``x + mixer(norm(x))``, the residual kept in fp32 if the config asks."""
+
+    def __init__(self, config, layer_idx: int, mixer_class: type[nn.Module]):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = mixer_class(config, layer_idx=layer_idx)
+
+    def forward(self, hidden_states, cache=None, padding_mask=None, seq_idx=None):
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
+        if self.residual_in_fp32:
+            residual = residual.float()
+        hidden_states = self.mixer(hidden_states, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
+        return residual + hidden_states
+
+
+class SSMPreTrainedModel(PreTrainedModel):
+    """Base of every ssm_hub SSM model class; an architecture sets ``config_class`` and ``mixer_class``."""
+
+    mixer_class: type[nn.Module]
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SSMBlock"]
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        """Mamba's initialisation: default Linear/conv init, N(0, initializer_range) embeddings, zero biases,
+        the SSM parameters (A_log, D, dt) as the papers give them, and out_proj scaled by 1/sqrt(num_layers)."""
+        if isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            init.ones_(module.weight)
+        if isinstance(module, self.mixer_class):
+            # transformers initialises children before parents, so the mixer's Linear layers are already done here.
+            module.init_ssm_parameters(self.config)
+            out_weight = module.out_proj.weight
+            if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
+                # GPT-2 / mamba_ssm scheme: each layer adds one residual branch, so scale its output projection by
+                # 1/sqrt(num_layers) to keep the residual stream's variance flat with depth.
+                out_weight /= math.sqrt(self.config.num_hidden_layers)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(type(self), save_directory)
+
+
+class SSMBackbone(SSMPreTrainedModel):
+    """Embeddings -> SSM blocks -> final RMSNorm."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [SSMBlock(config, layer_idx=i, mixer_class=self.mixer_class) for i in range(config.num_hidden_layers)]
+        )
+        self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SSMModelOutput | tuple:
+        r"""
+        attention_mask: 2-D padding mask; padded positions feed zeros into the conv and the scan.
+        position_ids: only used to find document starts in packed rows (a restart at 0 resets the state).
+        cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
+        kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1).
+        """
+        _reject_unknown_kwargs(type(self).__name__, kwargs, PACKING_KWARGS)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embeddings(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if not use_cache:
+            cache = None
+
+        mask = padding_mask(attention_mask, seq_len)
+        seq_idx = resolve_seq_idx(batch_size, seq_len, position_ids, kwargs)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(hidden_states, cache=cache, padding_mask=mask, seq_idx=seq_idx)
+        hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = SSMModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
+    """Backbone + LM head; an architecture sets ``backbone_class``."""
+
+    backbone_class: type[SSMBackbone]
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.backbone = self.backbone_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> SSMCausalLMOutput | tuple:
+        r"""
+        labels: token ids, shifted inside the loss; -100 is ignored. ``num_items_in_batch`` (passed by Trainer
+        under gradient accumulation) normalises the summed loss.
+        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
+            output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        output = SSMCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+class SSMForSequenceClassification(SSMPreTrainedModel):
+    """Backbone + a linear score head read at each row's last non-padding token."""
+
+    backbone_class: type[SSMBackbone]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.backbone = self.backbone_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def _last_token_index(self, input_ids, attention_mask, seq_len: int, device) -> torch.Tensor:
+        """Index of each row's last real token, from the attention mask, else from pad_token_id, else T - 1."""
+        positions = torch.arange(seq_len, device=device)
+        if attention_mask is not None:
+            return (positions * attention_mask[:, -seq_len:].to(positions.dtype)).argmax(-1)
+        if input_ids is not None and self.config.pad_token_id is not None:
+            not_pad = (input_ids != self.config.pad_token_id).to(positions.dtype)
+            return (positions * not_pad).argmax(-1)
+        return torch.full((1,), seq_len - 1, device=device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SSMSequenceClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
+            return_dict=True, **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state.to(self.score.weight.dtype))
+        batch_size, seq_len = logits.shape[:2]
+        last = self._last_token_index(input_ids, attention_mask, seq_len, logits.device)
+        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        output = SSMSequenceClassifierOutput(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()

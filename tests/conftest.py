@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny configs of every ssm_hub architecture, so each model test runs for all of them."""
+
+import pytest
+import torch
+
+import ssm_hub
+
+
+def tiny_config(model_type: str, **overrides):
+    if model_type == "ssm_hub_mamba":
+        fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4)
+        return ssm_hub.SsmHubMambaConfig(**{**fields, **overrides})
+    if model_type == "ssm_hub_mamba2":
+        fields = dict(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, head_dim=8, n_groups=2,
+            conv_kernel=4, chunk_size=8,
+        )
+        return ssm_hub.SsmHubMamba2Config(**{**fields, **overrides})
+    raise ValueError(model_type)
+
+
+MODEL_TYPES = ["ssm_hub_mamba", "ssm_hub_mamba2"]
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def model_type(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

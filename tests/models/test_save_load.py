@@ -1,0 +1,88 @@
+"""Saving and loading: safetensors only, identical logits, and the trust_remote_code export."""
+
+import ast
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_config
+
+
+def test_save_writes_safetensors_only_and_reloads_identically(model_type, tmp_path):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(model)
+    input_ids = torch.randint(1, 64, (2, 9))
+    torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_carries_auto_map_and_flat_code(model_type, tmp_path):
+    AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
+    for target in auto_map.values():
+        assert (tmp_path / f"{target.split('.')[0]}.py").exists()
+    for code_file in tmp_path.glob("*.py"):
+        for node in ast.walk(ast.parse(code_file.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 1 or not (node.module or "").startswith("ssm_hub"), (code_file.name, node.module)
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("ssm_hub") for alias in node.names), code_file.name
+
+
+# Runs in a fresh interpreter in which `import ssm_hub` fails, as on a machine without the package.
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, importlib.abc
+
+    class HideSsmHub(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "ssm_hub" or name.startswith("ssm_hub."):
+                raise ImportError("ssm_hub is hidden in this test")
+            return None
+
+    sys.meta_path.insert(0, HideSsmHub())
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    checkpoint, expected_file = sys.argv[1], sys.argv[2]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    assert "ssm_hub" not in sys.modules
+    expected = load_file(expected_file)
+    logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0)
+    out = model.generate(expected["input_ids"][:1, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    model.save_pretrained(checkpoint + "-resaved")
+    print("REMOTE_CODE_OK", type(model).__module__)
+    """
+)
+
+
+def test_loads_with_trust_remote_code_without_ssm_hub(model_type, tmp_path):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    input_ids = torch.randint(1, 64, (2, 9))
+    with torch.no_grad():
+        save_file({"input_ids": input_ids, "logits": model(input_ids).logits}, tmp_path / "expected.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(checkpoint), str(tmp_path / "expected.safetensors")],
+        capture_output=True, text=True, env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "REMOTE_CODE_OK transformers_modules." in result.stdout
+    # Code loaded from a checkpoint saves itself again as a complete bundle.
+    resaved = tmp_path / "checkpoint-resaved"
+    assert {p.name for p in checkpoint.glob("*.py")} <= {p.name for p in resaved.glob("*.py")}

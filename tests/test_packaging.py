@@ -1,0 +1,37 @@
+"""The installed distribution ships kernels/, conversion/, recipes/ and model_cards/ inside ssm_hub only."""
+
+import importlib.metadata
+import json
+
+import pytest
+
+import ssm_hub
+
+SHIPPED_INSIDE = ("kernels", "conversion", "recipes", "model_cards")
+
+
+def _is_editable_install() -> bool:
+    direct_url = importlib.metadata.distribution("ssm-hub").read_text("direct_url.json")
+    return bool(direct_url) and json.loads(direct_url).get("dir_info", {}).get("editable", False)
+
+
+def test_wheel_has_no_top_level_kernels_conversion_or_recipes():
+    if _is_editable_install():
+        pytest.skip("an editable install has no file list; CI installs the wheel and runs this")
+    files = [str(f) for f in importlib.metadata.files("ssm-hub")]
+    top_level = {f.split("/")[0] for f in files}
+    assert top_level.isdisjoint(SHIPPED_INSIDE), sorted(top_level)
+    for folder in SHIPPED_INSIDE:
+        assert f"ssm_hub/{folder}/__init__.py" in files, folder
+
+
+def test_subpackages_import_under_ssm_hub():
+    import ssm_hub.conversion
+    import ssm_hub.kernels
+
+    assert ssm_hub.kernels.__name__ == "ssm_hub.kernels"
+    assert ssm_hub.conversion.__name__ == "ssm_hub.conversion"
+
+
+def test_import_does_not_need_triton():
+    assert ssm_hub.__version__
