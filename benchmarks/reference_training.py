@@ -1,0 +1,119 @@
+"""Training throughput and peak memory of ssm_hub's pure-torch reference path against transformers' own
+pure-torch Mamba-2, in the same process, on one CUDA GPU.
+
+Shape (issue "Foundation", point 9): a 130M-parameter Mamba-2 (hidden 768, 24 layers, state 128, head_dim 64,
+vocabulary 50288) at batch 8 x 2048 tokens, bf16 autocast over fp32 weights, AdamW. Each candidate runs
+warm-up steps, then timed steps; an out-of-memory error is reported as such.
+
+    SSM_HUB_BACKEND=torch python benchmarks/reference_training.py            # writes benchmarks/results/
+    python benchmarks/reference_training.py --batch 2 --seq-len 512 --steps 2  # smaller, for a quick look
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import ssm_hub
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def mamba2_130m_fields(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=768, num_hidden_layers=24, state_size=128, expand=2, head_dim=64,
+        n_groups=1, conv_kernel=4, chunk_size=256, tie_word_embeddings=True,
+    )
+
+
+def build(candidate: str, vocab_size: int) -> torch.nn.Module:
+    fields = mamba2_130m_fields(vocab_size)
+    if candidate == "ssm_hub (torch reference)":
+        return ssm_hub.SsmHubMamba2ForCausalLM(ssm_hub.SsmHubMamba2Config(**fields))
+    if candidate == "transformers Mamba2ForCausalLM (torch path)":
+        config = transformers.Mamba2Config(**fields, num_heads=fields["hidden_size"] * 2 // fields["head_dim"])
+        return transformers.Mamba2ForCausalLM(config)
+    raise ValueError(candidate)
+
+
+def measure(candidate: str, batch: int, seq_len: int, vocab_size: int, warmup: int, steps: int) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    result = {"candidate": candidate, "batch": batch, "seq_len": seq_len}
+    model = optimizer = None
+    try:
+        model = build(candidate, vocab_size).cuda().train()
+        result["parameters"] = model.num_parameters()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        input_ids = torch.randint(0, vocab_size, (batch, seq_len), device="cuda")
+        times = []
+        for step in range(warmup + steps):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"non-finite loss {loss.item()}")
+        times.sort()
+        median = times[len(times) // 2]
+        result.update(
+            status="ok", step_seconds_median=median, tokens_per_second=batch * seq_len / median,
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, final_loss=loss.item(),
+        )
+    except torch.cuda.OutOfMemoryError as error:
+        result.update(status="out of memory", peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      error=str(error).splitlines()[0])
+    del model, optimizer  # free the GPU before the next candidate
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--vocab-size", type=int, default=50288)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    candidates = ["ssm_hub (torch reference)", "transformers Mamba2ForCausalLM (torch path)"]
+    rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in candidates]
+    device = torch.cuda.get_device_name()
+    report = {
+        "benchmark": "reference_training", "device": device, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "backend_env": os.environ.get("SSM_HUB_BACKEND", "auto"), "rows": rows,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = f"reference_training_{device.replace(' ', '_')}_b{args.batch}_l{args.seq_len}"
+    (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"Mamba-2 130M training step, batch {args.batch} x {args.seq_len}, bf16 autocast, AdamW, on {device}",
+        "", "| candidate | status | tokens/s | step (s) | peak memory (GiB) |", "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        tps = f"{row['tokens_per_second']:,.0f}" if row["status"] == "ok" else "-"
+        step = f"{row['step_seconds_median']:.3f}" if row["status"] == "ok" else "-"
+        lines.append(f"| {row['candidate']} | {row['status']} | {tps} | {step} | {row['peak_memory_gib']:.1f} |")
+    table = "\n".join(lines) + "\n"
+    (args.output / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
