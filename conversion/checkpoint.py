@@ -1,0 +1,289 @@
+"""Convert Mamba / Mamba-2 checkpoints between mamba_ssm's, transformers' and ssm_hub's formats.
+
+    from ssm_hub.conversion.checkpoint import convert_checkpoint
+    convert_checkpoint("state-spaces/mamba-130m-hf", "mamba-130m-ssm-hub")            # -> ssm_hub_mamba
+    convert_checkpoint("mamba-130m-ssm-hub", "mamba-130m-transformers", to="mamba")  # -> transformers' MambaForCausalLM
+
+or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2] [--dtype bfloat16]``.
+
+Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative
+maps of :mod:`ssm_hub.conversion.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
+only: ssm_hub never unpickles a ``pytorch_model.bin``. The output is written by the target model class's own
+``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code.
+"""
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from huggingface_hub import list_repo_files, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors.torch import load_file
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, PreTrainedConfig
+
+from ssm_hub.conversion.weight_maps import (
+    MAMBA_SSM_MAMBA1_TO_SSM_HUB,
+    MAMBA_SSM_MAMBA2_TO_SSM_HUB,
+    SSM_HUB_MAMBA2_TO_SSM_HUB,
+    SSM_HUB_MAMBA2_TO_TRANSFORMERS,
+    SSM_HUB_MAMBA_TO_SSM_HUB,
+    SSM_HUB_MAMBA_TO_TRANSFORMERS,
+    TRANSFORMERS_MAMBA2_TO_SSM_HUB,
+    TRANSFORMERS_MAMBA_TO_SSM_HUB,
+    ConversionMap,
+    apply_config_map,
+    apply_weight_map,
+)
+from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
+from ssm_hub.models.mamba.modeling_mamba import SsmHubMambaForCausalLM
+from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
+from ssm_hub.models.mamba2.modeling_mamba2 import SsmHubMamba2ForCausalLM
+
+TARGETS = ("ssm_hub", "mamba", "mamba2")
+"""``to`` values: ssm_hub's own format, or transformers' native MambaForCausalLM / Mamba2ForCausalLM."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Each source model_type, with the architecture it holds ("mamba" = Mamba-1, "mamba2" = Mamba-2) and its map to ssm_hub.
+_FORMATS_BY_MODEL_TYPE: dict[str, tuple[str, ConversionMap]] = {
+    "mamba": ("mamba", TRANSFORMERS_MAMBA_TO_SSM_HUB),
+    "mamba2": ("mamba2", TRANSFORMERS_MAMBA2_TO_SSM_HUB),
+    SsmHubMambaConfig.model_type: ("mamba", SSM_HUB_MAMBA_TO_SSM_HUB),
+    SsmHubMamba2Config.model_type: ("mamba2", SSM_HUB_MAMBA2_TO_SSM_HUB),
+}
+# mamba_ssm's config.json has no model_type; its ssm_cfg["layer"] names the mixer (absent: Mamba1).
+_MAMBA_SSM_KEYS = ("d_model", "n_layer", "ssm_cfg")
+_MAMBA_SSM_FORMATS_BY_LAYER: dict[str, tuple[str, ConversionMap]] = {
+    "Mamba1": ("mamba", MAMBA_SSM_MAMBA1_TO_SSM_HUB),
+    "Mamba2": ("mamba2", MAMBA_SSM_MAMBA2_TO_SSM_HUB),
+}
+SUPPORTED_FORMATS = (
+    "transformers-native MambaForCausalLM / Mamba2ForCausalLM (model_type 'mamba' / 'mamba2')",
+    f"ssm_hub (model_type '{SsmHubMambaConfig.model_type}' / '{SsmHubMamba2Config.model_type}')",
+    "mamba_ssm MambaLMHeadModel (config.json with d_model, n_layer and ssm_cfg; Mamba1 or Mamba2 mixers)",
+)
+
+_SSM_HUB_CLASSES = {
+    "mamba": (SsmHubMambaConfig, SsmHubMambaForCausalLM),
+    "mamba2": (SsmHubMamba2Config, SsmHubMamba2ForCausalLM),
+}
+_TRANSFORMERS_CLASSES = {
+    "mamba": (MambaConfig, MambaForCausalLM, SSM_HUB_MAMBA_TO_TRANSFORMERS),
+    "mamba2": (Mamba2Config, Mamba2ForCausalLM, SSM_HUB_MAMBA2_TO_TRANSFORMERS),
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+"""Files copied unchanged from the source next to the converted weights."""
+
+_UNREADABLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ssm_hub",
+                       dtype: str | torch.dtype | None = None) -> Path:
+    """Convert the checkpoint at ``source`` (a local folder or a Hub model id) and write it to ``output_dir``.
+
+    ``to``: ``"ssm_hub"`` (model_type ssm_hub_mamba / ssm_hub_mamba2), or ``"mamba"`` / ``"mamba2"`` for
+    transformers' own MambaForCausalLM / Mamba2ForCausalLM. ``dtype`` ("float32", "bfloat16", "float16" or the torch
+    dtype) casts every floating-point tensor; ``None`` keeps the stored dtypes. Hub ids are fetched with
+    ``huggingface_hub.snapshot_download`` (config, safetensors, tokenizer and generation files only), which honours
+    HF_ENDPOINT, HF_HUB_OFFLINE and the HF cache. Returns the output folder.
+
+    Raises ValueError for an unknown format, a config the target cannot express, an architecture that ``to`` does not
+    hold, a checkpoint without safetensors weights, and (in one message) every key and shape that does not match.
+    """
+    if to not in TARGETS:
+        raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
+    cast_to = _parse_dtype(dtype)
+    output_dir = Path(output_dir)
+    source_dir = _resolve_source(source)
+    if output_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"output_dir must differ from the source folder, got {str(output_dir)!r} for both")
+
+    source_config = _read_config(source_dir)
+    architecture, to_ssm_hub = _detect_format(source_config, source_dir)
+    if to != "ssm_hub" and to != architecture:
+        held = "Mamba-1" if architecture == "mamba" else "Mamba-2"
+        raise ValueError(
+            f"to={to!r} writes transformers' {_TRANSFORMERS_CLASSES[to][1].__name__}, but {source} holds a {held} "
+            f"model: use to={architecture!r} or to='ssm_hub'"
+        )
+
+    weights = _read_safetensors(source_dir, source)
+    if cast_to is not None:
+        weights = {name: tensor.to(cast_to) if tensor.is_floating_point() else tensor
+                   for name, tensor in weights.items()}
+
+    config_class, model_class = _SSM_HUB_CLASSES[architecture]
+    with _naming(source, to_ssm_hub):
+        shapes = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+        config = config_class(**apply_config_map(source_config, to_ssm_hub, shapes))
+        weights = apply_weight_map(weights, to_ssm_hub.weights, config)
+    if to != "ssm_hub":
+        config_class, model_class, to_transformers = _TRANSFORMERS_CLASSES[to]
+        with _naming(source, to_transformers):
+            config = config_class(**apply_config_map(config.to_dict(), to_transformers))
+            weights = apply_weight_map(weights, to_transformers.weights, config)
+
+    _save(model_class, config, weights, output_dir)
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, output_dir / name)
+    return output_dir
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be None or one of {tuple(DTYPES)}, got {dtype!r}")
+
+
+def _resolve_source(source: str | Path) -> Path:
+    """A local folder as is; anything else is a Hub model id, downloaded (config and safetensors only)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"source must be a checkpoint folder or a Hub model id, got the file {str(source)!r}")
+    repo_id = str(source)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"source {repo_id!r} is neither an existing folder nor a valid Hub model id") from None
+    metadata = ["config.json", "*.safetensors.index.json", *TOKENIZER_FILES]
+    folder = Path(snapshot_download(repo_id, allow_patterns=metadata))
+    index = _find_index(folder)
+    # With an index, fetch exactly its shards: repos such as mistralai's also ship a consolidated copy of the weights.
+    shards = sorted(set(_read_json(index)["weight_map"].values())) if index else ["*.safetensors"]
+    folder = Path(snapshot_download(repo_id, allow_patterns=metadata + shards))
+    if not any(folder.glob("*.safetensors")):
+        _raise_no_safetensors(repo_id, _hub_files_matching(repo_id, _UNREADABLE_WEIGHTS))
+    return folder
+
+
+def _hub_files_matching(repo_id: str, patterns: tuple[str, ...]) -> list[str]:
+    """Names in the Hub repo matching ``patterns``, for an error message; [] when the Hub cannot be asked (offline)."""
+    try:
+        names = list_repo_files(repo_id)
+    except OSError:
+        return []
+    return sorted(name for name in names if any(Path(name).match(pattern) for pattern in patterns))
+
+
+def _raise_no_safetensors(where: str, unreadable: list[str]) -> None:
+    found = f"it has only {', '.join(unreadable)}; " if unreadable else ""
+    raise ValueError(
+        f"no *.safetensors weights in {where}: {found}ssm_hub reads safetensors only and never unpickles "
+        f"pytorch_model.bin (loading a pickle can run arbitrary code). mamba_ssm's own repos (state-spaces/mamba-130m, "
+        f"state-spaces/mamba2-130m ...) ship only pytorch_model.bin: convert the transformers-native '-hf' repos "
+        f"instead (e.g. state-spaces/mamba-130m-hf), or re-save the weights with safetensors.torch.save_file"
+    )
+
+
+def _read_config(folder: Path) -> dict:
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder / 'config.json'} not found: a checkpoint folder needs its config.json")
+    # transformers' reader, because transformers writes inf as {"__float__": "Infinity"} (time_step_limit).
+    return PreTrainedConfig.get_config_dict(str(folder))[0]
+
+
+def _read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _detect_format(config: dict, source_dir: Path) -> tuple[str, ConversionMap]:
+    model_type = config.get("model_type")
+    if model_type in _FORMATS_BY_MODEL_TYPE:
+        return _FORMATS_BY_MODEL_TYPE[model_type]
+    if model_type is None and all(key in config for key in _MAMBA_SSM_KEYS):
+        ssm_cfg = config["ssm_cfg"] or {}
+        layer = ssm_cfg.get("layer", "Mamba1") if isinstance(ssm_cfg, dict) else None
+        if layer in _MAMBA_SSM_FORMATS_BY_LAYER:
+            return _MAMBA_SSM_FORMATS_BY_LAYER[layer]
+        raise ValueError(
+            f"{source_dir / 'config.json'}: mamba_ssm ssm_cfg.layer = {layer!r} is not supported "
+            f"(supported: {tuple(_MAMBA_SSM_FORMATS_BY_LAYER)})"
+        )
+    found = f"model_type {model_type!r}" if model_type is not None else f"no model_type (keys: {sorted(config)})"
+    raise ValueError(
+        f"{source_dir / 'config.json'}: unsupported checkpoint format, {found}. Supported formats:\n  "
+        + "\n  ".join(SUPPORTED_FORMATS)
+    )
+
+
+def _find_index(folder: Path) -> Path | None:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    preferred = folder / "model.safetensors.index.json"
+    if preferred in indexes:
+        return preferred
+    if len(indexes) > 1:
+        raise ValueError(f"{folder} has several safetensors indexes ({[index.name for index in indexes]}); keep one")
+    return indexes[0] if indexes else None
+
+
+def _read_safetensors(folder: Path, source: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint: the shards its index names, else model.safetensors, else all *.safetensors."""
+    index = _find_index(folder)
+    if index is not None:
+        weight_map = _read_json(index)["weight_map"]
+        weights = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise ValueError(f"{index} names the shard {shard}, which is not in {folder}")
+            weights.update(load_file(folder / shard))
+        unindexed = sorted(set(weights) ^ set(weight_map))
+        if unindexed:
+            raise ValueError(f"{index} and its shards disagree on these tensors: {unindexed}")
+        return weights
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        unreadable = sorted(path.name for pattern in _UNREADABLE_WEIGHTS for path in folder.glob(pattern))
+        _raise_no_safetensors(str(source), unreadable)
+    weights = {}
+    for file in files:
+        shard = load_file(file)
+        repeated = sorted(set(shard) & set(weights))
+        if repeated:
+            raise ValueError(f"{file} repeats tensors of another *.safetensors file in {folder}: {repeated}")
+        weights.update(shard)
+    return weights
+
+
+@contextmanager
+def _naming(source, conversion_map: ConversionMap):
+    """Prefix a ValueError with the checkpoint and the conversion step it came from."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{source} ({conversion_map.description}): {error}") from None
+
+
+def _save(model_class: type, config, weights: dict[str, torch.Tensor], output_dir: Path) -> None:
+    """Write ``weights`` with ``model_class.save_pretrained``, without allocating a randomly initialised model."""
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    produced = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+    if expected != produced:
+        # The maps and the model class disagree: a bug in ssm_hub, not in the checkpoint.
+        differences = sorted(
+            f"{name}: model {expected.get(name, 'has no such tensor')}, map {produced.get(name, 'has no such tensor')}"
+            for name in expected.keys() | produced.keys() if expected.get(name) != produced.get(name)
+        )
+        raise ValueError(f"{model_class.__name__} does not match its weight map:\n  " + "\n  ".join(differences))
+    # assign=True keeps each tensor's own dtype (mamba_ssm keeps some in float32) instead of the meta model's.
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.tie_weights()
+    model.config.dtype = weights["backbone.embeddings.weight"].dtype
+    model.save_pretrained(output_dir)

@@ -1,0 +1,575 @@
+"""Declarative maps from other Mamba / Mamba-2 checkpoint formats to ssm_hub's, and from ssm_hub's back to
+transformers'.
+
+A weight map is a tuple of :class:`WeightRule`: a source key pattern, the target key it becomes, and the shape the
+tensor must have as a function of the config; ``{i}`` stands for a layer index and expands over
+``range(config.num_hidden_layers)``. :func:`apply_weight_map` checks a whole state dict against a map and raises
+one ``ValueError`` that lists every unknown source key, every missing key and every mis-shaped tensor, so a bad
+checkpoint is diagnosed in one run and no tensor is ever dropped silently.
+
+A config map is a tuple of :class:`ConfigField`: a field of the source config.json (a dotted path such as
+``ssm_cfg.d_state`` for mamba_ssm's nested dict), the target field it becomes (``None``: dropped, with the reason),
+the value the source format assumes when the field is absent, and the values the target can express.
+:func:`apply_config_map` turns a source config.json into keyword arguments for the target config class.
+
+A :class:`ConversionMap` pairs the two. The maps defined here:
+
+- ``TRANSFORMERS_MAMBA_TO_SSM_HUB`` / ``TRANSFORMERS_MAMBA2_TO_SSM_HUB`` and ``SSM_HUB_MAMBA_TO_TRANSFORMERS`` /
+  ``SSM_HUB_MAMBA2_TO_TRANSFORMERS``: transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` use the same
+  parameter names as ssm_hub, so their weight maps are identities, still checked key by key and shape by shape.
+- ``MAMBA_SSM_MAMBA1_TO_SSM_HUB`` / ``MAMBA_SSM_MAMBA2_TO_SSM_HUB``: mamba_ssm's ``MambaLMHeadModel`` names its
+  embedding ``backbone.embedding.weight``, nests the mixer settings in ``ssm_cfg`` and pads the embedding to a
+  multiple of ``pad_vocab_size_multiple`` (the padded size becomes ``vocab_size``).
+- ``SSM_HUB_MAMBA_TO_SSM_HUB`` / ``SSM_HUB_MAMBA2_TO_SSM_HUB``: identities, to re-save (or re-cast) our own.
+"""
+
+import re
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from transformers import Mamba2Config, MambaConfig, PreTrainedConfig
+
+from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
+from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
+
+
+def _always(config) -> bool:
+    return True
+
+
+def _any_value(value) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One tensor: where it is in the source, where it goes, and the shape it must have.
+
+    ``present_if`` says whether the config has this tensor at all (a bias only with ``use_bias``); a tensor whose
+    condition is false must be absent from the source, else it is reported as unknown. ``tied_to`` names the target
+    key this tensor equals when ``config.tie_word_embeddings``: then the source may omit it, and if it has it, it
+    must be equal to the tensor it is tied to.
+    """
+
+    source: str
+    target: str
+    shape: Callable[[Any], tuple[int, ...]]
+    present_if: Callable[[Any], bool] = _always
+    tied_to: str | None = None
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+"""``ConfigField.default`` for a field that the source format requires (no default)."""
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One field of a source config.json and what becomes of it.
+
+    ``source`` is a key of the source config.json, dotted for nested dicts (``"ssm_cfg.d_state"``), or ``None`` for a
+    value the source format fixes without storing it (then ``default`` is that value). ``target`` is the target
+    config's field, or ``None`` when the field is dropped; ``reason`` says why. ``default`` is what the source format
+    assumes when the field is absent. ``supported`` accepts the values the target can express; any other value raises
+    a ValueError quoting ``reason``.
+    """
+
+    source: str | None
+    target: str | None
+    default: Any = ABSENT
+    supported: Callable[[Any], bool] = _any_value
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SizeFromWeight:
+    """A target config field read from a tensor's shape instead of the source config (mamba_ssm's padded vocab)."""
+
+    target: str
+    weight: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class ConversionMap:
+    """Everything needed to turn one checkpoint format into another: config fields and weights."""
+
+    description: str
+    config_fields: tuple[ConfigField, ...]
+    weights: tuple[WeightRule, ...]
+    sizes_from_weights: tuple[SizeFromWeight, ...] = ()
+
+
+# Shapes are functions of a config with transformers' field names, on which ssm_hub's and transformers' configs agree.
+
+
+def _inner(config) -> int:
+    return config.hidden_size * config.expand
+
+
+def _mamba2_conv_channels(config) -> int:
+    # The depthwise conv runs over x, B and C together: d_inner + 2 * n_groups * d_state channels.
+    return _inner(config) + 2 * config.n_groups * config.state_size
+
+
+def _mamba2_in_proj_rows(config) -> int:
+    # in_proj produces z (d_inner), then x, B, C (the conv channels), then one dt per head, in that order.
+    return _inner(config) + _mamba2_conv_channels(config) + config.num_heads
+
+
+def _uses_bias(config) -> bool:
+    return config.use_bias
+
+
+def _uses_conv_bias(config) -> bool:
+    return config.use_conv_bias
+
+
+_EMBEDDINGS = "backbone.embeddings.weight"
+
+
+def _model_rules(mixer_rules: tuple[WeightRule, ...]) -> tuple[WeightRule, ...]:
+    """The parameters around the mixers, identical for Mamba-1 and Mamba-2 in transformers and ssm_hub."""
+    return (
+        WeightRule(_EMBEDDINGS, _EMBEDDINGS, lambda c: (c.vocab_size, c.hidden_size)),
+        WeightRule("backbone.layers.{i}.norm.weight", "backbone.layers.{i}.norm.weight", lambda c: (c.hidden_size,)),
+        *mixer_rules,
+        WeightRule("backbone.norm_f.weight", "backbone.norm_f.weight", lambda c: (c.hidden_size,)),
+        WeightRule("lm_head.weight", "lm_head.weight", lambda c: (c.vocab_size, c.hidden_size), tied_to=_EMBEDDINGS),
+    )
+
+
+def _mixer_rule(name: str, shape: Callable, present_if: Callable = _always) -> WeightRule:
+    key = f"backbone.layers.{{i}}.mixer.{name}"
+    return WeightRule(key, key, shape, present_if)
+
+
+MAMBA_IDENTITY_RULES = _model_rules((
+    _mixer_rule("in_proj.weight", lambda c: (2 * _inner(c), c.hidden_size)),
+    _mixer_rule("in_proj.bias", lambda c: (2 * _inner(c),), _uses_bias),
+    _mixer_rule("conv1d.weight", lambda c: (_inner(c), 1, c.conv_kernel)),
+    _mixer_rule("conv1d.bias", lambda c: (_inner(c),), _uses_conv_bias),
+    _mixer_rule("x_proj.weight", lambda c: (c.time_step_rank + 2 * c.state_size, _inner(c))),
+    _mixer_rule("dt_proj.weight", lambda c: (_inner(c), c.time_step_rank)),
+    _mixer_rule("dt_proj.bias", lambda c: (_inner(c),)),
+    _mixer_rule("A_log", lambda c: (_inner(c), c.state_size)),
+    _mixer_rule("D", lambda c: (_inner(c),)),
+    _mixer_rule("out_proj.weight", lambda c: (c.hidden_size, _inner(c))),
+    _mixer_rule("out_proj.bias", lambda c: (c.hidden_size,), _uses_bias),
+))
+"""Mamba-1 parameters, named alike in transformers' MambaForCausalLM and ssm_hub's SsmHubMambaForCausalLM."""
+
+MAMBA2_IDENTITY_RULES = _model_rules((
+    _mixer_rule("in_proj.weight", lambda c: (_mamba2_in_proj_rows(c), c.hidden_size)),
+    _mixer_rule("in_proj.bias", lambda c: (_mamba2_in_proj_rows(c),), _uses_bias),
+    _mixer_rule("conv1d.weight", lambda c: (_mamba2_conv_channels(c), 1, c.conv_kernel)),
+    _mixer_rule("conv1d.bias", lambda c: (_mamba2_conv_channels(c),), _uses_conv_bias),
+    _mixer_rule("dt_bias", lambda c: (c.num_heads,)),
+    _mixer_rule("A_log", lambda c: (c.num_heads,)),
+    _mixer_rule("D", lambda c: (c.num_heads,)),
+    _mixer_rule("norm.weight", lambda c: (_inner(c),)),
+    _mixer_rule("out_proj.weight", lambda c: (c.hidden_size, _inner(c))),
+    _mixer_rule("out_proj.bias", lambda c: (c.hidden_size,), _uses_bias),
+))
+"""Mamba-2 parameters, named alike in transformers' Mamba2ForCausalLM and ssm_hub's SsmHubMamba2ForCausalLM."""
+
+
+def with_source_names(rules: tuple[WeightRule, ...], sources: Mapping[str, str]) -> tuple[WeightRule, ...]:
+    """``rules`` with the source key of the rules targeting each key of ``sources`` replaced by its value."""
+    targets = {rule.target for rule in rules}
+    unused = sorted(set(sources) - targets)
+    if unused:
+        raise ValueError(f"with_source_names: no rule targets {unused}")
+    return tuple(replace(rule, source=sources.get(rule.target, rule.source)) for rule in rules)
+
+
+MAMBA_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel", "time_step_rank",
+    "time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor", "use_bias",
+    "use_conv_bias", "hidden_act", "layer_norm_epsilon", "residual_in_fp32", "initializer_range",
+    "rescale_prenorm_residual", "use_cache", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+)
+"""Fields that transformers' MambaConfig and SsmHubMambaConfig both have, with the same meaning."""
+
+MAMBA2_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "head_dim", "num_heads", "n_groups",
+    "conv_kernel", "chunk_size", "use_bias", "use_conv_bias", "hidden_act", "layer_norm_epsilon", "residual_in_fp32",
+    "initializer_range", "rescale_prenorm_residual", "time_step_min", "time_step_max", "time_step_floor",
+    "time_step_limit", "use_cache", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+)
+"""Fields that transformers' Mamba2Config and SsmHubMamba2Config both have, with the same meaning."""
+
+GENERIC_FIELDS = frozenset(PreTrainedConfig().to_dict()) - {
+    "_name_or_path", "architectures", "dtype", "model_type", "transformers_version",
+}
+"""Settings every transformers config has (return_dict, id2label ...): passed through unchanged."""
+
+
+def _same_fields(names: tuple[str, ...], defaults_from: type, but: tuple[str, ...] = ()) -> tuple[ConfigField, ...]:
+    # A field absent from a config.json has the value its config class gives it, so that is the default.
+    return tuple(ConfigField(name, name, default=getattr(defaults_from, name)) for name in names if name not in but)
+
+
+def _dropped(names: tuple[str, ...], reason: str) -> tuple[ConfigField, ...]:
+    return tuple(ConfigField(name, None, reason=reason) for name in names)
+
+
+_REWRITTEN_ON_SAVE = _dropped(
+    ("_name_or_path", "architectures", "auto_map", "model_type", "transformers_version"),
+    "describes the source checkpoint; save_pretrained writes the target's own",
+)
+_DTYPE = _dropped(
+    ("dtype", "torch_dtype"), "the written tensors set the dtype (convert_checkpoint's dtype argument casts them)"
+)
+_MAMBA_SSM_LEFTOVERS = _dropped(
+    ("fused_add_norm", "rms_norm", "n_layer", "pad_vocab_size_multiple"),
+    "left in early '-hf' configs by transformers' conversion from mamba_ssm; transformers ignores it",
+)
+
+TRANSFORMERS_MAMBA_TO_SSM_HUB = ConversionMap(
+    description="transformers MambaForCausalLM -> ssm_hub_mamba",
+    config_fields=(
+        *_same_fields(MAMBA_SHARED_FIELDS, MambaConfig),
+        *_dropped(("use_mambapy", "use_associative_scan"),
+                  "a transformers-only switch between its pure-torch scan implementations; ssm_hub picks its "
+                  "implementation with backend= / SSM_HUB_BACKEND"),
+        *_dropped(("intermediate_size",), "derived: hidden_size * expand"),
+        *_MAMBA_SSM_LEFTOVERS, *_REWRITTEN_ON_SAVE, *_DTYPE,
+    ),
+    weights=MAMBA_IDENTITY_RULES,
+)
+
+TRANSFORMERS_MAMBA2_TO_SSM_HUB = ConversionMap(
+    description="transformers Mamba2ForCausalLM -> ssm_hub_mamba2",
+    config_fields=(
+        *_same_fields(MAMBA2_SHARED_FIELDS, Mamba2Config),
+        ConfigField(None, "norm_before_gate", default=False,
+                    reason="transformers' Mamba2 always multiplies by the gate before its grouped RMSNorm"),
+        *_dropped(("time_step_rank",),
+                  "transformers' Mamba2 stores it but has no dt_proj: Mamba-2 has one dt per head"),
+        *_dropped(("time_step_init_scheme", "time_step_scale"),
+                  "Mamba-1 dt_proj initialisation settings, left in some Mamba-2 configs; Mamba-2 has no dt_proj"),
+        *_MAMBA_SSM_LEFTOVERS, *_REWRITTEN_ON_SAVE, *_DTYPE,
+    ),
+    weights=MAMBA2_IDENTITY_RULES,
+)
+
+# transformers 5.24's Mamba / Mamba2 _init_weights divides out_proj.weight by sqrt(num_hidden_layers) in place when
+# rescale_prenorm_residual is true, and from_pretrained runs it on the loaded weights too: an init-only setting that
+# would corrupt the converted model, so transformers checkpoints are written with it false.
+_NO_RESCALE_ON_LOAD = (
+    ConfigField("rescale_prenorm_residual", None, reason="initialisation only; the weights are given"),
+    ConfigField(None, "rescale_prenorm_residual", default=False,
+                reason="transformers' from_pretrained would rescale the loaded out_proj weights if it were true"),
+)
+
+SSM_HUB_MAMBA_TO_TRANSFORMERS = ConversionMap(
+    description="ssm_hub_mamba -> transformers MambaForCausalLM",
+    config_fields=(
+        *_same_fields(MAMBA_SHARED_FIELDS, SsmHubMambaConfig, but=("rescale_prenorm_residual",)),
+        *_NO_RESCALE_ON_LOAD, *_REWRITTEN_ON_SAVE, *_DTYPE,
+    ),
+    weights=MAMBA_IDENTITY_RULES,
+)
+
+SSM_HUB_MAMBA2_TO_TRANSFORMERS = ConversionMap(
+    description="ssm_hub_mamba2 -> transformers Mamba2ForCausalLM",
+    config_fields=(
+        *_same_fields(MAMBA2_SHARED_FIELDS, SsmHubMamba2Config, but=("rescale_prenorm_residual",)),
+        *_NO_RESCALE_ON_LOAD,
+        ConfigField("norm_before_gate", None, default=False, supported=lambda value: value is False,
+                    reason="transformers' Mamba2ForCausalLM always gates before the norm and cannot express "
+                           "norm_before_gate=True; keep this checkpoint in the ssm_hub format"),
+        *_dropped(("A_init_range",), "only initialises A_log, which the converted weights carry"),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
+    ),
+    weights=MAMBA2_IDENTITY_RULES,
+)
+
+SSM_HUB_MAMBA_TO_SSM_HUB = ConversionMap(
+    description="ssm_hub_mamba -> ssm_hub_mamba",
+    config_fields=(*_same_fields(MAMBA_SHARED_FIELDS, SsmHubMambaConfig), *_REWRITTEN_ON_SAVE, *_DTYPE),
+    weights=MAMBA_IDENTITY_RULES,
+)
+
+SSM_HUB_MAMBA2_TO_SSM_HUB = ConversionMap(
+    description="ssm_hub_mamba2 -> ssm_hub_mamba2",
+    config_fields=(
+        *_same_fields(MAMBA2_SHARED_FIELDS + ("norm_before_gate", "A_init_range"), SsmHubMamba2Config),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
+    ),
+    weights=MAMBA2_IDENTITY_RULES,
+)
+
+# mamba_ssm's MambaLMHeadModel. Its MambaConfig fields and the mixers' constructor defaults (mamba_ssm 2.x) are the
+# defaults below; norm_epsilon is a MixerModel argument that its config.json never stores (always 1e-5).
+_HYBRID_REASON = (
+    "only pure-SSM mamba_ssm models convert to ssm_hub_mamba / ssm_hub_mamba2; hybrids (attention layers, MLPs after "
+    "the mixers, LayerNorm blocks) come with the ssm_hub_hybrid type"
+)
+_MAMBA_SSM_MODEL_FIELDS = (
+    ConfigField("d_model", "hidden_size"),
+    ConfigField("n_layer", "num_hidden_layers"),
+    ConfigField("vocab_size", None,
+                reason="the embedding is padded to pad_vocab_size_multiple: its shape sets vocab_size"),
+    ConfigField("pad_vocab_size_multiple", None, reason="the embedding's shape already includes the padding"),
+    ConfigField("d_intermediate", None, default=0, supported=lambda value: value == 0, reason=_HYBRID_REASON),
+    ConfigField("attn_layer_idx", None, default=[], supported=lambda value: not value, reason=_HYBRID_REASON),
+    ConfigField("attn_cfg", None, reason="configures attention layers; with attn_layer_idx empty there are none"),
+    ConfigField("rms_norm", None, default=True, supported=lambda value: value is True, reason=_HYBRID_REASON),
+    ConfigField("residual_in_fp32", "residual_in_fp32", default=True),
+    ConfigField("fused_add_norm", None, default=True, reason="a mamba_ssm kernel switch (fused add + norm); same math"),
+    ConfigField("tie_embeddings", "tie_word_embeddings", default=True),
+    ConfigField(None, "layer_norm_epsilon", default=1e-5, reason="mamba_ssm's MixerModel norm_epsilon, never stored"),
+    ConfigField("ssm_cfg.layer_idx", None, reason="set per layer by mamba_ssm itself"),
+)
+_MAMBA_SSM_EMBEDDING = {_EMBEDDINGS: "backbone.embedding.weight"}
+_VOCAB_FROM_EMBEDDING = (SizeFromWeight("vocab_size", "backbone.embedding.weight", 0),)
+
+MAMBA_SSM_MAMBA1_TO_SSM_HUB = ConversionMap(
+    description="mamba_ssm MambaLMHeadModel (Mamba-1) -> ssm_hub_mamba",
+    config_fields=(
+        *_MAMBA_SSM_MODEL_FIELDS,
+        ConfigField("ssm_cfg.layer", None, default="Mamba1", supported=lambda value: value == "Mamba1",
+                    reason="selects the mixer class; this map is for Mamba1"),
+        ConfigField("ssm_cfg.d_state", "state_size", default=16),
+        ConfigField("ssm_cfg.d_conv", "conv_kernel", default=4),
+        ConfigField("ssm_cfg.expand", "expand", default=2),
+        ConfigField("ssm_cfg.dt_rank", "time_step_rank", default="auto"),
+        ConfigField("ssm_cfg.dt_min", "time_step_min", default=0.001),
+        ConfigField("ssm_cfg.dt_max", "time_step_max", default=0.1),
+        ConfigField("ssm_cfg.dt_init", "time_step_init_scheme", default="random"),
+        ConfigField("ssm_cfg.dt_scale", "time_step_scale", default=1.0),
+        ConfigField("ssm_cfg.dt_init_floor", "time_step_floor", default=1e-4),
+        ConfigField("ssm_cfg.conv_bias", "use_conv_bias", default=True),
+        ConfigField("ssm_cfg.bias", "use_bias", default=False),
+        ConfigField("ssm_cfg.use_fast_path", None, reason="a mamba_ssm kernel switch (fused CUDA path); same math"),
+    ),
+    weights=with_source_names(MAMBA_IDENTITY_RULES, _MAMBA_SSM_EMBEDDING),
+    sizes_from_weights=_VOCAB_FROM_EMBEDDING,
+)
+
+MAMBA_SSM_MAMBA2_TO_SSM_HUB = ConversionMap(
+    description="mamba_ssm MambaLMHeadModel (Mamba-2) -> ssm_hub_mamba2",
+    config_fields=(
+        *_MAMBA_SSM_MODEL_FIELDS,
+        ConfigField("ssm_cfg.layer", None, default="Mamba1", supported=lambda value: value == "Mamba2",
+                    reason="selects the mixer class; this map is for Mamba2"),
+        ConfigField("ssm_cfg.d_state", "state_size", default=128),
+        ConfigField("ssm_cfg.d_conv", "conv_kernel", default=4),
+        ConfigField("ssm_cfg.expand", "expand", default=2),
+        ConfigField("ssm_cfg.headdim", "head_dim", default=64),
+        ConfigField("ssm_cfg.ngroups", "n_groups", default=1),
+        ConfigField("ssm_cfg.chunk_size", "chunk_size", default=256),
+        ConfigField("ssm_cfg.norm_before_gate", "norm_before_gate", default=False),
+        ConfigField("ssm_cfg.A_init_range", "A_init_range", default=(1, 16)),
+        ConfigField("ssm_cfg.dt_min", "time_step_min", default=0.001),
+        ConfigField("ssm_cfg.dt_max", "time_step_max", default=0.1),
+        ConfigField("ssm_cfg.dt_init_floor", "time_step_floor", default=1e-4),
+        ConfigField("ssm_cfg.dt_limit", "time_step_limit", default=(0.0, float("inf"))),
+        ConfigField("ssm_cfg.bias", "use_bias", default=False),
+        ConfigField("ssm_cfg.conv_bias", "use_conv_bias", default=True),
+        ConfigField("ssm_cfg.d_ssm", None, default=None, supported=lambda value: value is None,
+                    reason="d_ssm sends only part of the inner dimension through the SSM (the rest is a gated MLP), "
+                           "which ssm_hub_mamba2 cannot express"),
+        ConfigField("ssm_cfg.rmsnorm", None, default=True, supported=lambda value: value is True,
+                    reason="ssm_hub_mamba2 always has the gated RMSNorm before out_proj"),
+        ConfigField("ssm_cfg.D_has_hdim", None, default=False, supported=lambda value: value is False,
+                    reason="ssm_hub_mamba2 has one D per head, not one per channel"),
+        ConfigField("ssm_cfg.conv_init", None, reason="initialisation only; the weights are given"),
+        ConfigField("ssm_cfg.use_mem_eff_path", None, reason="a mamba_ssm kernel switch (fused CUDA path); same math"),
+        ConfigField("ssm_cfg.process_group", None, default=None, supported=lambda value: value is None,
+                    reason="tensor-parallel checkpoints hold one shard per rank; merge them first"),
+        ConfigField("ssm_cfg.sequence_parallel", None, reason="a tensor-parallel training switch"),
+    ),
+    weights=with_source_names(MAMBA2_IDENTITY_RULES, _MAMBA_SSM_EMBEDDING),
+    sizes_from_weights=_VOCAB_FROM_EMBEDDING,
+)
+
+
+def apply_config_map(
+    source_config: Mapping[str, Any],
+    conversion_map: ConversionMap,
+    weight_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for the target config class, from a source config.json loaded as a dict.
+
+    ``weight_shapes`` (source key -> shape) supplies the fields in ``conversion_map.sizes_from_weights``. Raises one
+    ValueError listing every missing required field and every value the target cannot express. Fields that the map
+    does not know are ignored with a warning that names them.
+    """
+    nested = {field.source.split(".", 1)[0]
+              for field in conversion_map.config_fields if field.source and "." in field.source}
+    flat = _flatten(source_config, nested)
+    target_kwargs: dict[str, Any] = {}
+    problems = []
+    known = set()
+    for field in conversion_map.config_fields:
+        if field.source is None:
+            value = field.default
+        elif field.source in flat:
+            known.add(field.source)
+            value = flat[field.source]
+        elif field.default is ABSENT:
+            if field.target is not None:
+                problems.append(f"{field.source}: required (becomes {field.target}) but absent")
+            continue
+        else:
+            value = field.default
+        if not field.supported(value):
+            problems.append(f"{field.source} = {value!r} is not supported: {field.reason}")
+        elif field.target is not None:
+            target_kwargs[field.target] = value
+    if problems:
+        raise ValueError(
+            f"cannot convert the config ({conversion_map.description}):\n  " + "\n  ".join(problems)
+        )
+    for size in conversion_map.sizes_from_weights:
+        if weight_shapes is not None and size.weight in weight_shapes:
+            target_kwargs[size.target] = weight_shapes[size.weight][size.dim]
+    for name in GENERIC_FIELDS & flat.keys():
+        target_kwargs[name] = flat[name]
+        known.add(name)
+    ignored = sorted(set(flat) - known - nested)
+    if ignored:
+        warnings.warn(
+            f"{conversion_map.description}: ignoring config fields that this conversion does not know: {ignored}",
+            stacklevel=2,
+        )
+    return target_kwargs
+
+
+def _flatten(config: Mapping[str, Any], nested: set[str]) -> dict[str, Any]:
+    flat = dict(config)
+    for name in nested:
+        value = config.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ValueError(f"config field {name} must be a JSON object, got {value!r}")
+        flat.update({f"{name}.{key}": item for key, item in value.items()})
+    return flat
+
+
+@dataclass(frozen=True)
+class _ExpectedTensor:
+    source: str
+    target: str
+    shape: tuple[int, ...]
+    tied_to: str | None
+
+
+def apply_weight_map(
+    state_dict: Mapping[str, torch.Tensor], rules: tuple[WeightRule, ...], config
+) -> dict[str, torch.Tensor]:
+    """Rename ``state_dict`` by ``rules``, checking every key and shape against ``config``.
+
+    ``config`` has transformers' field names (hidden_size, num_hidden_layers ...). Returns a dict holding every
+    target key; a tied tensor that the source omitted is filled with the tensor it is tied to, so the result loads
+    into the target model with ``strict=True``. Raises one ValueError listing every unknown source key, every
+    missing key, every mis-shaped tensor and every tied tensor that differs from its partner.
+    """
+    expected = _expand(rules, config)
+    tied = config.tie_word_embeddings
+    converted: dict[str, torch.Tensor] = {}
+    missing: list[_ExpectedTensor] = []
+    misshaped: list[tuple[_ExpectedTensor, tuple[int, ...]]] = []
+    for tensor_spec in expected:
+        tensor = state_dict.get(tensor_spec.source)
+        if tensor is None:
+            if not (tied and tensor_spec.tied_to):
+                missing.append(tensor_spec)
+        elif tuple(tensor.shape) != tensor_spec.shape:
+            misshaped.append((tensor_spec, tuple(tensor.shape)))
+        else:
+            converted[tensor_spec.target] = tensor
+    differing_ties = []
+    for tensor_spec in expected:
+        if not (tied and tensor_spec.tied_to) or tensor_spec.tied_to not in converted:
+            continue
+        partner = converted[tensor_spec.tied_to]
+        own = converted.get(tensor_spec.target)
+        if own is not None and not torch.equal(own.to(partner.dtype), partner):
+            differing_ties.append(
+                f"{tensor_spec.source} differs from the tensor it is tied to ({tensor_spec.tied_to}) although "
+                f"tie_word_embeddings is true: untie the config or drop the tensor"
+            )
+        converted[tensor_spec.target] = partner
+    unknown = sorted(set(state_dict) - {tensor_spec.source for tensor_spec in expected})
+
+    problems = []
+    if unknown:
+        problems.append("unknown source keys (no rule maps them):")
+        problems += [f"  {line}" for line in _collapse_layers(unknown)]
+    if missing:
+        problems.append("missing keys:")
+        problems += [f"  {line}" for line in _collapse_layers(_describe_key(spec) for spec in missing)]
+    if misshaped:
+        problems.append("mis-shaped tensors:")
+        problems += [f"  {line}" for line in _collapse_layers(
+            f"{spec.source}: expected shape {list(spec.shape)}, got {list(got)}" for spec, got in misshaped
+        )]
+    if differing_ties:
+        problems.append("tied tensors that differ:")
+        problems += [f"  {line}" for line in differing_ties]
+    if problems:
+        raise ValueError("the checkpoint does not match the weight map:\n" + "\n".join(problems))
+    return converted
+
+
+def _expand(rules: tuple[WeightRule, ...], config) -> list[_ExpectedTensor]:
+    expected = []
+    for rule in rules:
+        if ("{i}" in rule.source) != ("{i}" in rule.target):
+            raise ValueError(f"WeightRule {rule.source} -> {rule.target}: '{{i}}' must be in both patterns or neither")
+        if not rule.present_if(config):
+            continue
+        shape = tuple(rule.shape(config))
+        layers = range(config.num_hidden_layers) if "{i}" in rule.source else [None]
+        for layer in layers:
+            expected.append(_ExpectedTensor(
+                rule.source.replace("{i}", str(layer)), rule.target.replace("{i}", str(layer)), shape, rule.tied_to
+            ))
+    return expected
+
+
+def _describe_key(spec: _ExpectedTensor) -> str:
+    return spec.source if spec.source == spec.target else f"{spec.source} (becomes {spec.target})"
+
+
+_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _collapse_layers(lines) -> list[str]:
+    """Merge lines that differ only in a layer index into ``x.layers.{i}.y (layers 0-23)``, in first-seen order."""
+    layers_by_pattern: dict[str, list[int]] = {}
+    for line in lines:
+        match = _LAYER_INDEX.search(line)
+        if match is None:
+            layers_by_pattern.setdefault(line, [])
+        else:
+            pattern = line[:match.start()] + ".layers.{i}." + line[match.end():]
+            layers_by_pattern.setdefault(pattern, []).append(int(match.group(1)))
+    return [pattern.replace("{i}", str(layers[0])) if len(layers) == 1
+            else pattern if not layers else f"{pattern} (layers {_ranges(sorted(set(layers)))})"
+            for pattern, layers in layers_by_pattern.items()]
+
+
+def _ranges(numbers: list[int]) -> str:
+    spans = []
+    start = previous = numbers[0]
+    for number in numbers[1:] + [None]:
+        if number is not None and number == previous + 1:
+            previous = number
+            continue
+        spans.append(str(start) if start == previous else f"{start}-{previous}")
+        if number is not None:
+            start = previous = number
+    return ", ".join(spans)

@@ -1,0 +1,96 @@
+"""The ``ssm-hub`` command line: thin subcommands that parse arguments, call a library function and print.
+
+    ssm-hub demo                                 # train, save, reload and generate with a small Mamba-2 on CPU
+    ssm-hub convert state-spaces/mamba-130m-hf ./mamba-130m-ssm-hub
+    ssm-hub convert ./mamba-130m-ssm-hub ./mamba-130m-transformers --to mamba --dtype bfloat16
+    python -m ssm_hub.cli convert ...            # the same without the console script
+
+Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
+``run`` to the function that carries it out; ``SUBCOMMANDS`` lists them. Library imports happen inside ``run`` so
+that ``ssm-hub --help`` stays fast.
+"""
+
+import argparse
+import sys
+
+
+def add_convert_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a Mamba / Mamba-2 checkpoint (transformers, mamba_ssm or ssm_hub) to ssm_hub or transformers",
+        description="Convert a Mamba / Mamba-2 checkpoint between transformers' native format, mamba_ssm's "
+                    "MambaLMHeadModel and ssm_hub's format. Reads safetensors only.",
+    )
+    parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
+    parser.add_argument("output", help="the folder to write the converted checkpoint to")
+    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2"), default="ssm_hub",
+                        help="ssm_hub (default), or transformers' native MambaForCausalLM (mamba) / "
+                             "Mamba2ForCausalLM (mamba2)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="cast floating-point weights to this dtype (default: keep the stored dtypes)")
+    parser.set_defaults(run=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from ssm_hub.conversion.checkpoint import convert_checkpoint
+
+    output = convert_checkpoint(args.source, args.output, to=args.to, dtype=args.dtype)
+    print(f"wrote {output} ({args.to} format):")
+    for path in sorted(output.iterdir()):
+        print(f"  {path.name}")
+
+
+def add_demo_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="train a small Mamba-2 for about a minute on CPU, save, reload and generate (no network)",
+        description="Build a small Mamba-2 through AutoModelForCausalLM, train it on pydoc_data.topics (English text "
+                    "shipped with Python), save it, reload it, check the reload is exact, and generate.",
+    )
+    parser.add_argument("--output", default="ssm-hub-demo", help="folder for the trained checkpoint (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="training time budget (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from ssm_hub.demo import run_demo as demo
+
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    demo(output_dir=args.output, train_seconds=args.seconds, seed=args.seed)
+
+
+SUBCOMMANDS = (add_demo_command, add_convert_command)
+"""Registration functions, one per subcommand, in the order ``--help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssm-hub", description="ssm_hub: state-space models for transformers.")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add_command in SUBCOMMANDS:
+        add_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status.
+
+    Bad input (ValueError) and an unreachable or missing file or Hub repo (OSError, which huggingface_hub's errors
+    are) print their message instead of a traceback.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        args.run(args)
+    except (ValueError, OSError) as error:
+        print(f"ssm-hub: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
