@@ -96,3 +96,15 @@ def test_unknown_forward_kwargs_are_rejected(model_type):
     model = AutoModelForCausalLM.from_config(tiny_config(model_type))
     with pytest.raises(TypeError, match="not_a_kwarg"):
         model(input_ids=_batch(), not_a_kwarg=1)
+
+
+def test_backend_environment_variable_reaches_the_model(model_type, monkeypatch):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    input_ids = _batch()
+    monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
+    expected = model(input_ids).logits
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="backend='triton'"):
+        model(input_ids)
+    monkeypatch.setenv("SSM_HUB_BACKEND", "auto")
+    torch.testing.assert_close(model(input_ids).logits, expected)
