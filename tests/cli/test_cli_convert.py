@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
@@ -42,15 +43,16 @@ def test_convert_in_process(tmp_path, capsys):
     assert max_logit_difference(converted, source) <= 1e-5
 
 
-def test_convert_as_a_subprocess(tmp_path):
+def test_convert_through_the_console_script(tmp_path):
     config = MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=8)
     source = randomised(MambaForCausalLM(config))
     source.save_pretrained(tmp_path / "source")
 
     completed = subprocess.run(
-        [sys.executable, "-m", "ssm_hub.cli", "convert", str(tmp_path / "source"), str(tmp_path / "converted"),
-         "--to", "mamba", "--dtype", "float32"],
-        capture_output=True, text=True, timeout=120,
+        [str(Path(sys.executable).parent / "ssm-hub"), "convert", str(tmp_path / "source"),
+         str(tmp_path / "converted"), "--to", "mamba", "--dtype", "float32"],
+        # Outside the repository, so the installed package is what runs, as for a user.
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )
 
     assert completed.returncode == 0, completed.stderr
