@@ -46,15 +46,19 @@ def rows(inputs, start, end, row=0):
 
 
 def test_two_tokens_by_hand():
-    # One channel, two state entries: the recurrence written out.
-    u, dt = torch.tensor([0.5, -1.0], dtype=F64), torch.tensor([0.3, 0.7], dtype=F64)
+    # One channel, two state entries: the recurrence written out, every option on.
+    u, delta, z = [torch.tensor(v, dtype=F64) for v in ([0.5, -1.0], [0.3, -0.7], [0.7, -1.3])]
     B, C = torch.tensor([[2.0, 1.0], [1.5, -0.5]], dtype=F64), torch.tensor([[1.0, 0.5], [-2.0, 3.0]], dtype=F64)
-    A, D, h0 = torch.tensor([[-0.8, -2.0]], dtype=F64), torch.tensor([0.25], dtype=F64), torch.tensor([0.4, -0.1], dtype=F64)
+    A, h0 = torch.tensor([[-0.8, -2.0]], dtype=F64), torch.tensor([0.4, -0.1], dtype=F64)
+    D, delta_bias = torch.tensor([0.25], dtype=F64), torch.tensor([0.2], dtype=F64)
+    dt = torch.log1p(torch.exp(delta + delta_bias))
     h1 = torch.exp(dt[0] * A[0]) * h0 + dt[0] * B[0] * u[0]
     h2 = torch.exp(dt[1] * A[0]) * h1 + dt[1] * B[1] * u[1]
-    expected = torch.stack([h1 @ C[0] + D[0] * u[0], h2 @ C[1] + D[0] * u[1]])
-    y, final = selective_scan(u.view(1, 2, 1), dt.view(1, 2, 1), A, B[None], C[None], D=D,
-                              initial_state=h0.view(1, 1, 2), return_final_state=True)
+    gate = z * torch.sigmoid(z)
+    expected = torch.stack([(h1 @ C[0] + D[0] * u[0]) * gate[0], (h2 @ C[1] + D[0] * u[1]) * gate[1]])
+    y, final = selective_scan(u.view(1, 2, 1), delta.view(1, 2, 1), A, B[None], C[None], D=D, z=z.view(1, 2, 1),
+                              delta_bias=delta_bias, delta_softplus=True, initial_state=h0.view(1, 1, 2),
+                              return_final_state=True)
     torch.testing.assert_close(y.flatten(), expected)
     torch.testing.assert_close(final.flatten(), h2)
 
@@ -289,7 +293,8 @@ def bad(**changes):
         (bad(D=torch.zeros(4)), r"D must have shape \[D\] = \(3,\), got \(4,\)"),
         (bad(z=torch.zeros(1, 6, 3)), r"z must have shape \[B, T, D\]"),
         (bad(delta_bias=torch.zeros(3, 1)), r"delta_bias must have shape \[D\]"),
-        (bad(initial_state=torch.zeros(2, 3)), r"initial_state must have shape \[B, D, N\] = \(2, 3, 4\), got \(2, 3\)"),
+        (bad(initial_state=torch.zeros(2, 3)),
+         r"initial_state must have shape \[B, D, N\] = \(2, 3, 4\), got \(2, 3\)"),
         (bad(seq_idx=torch.zeros(2, 6)), r"seq_idx must have an integer dtype"),
         (bad(cu_seqlens=torch.tensor([0, 6])), r"cu_seqlens .* batch size must be 1"),
         (bad(seq_idx=torch.zeros(2, 6, dtype=torch.int32), cu_seqlens=torch.tensor([0, 6])), r"not both"),

@@ -54,19 +54,23 @@ def rows(inputs, start, end, row=0):
 
 
 def test_two_tokens_by_hand():
-    # One head, one channel, one state entry: the recurrence written out.
-    x, dt, B, C = torch.tensor([0.5, -1.0]), torch.tensor([0.3, 0.7]), torch.tensor([2.0, 1.5]), torch.tensor([1.0, -2.0])
-    A, D, h0 = torch.tensor([-0.8]), torch.tensor([0.25]), 0.4
+    # One head, one channel, one state entry: the recurrence written out, every option on. The dt_limit clamps the
+    # second step (softplus(2.5) > 1.2).
+    x, dt_raw, B, C = [torch.tensor(v, dtype=F64) for v in ([0.5, -1.0], [0.3, 2.0], [2.0, 1.5], [1.0, -2.0])]
+    A, D, dt_bias, z, h0 = [torch.tensor(v, dtype=F64) for v in ([-0.8], [0.25], [0.5], [0.7, -1.3], 0.4)]
+    dt = torch.stack([torch.log1p(torch.exp(dt_raw[0] + dt_bias[0])), torch.tensor(1.2, dtype=F64)])
     h1 = torch.exp(dt[0] * A[0]) * h0 + dt[0] * x[0] * B[0]
     h2 = torch.exp(dt[1] * A[0]) * h1 + dt[1] * x[1] * B[1]
-    expected = torch.stack([h1 * C[0] + D[0] * x[0], h2 * C[1] + D[0] * x[1]])
-    y, final = ssd_chunked_scan(
-        x.view(1, 2, 1, 1).double(), dt.view(1, 2, 1).double(), A.double(), B.view(1, 2, 1, 1).double(),
-        C.view(1, 2, 1, 1).double(), 1, D=D.double(), initial_states=torch.full((1, 1, 1, 1), h0, dtype=F64),
-        return_final_states=True,
-    )
-    torch.testing.assert_close(y.flatten(), expected.double())
-    torch.testing.assert_close(final.flatten(), h2.view(1).double())
+    gate = z * torch.sigmoid(z)
+    expected = torch.stack([(h1 * C[0] + D[0] * x[0]) * gate[0], (h2 * C[1] + D[0] * x[1]) * gate[1]])
+    for chunk_size in (1, 2):
+        y, final = ssd_chunked_scan(
+            x.view(1, 2, 1, 1), dt_raw.view(1, 2, 1), A, B.view(1, 2, 1, 1), C.view(1, 2, 1, 1), chunk_size, D=D,
+            z=z.view(1, 2, 1, 1), dt_bias=dt_bias, dt_softplus=True, dt_limit=(0.1, 1.2),
+            initial_states=h0.view(1, 1, 1, 1), return_final_states=True,
+        )
+        torch.testing.assert_close(y.flatten(), expected)
+        torch.testing.assert_close(final.flatten(), h2.view(1))
 
 
 @pytest.mark.parametrize("seqlen, chunk_size", [(1, 4), (63, 16), (257, 64), (257, 100)])

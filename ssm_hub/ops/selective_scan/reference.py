@@ -104,19 +104,20 @@ def _scan_linear_recurrence(log_decay, inputs, chunk_size: int | None) -> torch.
     inputs = F.pad(inputs, pad).reshape(batch, chunks, chunk, dim, state_size)
     decay = log_decay.exp()
 
-    # 1. Inside every chunk from a zero state, all chunks at once.
+    # 1. Inside every chunk from a zero state, all chunks at once. The loops take their steps from unbind()
+    #    rather than indexing: the backward of one index into a big tensor writes a zero tensor of its full size.
     state = torch.zeros_like(inputs[:, :, 0])
     own = []
-    for i in range(chunk):
-        state = decay[:, :, i] * state + inputs[:, :, i]
+    for decay_i, input_i in zip(decay.unbind(dim=2), inputs.unbind(dim=2)):
+        state = decay_i * state + input_i
         own.append(state)
     own = torch.stack(own, dim=2)  # [B, chunks, L, D, N]
 
     # 2. The state entering each chunk.
     from_start = log_decay.cumsum(dim=2).exp()  # decay from the chunk's start through token i
     entering = [torch.zeros_like(own[:, 0, 0])]
-    for c in range(chunks - 1):
-        entering.append(from_start[:, c, -1] * entering[-1] + own[:, c, -1])
+    for chunk_decay, chunk_end in zip(from_start[:, :-1, -1].unbind(dim=1), own[:, :-1, -1].unbind(dim=1)):
+        entering.append(chunk_decay * entering[-1] + chunk_end)
     entering = torch.stack(entering, dim=1)  # [B, chunks, D, N]
 
     # 3. Every state.

@@ -26,8 +26,9 @@ are set to -inf before the exp. Every exponent is then <= 0: nothing overflows a
 Documents (``seq_idx``) enter the chunked scan as masks: there is no decay path between tokens of different
 documents (the [L, L] entries are -inf before exp), the state entering a chunk reaches only the tokens of its own
 document, and a chunk's end state gathers only its last document's tokens. With ``cu_seqlens`` each document is
-instead laid out on whole chunks of its own (padded with tokens that change nothing), so each document's initial
-state simply replaces the state entering its first chunk and its final state is the state after its last chunk.
+instead laid out on whole chunks of its own (padded with tokens that change nothing, at most L - 1 a document), so
+each document's initial state simply replaces the state entering its first chunk and its final state is the state
+after its last chunk.
 """
 
 import math
@@ -52,7 +53,7 @@ def _check_params(A, D, dt_bias, dt_limit, heads: int, head_dim: int) -> None:
         check_tensor("D", D, "[H, P]" if with_p else "[H]", (heads, head_dim) if with_p else (heads,))
     if dt_bias is not None:
         check_tensor("dt_bias", dt_bias, "[H]", (heads,))
-    if len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
+    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2 or not dt_limit[0] <= dt_limit[1]:
         raise ValueError(f"dt_limit must be a pair (low, high) with low <= high, got {dt_limit}")
 
 
@@ -95,7 +96,8 @@ def _discretize_dt(dt, dt_bias, dt_softplus: bool, dt_limit, dtype) -> torch.Ten
 def _skip_and_gate(y, x, D, z) -> torch.Tensor:
     """y + D * x, then * silu(z); y, x, z [..., H, P] in the compute dtype or castable to it."""
     if D is not None:
-        y = y + (D.to(y.dtype) if D.dim() == 2 else D.to(y.dtype)[:, None]) * x.to(y.dtype)
+        D = D.to(y.dtype)
+        y = y + (D if D.dim() == 2 else D[:, None]) * x.to(y.dtype)
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y
@@ -155,20 +157,21 @@ def _ssd_chunks(x, dt, A, B, C, chunk_size: int, doc_ids, restarts: dict, final_
     # 5. Pass states from chunk to chunk: the state entering chunk c + 1 is the one entering chunk c, decayed over
     #    the chunk (zero if the chunk's last token is of another document), plus chunk c's own contribution.
     through = from_start[..., -1].exp()[..., None, None]  # [B, c, G, H/G, 1, 1]
-    entering, after = [], {}
+    entering, finals, wanted = [], {}, set(final_chunks)
     state = None
-    for chunk in range(chunks):
+    for chunk, (chunk_decay, chunk_state) in enumerate(zip(through.unbind(dim=1), chunk_states.unbind(dim=1))):
         if chunk in restarts:
             state = restarts[chunk].reshape(batch, groups, per_group, head_dim, state_size)
         entering.append(state)
-        state = through[:, chunk] * state + chunk_states[:, chunk]
-        after[chunk] = state
+        state = chunk_decay * state + chunk_state
+        if chunk in wanted:
+            finals[chunk] = state
     entering = torch.stack(entering, dim=1)  # [B, c, G, H/G, P, N]
 
     # 6. The entering state's share of each output: exp(a_t) (h_in C_t).
     from_entry = torch.einsum("bclgn,bcgrpn->bclgrp", C, entering)
     y = y + from_entry * from_start.exp().permute(0, 1, 4, 2, 3)[..., None]
-    finals = [after[chunk].reshape(batch, heads, head_dim, state_size) for chunk in final_chunks]
+    finals = [finals[chunk].reshape(batch, heads, head_dim, state_size) for chunk in final_chunks]
     return y.reshape(batch, seqlen, heads, head_dim), finals
 
 
