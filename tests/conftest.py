@@ -30,3 +30,13 @@ def model_type(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def randomised(model):
+    """Perturb every parameter: transformers and ssm_hub initialise norms and D to ones, and a weight map that
+    swapped two such tensors would otherwise go unnoticed in the logits."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()

@@ -8,7 +8,20 @@ from ssm_hub.models.remote_code import write_remote_code
 
 
 class SsmHubConfig(PreTrainedConfig):
-    """Base of ssm_hub's configs: saving one also writes the code that reads it (trust_remote_code)."""
+    """Base of ssm_hub's configs: saving one also writes the code that reads it (trust_remote_code).
+
+    The defaults below describe a pure SSM stack (every layer a mixer with ``expand * hidden_size`` inner channels);
+    a config with other layer kinds overrides ``layer_types``.
+    """
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.hidden_size * self.expand
+
+    @property
+    def layer_types(self) -> list[str]:
+        # transformers' DynamicCache / StaticCache build one conv + recurrent state slot per "linear_attention" layer.
+        return ["linear_attention"] * self.num_hidden_layers
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -27,6 +40,12 @@ def require_positive_float(config, *names: str) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{type(config).__name__}.{name} must be a positive number, got {value!r}")
+
+
+def require_int_at_least(config, name: str, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{type(config).__name__}.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def require_choice(config, name: str, choices: tuple) -> None:

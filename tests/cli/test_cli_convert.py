@@ -9,17 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
+from conftest import randomised
 from ssm_hub.cli import main
 
 INPUT_IDS = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(1))
-
-
-def randomised(model):
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
 
 
 def max_logit_difference(model, reference) -> float:

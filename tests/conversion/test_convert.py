@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
+from conftest import randomised
 from ssm_hub.conversion import checkpoint
 from ssm_hub.conversion.checkpoint import convert_checkpoint
 from ssm_hub.conversion.weight_maps import (
@@ -49,15 +50,6 @@ def tiny_mamba2(n_groups: int = 1, vocab_size: int = VOCAB, **overrides) -> Mamb
         n_groups=n_groups, chunk_size=8, **overrides,
     )
     return randomised(Mamba2ForCausalLM(config))
-
-
-def randomised(model):
-    # transformers initialises every norm and D to ones: perturb all tensors so that a swapped weight shows in logits.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
 
 
 def logits(model) -> torch.Tensor:

@@ -5,7 +5,14 @@ Field names are those of transformers' ``MambaConfig``; ``time_step_rank="auto"`
 
 import math
 
-from ssm_hub.models.config_base import SsmHubConfig, require_choice, require_positive_float, require_positive_int, require_time_step_range
+from ssm_hub.models.config_base import (
+    SsmHubConfig,
+    require_choice,
+    require_int_at_least,
+    require_positive_float,
+    require_positive_int,
+    require_time_step_range,
+)
 
 
 class SsmHubMambaConfig(SsmHubConfig):
@@ -42,15 +49,6 @@ class SsmHubMambaConfig(SsmHubConfig):
         super().__post_init__(**kwargs)
         self.check()
 
-    @property
-    def intermediate_size(self) -> int:
-        return self.hidden_size * self.expand
-
-    @property
-    def layer_types(self) -> list[str]:
-        # transformers' DynamicCache / StaticCache build one conv + recurrent state slot per "linear_attention" layer.
-        return ["linear_attention"] * self.num_hidden_layers
-
     def check(self) -> None:
         """Raise ValueError on any inconsistent field."""
         require_positive_int(
@@ -60,5 +58,4 @@ class SsmHubMambaConfig(SsmHubConfig):
         require_choice(self, "hidden_act", ("silu",))
         require_choice(self, "time_step_init_scheme", ("random", "constant"))
         require_time_step_range(self)
-        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 2:
-            raise ValueError(f"SsmHubMambaConfig.conv_kernel must be an integer >= 2, got {self.conv_kernel!r}")
+        require_int_at_least(self, "conv_kernel", 2)

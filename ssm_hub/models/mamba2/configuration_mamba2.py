@@ -4,7 +4,14 @@ Field names are those of transformers' ``Mamba2Config`` so that users coming fro
 know; ``num_heads`` may be left out and is then ``hidden_size * expand // head_dim``.
 """
 
-from ssm_hub.models.config_base import SsmHubConfig, require_choice, require_positive_float, require_positive_int, require_time_step_range
+from ssm_hub.models.config_base import (
+    SsmHubConfig,
+    require_choice,
+    require_int_at_least,
+    require_positive_float,
+    require_positive_int,
+    require_time_step_range,
+)
 
 
 class SsmHubMamba2Config(SsmHubConfig):
@@ -53,15 +60,6 @@ class SsmHubMamba2Config(SsmHubConfig):
         super().__post_init__(**kwargs)
         self.check()
 
-    @property
-    def intermediate_size(self) -> int:
-        return self.hidden_size * self.expand
-
-    @property
-    def layer_types(self) -> list[str]:
-        # transformers' DynamicCache / StaticCache build one conv + recurrent state slot per "linear_attention" layer.
-        return ["linear_attention"] * self.num_hidden_layers
-
     def check(self) -> None:
         """Raise ValueError on any inconsistent field."""
         require_positive_int(
@@ -71,8 +69,7 @@ class SsmHubMamba2Config(SsmHubConfig):
         require_positive_float(self, "layer_norm_epsilon")
         require_choice(self, "hidden_act", ("silu",))
         require_time_step_range(self)
-        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 2:
-            raise ValueError(f"SsmHubMamba2Config.conv_kernel must be an integer >= 2, got {self.conv_kernel!r}")
+        require_int_at_least(self, "conv_kernel", 2)
         if self.num_heads * self.head_dim != self.intermediate_size:
             raise ValueError(
                 f"SsmHubMamba2Config: num_heads * head_dim ({self.num_heads} * {self.head_dim}) must equal "
