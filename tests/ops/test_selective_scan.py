@@ -1,6 +1,5 @@
 """The selective scan (Mamba-1) against the per-token recurrence, varlen semantics, decoding steps, dispatch."""
 
-import importlib
 
 import pytest
 import torch
@@ -223,29 +222,6 @@ def test_step_state_is_float32_for_bf16_inputs():
     y, new = selective_scan_step(torch.zeros(2, 3, 4), inputs["u"][:, 0], inputs["delta"][:, 0], inputs["A"],
                                  inputs["B"][:, 0], inputs["C"][:, 0])
     assert y.dtype == torch.bfloat16 and new.dtype == torch.float32
-
-
-def test_autograd_uses_checkpoint(monkeypatch):
-    # The package, not the function of the same name that ssm_hub.ops re-exports.
-    scan_module = importlib.import_module("ssm_hub.ops.selective_scan")
-    calls = []
-    real = scan_module.checkpoint
-
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get("use_reentrant"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(scan_module, "checkpoint", recording)
-    inputs = make_inputs(seqlen=20)
-    with torch.no_grad():
-        y_plain = selective_scan(**inputs)
-    assert calls == []
-    u = inputs.pop("u").clone().requires_grad_(True)
-    y = selective_scan(u, **inputs)
-    assert calls == [False]
-    torch.testing.assert_close(y.detach(), y_plain)
-    y.sum().backward()
-    assert u.grad is not None and u.grad.abs().max() > 0
 
 
 def small_call(backend):

@@ -1,6 +1,7 @@
 """Causal depthwise conv1d: the public ops and their one dispatch point. The math is in ``reference.py``."""
 
 from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_step_ref
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_ref", "causal_conv1d_step_ref"]
@@ -23,10 +24,11 @@ def causal_conv1d(
     "auto", "triton" or "torch" (see ``ssm_hub.backend``).
     """
     resolve_backend("causal_conv1d", backend, has_triton_kernel=False)
-    return causal_conv1d_ref(
-        x, weight, bias=bias, activation=activation, initial_state=initial_state, seq_idx=seq_idx,
-        cu_seqlens=cu_seqlens, return_final_state=return_final_state,
+    kwargs = dict(
+        bias=bias, activation=activation, initial_state=initial_state, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+        return_final_state=return_final_state,
     )
+    return call_recomputing_in_backward(causal_conv1d_ref, (x, weight), kwargs)
 
 
 def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None, backend="auto"):

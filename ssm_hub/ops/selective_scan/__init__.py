@@ -1,9 +1,7 @@
 """Selective scan (Mamba-1): the public ops and their one dispatch point. The math is in ``reference.py``."""
 
-import torch
-from torch.utils.checkpoint import checkpoint
-
 from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.selective_scan.reference import (
     selective_scan_naive_ref,
     selective_scan_ref,
@@ -46,13 +44,7 @@ def selective_scan(
         D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
         seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_final_state=return_final_state,
     )
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        # The reference materialises every state, [B, T, D, N] in float32, several times over (decays, inputs,
-        # states): for d_inner 1536 and N = 16 that is 128 floats per input float and tensor. Checkpointed, a
-        # layer keeps only its inputs and rebuilds the states in its own backward, one layer at a time.
-        return checkpoint(selective_scan_ref, *args, use_reentrant=False, **kwargs)
-    return selective_scan_ref(*args, **kwargs)
+    return call_recomputing_in_backward(selective_scan_ref, args, kwargs)
 
 
 def selective_scan_step(
