@@ -5,8 +5,6 @@ This is the only module that calls ``AutoConfig.register`` / ``AutoModel*.regist
 Registration never uses ``exist_ok=True``: a clash with another model type must fail loudly.
 """
 
-import sys
-
 import transformers
 from transformers import AutoConfig
 
@@ -37,19 +35,14 @@ def _register_transformers() -> None:
 
 def _register_peft() -> None:
     """PEFT looks up default LoRA targets by model_type; it has none for ours."""
-    if "peft" not in sys.modules:
-        try:
-            import peft  # noqa: F401  (optional at import time; PEFT reads the table only when it is used)
-        except ImportError:
-            return
-    from peft.utils import constants
-
-    for table_name in ("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",):
-        table = getattr(constants, table_name)
-        for model_type, targets in PEFT_TARGET_MODULES.items():
-            if model_type in table:
-                raise ValueError(f"PEFT already has LoRA defaults for {model_type}; refusing to overwrite them")
-            table[model_type] = list(targets)
+    try:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as table
+    except ImportError:  # PEFT is a dependency, but a broken or partial install must not break `import ssm_hub`
+        return
+    for model_type, targets in PEFT_TARGET_MODULES.items():
+        if model_type in table:
+            raise ValueError(f"PEFT already has LoRA defaults for {model_type}; refusing to overwrite them")
+        table[model_type] = list(targets)
 
 
 _register_transformers()

@@ -15,7 +15,7 @@ def unwrapped_conv_parameters(module: nn.Module, name: str) -> tuple[torch.Tenso
     if hasattr(module, "base_layer"):
         raise ValueError(
             f"{name} is wrapped by a PEFT adapter ({type(module).__name__}); ssm_hub runs the depthwise conv as a "
-            "fused op and cannot apply an adapter to it without dropping it. Target in_proj / x_proj / dt_proj / "
-            "out_proj instead (the defaults when LoraConfig names no target_modules)."
+            "fused op and cannot apply an adapter to it without dropping it. Target the mixer's linear projections "
+            "instead (LoraConfig without target_modules picks them)."
         )
     return module.weight.squeeze(1), module.bias

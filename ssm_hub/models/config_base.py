@@ -4,7 +4,7 @@ inside a forward pass."""
 
 from transformers import PreTrainedConfig
 
-from ssm_hub.models.remote_code import write_remote_code
+from ssm_hub.models.remote_code import save_with_remote_code
 
 
 class SsmHubConfig(PreTrainedConfig):
@@ -13,6 +13,19 @@ class SsmHubConfig(PreTrainedConfig):
     The defaults below describe a pure SSM stack (every layer a mixer with ``expand * hidden_size`` inner channels);
     a config with other layer kinds overrides ``layer_types``.
     """
+
+    # transformers' MambaConfig stores these two; here they are derived, and a stored value must agree.
+    DERIVED_FIELDS = ("intermediate_size", "layer_types")
+
+    def __post_init__(self, **kwargs):
+        given = {name: kwargs.pop(name) for name in self.DERIVED_FIELDS if name in kwargs}
+        super().__post_init__(**kwargs)
+        for name, value in given.items():
+            if value is not None and value != getattr(self, name):
+                raise ValueError(
+                    f"{type(self).__name__}.{name} is derived from the other fields ({getattr(self, name)!r}); "
+                    f"got {value!r}"
+                )
 
     @property
     def intermediate_size(self) -> int:
@@ -23,9 +36,9 @@ class SsmHubConfig(PreTrainedConfig):
         # transformers' DynamicCache / StaticCache build one conv + recurrent state slot per "linear_attention" layer.
         return ["linear_attention"] * self.num_hidden_layers
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        write_remote_code(type(self), save_directory)
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save_pretrained, plus the config's code next to it (see models.remote_code)."""
+        save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
 
 
 def require_positive_int(config, *names: str) -> None:

@@ -17,6 +17,9 @@ import sys
 from pathlib import Path
 
 AUTO_MAP_CLASSES_ATTRIBUTE = "AUTO_MAP"
+# Keyword arguments of save_pretrained that only matter for an upload (see save_with_remote_code).
+HUB_KWARGS = ("repo_id", "commit_message", "private", "create_pr", "revision", "token")
+EXPORTABLE_PACKAGES = ("ssm_hub.", "transformers_modules.")
 
 
 def _root_package(module_name: str) -> str:
@@ -112,9 +115,35 @@ def rewrite_imports(source: str, module_name: str, is_package: bool, names: dict
     return "".join(lines)
 
 
+def exportable_class(cls: type) -> type:
+    """The nearest class in ``cls``'s ancestry whose code can be exported: ssm_hub's own, or code loaded from a
+    checkpoint. A user's subclass (in their own package or in ``__main__``) is saved as the ssm_hub class it
+    extends; its own additions are not part of the checkpoint's code."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith(EXPORTABLE_PACKAGES))
+
+
+def save_with_remote_code(obj, save_pretrained, save_directory, push_to_hub: bool, kwargs: dict) -> None:
+    """Save through transformers' ``save_pretrained``, then write the code bundle, then upload if asked.
+
+    transformers would upload inside its own save_pretrained, before the bundle exists, so the upload is done
+    here afterwards through ``push_to_hub`` (which saves again, bundle included, to a temporary folder).
+    """
+    hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+    save_pretrained(save_directory, **kwargs)
+    is_main_process = kwargs.get("is_main_process", True)
+    should_save = getattr(obj, "should_save_on_this_rank", lambda main: main)(is_main_process)
+    if not should_save:
+        return
+    write_remote_code(type(obj), save_directory)
+    if push_to_hub:
+        repo_id = hub_kwargs.pop("repo_id", None) or Path(save_directory).name
+        obj.push_to_hub(repo_id, **hub_kwargs)
+
+
 def write_remote_code(model_or_config_class: type, save_directory: str | os.PathLike) -> list[Path]:
     """Write the flat code bundle for ``model_or_config_class`` and a complete ``auto_map`` into config.json."""
     save_directory = Path(save_directory)
+    model_or_config_class = exportable_class(model_or_config_class)
     config_class = getattr(model_or_config_class, "config_class", None) or model_or_config_class
     start = [config_class.__module__]
     if model_or_config_class is not config_class:

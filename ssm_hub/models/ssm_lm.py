@@ -14,18 +14,43 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
-from ssm_hub.models.remote_code import write_remote_code
+from ssm_hub.models.remote_code import save_with_remote_code
 
 # Keyword arguments a packing collator or an attention-style caller may pass; the boundary ones become seq_idx,
 # the max_length ones only matter to flash attention and carry nothing an SSM needs.
 PACKING_KWARGS = ("seq_idx", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# Names under which transformers models (and code written for them) have passed the cache; all mean `cache`.
+CACHE_ALIASES = ("past_key_values", "cache_params")
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+
+
+def _cache_from_aliases(cache, kwargs: dict):
+    """The one cache among ``cache`` and its older names; two different ones is an error."""
+    for alias in CACHE_ALIASES:
+        value = kwargs.pop(alias, None)
+        if value is not None:
+            if cache is not None and value is not cache:
+                raise ValueError(f"pass the cache once: got both cache and {alias}")
+            cache = value
+    return cache
+
+
+def _check_cache_layers(cache, config) -> None:
+    """The SSM layers read per-layer conv and recurrent state slots, which only a config-built cache has."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) < config.num_hidden_layers or not all(
+        isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers[: config.num_hidden_layers]
+    ):
+        raise ValueError(
+            "the cache must be built from the model's config, with one linear-attention layer per SSM layer: "
+            "use DynamicCache(config=model.config) or StaticCache(config=model.config, max_cache_len=...)"
+        )
 
 
 def _reject_unknown_kwargs(owner: str, kwargs: dict, allowed: tuple) -> None:
@@ -111,10 +136,9 @@ class SSMPreTrainedModel(PreTrainedModel):
                 # 1/sqrt(num_layers) to keep the residual stream's variance flat with depth.
                 out_weight /= math.sqrt(self.config.num_hidden_layers)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            write_remote_code(type(self), save_directory)
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save_pretrained, plus the model's code next to the weights (see models.remote_code)."""
+        save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
 
 
 class SSMBackbone(SSMPreTrainedModel):
@@ -154,12 +178,15 @@ class SSMBackbone(SSMPreTrainedModel):
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
         kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1).
         """
+        cache = _cache_from_aliases(cache, kwargs)
         _reject_unknown_kwargs(type(self).__name__, kwargs, PACKING_KWARGS)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache is None:
+            # A cache passed in is used; otherwise cache by default only outside training, as transformers does.
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -171,6 +198,8 @@ class SSMBackbone(SSMPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if not use_cache:
             cache = None
+        if cache is not None:
+            _check_cache_layers(cache, self.config)
 
         mask = padding_mask(attention_mask, seq_len)
         seq_idx = resolve_seq_idx(batch_size, seq_len, position_ids, kwargs)
@@ -278,10 +307,17 @@ class SSMForSequenceClassification(SSMPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SSMSequenceClassifierOutput | tuple:
+        r"""
+        use_cache: accepted for compatibility with transformers' classifiers; a classifier keeps no cache, so True
+        is an error rather than silently ignored.
+        """
+        if use_cache:
+            raise ValueError(f"{type(self).__name__} keeps no cache: use_cache=True cannot be honoured")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         kwargs.pop("num_items_in_batch", None)
         outputs = self.backbone(

@@ -78,3 +78,22 @@ def test_static_cache_generation_matches_dynamic(model):
     cache = StaticCache(config=model.config, max_cache_len=32)
     model(input_ids, cache=cache, use_cache=True)
     assert all(isinstance(layer, LinearAttentionLayer) for layer in cache.layers)
+
+
+def test_cache_passed_under_transformers_older_names(model):
+    input_ids = torch.randint(1, 64, (1, 6))
+    for name in ("past_key_values", "cache_params"):
+        cache = DynamicCache(config=model.config)
+        assert model(input_ids, **{name: cache}).cache is cache
+
+
+def test_a_cache_not_built_from_the_config_is_refused_clearly(model):
+    with pytest.raises(ValueError, match=r"DynamicCache\(config=model.config\)"):
+        model.generate(torch.randint(1, 64, (1, 4)), cache=DynamicCache(), max_new_tokens=2)
+
+
+def test_bf16_greedy_with_cache_equals_recomputing(model_type):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(torch.bfloat16).eval()
+    input_ids = torch.randint(1, 64, (2, 7))
+    generated = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    torch.testing.assert_close(generated, _greedy_without_cache(model, input_ids, 6))

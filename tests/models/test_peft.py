@@ -13,8 +13,7 @@ def test_lora_without_target_modules_uses_our_defaults(model_type):
     model = AutoModelForCausalLM.from_config(tiny_config(model_type))
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4))
     wrapped = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
-    expected = {"in_proj", "out_proj"} | ({"x_proj", "dt_proj"} if model_type == "ssm_hub_mamba" else set())
-    assert wrapped == expected
+    assert wrapped == set(DEFAULT_TARGETS[model_type])
 
 
 def _set_lora_b(peft_model, target: str, value: float):
@@ -24,14 +23,17 @@ def _set_lora_b(peft_model, target: str, value: float):
                 torch.nn.init.constant_(adapter.weight, value)
 
 
-@pytest.mark.parametrize("target", ["out_proj", "in_proj"])
+DEFAULT_TARGETS = {"ssm_hub_mamba": ["in_proj", "x_proj", "dt_proj", "out_proj"], "ssm_hub_mamba2": ["in_proj", "out_proj"]}
+
+
+@pytest.mark.parametrize("model_type, target", [(m, t) for m, targets in DEFAULT_TARGETS.items() for t in targets])
 def test_nonzero_lora_delta_changes_the_output(model_type, target):
     model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
     input_ids = torch.randint(1, 64, (2, 9))
     before = model(input_ids).logits
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=[target])).eval()
     torch.testing.assert_close(peft_model(input_ids=input_ids).logits, before)  # lora_B starts at zero
-    _set_lora_b(peft_model, target, 0.05)
+    _set_lora_b(peft_model, target, 0.5)
     after = peft_model(input_ids=input_ids).logits
     assert not torch.allclose(after, before, atol=1e-4), f"a LoRA delta on {target} was bypassed"
     # Cached decoding goes through the same modules.

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config
+from ssm_hub import SsmHubMamba2ForCausalLM
 
 
 def test_save_writes_safetensors_only_and_reloads_identically(model_type, tmp_path):
@@ -86,3 +87,40 @@ def test_loads_with_trust_remote_code_without_ssm_hub(model_type, tmp_path):
     # Code loaded from a checkpoint saves itself again as a complete bundle.
     resaved = tmp_path / "checkpoint-resaved"
     assert {p.name for p in checkpoint.glob("*.py")} <= {p.name for p in resaved.glob("*.py")}
+
+
+def test_untied_head_round_trips(model_type, tmp_path):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, tie_word_embeddings=False)).eval()
+    assert model.lm_head.weight.data_ptr() != model.backbone.embeddings.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.backbone.embeddings.weight)
+
+
+class UserSubclass(SsmHubMamba2ForCausalLM):
+    """A user's own subclass, defined outside ssm_hub."""
+
+
+def test_a_user_subclass_saves_as_the_ssm_hub_class_it_extends(tmp_path):
+    model = UserSubclass(tiny_config("ssm_hub_mamba2")).eval()
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_mamba2.SsmHubMamba2ForCausalLM"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    input_ids = torch.randint(1, 64, (1, 5))
+    torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+def test_push_to_hub_from_save_pretrained_uploads_after_the_code_is_written(tmp_path, monkeypatch):
+    model = AutoModelForCausalLM.from_config(tiny_config("ssm_hub_mamba2"))
+    uploads = []
+
+    def fake_push_to_hub(self, repo_id, **kwargs):
+        uploads.append((repo_id, kwargs, sorted(p.name for p in tmp_path.glob("*.py"))))
+
+    monkeypatch.setattr(type(model), "push_to_hub", fake_push_to_hub)
+    model.save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hello")
+    (repo_id, kwargs, code_files), = uploads
+    assert repo_id == "me/tiny" and kwargs == {"commit_message": "hello"}
+    assert {"modeling_mamba2.py", "ssm_lm.py", "mamba2_mixer.py"} <= set(code_files)

@@ -108,3 +108,30 @@ def test_backend_environment_variable_reaches_the_model(model_type, monkeypatch)
         model(input_ids)
     monkeypatch.setenv("SSM_HUB_BACKEND", "auto")
     torch.testing.assert_close(model(input_ids).logits, expected)
+
+
+def test_inputs_embeds_and_logits_to_keep(model_type):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    input_ids = _batch()
+    full = model(input_ids).logits
+    embeds = model.get_input_embeddings()(input_ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, full)
+    torch.testing.assert_close(model(input_ids, logits_to_keep=3).logits, full[:, -3:])
+    torch.testing.assert_close(model(input_ids, return_dict=False)[0], full)
+    with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
+        model(input_ids, inputs_embeds=embeds)
+
+
+def test_sequence_classification_accepts_use_cache_false_and_refuses_true(model_type):
+    model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=2))
+    assert model(_batch(), use_cache=False).logits.shape == (2, 2)
+    with pytest.raises(ValueError, match="keeps no cache"):
+        model(_batch(), use_cache=True)
+
+
+def test_config_accepts_transformers_derived_fields_only_when_they_agree(model_type):
+    config = tiny_config(model_type)
+    same = type(config)(**{**config.to_diff_dict(), "intermediate_size": config.intermediate_size})
+    assert same.intermediate_size == config.intermediate_size
+    with pytest.raises(ValueError, match="intermediate_size is derived"):
+        type(config)(**{**config.to_diff_dict(), "intermediate_size": config.intermediate_size + 1})
