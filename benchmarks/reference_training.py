@@ -20,26 +20,9 @@ from pathlib import Path
 import torch
 import transformers
 
-import ssm_hub
+from mamba2_130m import CANDIDATES, build
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def mamba2_130m_fields(vocab_size: int) -> dict:
-    return dict(
-        vocab_size=vocab_size, hidden_size=768, num_hidden_layers=24, state_size=128, expand=2, head_dim=64,
-        n_groups=1, conv_kernel=4, chunk_size=256, tie_word_embeddings=True,
-    )
-
-
-def build(candidate: str, vocab_size: int) -> torch.nn.Module:
-    fields = mamba2_130m_fields(vocab_size)
-    if candidate == "ssm_hub (torch reference)":
-        return ssm_hub.SsmHubMamba2ForCausalLM(ssm_hub.SsmHubMamba2Config(**fields))
-    if candidate == "transformers Mamba2ForCausalLM (torch path)":
-        config = transformers.Mamba2Config(**fields, num_heads=fields["hidden_size"] * 2 // fields["head_dim"])
-        return transformers.Mamba2ForCausalLM(config)
-    raise ValueError(candidate)
 
 
 def measure(candidate: str, batch: int, seq_len: int, vocab_size: int, warmup: int, steps: int) -> dict:
@@ -91,8 +74,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    candidates = ["ssm_hub (torch reference)", "transformers Mamba2ForCausalLM (torch path)"]
-    rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in candidates]
+    rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in CANDIDATES]
     device = torch.cuda.get_device_name()
     report = {
         "benchmark": "reference_training", "device": device, "torch": torch.__version__,

@@ -1,0 +1,26 @@
+"""The 130M-parameter Mamba-2 the benchmarks compare on: ssm_hub's and transformers' own, built from one set of
+fields (hidden 768, 24 layers, state 128, head_dim 64, chunk 256, tied embeddings)."""
+
+import torch
+import transformers
+
+import ssm_hub
+
+CANDIDATES = ("ssm_hub (torch reference)", "transformers Mamba2ForCausalLM (torch path)")
+
+
+def mamba2_130m_fields(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=768, num_hidden_layers=24, state_size=128, expand=2, head_dim=64,
+        n_groups=1, conv_kernel=4, chunk_size=256, tie_word_embeddings=True,
+    )
+
+
+def build(candidate: str, vocab_size: int) -> torch.nn.Module:
+    fields = mamba2_130m_fields(vocab_size)
+    if candidate == "ssm_hub (torch reference)":
+        return ssm_hub.SsmHubMamba2ForCausalLM(ssm_hub.SsmHubMamba2Config(**fields))
+    if candidate == "transformers Mamba2ForCausalLM (torch path)":
+        config = transformers.Mamba2Config(**fields, num_heads=fields["hidden_size"] * 2 // fields["head_dim"])
+        return transformers.Mamba2ForCausalLM(config)
+    raise ValueError(candidate)

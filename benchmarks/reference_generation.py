@@ -1,0 +1,73 @@
+"""Greedy decoding speed of ssm_hub's pure-torch reference path against transformers' own pure-torch Mamba-2, in
+the same process, on one CUDA GPU: a 130M-parameter Mamba-2 in bf16, batch 1, a 128-token prompt, 256 new tokens,
+with the default dynamic cache and with ``cache_implementation="static"``.
+
+    SSM_HUB_BACKEND=torch python benchmarks/reference_generation.py   # writes benchmarks/results/
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from mamba2_130m import CANDIDATES, build
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def decode_tokens_per_second(model, prompt, new_tokens: int, cache_implementation) -> float:
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if cache_implementation is not None:
+        kwargs["cache_implementation"] = cache_implementation
+    model.generate(prompt, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(prompt, **kwargs)
+    torch.cuda.synchronize()
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=50288)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    prompt = torch.randint(1, args.vocab_size, (1, args.prompt_len), device="cuda")
+    rows = []
+    for candidate in CANDIDATES:
+        model = build(candidate, args.vocab_size).to("cuda", torch.bfloat16).eval()
+        for cache in (None, "static"):
+            rate = decode_tokens_per_second(model, prompt, args.new_tokens, cache)
+            rows.append({"candidate": candidate, "cache": cache or "dynamic (default)", "tokens_per_second": rate})
+        del model
+        torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name()
+    report = {
+        "benchmark": "reference_generation", "device": device, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = f"reference_generation_{device.replace(' ', '_')}"
+    (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"Mamba-2 130M greedy decoding, bf16, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, on {device}",
+        "", "| candidate | cache | tokens/s |", "|---|---|---|",
+    ]
+    lines += [f"| {r['candidate']} | {r['cache']} | {r['tokens_per_second']:.0f} |" for r in rows]
+    table = "\n".join(lines) + "\n"
+    (args.output / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
