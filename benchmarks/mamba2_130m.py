@@ -1,12 +1,24 @@
 """The 130M-parameter Mamba-2 the benchmarks compare on: ssm_hub's and transformers' own, built from one set of
 fields (hidden 768, 24 layers, state 128, head_dim 64, chunk 256, tied embeddings)."""
 
+import os
+
 import torch
 import transformers
 
 import ssm_hub
 
-CANDIDATES = ("ssm_hub (torch reference)", "transformers Mamba2ForCausalLM (torch path)")
+OURS = "ssm_hub"
+TRANSFORMERS = "transformers Mamba2ForCausalLM (torch path)"
+CANDIDATES = (OURS, TRANSFORMERS)
+
+
+def label(candidate: str) -> str:
+    """The candidate's name in result tables; ours names the backend it ran (SSM_HUB_BACKEND)."""
+    if candidate == OURS:
+        backend = os.environ.get("SSM_HUB_BACKEND", "auto")
+        return f"ssm_hub ({'torch reference' if backend == 'torch' else 'backend ' + backend})"
+    return candidate
 
 
 def mamba2_130m_fields(vocab_size: int) -> dict:
@@ -18,9 +30,9 @@ def mamba2_130m_fields(vocab_size: int) -> dict:
 
 def build(candidate: str, vocab_size: int) -> torch.nn.Module:
     fields = mamba2_130m_fields(vocab_size)
-    if candidate == "ssm_hub (torch reference)":
+    if candidate == OURS:
         return ssm_hub.SsmHubMamba2ForCausalLM(ssm_hub.SsmHubMamba2Config(**fields))
-    if candidate == "transformers Mamba2ForCausalLM (torch path)":
+    if candidate == TRANSFORMERS:
         config = transformers.Mamba2Config(**fields, num_heads=fields["hidden_size"] * 2 // fields["head_dim"])
         return transformers.Mamba2ForCausalLM(config)
     raise ValueError(candidate)

@@ -1,12 +1,14 @@
-"""Greedy decoding speed of ssm_hub's pure-torch reference path against transformers' own pure-torch Mamba-2, in
-the same process, on one CUDA GPU: a 130M-parameter Mamba-2 in bf16, batch 1, a 128-token prompt, 256 new tokens,
-with the default dynamic cache and with ``cache_implementation="static"``.
+"""Greedy decoding speed of ssm_hub (the backend SSM_HUB_BACKEND selects) against transformers' own pure-torch
+Mamba-2, in the same process, on one CUDA GPU: a 130M-parameter Mamba-2 in bf16, batch 1, a 128-token prompt,
+256 new tokens, with the default dynamic cache and with ``cache_implementation="static"``.
 
-    SSM_HUB_BACKEND=torch python benchmarks/reference_generation.py   # writes benchmarks/results/
+    SSM_HUB_BACKEND=torch python benchmarks/generation.py   # the torch reference; writes benchmarks/results/
+    python benchmarks/generation.py                         # the default backend (Triton kernels on CUDA)
 """
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from mamba2_130m import CANDIDATES, build
+from mamba2_130m import CANDIDATES, build, label
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,17 +49,17 @@ def main():
         model = build(candidate, args.vocab_size).to("cuda", torch.bfloat16).eval()
         for cache in (None, "static"):
             rate = decode_tokens_per_second(model, prompt, args.new_tokens, cache)
-            rows.append({"candidate": candidate, "cache": cache or "dynamic (default)", "tokens_per_second": rate})
+            rows.append({"candidate": label(candidate), "cache": cache or "dynamic (default)", "tokens_per_second": rate})
         del model
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
     report = {
-        "benchmark": "reference_generation", "device": device, "torch": torch.__version__,
+        "benchmark": "generation", "device": device, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rows": rows,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = f"reference_generation_{device.replace(' ', '_')}"
+    stem = f"generation_{os.environ.get('SSM_HUB_BACKEND', 'auto')}_{device.replace(' ', '_')}"
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"Mamba-2 130M greedy decoding, bf16, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, on {device}",

@@ -1,12 +1,13 @@
-"""Training throughput and peak memory of ssm_hub's pure-torch reference path against transformers' own
-pure-torch Mamba-2, in the same process, on one CUDA GPU.
+"""Training throughput and peak memory of ssm_hub (the backend SSM_HUB_BACKEND selects) against transformers'
+own pure-torch Mamba-2, in the same process, on one CUDA GPU.
 
 Shape (issue "Foundation", point 9): a 130M-parameter Mamba-2 (hidden 768, 24 layers, state 128, head_dim 64,
 vocabulary 50288) at batch 8 x 2048 tokens, bf16 autocast over fp32 weights, AdamW. Each candidate runs
 warm-up steps, then timed steps; an out-of-memory error is reported as such.
 
-    SSM_HUB_BACKEND=torch python benchmarks/reference_training.py            # writes benchmarks/results/
-    python benchmarks/reference_training.py --batch 2 --seq-len 512 --steps 2  # smaller, for a quick look
+    SSM_HUB_BACKEND=torch python benchmarks/training.py   # the torch reference; writes benchmarks/results/
+    python benchmarks/training.py                         # the default backend (Triton kernels on CUDA)
+    python benchmarks/training.py --batch 2 --seq-len 512 --steps 2  # smaller, for a quick look
 """
 
 import argparse
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from mamba2_130m import CANDIDATES, build
+from mamba2_130m import CANDIDATES, build, label
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,7 +30,7 @@ def measure(candidate: str, batch: int, seq_len: int, vocab_size: int, warmup: i
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    result = {"candidate": candidate, "batch": batch, "seq_len": seq_len}
+    result = {"candidate": label(candidate), "batch": batch, "seq_len": seq_len}
     model = optimizer = None
     try:
         model = build(candidate, vocab_size).cuda().train()
@@ -77,12 +78,13 @@ def main():
     rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in CANDIDATES]
     device = torch.cuda.get_device_name()
     report = {
-        "benchmark": "reference_training", "device": device, "torch": torch.__version__,
+        "benchmark": "training", "device": device, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "backend_env": os.environ.get("SSM_HUB_BACKEND", "auto"), "rows": rows,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = f"reference_training_{device.replace(' ', '_')}_b{args.batch}_l{args.seq_len}"
+    backend = os.environ.get("SSM_HUB_BACKEND", "auto")
+    stem = f"training_{backend}_{device.replace(' ', '_')}_b{args.batch}_l{args.seq_len}"
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"Mamba-2 130M training step, batch {args.batch} x {args.seq_len}, bf16 autocast, AdamW, on {device}",
