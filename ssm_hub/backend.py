@@ -1,12 +1,19 @@
 """The one place that decides which implementation an op runs: ``backend="auto" | "triton" | "torch"``.
 
-Every public op in ``ssm_hub.ops`` calls :func:`resolve_backend` with its own ``backend`` argument. The
-environment variable ``SSM_HUB_BACKEND`` overrides ``"auto"`` for the whole process and is read here only.
-Until the Triton kernels land, no op has a Triton implementation: ``"auto"`` resolves to ``"torch"`` and an
-explicit ``"triton"`` raises a clear error naming the op.
+Every public op in ``ssm_hub.ops`` calls :func:`resolve_backend` with its own ``backend`` argument and the tensors
+it was given. The environment variable ``SSM_HUB_BACKEND`` overrides ``"auto"`` for the whole process and is read
+here only.
+
+- ``"auto"``: Triton when triton imports, the op has a kernel, and the tensors are on a CUDA device; else torch.
+- ``"triton"``: the kernel, or a ``NotImplementedError`` saying why not. Under ``TRITON_INTERPRET=1`` (Triton's
+  CPU interpreter, used by the CPU test suite) the kernels also run on CPU tensors.
+- ``"torch"``: the pure-torch reference, everywhere.
 """
 
+import importlib.util
 import os
+
+import torch
 
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "SSM_HUB_BACKEND"
@@ -19,22 +26,35 @@ def _env_backend() -> str:
     return value
 
 
-def resolve_backend(op_name: str, backend: str, has_triton_kernel: bool = False) -> str:
-    """Return ``"torch"`` or ``"triton"`` for one call of ``op_name``.
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
-    ``has_triton_kernel`` says whether a Triton kernel exists for this op and these inputs (CUDA tensors, a
-    supported shape, triton importable); the op computes it, this function applies the policy.
-    """
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(op_name: str, backend: str, *tensors, has_triton_kernel: bool = True) -> str:
+    """Return ``"torch"`` or ``"triton"`` for one call of ``op_name`` on ``tensors`` (None entries are skipped)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (op {op_name})")
     if backend == "auto":
         backend = _env_backend()
+    on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend == "auto":
-        return "triton" if has_triton_kernel else "torch"
-    if backend == "triton" and not has_triton_kernel:
-        raise NotImplementedError(
-            f"backend='triton' was requested for {op_name}, but no Triton kernel for it is available here "
-            f"(ssm_hub has no Triton kernel for this op yet, or the inputs are not CUDA tensors). "
-            f"Use backend='torch' or 'auto', or unset {ENV_VAR}."
-        )
+        usable = has_triton_kernel and on_cuda and triton_available()
+        return "triton" if usable else "torch"
+    if backend == "triton":
+        reason = None
+        if not has_triton_kernel:
+            reason = "ssm_hub has no Triton kernel for this op yet"
+        elif not triton_available():
+            reason = "triton is not installed"
+        elif not (on_cuda or triton_interpreter_enabled()):
+            reason = "the inputs are not CUDA tensors (set TRITON_INTERPRET=1 to run the kernel on the CPU)"
+        if reason is not None:
+            raise NotImplementedError(
+                f"backend='triton' was requested for {op_name}, but {reason}. "
+                f"Use backend='torch' or 'auto', or unset {ENV_VAR}."
+            )
     return backend

@@ -1,9 +1,17 @@
 """Shared fixtures: tiny configs of every ssm_hub architecture, so each model test runs for all of them."""
 
-import pytest
+import os
+
 import torch
 
-import ssm_hub
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it is chosen when triton is imported, so it
+# must be set before anything imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import ssm_hub  # noqa: E402
 
 
 def tiny_config(model_type: str, **overrides):
@@ -40,3 +48,27 @@ def randomised(model):
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
     return model.eval()
+
+
+def assert_backend_rules(call, op_name: str, has_kernel: bool, monkeypatch) -> None:
+    """The dispatch rules of ssm_hub.backend for one op, on CPU tensors without Triton's interpreter.
+
+    ``call(backend)`` runs the op on small CPU inputs. "torch" and "auto" always run; "triton" cannot run here
+    (no kernel, or no GPU and no interpreter) and must say why; an unknown backend is a ValueError; the
+    environment variable decides what "auto" means while an explicit backend wins.
+    """
+    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    call("torch")
+    call("auto")
+    reason = "not CUDA tensors|triton is not installed" if has_kernel else "no Triton kernel"
+    with pytest.raises(NotImplementedError, match=f"{op_name}.*({reason})"):
+        call("triton")
+    with pytest.raises(ValueError, match="backend"):
+        call("cuda")
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match=op_name):
+        call("auto")
+    call("torch")
+    monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
+    call("auto")

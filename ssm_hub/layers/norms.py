@@ -1,7 +1,10 @@
-"""RMSNorm and the gated, grouped RMSNorm of Mamba-2 (``norm(y * silu(z))``), computed in float32."""
+"""RMSNorm and the gated, grouped RMSNorm of Mamba-2 (``norm(y * silu(z))``), computed in float32 by one op,
+``ssm_hub.ops.gated_rms_norm``."""
 
 import torch
 from torch import nn
+
+from ssm_hub.ops.gated_rms_norm import gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -11,11 +14,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        return gated_rms_norm(hidden_states, self.weight, eps=self.variance_epsilon)
 
 
 class GatedRMSNorm(nn.Module):
@@ -35,14 +34,7 @@ class GatedRMSNorm(nn.Module):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, hidden_states: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.float()
-        gate = nn.functional.silu(gate.float())
-        if not self.norm_before_gate:
-            hidden_states = hidden_states * gate
-        grouped = hidden_states.unflatten(-1, (self.n_groups, -1))
-        variance = grouped.pow(2).mean(-1, keepdim=True)
-        hidden_states = (grouped * torch.rsqrt(variance + self.variance_epsilon)).flatten(-2)
-        if self.norm_before_gate:
-            hidden_states = hidden_states * gate
-        return self.weight * hidden_states.to(input_dtype)
+        return gated_rms_norm(
+            hidden_states, self.weight, gate, n_groups=self.n_groups, eps=self.variance_epsilon,
+            norm_before_gate=self.norm_before_gate,
+        )

@@ -124,3 +124,12 @@ def test_push_to_hub_from_save_pretrained_uploads_after_the_code_is_written(tmp_
     (repo_id, kwargs, code_files), = uploads
     assert repo_id == "me/tiny" and kwargs == {"commit_message": "hello"}
     assert {"modeling_mamba2.py", "ssm_lm.py", "mamba2_mixer.py"} <= set(code_files)
+
+
+def test_remote_code_does_not_require_triton(model_type, tmp_path):
+    from transformers.dynamic_module_utils import get_imports
+
+    AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp_path)
+    required = {name for code_file in tmp_path.glob("*.py") for name in get_imports(code_file)}
+    third_party = required - set(sys.stdlib_module_names)
+    assert third_party <= {"torch", "transformers"}, third_party

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssm_hub.backend import triton_available
 from ssm_hub.ops import causal_conv1d, causal_conv1d_step
 
 F64 = torch.float64
@@ -130,22 +131,92 @@ def small_step(backend):
     return causal_conv1d_step(rand(1, 2), rand(1, 2, 3), rand(2, 4), backend=backend)
 
 
-@pytest.mark.parametrize("name, call", [("causal_conv1d", small_call), ("causal_conv1d_step", small_step)])
-def test_backends(name, call, monkeypatch):
+def test_backends(monkeypatch):
+    # CPU tensors without Triton's interpreter: the conv has a kernel, but nothing can run it here.
     monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
-    call("torch")
-    call("auto")
-    with pytest.raises(NotImplementedError, match=name):
-        call("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    small_call("torch")
+    small_call("auto")
+    with pytest.raises(NotImplementedError, match="causal_conv1d.*not CUDA tensors|triton is not installed"):
+        small_call("triton")
     with pytest.raises(ValueError, match="backend"):
-        call("cuda")
+        small_call("cuda")
     # The environment variable decides what "auto" means, but an explicit backend wins.
     monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match=name):
-        call("auto")
-    call("torch")
+    with pytest.raises(NotImplementedError, match="causal_conv1d"):
+        small_call("auto")
+    small_call("torch")
     monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
-    call("auto")
+    small_call("auto")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_triton_backend_matches_torch(how, monkeypatch):
+    # On CPU the kernel runs in Triton's interpreter (conftest.py turns it on); on a GPU, on the GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
+    x, history = rand(2, 9, 3, dtype=torch.float32).to(device), rand(2, 3, 3, seed=1, dtype=torch.float32).to(device)
+    weight, bias = rand(3, 4, seed=2, dtype=torch.float32).to(device), rand(3, seed=3, dtype=torch.float32).to(device)
+    expected = causal_conv1d(x, weight, bias, "silu", initial_state=history, return_final_state=True, backend="torch")
+    if how == "environment":
+        monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    y, final = causal_conv1d(x, weight, bias, "silu", initial_state=history, return_final_state=True,
+                             backend="triton" if how == "argument" else "auto")
+    torch.testing.assert_close(y, expected[0])
+    torch.testing.assert_close(final, expected[1])
+
+
+def test_step_backends(monkeypatch):
+    # CPU tensors without Triton's interpreter: the step has a kernel, but nothing can run it here.
+    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    small_step("torch")
+    small_step("auto")
+    with pytest.raises(NotImplementedError, match="causal_conv1d_step.*not CUDA tensors|triton is not installed"):
+        small_step("triton")
+    with pytest.raises(ValueError, match="backend"):
+        small_step("cuda")
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="causal_conv1d_step"):
+        small_step("auto")
+    small_step("torch")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_step_triton_backend_matches_torch(how, monkeypatch):
+    # On CPU the kernel runs in Triton's interpreter (conftest.py turns it on); on a GPU, on the GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
+    x, state = rand(2, 3, dtype=torch.float32).to(device), rand(2, 3, 3, seed=1, dtype=torch.float32).to(device)
+    weight, bias = rand(3, 4, seed=2, dtype=torch.float32).to(device), rand(3, seed=3, dtype=torch.float32).to(device)
+    expected = causal_conv1d_step(x, state, weight, bias, "silu", backend="torch")
+    if how == "environment":
+        monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    y, new_state = causal_conv1d_step(x, state, weight, bias, "silu", backend="triton" if how == "argument" else "auto")
+    torch.testing.assert_close(y, expected[0])
+    torch.testing.assert_close(new_state, expected[1])
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_step_reads_state_slots_through_indices(width):
+    x, weight, bias = rand(3, 4), rand(4, width, seed=1), rand(4, seed=2)
+    pool = rand(5, 4, width - 1, seed=3)
+    before = pool.clone()
+    indices = torch.tensor([4, 1, 4])
+    y, new_state = causal_conv1d_step(x, pool, weight, bias, "silu", state_indices=indices)
+    assert torch.equal(pool, before)
+    assert new_state.shape == (3, 4, width - 1)
+    y_ref, new_ref = causal_conv1d_step(x, pool[indices], weight, bias, "silu")
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(new_state, new_ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"state_indices must have an integer dtype"):
+        causal_conv1d_step(x, pool, weight, state_indices=indices.double())
+    with pytest.raises(ValueError, match=r"state_indices must have shape \[B\] = \(3,\), got \(2,\)"):
+        causal_conv1d_step(x, pool, weight, state_indices=indices[:2])
+    with pytest.raises(ValueError, match=rf"conv_state must have shape \[slots, C, K - 1\] = \(5, 4, {width - 1}\)"):
+        causal_conv1d_step(x, rand(5, 4, width), weight, state_indices=indices)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from ssm_hub.backend import triton_available
 from ssm_hub.ops import selective_scan, selective_scan_step, ssd_chunked_scan
 from ssm_hub.ops.selective_scan import selective_scan_naive_ref, selective_scan_ref
 
@@ -234,7 +235,7 @@ def small_step(backend):
                                inputs["B"][:, 0], inputs["C"][:, 0], backend=backend)
 
 
-@pytest.mark.parametrize("name, call", [("selective_scan", small_call), ("selective_scan_step", small_step)])
+@pytest.mark.parametrize("name, call", [("selective_scan", small_call)])
 def test_backends(name, call, monkeypatch):
     monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
     call("torch")
@@ -250,6 +251,60 @@ def test_backends(name, call, monkeypatch):
     call("torch")
     monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
     call("auto")
+
+
+def test_step_backends(monkeypatch):
+    # CPU tensors without Triton's interpreter: the step has a kernel, but nothing can run it here.
+    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    small_step("torch")
+    small_step("auto")
+    with pytest.raises(NotImplementedError, match="selective_scan_step.*not CUDA tensors|triton is not installed"):
+        small_step("triton")
+    with pytest.raises(ValueError, match="backend"):
+        small_step("cuda")
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    with pytest.raises(NotImplementedError, match="selective_scan_step"):
+        small_step("auto")
+    small_step("torch")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_step_triton_backend_matches_torch(how, monkeypatch):
+    # On CPU the kernel runs in Triton's interpreter (conftest.py turns it on); on a GPU, on the GPU.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
+    inputs = make_inputs(batch=2, seqlen=1, dtype=torch.float32)
+    step = {k: v[:, 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    step = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in step.items()}
+    state = torch.randn(2, 3, 4, device=device)
+    expected = selective_scan_step(state, **step, backend="torch")
+    if how == "environment":
+        monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    y, new_state = selective_scan_step(state, **step, backend="triton" if how == "argument" else "auto")
+    torch.testing.assert_close(y, expected[0])
+    torch.testing.assert_close(new_state, expected[1])
+
+
+def test_step_reads_state_slots_through_indices():
+    inputs = make_inputs(batch=3, seqlen=1)
+    step = {k: v[:, 0] if k in ("u", "delta", "B", "C", "z") else v for k, v in inputs.items()}
+    pool = initial_state_for(inputs, 5)
+    before = pool.clone()
+    indices = torch.tensor([4, 1, 4])
+    y, new_state = selective_scan_step(pool, **step, state_indices=indices)
+    assert torch.equal(pool, before)
+    assert new_state.shape == (3, 3, 4)
+    y_ref, new_ref = selective_scan_step(pool[indices], **step)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(new_state, new_ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"state_indices must have an integer dtype"):
+        selective_scan_step(pool, **step, state_indices=indices.double())
+    with pytest.raises(ValueError, match=r"state_indices must have shape \[B\] = \(3,\), got \(2,\)"):
+        selective_scan_step(pool, **step, state_indices=indices[:2])
+    with pytest.raises(ValueError, match=r"state must have shape \[slots, D, N\] = \(5, 3, 4\), got \(5, 4, 3\)"):
+        selective_scan_step(pool.transpose(1, 2), **step, state_indices=indices)
 
 
 def bad(**changes):

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from conftest import assert_backend_rules
 from ssm_hub.ops import ssd_chunked_scan, ssd_step
 from ssm_hub.ops.ssd import ssd_naive_ref
 
@@ -259,25 +260,9 @@ def small_step(backend):
                     inputs["B"][:, 0], inputs["C"][:, 0], backend=backend)
 
 
-OPS = [("ssd_chunked_scan", small_call), ("ssd_step", small_step)]
-
-
-@pytest.mark.parametrize("name, call", OPS)
-def test_backends(name, call, monkeypatch):
-    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
-    call("torch")
-    call("auto")
-    with pytest.raises(NotImplementedError, match=name):
-        call("triton")
-    with pytest.raises(ValueError, match="backend"):
-        call("cuda")
-    # The environment variable decides what "auto" means, but an explicit backend wins.
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match=name):
-        call("auto")
-    call("torch")
-    monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
-    call("auto")
+@pytest.mark.parametrize("name, call, has_kernel", [("ssd_chunked_scan", small_call, False), ("ssd_step", small_step, True)])
+def test_backends(name, call, has_kernel, monkeypatch):
+    assert_backend_rules(call, name, has_kernel, monkeypatch)
 
 
 def bad(**changes):

@@ -1,8 +1,12 @@
 """Causal depthwise conv1d: the public ops and their one dispatch point. The math is in ``reference.py``."""
 
+import torch
+
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.recompute import call_recomputing_in_backward
-from ssm_hub.ops.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_step_ref
+from ssm_hub.ops.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_step_ref, check_step_inputs
+from ssm_hub.ops.causal_conv1d.conv_triton_ops import check_inputs
+from ssm_hub.ops.causal_conv1d.triton_ops import causal_conv1d_step_triton  # noqa: F401  (registers the op)
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_ref", "causal_conv1d_step_ref"]
 
@@ -23,7 +27,12 @@ def causal_conv1d(
     Arguments and returns as :func:`ssm_hub.ops.causal_conv1d.reference.causal_conv1d_ref`; ``backend`` is
     "auto", "triton" or "torch" (see ``ssm_hub.backend``).
     """
-    resolve_backend("causal_conv1d", backend, has_triton_kernel=False)
+    if resolve_backend("causal_conv1d", backend, x, weight, bias, initial_state, seq_idx, cu_seqlens) == "triton":
+        check_inputs(x, weight, bias, activation, initial_state, seq_idx, cu_seqlens)
+        y, final_state = torch.ops.ssm_hub.causal_conv1d_fwd(
+            x, weight, bias, initial_state, seq_idx, cu_seqlens, activation == "silu"
+        )
+        return (y, final_state) if return_final_state else y
     kwargs = dict(
         bias=bias, activation=activation, initial_state=initial_state, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
         return_final_state=return_final_state,
@@ -31,11 +40,17 @@ def causal_conv1d(
     return call_recomputing_in_backward(causal_conv1d_ref, (x, weight), kwargs)
 
 
-def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None, backend="auto"):
+def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None, state_indices=None, backend="auto"):
     """One decoding step: x [B, C], conv_state [B, C, K - 1] -> (y [B, C], new_conv_state [B, C, K - 1]).
 
-    Arguments and returns as :func:`ssm_hub.ops.causal_conv1d.reference.causal_conv1d_step_ref`; ``conv_state``
-    is not modified.
+    ``state_indices`` [B] (integer), for continuous batching: ``conv_state`` is then a pool of slots and row b
+    reads slot ``state_indices[b]``; ``new_conv_state`` is always [B, C, K - 1], one per row. Arguments and returns
+    otherwise as :func:`ssm_hub.ops.causal_conv1d.reference.causal_conv1d_step_ref`; ``conv_state`` is not
+    modified.
     """
-    resolve_backend("causal_conv1d_step", backend, has_triton_kernel=False)
-    return causal_conv1d_step_ref(x, conv_state, weight, bias=bias, activation=activation)
+    if resolve_backend("causal_conv1d_step", backend, x, conv_state, weight, bias) == "triton":
+        check_step_inputs(x, conv_state, weight, bias, activation, state_indices)
+        return torch.ops.ssm_hub.causal_conv1d_step(x, conv_state, weight, bias, activation, state_indices)
+    return causal_conv1d_step_ref(
+        x, conv_state, weight, bias=bias, activation=activation, state_indices=state_indices
+    )

@@ -134,21 +134,35 @@ def causal_conv1d_ref(
     return y, table[last_rows].transpose(1, 2).to(x.dtype)
 
 
-def causal_conv1d_step_ref(x, conv_state, weight, bias=None, activation=None):
+def check_step_inputs(x, conv_state, weight, bias, activation, state_indices) -> None:
+    """Shapes of one causal conv1d decoding step; ValueError naming the argument."""
+    check_tensor("x", x, "[B, C]")
+    batch, channels = x.shape
+    width = _check_params(weight, bias, activation, channels)
+    if state_indices is None:
+        check_tensor("conv_state", conv_state, "[B, C, K - 1]", (batch, channels, width - 1))
+    else:
+        check_tensor("state_indices", state_indices, "[B]", (batch,), integer=True)
+        check_tensor("conv_state", conv_state, "[slots, C, K - 1]")  # any number of slots
+        check_tensor("conv_state", conv_state, "[slots, C, K - 1]", (conv_state.shape[0], channels, width - 1))
+
+
+def causal_conv1d_step_ref(x, conv_state, weight, bias=None, activation=None, state_indices=None):
     """One token of the causal conv1d (decoding). Pure: ``conv_state`` is not modified.
 
     Args:
         x: [B, C] this token's input. conv_state: [B, C, K - 1] the K - 1 inputs before it, oldest first.
         weight: [C, K]; bias: [C]; activation: None or "silu".
+        state_indices: [B] integer, optional: ``conv_state`` is then a pool [slots, C, K - 1] and row b reads
+            ``conv_state[state_indices[b]]`` (continuous batching).
 
     Returns:
         (y [B, C] in x's dtype, new_conv_state [B, C, K - 1] = the window shifted by this token, in conv_state's
-        dtype).
+        dtype; one per row, also with ``state_indices``).
     """
-    check_tensor("x", x, "[B, C]")
-    batch, channels = x.shape
-    width = _check_params(weight, bias, activation, channels)
-    check_tensor("conv_state", conv_state, "[B, C, K - 1]", (batch, channels, width - 1))
+    check_step_inputs(x, conv_state, weight, bias, activation, state_indices)
+    if state_indices is not None:
+        conv_state = conv_state[state_indices]
     dtype = compute_dtype(x, conv_state, weight, bias)
 
     window = torch.cat([conv_state.to(dtype), x.to(dtype)[..., None]], dim=-1)  # [B, C, K], oldest first

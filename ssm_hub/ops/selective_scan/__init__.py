@@ -1,12 +1,16 @@
 """Selective scan (Mamba-1): the public ops and their one dispatch point. The math is in ``reference.py``."""
 
+import torch
+
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.selective_scan.reference import (
+    check_step_inputs,
     selective_scan_naive_ref,
     selective_scan_ref,
     selective_scan_step_ref,
 )
+from ssm_hub.ops.selective_scan.triton_ops import selective_scan_step_triton  # noqa: F401  (registers the op)
 
 __all__ = [
     "selective_scan",
@@ -58,14 +62,21 @@ def selective_scan_step(
     z=None,
     delta_bias=None,
     delta_softplus=False,
+    state_indices=None,
     backend="auto",
 ):
     """One decoding step: state [B, D, N], u/delta [B, D], B/C [B, N] -> (y [B, D], new_state [B, D, N]).
 
-    Arguments and returns as :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`; ``state`` is
-    not modified.
+    ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
+    slot ``state_indices[b]``; ``new_state`` is always [B, D, N], one per row. Arguments and returns otherwise as
+    :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`; ``state`` is not modified.
     """
-    resolve_backend("selective_scan_step", backend, has_triton_kernel=False)
+    if resolve_backend("selective_scan_step", backend, state, u, delta, A, B, C) == "triton":
+        check_step_inputs(state, u, delta, A, B, C, D, z, delta_bias, state_indices)
+        return torch.ops.ssm_hub.selective_scan_step(
+            state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices
+        )
     return selective_scan_step_ref(
-        state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
+        state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+        state_indices=state_indices,
     )

@@ -245,6 +245,24 @@ def selective_scan_naive_ref(
     return (y, state) if return_final_state else y
 
 
+def check_step_inputs(state, u, delta, A, B, C, D, z, delta_bias, state_indices) -> None:
+    """Shapes of one selective-scan decoding step; ValueError naming the argument."""
+    check_tensor("u", u, "[B, D]")
+    batch, dim = u.shape
+    check_tensor("delta", delta, "[B, D]", u.shape)
+    state_size = _check_params(A, D, delta_bias, dim)
+    check_tensor("B", B, "[B, N]", (batch, state_size))
+    check_tensor("C", C, "[B, N]", (batch, state_size))
+    if state_indices is None:
+        check_tensor("state", state, "[B, D, N]", (batch, dim, state_size))
+    else:
+        check_tensor("state_indices", state_indices, "[B]", (batch,), integer=True)
+        check_tensor("state", state, "[slots, D, N]")  # any number of slots
+        check_tensor("state", state, "[slots, D, N]", (state.shape[0], dim, state_size))
+    if z is not None:
+        check_tensor("z", z, "[B, D]", u.shape)
+
+
 def selective_scan_step_ref(
     state,
     u,
@@ -256,6 +274,7 @@ def selective_scan_step_ref(
     z=None,
     delta_bias=None,
     delta_softplus=False,
+    state_indices=None,
 ):
     """One token of the selective scan (decoding). Pure: ``state`` is not modified.
 
@@ -263,19 +282,15 @@ def selective_scan_step_ref(
         state: [B, D, N] the state before this token.
         u, delta: [B, D]; A: [D, N]; B, C: [B, N]; D: [D]; z: [B, D]; delta_bias: [D]; delta_softplus: as in
         :func:`selective_scan_ref`.
+        state_indices: [B] integer, optional: ``state`` is then a pool [slots, D, N] and row b starts from
+            ``state[state_indices[b]]`` (continuous batching).
 
     Returns:
         (y [B, D] in u's dtype, new_state [B, D, N] in float32, or float64 for float64 inputs).
     """
-    check_tensor("u", u, "[B, D]")
-    batch, dim = u.shape
-    check_tensor("delta", delta, "[B, D]", u.shape)
-    state_size = _check_params(A, D, delta_bias, dim)
-    check_tensor("B", B, "[B, N]", (batch, state_size))
-    check_tensor("C", C, "[B, N]", (batch, state_size))
-    check_tensor("state", state, "[B, D, N]", (batch, dim, state_size))
-    if z is not None:
-        check_tensor("z", z, "[B, D]", u.shape)
+    check_step_inputs(state, u, delta, A, B, C, D, z, delta_bias, state_indices)
+    if state_indices is not None:
+        state = state[state_indices]
     dtype = compute_dtype(state, u, delta, A, B, C)
 
     # 1. Discretise, 2. decay the state and add this token's input, 3. read out.

@@ -1,8 +1,11 @@
 """SSD chunked scan (Mamba-2): the public ops and their one dispatch point. The math is in ``reference.py``."""
 
+import torch
+
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.recompute import call_recomputing_in_backward
-from ssm_hub.ops.ssd.reference import ssd_chunked_scan_ref, ssd_naive_ref, ssd_step_ref
+from ssm_hub.ops.ssd.triton_ops import ssd_step_triton  # noqa: F401  (registers the op)
+from ssm_hub.ops.ssd.reference import check_step_inputs, ssd_chunked_scan_ref, ssd_naive_ref, ssd_step_ref
 
 __all__ = ["ssd_chunked_scan", "ssd_step", "ssd_chunked_scan_ref", "ssd_naive_ref", "ssd_step_ref"]
 
@@ -51,11 +54,22 @@ def ssd_step(
     dt_bias=None,
     dt_softplus=False,
     dt_limit=(0.0, float("inf")),
+    state_indices=None,
     backend="auto",
 ):
     """One decoding step: state [B, H, P, N], x [B, H, P], dt [B, H], B/C [B, G, N] -> (y [B, H, P], new_state).
 
-    Arguments and returns as :func:`ssm_hub.ops.ssd.reference.ssd_step_ref`; ``state`` is not modified.
+    ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
+    slot ``state_indices[b]``; ``new_state`` is always [B, H, P, N], one per row. Arguments and returns otherwise
+    as :func:`ssm_hub.ops.ssd.reference.ssd_step_ref`; ``state`` is not modified.
     """
-    resolve_backend("ssd_step", backend, has_triton_kernel=False)
-    return ssd_step_ref(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
+    if resolve_backend("ssd_step", backend, state, x, dt, A, B, C) == "triton":
+        check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, state_indices)
+        low, high = dt_limit
+        return torch.ops.ssm_hub.ssd_step(
+            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(low), float(high), state_indices
+        )
+    return ssd_step_ref(
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        state_indices=state_indices,
+    )

@@ -325,6 +325,27 @@ def ssd_naive_ref(
     return (y, state) if return_final_states else y
 
 
+def check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, state_indices) -> None:
+    """Shapes of one SSD decoding step; ValueError naming the argument."""
+    check_tensor("x", x, "[B, H, P]")
+    batch, heads, head_dim = x.shape
+    check_tensor("dt", dt, "[B, H]", (batch, heads))
+    check_tensor("B", B, "[B, G, N]")
+    groups, state_size = B.shape[1], B.shape[2]
+    if B.shape[0] != batch:
+        raise ValueError(f"B must have shape [B, G, N] with B = {batch}, got {tuple(B.shape)}")
+    _check_groups(heads, groups)
+    check_tensor("C", C, "[B, G, N]", (batch, groups, state_size))
+    if state_indices is None:
+        check_tensor("state", state, "[B, H, P, N]", (batch, heads, head_dim, state_size))
+    else:
+        check_tensor("state_indices", state_indices, "[B]", (batch,), integer=True)
+        check_tensor("state", state, "[slots, H, P, N]", (state.shape[0], heads, head_dim, state_size))
+    _check_params(A, D, dt_bias, dt_limit, heads, head_dim)
+    if z is not None:
+        check_tensor("z", z, "[B, H, P]", x.shape)
+
+
 def ssd_step_ref(
     state,
     x,
@@ -337,6 +358,7 @@ def ssd_step_ref(
     dt_bias=None,
     dt_softplus=False,
     dt_limit=(0.0, float("inf")),
+    state_indices=None,
 ):
     """One token of the SSD recurrence (decoding). Pure: ``state`` is not modified.
 
@@ -344,23 +366,17 @@ def ssd_step_ref(
         state: [B, H, P, N] the state before this token.
         x: [B, H, P]; dt: [B, H]; A: [H]; B, C: [B, G, N]; D: [H] or [H, P]; z: [B, H, P]; dt_bias: [H];
         dt_softplus, dt_limit: as in :func:`ssd_chunked_scan_ref`.
+        state_indices: [B] integer, optional: ``state`` is then a pool [slots, H, P, N] and row b starts from
+            ``state[state_indices[b]]`` (continuous batching).
 
     Returns:
         (y [B, H, P] in x's dtype, new_state [B, H, P, N] in float32, or float64 for float64 inputs).
     """
-    check_tensor("x", x, "[B, H, P]")
+    check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, state_indices)
+    if state_indices is not None:
+        state = state[state_indices]
     batch, heads, head_dim = x.shape
-    check_tensor("dt", dt, "[B, H]", (batch, heads))
-    check_tensor("B", B, "[B, G, N]")
     groups, state_size = B.shape[1], B.shape[2]
-    if B.shape[0] != batch:
-        raise ValueError(f"B must have shape [B, G, N] with B = {batch}, got {tuple(B.shape)}")
-    _check_groups(heads, groups)
-    check_tensor("C", C, "[B, G, N]", (batch, groups, state_size))
-    check_tensor("state", state, "[B, H, P, N]", (batch, heads, head_dim, state_size))
-    _check_params(A, D, dt_bias, dt_limit, heads, head_dim)
-    if z is not None:
-        check_tensor("z", z, "[B, H, P]", x.shape)
     dtype = compute_dtype(state, x, dt, A, B, C)
     per_group = heads // groups
 

@@ -1,0 +1,109 @@
+"""The causal conv1d kernels registered as torch custom ops (``torch.ops.ssm_hub.causal_conv1d_{fwd,bwd}``), with
+fake implementations and autograd, so that gradients flow and ``torch.compile`` traces through them without graph
+breaks. Registering needs no triton; the kernels are imported when an op first runs.
+
+The forward always returns the final state (a tiny [B or S, C, K - 1] tensor): the public op drops it when it was
+not asked for. Like the reference's, the final state is differentiable: it is made of inputs and initial-state
+slots, and its gradient flows back into them.
+"""
+
+import torch
+
+from ssm_hub.ops.causal_conv1d.reference import _check_params
+from ssm_hub.ops.varlen import check_states, check_tensor, check_varlen
+
+
+def check_inputs(x, weight, bias, activation, initial_state, seq_idx, cu_seqlens) -> None:
+    """The reference's input checks (ValueError naming the argument), for the kernel path."""
+    check_tensor("x", x, "[B, T, C]")
+    batch, seqlen, channels = x.shape
+    if seqlen < 1:
+        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+    width = _check_params(weight, bias, activation, channels)
+    bounds = check_varlen(seq_idx, cu_seqlens, batch, seqlen)
+    check_states("initial_state", initial_state, batch, bounds, "C, K - 1", (channels, width - 1))
+
+
+def _num_states(x, cu_seqlens) -> int:
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
+
+
+@torch.library.custom_op("ssm_hub::causal_conv1d_fwd", mutates_args=())
+def causal_conv1d_fwd_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [B, T, C], final_state [B or S, C, K - 1]), both in x's dtype."""
+    from ssm_hub.kernels.causal_conv1d import causal_conv1d_fwd
+
+    bias = bias.contiguous() if bias is not None else None
+    return causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu)
+
+
+@causal_conv1d_fwd_triton.register_fake
+def _(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu):
+    final = x.new_empty((_num_states(x, cu_seqlens), x.shape[2], weight.shape[1] - 1))
+    return x.new_empty(x.shape), final
+
+
+@torch.library.custom_op("ssm_hub::causal_conv1d_bwd", mutates_args=())
+def causal_conv1d_bwd_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    seq_idx: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    silu: bool,
+    dy: torch.Tensor,
+    dfinal_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias, d_initial_state). dbias is float32 [C] when there is no bias; d_initial_state is an
+    empty tensor when there is no initial state."""
+    from ssm_hub.kernels.causal_conv1d import causal_conv1d_bwd
+
+    bias = bias.contiguous() if bias is not None else None
+    dx, dweight, dbias, dstate = causal_conv1d_bwd(
+        x, weight, bias, initial_state, seq_idx, cu_seqlens, silu, dy, dfinal_state
+    )
+    return dx, dweight, dbias, dstate if dstate is not None else x.new_empty(0)
+
+
+@causal_conv1d_bwd_triton.register_fake
+def _(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu, dy, dfinal_state):
+    dbias = bias.new_empty(bias.shape) if bias is not None else x.new_empty(x.shape[2], dtype=torch.float32)
+    dstate = initial_state.new_empty(initial_state.shape) if initial_state is not None else x.new_empty(0)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dbias, dstate
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, initial_state, seq_idx, cu_seqlens, silu = inputs
+    ctx.save_for_backward(x, weight, bias, initial_state, seq_idx, cu_seqlens)
+    ctx.silu = silu
+
+
+def _backward(ctx, dy, dfinal_state):
+    x, weight, bias, initial_state, seq_idx, cu_seqlens = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(x)
+    dx, dweight, dbias, dstate = torch.ops.ssm_hub.causal_conv1d_bwd(
+        x, weight, bias, initial_state, seq_idx, cu_seqlens, ctx.silu, dy, dfinal_state
+    )
+    needs = ctx.needs_input_grad
+    return (
+        dx if needs[0] else None,
+        dweight if needs[1] else None,
+        dbias if bias is not None and needs[2] else None,
+        dstate if initial_state is not None and needs[3] else None,
+        None,
+        None,
+        None,
+    )
+
+
+causal_conv1d_fwd_triton.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,29 @@
+"""Gated, grouped RMSNorm (RMSNorm when ungated with one group): the public op and its one dispatch point. The math
+is in ``reference.py``."""
+
+import torch
+
+from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.gated_rms_norm.reference import check_inputs, gated_rms_norm_ref
+from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE  # importing it registers the custom ops
+from ssm_hub.ops.recompute import call_recomputing_in_backward
+
+__all__ = ["gated_rms_norm", "gated_rms_norm_ref"]
+
+
+def gated_rms_norm(x, weight, gate=None, n_groups=1, eps=1e-5, norm_before_gate=False, backend="auto"):
+    """RMSNorm of x [..., D] over n_groups groups of channels, scaled by weight [D], optionally gated by
+    silu(gate [..., D]) before (``norm_before_gate=False``) or after the norm.
+
+    Arguments and returns as :func:`ssm_hub.ops.gated_rms_norm.reference.gated_rms_norm_ref`; ``backend`` is
+    "auto", "triton" or "torch" (see ``ssm_hub.backend``). The Triton kernel holds one group of a row in registers,
+    so it takes groups of up to ``MAX_GROUP_SIZE`` channels; "auto" runs larger ones in torch. x and gate may be
+    views with any row strides (a split of a projection's output).
+    """
+    check_inputs(x, weight, gate, n_groups, eps)
+    supported = x.shape[-1] // n_groups <= MAX_GROUP_SIZE
+    if resolve_backend("gated_rms_norm", backend, x, weight, gate, has_triton_kernel=supported) == "triton":
+        out, _ = torch.ops.ssm_hub.gated_rms_norm_fwd(x, weight, gate, n_groups, float(eps), bool(norm_before_gate))
+        return out
+    kwargs = dict(gate=gate, n_groups=n_groups, eps=eps, norm_before_gate=norm_before_gate)
+    return call_recomputing_in_backward(gated_rms_norm_ref, (x, weight), kwargs)
