@@ -26,8 +26,12 @@ def _env_backend() -> str:
     return value
 
 
+# Looked up once: the dispatch runs inside torch.compile'd code, where importlib calls break the graph.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_interpreter_enabled() -> bool:
