@@ -30,6 +30,7 @@ int64.
 import os
 
 import torch
+
 # Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
 # users on CPU-only machines, where ssm_hub.backend never dispatches to these kernels.
 try:

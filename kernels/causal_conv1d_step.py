@@ -8,6 +8,7 @@ unchanged; this token's input is converted to the state's dtype.
 """
 
 import torch
+
 # Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
 # users on CPU-only machines, where ssm_hub.backend never dispatches to these kernels.
 try:

@@ -8,6 +8,7 @@ run. The math and its derivation are in ``ssm_hub/ops/gated_rms_norm/reference.p
 """
 
 import torch
+
 # Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
 # users on CPU-only machines, where ssm_hub.backend never dispatches to these kernels.
 try:

@@ -6,6 +6,7 @@ tensor). Accumulation is in float32; the state is read in its own dtype and writ
 """
 
 import torch
+
 # Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
 # users on CPU-only machines, where ssm_hub.backend never dispatches to these kernels.
 try:
@@ -14,11 +15,8 @@ try:
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
+from ssm_hub.kernels.activations import softplus  # noqa: E402  (after the guarded triton import)
 
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow: for large x it is x itself (torch's softplus uses the same threshold).
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit
@@ -52,7 +50,7 @@ def selective_scan_step_fwd_kernel(
     if HAS_DELTA_BIAS:
         dt += tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
     if DELTA_SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     A = tl.load(A_ptr + d[:, None] * state_size + n[None, :], mask=tile, other=0.0).to(tl.float32)
     decay = tl.exp(dt[:, None] * A)
 

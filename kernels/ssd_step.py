@@ -6,6 +6,7 @@ large tensor). Accumulation is in float32; the state is read in its own dtype an
 """
 
 import torch
+
 # Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
 # users on CPU-only machines, where ssm_hub.backend never dispatches to these kernels.
 try:
@@ -14,11 +15,8 @@ try:
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
+from ssm_hub.kernels.activations import softplus  # noqa: E402  (after the guarded triton import)
 
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow: for large x it is x itself.
-    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
 
 
 @triton.jit
@@ -53,7 +51,7 @@ def ssd_step_fwd_kernel(
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + head).to(tl.float32)
     if DT_SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
 

@@ -26,8 +26,15 @@ def _env_backend() -> str:
     return value
 
 
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:  # a broken install, or an import hook that refuses it
+        return False
+
+
 # Looked up once: the dispatch runs inside torch.compile'd code, where importlib calls break the graph.
-_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+_TRITON_AVAILABLE = _find_triton()
 
 
 def triton_available() -> bool:

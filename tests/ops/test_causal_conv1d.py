@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_backend_rules
 from ssm_hub.backend import triton_available
 from ssm_hub.ops import causal_conv1d, causal_conv1d_step
 
@@ -131,23 +132,9 @@ def small_step(backend):
     return causal_conv1d_step(rand(1, 2), rand(1, 2, 3), rand(2, 4), backend=backend)
 
 
-def test_backends(monkeypatch):
-    # CPU tensors without Triton's interpreter: the conv has a kernel, but nothing can run it here.
-    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    small_call("torch")
-    small_call("auto")
-    with pytest.raises(NotImplementedError, match="causal_conv1d.*not CUDA tensors|triton is not installed"):
-        small_call("triton")
-    with pytest.raises(ValueError, match="backend"):
-        small_call("cuda")
-    # The environment variable decides what "auto" means, but an explicit backend wins.
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="causal_conv1d"):
-        small_call("auto")
-    small_call("torch")
-    monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
-    small_call("auto")
+@pytest.mark.parametrize("name, call", [("causal_conv1d", small_call), ("causal_conv1d_step", small_step)])
+def test_backends(name, call, monkeypatch):
+    assert_backend_rules(call, name, True, monkeypatch)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -165,22 +152,6 @@ def test_triton_backend_matches_torch(how, monkeypatch):
                              backend="triton" if how == "argument" else "auto")
     torch.testing.assert_close(y, expected[0])
     torch.testing.assert_close(final, expected[1])
-
-
-def test_step_backends(monkeypatch):
-    # CPU tensors without Triton's interpreter: the step has a kernel, but nothing can run it here.
-    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    small_step("torch")
-    small_step("auto")
-    with pytest.raises(NotImplementedError, match="causal_conv1d_step.*not CUDA tensors|triton is not installed"):
-        small_step("triton")
-    with pytest.raises(ValueError, match="backend"):
-        small_step("cuda")
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="causal_conv1d_step"):
-        small_step("auto")
-    small_step("torch")
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

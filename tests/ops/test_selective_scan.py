@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from conftest import assert_backend_rules
 from ssm_hub.backend import triton_available
 from ssm_hub.ops import selective_scan, selective_scan_step, ssd_chunked_scan
 from ssm_hub.ops.selective_scan import selective_scan_naive_ref, selective_scan_ref
@@ -235,38 +236,11 @@ def small_step(backend):
                                inputs["B"][:, 0], inputs["C"][:, 0], backend=backend)
 
 
-@pytest.mark.parametrize("name, call", [("selective_scan", small_call)])
-def test_backends(name, call, monkeypatch):
-    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
-    call("torch")
-    call("auto")
-    with pytest.raises(NotImplementedError, match=name):
-        call("triton")
-    with pytest.raises(ValueError, match="backend"):
-        call("cuda")
-    # The environment variable decides what "auto" means, but an explicit backend wins.
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match=name):
-        call("auto")
-    call("torch")
-    monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
-    call("auto")
-
-
-def test_step_backends(monkeypatch):
-    # CPU tensors without Triton's interpreter: the step has a kernel, but nothing can run it here.
-    monkeypatch.delenv("SSM_HUB_BACKEND", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    small_step("torch")
-    small_step("auto")
-    with pytest.raises(NotImplementedError, match="selective_scan_step.*not CUDA tensors|triton is not installed"):
-        small_step("triton")
-    with pytest.raises(ValueError, match="backend"):
-        small_step("cuda")
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="selective_scan_step"):
-        small_step("auto")
-    small_step("torch")
+@pytest.mark.parametrize(
+    "name, call, has_kernel", [("selective_scan", small_call, False), ("selective_scan_step", small_step, True)]
+)
+def test_backends(name, call, has_kernel, monkeypatch):
+    assert_backend_rules(call, name, has_kernel, monkeypatch)
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

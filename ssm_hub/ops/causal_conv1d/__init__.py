@@ -4,8 +4,13 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.recompute import call_recomputing_in_backward
-from ssm_hub.ops.causal_conv1d.reference import causal_conv1d_ref, causal_conv1d_step_ref, check_step_inputs
-from ssm_hub.ops.causal_conv1d.conv_triton_ops import check_inputs
+from ssm_hub.ops.causal_conv1d.reference import (
+    causal_conv1d_ref,
+    causal_conv1d_step_ref,
+    check_inputs,
+    check_step_inputs,
+)
+from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_fwd_triton  # noqa: F401  (registers the ops)
 from ssm_hub.ops.causal_conv1d.triton_ops import causal_conv1d_step_triton  # noqa: F401  (registers the op)
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_ref", "causal_conv1d_step_ref"]

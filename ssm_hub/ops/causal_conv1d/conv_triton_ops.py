@@ -9,19 +9,6 @@ slots, and its gradient flows back into them.
 
 import torch
 
-from ssm_hub.ops.causal_conv1d.reference import _check_params
-from ssm_hub.ops.varlen import check_states, check_tensor, check_varlen
-
-
-def check_inputs(x, weight, bias, activation, initial_state, seq_idx, cu_seqlens) -> None:
-    """The reference's input checks (ValueError naming the argument), for the kernel path."""
-    check_tensor("x", x, "[B, T, C]")
-    batch, seqlen, channels = x.shape
-    if seqlen < 1:
-        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
-    width = _check_params(weight, bias, activation, channels)
-    bounds = check_varlen(seq_idx, cu_seqlens, batch, seqlen)
-    check_states("initial_state", initial_state, batch, bounds, "C, K - 1", (channels, width - 1))
 
 
 def _num_states(x, cu_seqlens) -> int:

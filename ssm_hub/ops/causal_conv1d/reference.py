@@ -68,6 +68,18 @@ def _window_rows(batch, seqlen, width, starts, state_of_token, num_states) -> to
     )
 
 
+def check_inputs(x, weight, bias, activation, initial_state, seq_idx, cu_seqlens):
+    """Shapes of a full-sequence conv (ValueError naming the argument); returns (K, cu_seqlens as a list or None)."""
+    check_tensor("x", x, "[B, T, C]")
+    batch, seqlen, channels = x.shape
+    if seqlen < 1:
+        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+    width = _check_params(weight, bias, activation, channels)
+    bounds = check_varlen(seq_idx, cu_seqlens, batch, seqlen)
+    check_states("initial_state", initial_state, batch, bounds, "C, K - 1", (channels, width - 1))
+    return width, bounds
+
+
 def causal_conv1d_ref(
     x,
     weight,
@@ -91,13 +103,8 @@ def causal_conv1d_ref(
         y [B, T, C] in x's dtype, or (y, final_state) with final_state [B, C, K - 1] ([S, C, K - 1] with
         ``cu_seqlens``) in x's dtype: the last K - 1 inputs of each row (of its last document) or of each document.
     """
-    check_tensor("x", x, "[B, T, C]")
+    width, bounds = check_inputs(x, weight, bias, activation, initial_state, seq_idx, cu_seqlens)
     batch, seqlen, channels = x.shape
-    if seqlen < 1:
-        raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
-    width = _check_params(weight, bias, activation, channels)
-    bounds = check_varlen(seq_idx, cu_seqlens, batch, seqlen)
-    check_states("initial_state", initial_state, batch, bounds, "C, K - 1", (channels, width - 1))
     dtype = compute_dtype(x, weight, bias, initial_state)
 
     # 1. Documents, and the initial state each token's document starts from: with cu_seqlens every document has
