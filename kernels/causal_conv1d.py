@@ -27,8 +27,6 @@ the second gathers dx from g; the third writes each initial state's gradient. Al
 int64.
 """
 
-import os
-
 import torch
 
 # Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
@@ -38,6 +36,8 @@ try:
     import triton.language as tl
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
+
+from ssm_hub.backend import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 
 
 @triton.jit
@@ -326,7 +326,7 @@ def _tiles() -> tuple[int, int, int]:
     in memory) by BLOCK_T tokens; walking several blocks per program keeps the dweight partial buffer small next to
     x. Triton's CPU interpreter pays per operation rather than per element, so there tiles are larger (still several
     blocks and programs at the tests' T = 257)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if triton_interpreter_enabled():
         return 128, 64, 2
     return 32, 64, 8
 
