@@ -260,7 +260,7 @@ def small_step(backend):
                     inputs["B"][:, 0], inputs["C"][:, 0], backend=backend)
 
 
-@pytest.mark.parametrize("name, call, has_kernel", [("ssd_chunked_scan", small_call, False), ("ssd_step", small_step, True)])
+@pytest.mark.parametrize("name, call, has_kernel", [("ssd_chunked_scan", small_call, True), ("ssd_step", small_step, True)])
 def test_backends(name, call, has_kernel, monkeypatch):
     assert_backend_rules(call, name, has_kernel, monkeypatch)
 

@@ -63,7 +63,7 @@ def _check_groups(heads: int, groups: int) -> None:
                          f"got G={groups}")
 
 
-def _check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens):
+def check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens):
     """Check the inputs of the full-sequence scans; return the document bounds from ``cu_seqlens`` (or None)."""
     check_tensor("x", x, "[B, T, H, P]")
     batch, seqlen, heads, head_dim = x.shape
@@ -210,7 +210,7 @@ def ssd_chunked_scan_ref(
         y [B, T, H, P] in x's dtype, or (y, final_states) with final_states [B, H, P, N] ([S, H, P, N] with
         ``cu_seqlens``) in float32 (float64 for float64 inputs).
     """
-    bounds = _check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
+    bounds = check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     batch, seqlen, heads, head_dim = x.shape
@@ -286,7 +286,7 @@ def ssd_naive_ref(
     Same arguments and returns as :func:`ssd_chunked_scan_ref` (without ``chunk_size``). Slow (a Python loop over
     tokens) and memory-hungry under autograd; for tests and small inputs only.
     """
-    bounds = _check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
+    bounds = check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
     if bounds is not None:
         # Every document on its own, from its own initial state.
         outputs, finals = [], []
