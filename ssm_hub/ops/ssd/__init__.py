@@ -4,10 +4,12 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.recompute import call_recomputing_in_backward
+from ssm_hub.ops.varlen import cu_seqlens_to_seq_idx, document_ids, document_starts
 from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_fwd_triton, ssd_step_triton  # noqa: F401  (registers the ops)
 from ssm_hub.ops.ssd.reference import (
     check_scan_inputs,
     check_step_inputs,
+    document_chunk_layout,
     ssd_chunked_scan_ref,
     ssd_naive_ref,
     ssd_step_ref,
@@ -37,29 +39,14 @@ def ssd_chunked_scan(
     """SSD scan over a sequence: x [B, T, H, P], dt [B, T, H], A [H], B/C [B, T, G, N] -> y [B, T, H, P].
 
     Arguments and returns as :func:`ssm_hub.ops.ssd.reference.ssd_chunked_scan_ref`; ``backend`` is "auto",
-    "triton" or "torch" (see ``ssm_hub.backend``). The Triton kernel is forward-only and takes no ``seq_idx`` /
-    ``cu_seqlens``; it runs only when asked for (``backend="triton"`` or ``SSM_HUB_BACKEND=triton``), since it
-    is not validated on a GPU yet.
+    "triton" or "torch" (see ``ssm_hub.backend``). Both backends take gradients for every input, through the
+    final states too.
     """
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    # The kernel is not validated on a GPU yet: "auto" keeps the reference.
-    if resolve_backend("ssd_chunked_scan", backend, *tensors, in_auto=False) == "triton":
-        missing = None
-        if seq_idx is not None or cu_seqlens is not None:
-            missing = "the SSD Triton kernel does not take seq_idx / cu_seqlens (varlen) yet"
-        elif torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-            missing = "the SSD Triton kernel has no backward yet (an input requires grad)"
-        if missing is not None:
-            raise NotImplementedError(
-                f"backend='triton' was requested for ssd_chunked_scan, but {missing}. "
-                "Use backend='torch' or 'auto', or unset SSM_HUB_BACKEND."
-            )
-        check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        low, high = dt_limit
-        y, final_states = torch.ops.ssm_hub.ssd_chunked_scan_fwd(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(low), float(high), initial_states
+    if resolve_backend("ssd_chunked_scan", backend, *tensors) == "triton":
+        y, final_states = _ssd_chunked_scan_triton(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx, cu_seqlens,
+            return_final_states,
         )
         return (y, final_states) if return_final_states else y
     args = (x, dt, A, B, C, chunk_size)
@@ -68,6 +55,44 @@ def ssd_chunked_scan(
         seq_idx=seq_idx, cu_seqlens=cu_seqlens, return_final_states=return_final_states,
     )
     return call_recomputing_in_backward(ssd_chunked_scan_ref, args, kwargs)
+
+
+def _ssd_chunked_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
+                             seq_idx, cu_seqlens, return_final_states):
+    """The kernels' document layout (see ``ssm_hub.kernels.ssd_chunked_scan``), then the custom op."""
+    from ssm_hub.kernels.ssd_chunked_scan import DOC_CHUNKS, DOC_MASKS, NO_DOCS
+
+    bounds = check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    batch, seqlen = x.shape[:2]
+    low, high = dt_limit
+    scan = torch.ops.ssm_hub.ssd_chunked_scan_fwd
+    per_document_states = initial_states is not None or return_final_states
+    if bounds is not None and per_document_states:
+        # Per-document states: every document on whole chunks of its own, then back to the caller's layout.
+        positions, _, padded = document_chunk_layout(bounds, chunk_size, x.device)
+        length = sum(padded)
+        lengths = torch.tensor([end - start for start, end in zip(bounds[:-1], bounds[1:])], device=x.device)
+        doc_ids = torch.full((1, length), -1, dtype=torch.int32, device=x.device)
+        doc_ids[0, positions] = torch.repeat_interleave(torch.arange(len(padded), device=x.device), lengths).int()
+
+        def place(t):
+            return None if t is None else t.new_zeros(1, length, *t.shape[2:]).index_copy(1, positions, t)
+
+        y, final_states = scan(place(x), place(dt), A, place(B), place(C), chunk_size, D, place(z), dt_bias,
+                               dt_softplus, float(low), float(high), initial_states, doc_ids, DOC_CHUNKS,
+                               len(padded))
+        return y[:, positions], final_states
+    doc_ids, doc_mode = None, NO_DOCS
+    if bounds is not None:
+        seq_idx = cu_seqlens_to_seq_idx(cu_seqlens)
+    if seq_idx is not None:
+        # Documents numbered in order along each row, whatever ids seq_idx used.
+        starts = document_starts(batch, seqlen, seq_idx=seq_idx, device=x.device)
+        doc_ids, doc_mode = document_ids(starts).int(), DOC_MASKS
+    return scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(low), float(high), initial_states,
+                doc_ids, doc_mode, batch)
 
 
 def ssd_step(

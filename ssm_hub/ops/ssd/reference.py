@@ -175,6 +175,19 @@ def _ssd_chunks(x, dt, A, B, C, chunk_size: int, doc_ids, restarts: dict, final_
     return y.reshape(batch, seqlen, heads, head_dim), finals
 
 
+def document_chunk_layout(bounds: list[int], chunk_size: int, device) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Lay the documents of ``cu_seqlens`` (as a list of bounds) on whole chunks of their own, one after another.
+
+    Returns (positions [T] int64: where each token goes, offsets: where each document starts, padded: each
+    document's length rounded up to whole chunks). The layout is sum(padded) tokens long.
+    """
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    padded = [math.ceil(n / chunk_size) * chunk_size for n in lengths]
+    offsets = [sum(padded[:d]) for d in range(len(padded))]
+    positions = torch.cat([torch.arange(n, device=device) + off for n, off in zip(lengths, offsets)])
+    return positions, offsets, padded
+
+
 def ssd_chunked_scan_ref(
     x,
     dt,
@@ -233,11 +246,8 @@ def ssd_chunked_scan_ref(
             doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(batch, length - seqlen)], dim=1)
     else:
         # Each document on whole chunks of its own: no chunk mixes two documents, so no masks are needed.
-        lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
-        padded = [math.ceil(n / chunk_size) * chunk_size for n in lengths]
-        offsets = [sum(padded[:d]) for d in range(len(padded))]
+        positions, offsets, padded = document_chunk_layout(bounds, chunk_size, device)
         length = sum(padded)
-        positions = torch.cat([torch.arange(n, device=device) + off for n, off in zip(lengths, offsets)])
         restart_chunks = [off // chunk_size for off in offsets]
         final_chunks = [(off + n) // chunk_size - 1 for off, n in zip(offsets, padded)]
         doc_ids = None

@@ -34,6 +34,10 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_i
     return torch.empty_like(x), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
 
 
+# The chunked scan's optional inputs come back from the backward as empty tensors (a custom op cannot return None).
+_SCAN_OPTIONAL = ("D", "z", "dt_bias", "initial_states")
+
+
 @torch.library.custom_op("ssm_hub::ssd_chunked_scan_fwd", mutates_args=())
 def ssd_chunked_scan_fwd_triton(
     x: torch.Tensor,
@@ -49,15 +53,89 @@ def ssd_chunked_scan_fwd_triton(
     dt_min: float,
     dt_max: float,
     initial_states: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    doc_mode: int,
+    num_final: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [B, T, H, P] in x's dtype, final states [num_final, H, P, N] float32); documents as
+    ``ssm_hub.kernels.ssd_chunked_scan`` describes them."""
     from ssm_hub.kernels.ssd_chunked_scan import ssd_chunked_scan_fwd
 
     A, D, dt_bias = [t.contiguous() if t is not None else None for t in (A, D, dt_bias)]
     return ssd_chunked_scan_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
-                                initial_states)
+                                initial_states, doc_ids, doc_mode, num_final)
 
 
 @ssd_chunked_scan_fwd_triton.register_fake
-def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states):
-    batch, _, heads, head_dim = x.shape
-    return torch.empty_like(x), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
+def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, doc_ids, doc_mode,
+      num_final):
+    _, _, heads, head_dim = x.shape
+    return torch.empty_like(x), x.new_empty((num_final, heads, head_dim, B.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ssm_hub::ssd_chunked_scan_bwd", mutates_args=())
+def ssd_chunked_scan_bwd_triton(
+    dy: torch.Tensor,
+    dfinal: torch.Tensor | None,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    initial_states: torch.Tensor | None,
+    doc_ids: torch.Tensor | None,
+    doc_mode: int,
+    num_final: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for the inputs that are None."""
+    from ssm_hub.kernels.ssd_chunked_scan_bwd import ssd_chunked_scan_bwd
+
+    A, D, dt_bias = [t.contiguous() if t is not None else None for t in (A, D, dt_bias)]
+    dfinal = dfinal.contiguous() if dfinal is not None else None
+    grads = ssd_chunked_scan_bwd(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min,
+                                 dt_max, initial_states, doc_ids, doc_mode, num_final)
+    return tuple(grad if grad is not None else x.new_empty(0) for grad in grads)
+
+
+@ssd_chunked_scan_bwd_triton.register_fake
+def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, doc_ids,
+      doc_mode, num_final):
+    def like(tensor):
+        return tensor.new_empty(tensor.shape) if tensor is not None else x.new_empty(0)
+
+    return tuple(like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, doc_ids, doc_mode, \
+        num_final = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, doc_ids)
+    ctx.options = (chunk_size, dt_softplus, dt_min, dt_max, doc_mode, num_final)
+
+
+def _backward(ctx, dy, dfinal):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, doc_ids = ctx.saved_tensors
+    chunk_size, dt_softplus, dt_min, dt_max, doc_mode, num_final = ctx.options
+    if dy is None:
+        dy = torch.zeros_like(x)
+    grads = torch.ops.ssm_hub.ssd_chunked_scan_bwd(
+        dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
+        doc_ids, doc_mode, num_final,
+    )
+    dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = grads
+    present = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
+    optional = dict(zip(_SCAN_OPTIONAL, (dD, dz, ddt_bias, dinitial)))
+    optional = {name: grad if present[name] is not None else None for name, grad in optional.items()}
+    return (dx, ddt, dA, dB, dC, None, optional["D"], optional["z"], optional["dt_bias"], None, None, None,
+            optional["initial_states"], None, None, None)
+
+
+ssd_chunked_scan_fwd_triton.register_autograd(_backward, setup_context=_setup_context)
