@@ -237,7 +237,7 @@ def small_step(backend):
 
 
 @pytest.mark.parametrize(
-    "name, call, has_kernel", [("selective_scan", small_call, False), ("selective_scan_step", small_step, True)]
+    "name, call, has_kernel", [("selective_scan", small_call, True), ("selective_scan_step", small_step, True)]
 )
 def test_backends(name, call, has_kernel, monkeypatch):
     assert_backend_rules(call, name, has_kernel, monkeypatch)

@@ -5,12 +5,16 @@ import torch
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.selective_scan.reference import (
+    _check_scan_inputs,
     check_step_inputs,
     selective_scan_naive_ref,
     selective_scan_ref,
     selective_scan_step_ref,
 )
-from ssm_hub.ops.selective_scan.triton_ops import selective_scan_step_triton  # noqa: F401  (registers the op)
+from ssm_hub.ops.selective_scan.triton_ops import (  # noqa: F401  (registers the ops)
+    selective_scan_fwd_triton,
+    selective_scan_step_triton,
+)
 
 __all__ = [
     "selective_scan",
@@ -40,9 +44,18 @@ def selective_scan(
     """Selective scan over a sequence: u, delta [B, T, D], A [D, N], B/C [B, T, N] -> y [B, T, D].
 
     Arguments and returns as :func:`ssm_hub.ops.selective_scan.reference.selective_scan_ref`; ``backend`` is
-    "auto", "triton" or "torch" (see ``ssm_hub.backend``).
+    "auto", "triton" or "torch" (see ``ssm_hub.backend``). The Triton kernel computes in float32 whatever the inputs (the final state is float32 even for float64 inputs) and keeps
+    float32 states every few tokens for its backward (4 bytes per 16 elements of [B, T, D, N] on a GPU); the
+    reference keeps only its inputs and recomputes everything in the backward.
     """
-    resolve_backend("selective_scan", backend, has_triton_kernel=False)
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if resolve_backend("selective_scan", backend, *tensors) == "triton":
+        _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, cu_seqlens)
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        y, final_state, _ = torch.ops.ssm_hub.selective_scan_fwd(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, cu_seqlens, needs_grad
+        )
+        return (y, final_state) if return_final_state else y
     args = (u, delta, A, B, C)
     kwargs = dict(
         D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus, initial_state=initial_state,
