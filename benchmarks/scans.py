@@ -58,6 +58,20 @@ def time_ms(fn, grad_to_none=None) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
 
 
+def time_graph_ms(fn) -> float | None:
+    """Median of CUDA-graph replays of ``fn``: the device time without the Python and launch overhead that the
+    eager timing includes. None when ``fn`` cannot be captured."""
+    import triton.testing
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+    except Exception:  # a candidate that syncs with the host or allocates outside the graph pool
+        torch.cuda.synchronize()
+        return None
+
+
 def measured_copy_bandwidth() -> float:
     """Bytes read + written per second by a 1 GiB device-to-device copy: the practical HBM ceiling (decode_step.py)."""
     source = torch.empty(2**28, dtype=torch.float32, device="cuda").normal_()
@@ -112,7 +126,8 @@ def measure(make_forward, leaves, grads=None, backward=True) -> dict:
 
                 grad_to_none = leaves
             ms = time_ms(timed, grad_to_none=grad_to_none)
-            result[mode] = {"status": "ok", "ms": ms, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            result[mode] = {"status": "ok", "ms": ms, "graph_ms": time_graph_ms(timed), "peak_memory_gib": peak}
         except torch.cuda.OutOfMemoryError as error:
             result[mode] = {"status": "out of memory", "error": str(error).splitlines()[0]}
         except NotImplementedError as error:
@@ -420,6 +435,8 @@ def add_ratios(rows):
             entry["fraction_of_floor"] = row[floor_key] / entry["ms"]
             if baseline is not None and baseline[mode]["status"] == "ok":
                 entry["speedup_vs_mamba_ssm"] = baseline[mode]["ms"] / entry["ms"]
+                if entry.get("graph_ms") and baseline[mode].get("graph_ms"):
+                    entry["graph_speedup_vs_mamba_ssm"] = baseline[mode]["graph_ms"] / entry["graph_ms"]
             if row["benchmark"] == "selective_scan" and reference is not None and reference[mode]["status"] == "ok":
                 entry["speedup_vs_torch_reference"] = reference[mode]["ms"] / entry["ms"]
 
@@ -431,15 +448,17 @@ def fmt(value, spec) -> str:
 def markdown(report) -> str:
     lines = [
         f"Sequence scans on {report['device']} (torch {report['torch']}, triton {report['triton']}); measured copy "
-        f"bandwidth {report['copy_bandwidth_TBps']:.2f} TB/s. Times are do_bench medians in ms; speed-up = mamba_ssm's "
-        "time / the candidate's (above 1 is faster); floor = inputs read once + outputs written once (fwd+bwd: plus "
-        "dy read and every input gradient written) over the copy bandwidth.",
+        f"bandwidth {report['copy_bandwidth_TBps']:.2f} TB/s. Times are medians in ms: eager (do_bench, as a training "
+        "loop calls the op, Python and launch overhead included) and graph (CUDA-graph replays: device time only). "
+        "vs mamba_ssm = mamba_ssm's time / the candidate's (above 1 is faster), eager / graph; floor = inputs read "
+        "once + outputs written once (fwd+bwd: plus dy read and every input gradient written) over the copy "
+        "bandwidth.",
         "",
         f"mamba_ssm: {report['mamba_ssm']}; fla: {report['fla']}; mamba_ssm CUDA selective scan: "
         f"{report['mamba_ssm_cuda_selective_scan']}",
         "",
-        "| scan | shape | candidate | fwd ms | fwd vs mamba_ssm | fwd floor ms | fwd+bwd ms | fwd+bwd vs mamba_ssm "
-        "| fwd+bwd floor ms | rel. err. | notes |",
+        "| scan | shape | candidate | fwd ms eager / graph | fwd vs mamba_ssm | fwd floor ms "
+        "| fwd+bwd ms eager / graph | fwd+bwd vs mamba_ssm | fwd+bwd floor ms | rel. err. | notes |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
@@ -457,11 +476,17 @@ def markdown(report) -> str:
             if entry["status"] == "ok":
                 notes.append(f"{mode} at {entry['fraction_of_floor']:.1%} of floor")
         rel = r.get("relative_error")
+
+        def pair(entry, eager, graph, spec):
+            return f"{fmt(entry.get(eager), spec)} / {fmt(entry.get(graph), spec)}"
+
         lines.append(
             f"| {r['benchmark']} | {r['shape']} | {r['candidate']} "
-            f"| {fmt(fwd.get('ms'), '.4f')} | {fmt(fwd.get('speedup_vs_mamba_ssm'), '.2f')} "
+            f"| {pair(fwd, 'ms', 'graph_ms', '.3f')} "
+            f"| {pair(fwd, 'speedup_vs_mamba_ssm', 'graph_speedup_vs_mamba_ssm', '.2f')} "
             f"| {r['floor_forward_ms']:.4f} "
-            f"| {fmt(both.get('ms'), '.4f')} | {fmt(both.get('speedup_vs_mamba_ssm'), '.2f')} "
+            f"| {pair(both, 'ms', 'graph_ms', '.3f')} "
+            f"| {pair(both, 'speedup_vs_mamba_ssm', 'graph_speedup_vs_mamba_ssm', '.2f')} "
             f"| {r['floor_forward_backward_ms']:.4f} | {fmt(rel, '.1e')} | {'; '.join(notes)} |"
         )
     lines += ["", f"Command: `{report['command']}`"]
@@ -493,7 +518,7 @@ def plot(report, path: Path):
     axis.set_yscale("log")
     axis.set_xticks([s for s, _ in shapes], [label for _, label in shapes])
     axis.set_xlabel("shape (batch x sequence length)")
-    axis.set_ylabel("forward time (ms, median)")
+    axis.set_ylabel("forward time (ms, eager do_bench median)")
     axis.set_title(f"SSD chunked scan forward, H{HEADS} P{HEAD_DIM} N{STATE}, bf16\n{report['device']}", fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
