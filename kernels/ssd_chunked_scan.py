@@ -33,7 +33,8 @@ Documents (``DOC_MODE``), from ``doc_ids`` [B, T] int32 made by ``ssm_hub.ops.ss
 Tokens past T, and padding tokens, are read as dt = x = B = C = 0: they decay nothing and add nothing. Exponents
 are masked before exp (s > t, where a_t - a_s > 0, becomes -inf), so every exponent is <= 0. Products go through
 tl.dot in the inputs' dtype (bf16 / fp16: tensor cores; fp32: "ieee", since tf32 would lose ~3 digits) with
-float32 accumulation; the intermediates (dt, a, states) are float32. Offsets are int64.
+float32 accumulation. dt and a are float32; the entering states and the scores are stored in the inputs' dtype
+(their readers use them as tl.dot operands of that dtype), the final states in float32. Offsets are int64.
 """
 
 import torch
@@ -49,7 +50,7 @@ except ImportError as error:
 from ssm_hub.backend import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 from ssm_hub.kernels.activations import softplus  # noqa: E402
 
-# The most tokens of a chunk that one tile of kernels 2 and 3 holds: [64, 64] score blocks, not [L, L].
+# The most tokens of a chunk that one tile of kernels 2 to 4 holds: [64, 64] score blocks, not [L, L].
 MAX_BLOCK_L = 64
 # The state kernel splits P and N into blocks of at most this many for parallelism over (row, head, P, N): B * H
 # alone is too few programs for a GPU at small batch.
