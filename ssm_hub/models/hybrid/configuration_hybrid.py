@@ -1,0 +1,244 @@
+"""Configuration of ssm_hub's hybrid SSM / attention / mixture-of-experts language model, model_type
+``ssm_hub_hybrid`` (the Jamba / Samba / Hydra family).
+
+The stack is described per layer by two explicit lists, which is what the config stores:
+
+- ``mixer_types``: ``"mamba"`` (Mamba-1), ``"mamba2"``, ``"attention"`` (full causal attention) or
+  ``"sliding_attention"`` (causal attention within ``sliding_window`` tokens). Samba- or Hydra-style sparse global
+  attention is just a pattern of these.
+- ``ffn_types``: the feed-forward after each mixer: ``"mlp"`` (SwiGLU), ``"moe"`` or ``"none"``.
+
+Jamba's period form is accepted instead of the lists: ``attn_layer_period`` / ``attn_layer_offset`` put an
+attention layer wherever ``layer % period == offset`` (the other layers are ``ssm_type``), and
+``expert_layer_period`` / ``expert_layer_offset`` put a MoE feed-forward likewise (the others are ``mlp``). Either
+form gives the same stored lists; passing both forms is an error.
+
+The mixers map onto transformers' cache vocabulary (``layer_types``): SSM layers are ``linear_attention`` (one conv
+window and one recurrent state), attention layers ``full_attention`` or ``sliding_attention`` (keys and values), so
+transformers' own ``DynamicCache`` / ``StaticCache`` build the hybrid cache from the config.
+
+Field names follow transformers' hybrids: Llama's for attention and the MLP, Jamba's and Qwen-MoE's for the
+experts, Bamba's ``mamba_*`` names for the SSM layers. :meth:`ssm_config` turns the latter into the pure-SSM
+config (``SsmHubMambaConfig`` / ``SsmHubMamba2Config``) whose mixer classes the SSM layers reuse, so their
+checks and defaults are those of the pure-SSM models.
+"""
+
+from ssm_hub.models.config_base import (
+    SsmHubConfig,
+    require_choice,
+    require_int_at_least,
+    require_positive_float,
+    require_positive_int,
+)
+from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
+from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
+
+SSM_MIXERS = ("mamba", "mamba2")
+ATTENTION_MIXERS = ("attention", "sliding_attention")
+MIXER_TYPES = SSM_MIXERS + ATTENTION_MIXERS
+FFN_TYPES = ("mlp", "moe", "none")
+# transformers' cache layer kind for each mixer.
+CACHE_LAYER_TYPES = {
+    "mamba": "linear_attention",
+    "mamba2": "linear_attention",
+    "attention": "full_attention",
+    "sliding_attention": "sliding_attention",
+}
+ROUTER_SCORINGS = ("softmax", "sigmoid")
+
+
+def _periodic(num_layers: int, period, offset, name: str) -> list[bool]:
+    """Layers where ``layer % period == offset``, checking the pair as Jamba's config would have it."""
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise ValueError(f"SsmHubHybridConfig.{name}_period must be a positive integer, got {period!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < period:
+        raise ValueError(f"SsmHubHybridConfig.{name}_offset must be an integer in [0, {name}_period = {period}), "
+                         f"got {offset!r}")
+    return [layer % period == offset for layer in range(num_layers)]
+
+
+class SsmHubHybridConfig(SsmHubConfig):
+    model_type = "ssm_hub_hybrid"
+    # Stored as given; only layer_types is derived (from mixer_types).
+    DERIVED_FIELDS = ("layer_types",)
+
+    vocab_size: int = 65536
+    hidden_size: int = 1024
+    num_hidden_layers: int = 8
+    # Layout: explicit lists, or Jamba's period form (turned into the lists).
+    mixer_types: list[str] | None = None
+    ffn_types: list[str] | None = None
+    ssm_type: str = "mamba2"
+    attn_layer_period: int | None = None
+    attn_layer_offset: int | None = None
+    expert_layer_period: int | None = None
+    expert_layer_offset: int | None = None
+    # Attention layers (Llama's names).
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    use_rope: bool = True
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 262144
+    sliding_window: int | None = None
+    # Dense feed-forward (SwiGLU).
+    intermediate_size: int = 4096
+    hidden_act: str = "silu"
+    # Mixture of experts (Jamba's and Qwen-MoE's names).
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    router_scoring: str = "softmax"
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    output_router_logits: bool = False
+    # SSM layers (Bamba's names), mapped onto the pure-SSM configs by ssm_config().
+    mamba_d_state: int = 128
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_d_head: int = 64
+    mamba_n_heads: int | None = None
+    mamba_n_groups: int = 1
+    mamba_chunk_size: int = 256
+    mamba_dt_rank: str | int = "auto"
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_min: float = 0.001
+    time_step_max: float = 0.1
+    time_step_floor: float = 1e-4
+    time_step_limit: list[float] | tuple[float, ...] = (0.0, float("inf"))
+    # Shared.
+    layer_norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+
+    def __post_init__(self, **kwargs):
+        self.time_step_limit = tuple(self.time_step_limit)
+        self._resolve_layout()
+        super().__post_init__(**kwargs)
+        self.check()
+
+    def _resolve_layout(self) -> None:
+        """Turn the period form into the explicit lists (stored), defaulting to Jamba's 1 attention layer in 8."""
+        require_positive_int(self, "num_hidden_layers")
+        layers = self.num_hidden_layers
+        periods = {"attn": (self.attn_layer_period, self.attn_layer_offset),
+                   "expert": (self.expert_layer_period, self.expert_layer_offset)}
+        lists = {"attn": ("mixer_types", self.mixer_types), "expert": ("ffn_types", self.ffn_types)}
+        for kind, (period, offset) in periods.items():
+            list_name, explicit = lists[kind]
+            if explicit is not None and (period is not None or offset is not None):
+                raise ValueError(f"SsmHubHybridConfig: give either {list_name} or {kind}_layer_period / "
+                                 f"{kind}_layer_offset, not both")
+        require_choice(self, "ssm_type", SSM_MIXERS)
+        if self.mixer_types is None:
+            period, offset = periods["attn"]
+            if period is None and offset is None:
+                period, offset = 8, 4
+            attention = _periodic(layers, period, offset, "attn_layer")
+            self.mixer_types = ["attention" if a else self.ssm_type for a in attention]
+        if self.ffn_types is None:
+            period, offset = periods["expert"]
+            if period is None and offset is None:
+                self.ffn_types = ["mlp"] * layers
+            else:
+                experts = _periodic(layers, period, offset, "expert_layer")
+                self.ffn_types = ["moe" if e else "mlp" for e in experts]
+        # The lists are what the config stores; the period form has done its work.
+        self.mixer_types = list(self.mixer_types)
+        self.ffn_types = list(self.ffn_types)
+        self.attn_layer_period = self.attn_layer_offset = None
+        self.expert_layer_period = self.expert_layer_offset = None
+        for list_name, choices in (("mixer_types", MIXER_TYPES), ("ffn_types", FFN_TYPES)):
+            values = getattr(self, list_name)
+            if len(values) != layers:
+                raise ValueError(f"SsmHubHybridConfig.{list_name} must have one entry per layer (num_hidden_layers = "
+                                 f"{layers}), got {len(values)}: {values}")
+            wrong = sorted({v for v in values if v not in choices}, key=str)
+            if wrong:
+                raise ValueError(f"SsmHubHybridConfig.{list_name} entries must be among {choices}, got {wrong}")
+
+    @property
+    def layer_types(self) -> list[str]:
+        return [CACHE_LAYER_TYPES[mixer] for mixer in self.mixer_types]
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def check(self) -> None:
+        """Raise ValueError on any inconsistent field."""
+        name = type(self).__name__
+        require_positive_int(self, "vocab_size", "hidden_size", "intermediate_size", "mamba_d_state",
+                             "mamba_expand", "mamba_d_head", "mamba_n_groups", "mamba_chunk_size")
+        require_int_at_least(self, "mamba_d_conv", 2)
+        require_positive_float(self, "layer_norm_epsilon", "rope_theta")
+        require_choice(self, "hidden_act", ("silu",))
+        if any(mixer in ATTENTION_MIXERS for mixer in self.mixer_types):
+            require_positive_int(self, "num_attention_heads", "num_key_value_heads")
+            if self.num_attention_heads % self.num_key_value_heads != 0:
+                raise ValueError(f"{name}: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                                 f"num_key_value_heads ({self.num_key_value_heads})")
+            if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(f"{name}: hidden_size ({self.hidden_size}) must be divisible by "
+                                 f"num_attention_heads ({self.num_attention_heads}) when head_dim is not given")
+            if self.head_dim is not None:
+                require_positive_int(self, "head_dim")
+            if not 0.0 <= self.attention_dropout < 1.0:
+                raise ValueError(f"{name}.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if "sliding_attention" in self.mixer_types:
+            require_positive_int(self, "sliding_window")
+        if "moe" in self.ffn_types:
+            require_positive_int(self, "num_experts", "num_experts_per_tok")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(f"{name}: num_experts_per_tok ({self.num_experts_per_tok}) must not exceed "
+                                 f"num_experts ({self.num_experts})")
+            if self.moe_intermediate_size is not None:
+                require_positive_int(self, "moe_intermediate_size")
+            if self.shared_expert_intermediate_size is not None:
+                require_int_at_least(self, "shared_expert_intermediate_size", 0)
+            require_choice(self, "router_scoring", ROUTER_SCORINGS)
+            for coefficient in ("router_aux_loss_coef", "router_z_loss_coef"):
+                value = getattr(self, coefficient)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ValueError(f"{name}.{coefficient} must be a number >= 0, got {value!r}")
+        for kind in SSM_MIXERS:
+            if kind in self.mixer_types:
+                try:
+                    self.ssm_config(kind)  # the pure-SSM config checks its own fields
+                except ValueError as error:
+                    raise ValueError(f"{name}: the {kind} layers' fields (mamba_*, time_step_*) are inconsistent: "
+                                     f"{error}") from error
+
+    def ssm_config(self, kind: str):
+        """The pure-SSM config of the ``kind`` ("mamba" or "mamba2") layers, from the ``mamba_*`` fields; the SSM
+        mixers are built from it. Its checks name the pure-SSM fields: ``state_size`` is ``mamba_d_state``,
+        ``head_dim`` / ``num_heads`` / ``n_groups`` / ``chunk_size`` are ``mamba_d_head`` / ``mamba_n_heads`` /
+        ``mamba_n_groups`` / ``mamba_chunk_size``, ``conv_kernel`` is ``mamba_d_conv``, ``expand`` is
+        ``mamba_expand``, ``time_step_rank`` is ``mamba_dt_rank``."""
+        shared = dict(
+            hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers, vocab_size=self.vocab_size,
+            state_size=self.mamba_d_state, expand=self.mamba_expand, conv_kernel=self.mamba_d_conv,
+            use_bias=self.mamba_proj_bias, use_conv_bias=self.mamba_conv_bias,
+            layer_norm_epsilon=self.layer_norm_epsilon, residual_in_fp32=self.residual_in_fp32,
+            initializer_range=self.initializer_range, rescale_prenorm_residual=self.rescale_prenorm_residual,
+            time_step_min=self.time_step_min, time_step_max=self.time_step_max, time_step_floor=self.time_step_floor,
+        )
+        if kind == "mamba":
+            return SsmHubMambaConfig(**shared, time_step_rank=self.mamba_dt_rank)
+        if kind == "mamba2":
+            return SsmHubMamba2Config(**shared, head_dim=self.mamba_d_head, num_heads=self.mamba_n_heads,
+                                      n_groups=self.mamba_n_groups, chunk_size=self.mamba_chunk_size,
+                                      time_step_limit=self.time_step_limit)
+        raise ValueError(f"ssm_config: kind must be one of {SSM_MIXERS}, got {kind!r}")
