@@ -1,0 +1,221 @@
+"""Causal self-attention (grouped-query, optional sliding window) and rotary position embedding, with Llama's
+parameter names and conventions, for the attention layers of hybrid SSM / attention models.
+
+The layer follows transformers v5's attention contract, so masks, caches and kernels come from transformers:
+
+- the mask is whatever ``transformers.masking_utils`` (``create_causal_mask`` /
+  ``create_sliding_window_causal_mask``) built for the chosen implementation: a 4-D additive or boolean mask for
+  ``eager`` / ``sdpa``, ``None`` or the 2-D padding mask for the flash implementations. The layer never edits it.
+- keys and values go through ``cache.update(key_states, value_states, layer_idx)`` of any transformers ``Cache``.
+- the attention itself is ``ALL_ATTENTION_FUNCTIONS[attn_implementation]`` (sdpa, flash_attention_2/3, flex ...),
+  or :func:`eager_attention` for ``"eager"``. Extra keyword arguments (``position_ids``, ``cu_seq_lens_q/k``,
+  ``max_length_q/k`` for packed flash-attention batches) are passed through to it unchanged.
+
+Rotary embedding uses the rotate-half convention of transformers' Llama (and Bamba's for a partial rotary
+factor: the first ``rotary_dim`` channels of each head rotate, the rest pass through), so q/k weights converted from
+Llama, Mistral, Jamba or Bamba checkpoints work unchanged.
+"""
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def _require_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Default RoPE: ``inv_freq[i] = rope_theta ** (-2 i / rotary_dim)`` with
+    ``rotary_dim = int(head_dim * partial_rotary_factor)``; angles ``position * inv_freq``, duplicated to
+    ``rotary_dim`` channels (rotate-half layout).
+
+    The layer holds no buffer: ``inv_freq`` is recomputed in float32 on each call (a handful of elements), so it is
+    never cast to bf16 by ``model.to(dtype)`` and needs no re-initialisation after meta-device loading.
+    """
+
+    def __init__(self, head_dim: int, rope_theta: float = 10000.0, partial_rotary_factor: float = 1.0,
+                 rope_type: str = "default"):
+        super().__init__()
+        _require_positive_int("RotaryEmbedding", "head_dim", head_dim)
+        if rope_type != "default":
+            raise ValueError(f"RotaryEmbedding: rope_type must be 'default' (scaled RoPE variants are not "
+                             f"supported), got {rope_type!r}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
+            raise ValueError(f"RotaryEmbedding: rope_theta must be a positive number, got {rope_theta!r}")
+        if (isinstance(partial_rotary_factor, bool) or not isinstance(partial_rotary_factor, (int, float))
+                or not 0 < partial_rotary_factor <= 1):
+            raise ValueError(f"RotaryEmbedding: partial_rotary_factor must be in (0, 1], "
+                             f"got {partial_rotary_factor!r}")
+        rotary_dim = int(head_dim * partial_rotary_factor)
+        if rotary_dim < 2 or rotary_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim * partial_rotary_factor must give an even rotary dim >= 2, "
+                             f"got int({head_dim} * {partial_rotary_factor}) = {rotary_dim}")
+        self.head_dim = head_dim
+        self.rope_theta = float(rope_theta)
+        self.partial_rotary_factor = float(partial_rotary_factor)
+        self.rotary_dim = rotary_dim
+
+    def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """``[rotary_dim / 2]`` float32 inverse frequencies (the same arithmetic as transformers' default RoPE)."""
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device=device).float() / self.rotary_dim
+        return 1.0 / (self.rope_theta ** exponents)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``position_ids [B, T]`` -> ``(cos, sin)``, each ``[B, T, rotary_dim]`` in ``dtype``."""
+        angles = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rope_theta={self.rope_theta}, rotary_dim={self.rotary_dim}"
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [B, Nq, T, D]`` and ``k [B, Nk, T, D]`` by ``cos, sin [B, T, R]`` (R <= D): the first R channels of
+    each head rotate in rotate-half layout, the remaining ``D - R`` pass through (partial rotary)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotary_dim = cos.shape[-1]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+        return x_rot if x_pass.shape[-1] == 0 else torch.cat((x_rot, x_pass), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention with transformers' interface: ``query [B, Nq, Tq, D]``, ``key/value [B, Nk, Tk, D]``, a 4-D
+    additive or boolean mask broadcastable to ``[B, Nq, Tq, Tk]`` (it already carries causality, padding and any
+    sliding window) -> ``(output [B, Tq, Nq, D], probabilities [B, Nq, Tq, Tk])``. Softmax in float32."""
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head / grouped-query self-attention with Llama's parameter names (``q_proj``, ``k_proj``,
+    ``v_proj``, ``o_proj``), optional RoPE and optional sliding window.
+
+    ``attn_implementation`` is an attribute the model may set (e.g. from ``config._attn_implementation``); it is
+    ``"eager"`` or a key of transformers' ``ALL_ATTENTION_FUNCTIONS``. Attention functions read ``is_causal``,
+    ``num_key_value_groups``, ``layer_idx``, ``training`` and (flash) ``config._attn_implementation`` from the
+    module; ``config`` is a read-only view of ``attn_implementation``.
+    """
+
+    is_causal = True
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
+                 head_dim: int | None = None, attention_bias: bool = False, attention_dropout: float = 0.0,
+                 use_rope: bool = True, rope_theta: float = 10000.0, sliding_window: int | None = None,
+                 layer_idx: int = 0, attn_implementation: str = "sdpa"):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads),
+                            ("num_key_value_heads", num_key_value_heads)):
+            _require_positive_int("SelfAttention", name, value)
+        if num_attention_heads % num_key_value_heads:
+            raise ValueError(f"SelfAttention: num_attention_heads ({num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads, got num_key_value_heads={num_key_value_heads}")
+        if head_dim is None:
+            if hidden_size % num_attention_heads:
+                raise ValueError(f"SelfAttention: without head_dim, hidden_size ({hidden_size}) must be a multiple "
+                                 f"of num_attention_heads, got num_attention_heads={num_attention_heads}")
+            head_dim = hidden_size // num_attention_heads
+        _require_positive_int("SelfAttention", "head_dim", head_dim)
+        if (isinstance(attention_dropout, bool) or not isinstance(attention_dropout, (int, float))
+                or not 0 <= attention_dropout < 1):
+            raise ValueError(f"SelfAttention: attention_dropout must be in [0, 1), got {attention_dropout!r}")
+        if sliding_window is not None:
+            _require_positive_int("SelfAttention", "sliding_window", sliding_window)
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"SelfAttention: layer_idx must be a non-negative int, got {layer_idx!r}")
+        self._check_implementation(attn_implementation)
+
+        self.hidden_size = hidden_size
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.num_key_value_groups = num_attention_heads // num_key_value_heads
+        self.head_dim = head_dim
+        self.scaling = head_dim ** -0.5
+        self.attention_dropout = float(attention_dropout)
+        self.sliding_window = sliding_window
+        self.layer_idx = layer_idx
+        self.attn_implementation = attn_implementation
+        self.use_rope = use_rope
+        # Used only when the caller passes no position_embeddings (models share one RotaryEmbedding instead).
+        self.rotary_emb = RotaryEmbedding(head_dim, rope_theta) if use_rope else None
+
+        self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
+        self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
+        self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
+        self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=attention_bias)
+
+    @staticmethod
+    def _check_implementation(attn_implementation) -> None:
+        if attn_implementation != "eager" and attn_implementation not in ALL_ATTENTION_FUNCTIONS:
+            raise ValueError(f"SelfAttention: attn_implementation must be 'eager' or one of "
+                             f"{sorted(ALL_ATTENTION_FUNCTIONS)}, got {attn_implementation!r}")
+
+    @property
+    def config(self) -> SimpleNamespace:
+        # transformers' flash-attention wrapper reads module.config._attn_implementation to pick its kernel.
+        return SimpleNamespace(_attn_implementation=self.attn_implementation)
+
+    def forward(self, hidden_states: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> torch.Tensor:
+        """``hidden_states [B, T, H]`` -> ``[B, T, H]``.
+
+        ``position_embeddings``: ``(cos, sin)``, each ``[B, T, R]``, from a shared :class:`RotaryEmbedding`; when
+        ``None`` (and ``use_rope``) they are computed from ``kwargs["position_ids"]``, else from the cache length.
+        Ignored when ``use_rope=False``. ``cache``: a transformers ``Cache`` (updated in place at ``layer_idx``).
+        """
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        if self.use_rope:
+            if position_embeddings is None:
+                position_ids = kwargs.get("position_ids")
+                if position_ids is None:
+                    past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+                    position_ids = torch.arange(length, device=hidden_states.device)[None] + past
+                position_embeddings = self.rotary_emb(position_ids, query.dtype)
+            query, key = apply_rotary(query, key, *position_embeddings)
+
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.attn_implementation, eager_attention)
+        output, _ = attention(
+            self, query, key, value, attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        return self.o_proj(output.reshape(batch, length, -1))

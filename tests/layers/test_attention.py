@@ -1,0 +1,244 @@
+"""Self-attention and rotary embedding against transformers' Llama / Mistral / Jamba / Bamba: weights load by name,
+outputs match for eager and sdpa with masks from transformers' masking_utils (left padding, sliding window, packed
+sequences), prefill + decode through a DynamicCache equals full recomputation, and bad arguments are refused."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bamba.configuration_bamba import BambaConfig
+from transformers.models.bamba.modeling_bamba import BambaRotaryEmbedding
+from transformers.models.bamba.modeling_bamba import apply_rotary_pos_emb as bamba_apply_rotary
+from transformers.models.jamba.configuration_jamba import JambaConfig
+from transformers.models.jamba.modeling_jamba import JambaAttention
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply_rotary
+from transformers.models.mistral.configuration_mistral import MistralConfig
+from transformers.models.mistral.modeling_mistral import MistralAttention
+
+from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention, apply_rotary
+
+H, HEADS, KV_HEADS, D, THETA, WINDOW = 32, 4, 2, 8, 500.0, 3
+
+
+def tiny_config(kind: str, implementation: str):
+    common = dict(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=D,
+                  num_hidden_layers=1, intermediate_size=64, vocab_size=16,
+                  rope_parameters={"rope_type": "default", "rope_theta": THETA})
+    config = MistralConfig(sliding_window=WINDOW, **common) if kind == "sliding" else LlamaConfig(**common)
+    config._attn_implementation = implementation
+    return config
+
+
+def pair(kind: str, implementation: str):
+    """transformers' attention (random weights) and ours with the same weights; the config and the rotary."""
+    config = tiny_config(kind, implementation)
+    theirs = (MistralAttention if kind == "sliding" else LlamaAttention)(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(0.0, 0.3)
+    ours = SelfAttention(H, HEADS, KV_HEADS, head_dim=D, rope_theta=THETA,
+                         sliding_window=WINDOW if kind == "sliding" else None,
+                         attn_implementation=implementation).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours, config
+
+
+def make_mask(config, embeds, attention_mask, cache=None, position_ids=None):
+    make = create_sliding_window_causal_mask if getattr(config, "sliding_window", None) else create_causal_mask
+    return make(config=config, inputs_embeds=embeds, attention_mask=attention_mask, cache=cache,
+                position_ids=position_ids)
+
+
+def left_padded_batch(length: int = 7):
+    padding = torch.ones(2, length, dtype=torch.long)
+    padding[1, :3] = 0
+    position_ids = (padding.cumsum(-1) - 1).clamp(min=0)
+    return torch.randn(2, length, H), padding, position_ids
+
+
+def test_rotary_matches_llamas_cos_sin_and_rotation():
+    config = tiny_config("full", "eager")
+    positions = torch.tensor([[0, 1, 2, 3, 4000], [5, 0, 70, 9, 123456]])
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = RotaryEmbedding(D, THETA)(positions, dtype)
+        ref_cos, ref_sin = LlamaRotaryEmbedding(config)(torch.empty(0, dtype=dtype), positions)
+        assert cos.dtype == sin.dtype == dtype and cos.shape == (2, 5, D)
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
+    q, k = torch.randn(2, HEADS, 5, D), torch.randn(2, KV_HEADS, 5, D)
+    cos, sin = cos.float(), sin.float()
+    for ours, ref in zip(apply_rotary(q, k, cos, sin), llama_apply_rotary(q, k, cos, sin)):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_partial_rotary_matches_bamba():
+    config = BambaConfig(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, mamba_n_heads=8,
+                         mamba_d_head=8,
+                         rope_parameters={"rope_type": "default", "rope_theta": THETA})
+    assert config.rope_parameters["partial_rotary_factor"] == 0.5
+    positions = torch.arange(6)[None].expand(2, -1) * 7
+    cos, sin = RotaryEmbedding(D, THETA, partial_rotary_factor=0.5)(positions)
+    ref_cos, ref_sin = BambaRotaryEmbedding(config)(torch.empty(0), positions)
+    assert cos.shape == (2, 6, D // 2)
+    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
+    q, k = torch.randn(2, HEADS, 6, D), torch.randn(2, KV_HEADS, 6, D)
+    ours, ref = apply_rotary(q, k, cos, sin), bamba_apply_rotary(q, k, ref_cos, ref_sin)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ours[0][..., D // 2:], q[..., D // 2:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["full", "sliding"])
+def test_left_padded_batch_matches_transformers(kind, implementation):
+    theirs, ours, config = pair(kind, implementation)
+    x, padding, position_ids = left_padded_batch()
+    mask = make_mask(config, x, padding, position_ids=position_ids)
+    cos_sin = LlamaRotaryEmbedding(config)(x, position_ids)
+    out = ours(x, ours.rotary_emb(position_ids, x.dtype), mask)
+    ref, _ = theirs(x, cos_sin, mask)
+    valid = padding.bool()
+    torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    if kind == "sliding":  # the window changes the result, so the comparison above covers it
+        full_mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=padding, cache=None)
+        assert not torch.allclose(ours(x, cos_sin, full_mask)[valid], out[valid], atol=1e-3)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["full", "sliding"])
+def test_prefill_then_decode_through_dynamic_cache_equals_recomputation(kind, implementation):
+    theirs, ours, config = pair(kind, implementation)
+    x, padding, position_ids = left_padded_batch(length=8)
+    full_out = ours(x, ours.rotary_emb(position_ids), make_mask(config, x, padding, position_ids=position_ids))
+
+    cache, their_cache = DynamicCache(config=config), DynamicCache(config=config)
+    steps = ((slice(0, 6), 6), (slice(6, 7), 7), (slice(7, 8), 8))  # prefill 6, then two single-token decodes
+    outs = []
+    for span, seen in steps:
+        chunk, pos = x[:, span], position_ids[:, span]
+        mask = make_mask(config, chunk, padding[:, :seen], cache=cache, position_ids=pos)
+        outs.append(ours(chunk, ours.rotary_emb(pos), mask, cache=cache))
+        their_mask = make_mask(config, chunk, padding[:, :seen], cache=their_cache, position_ids=pos)
+        ref, _ = theirs(chunk, LlamaRotaryEmbedding(config)(chunk, pos), their_mask, cache=their_cache)
+        torch.testing.assert_close(outs[-1][:, -1], ref[:, -1], rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length(0) == 8
+    valid = padding.bool()
+    torch.testing.assert_close(torch.cat(outs, dim=1)[valid], full_out[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_packed_documents_equal_separate_runs(implementation):
+    _, ours, config = pair("full", implementation)
+    lengths = (3, 5, 2)
+    docs = [torch.randn(1, n, H) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    mask = create_causal_mask(config=config, inputs_embeds=packed, attention_mask=None, cache=None,
+                              position_ids=position_ids)
+    assert mask is not None  # transformers detected the packing from the restarting positions
+    out = ours(packed, ours.rotary_emb(position_ids), mask)
+    separate = torch.cat([ours(doc, ours.rotary_emb(torch.arange(doc.shape[1])[None]),
+                               create_causal_mask(config=config, inputs_embeds=doc, attention_mask=None, cache=None))
+                          for doc in docs], dim=1)
+    torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_without_position_embeddings_rope_comes_from_position_ids_or_the_cache_length():
+    _, ours, _ = pair("full", "sdpa")
+    x = torch.randn(2, 5, H)
+    positions = torch.arange(5)[None].expand(2, -1)
+    expected = ours(x, ours.rotary_emb(positions))
+    torch.testing.assert_close(ours(x, position_ids=positions), expected)
+    cache = DynamicCache()
+    ours(x[:, :4], cache=cache)
+    torch.testing.assert_close(ours(x[:, 4:], cache=cache), expected[:, 4:], rtol=1e-5, atol=1e-5)
+
+
+def test_without_rope_matches_jamba_attention():
+    config = JambaConfig(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS)
+    config._attn_implementation = "eager"
+    theirs = JambaAttention(config, layer_idx=0).eval()
+    ours = SelfAttention(H, HEADS, KV_HEADS, use_rope=False, attn_implementation="eager").eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert ours.rotary_emb is None
+    x = torch.randn(2, 6, H)
+    mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, cache=None)
+    torch.testing.assert_close(ours(x, attention_mask=mask), theirs(x, mask)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_attention_interface_gets_what_transformers_attention_functions_read(monkeypatch):
+    seen = {}
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.update(kwargs, is_causal=module.is_causal, groups=module.num_key_value_groups,
+                    layer_idx=module.layer_idx, implementation=module.config._attn_implementation,
+                    shapes=(query.shape, key.shape))
+        return torch.zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "ssm_hub_test_spy", spy)
+    ours = SelfAttention(H, HEADS, KV_HEADS, head_dim=D, sliding_window=5, layer_idx=3, attention_dropout=0.25,
+                         attn_implementation="eager")
+    ours.attn_implementation = "ssm_hub_test_spy"  # what a model does with config._attn_implementation
+    cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32)
+    ours.train()(torch.randn(1, 6, H), cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=4,
+                 max_length_k=4)
+    assert seen["is_causal"] and seen["groups"] == 2 and seen["layer_idx"] == 3
+    assert seen["implementation"] == "ssm_hub_test_spy"
+    assert seen["scaling"] == D ** -0.5 and seen["sliding_window"] == 5 and seen["dropout"] == 0.25
+    assert seen["cu_seq_lens_q"] is cu_seqlens and seen["max_length_k"] == 4
+    assert seen["shapes"] == ((1, HEADS, 6, D), (1, KV_HEADS, 6, D))
+    ours.eval()(torch.randn(1, 6, H))
+    assert seen["dropout"] == 0.0
+
+
+def test_eager_dropout_only_in_training_and_boolean_masks_work():
+    ours = SelfAttention(H, HEADS, KV_HEADS, attention_dropout=0.5, attn_implementation="eager")
+    x = torch.randn(2, 5, H)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    additive = torch.zeros(1, 1, 5, 5).masked_fill(~causal, torch.finfo(torch.float32).min)
+    ours.eval()
+    torch.testing.assert_close(ours(x, attention_mask=causal), ours(x, attention_mask=additive))
+    sdpa = SelfAttention(H, HEADS, KV_HEADS, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(sdpa(x), ours(x, attention_mask=causal), rtol=1e-5, atol=1e-5)
+    ours.train()
+    assert not torch.allclose(ours(x, attention_mask=causal), ours.eval()(x, attention_mask=causal))
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(num_key_value_heads=3), "num_key_value_heads"),
+    (dict(num_attention_heads=0), "num_attention_heads"),
+    (dict(hidden_size=30), "hidden_size"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(attention_dropout=1.0), "attention_dropout"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(layer_idx=-1), "layer_idx"),
+    (dict(attn_implementation="flash_attention_9"), "attn_implementation"),
+    (dict(rope_theta=0.0), "rope_theta"),
+])
+def test_self_attention_refuses_bad_arguments(kwargs, name):
+    arguments = dict(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS) | kwargs
+    with pytest.raises(ValueError, match=name):
+        SelfAttention(**arguments)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(head_dim=0), "head_dim"),
+    (dict(rope_theta=-1.0), "rope_theta"),
+    (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
+    (dict(partial_rotary_factor=0.1), "partial_rotary_factor"),
+    (dict(rope_type="yarn"), "rope_type"),
+])
+def test_rotary_refuses_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        RotaryEmbedding(**(dict(head_dim=D) | kwargs))
+
+
+def test_rotary_holds_no_state_and_survives_a_dtype_cast():
+    layer = nn.Sequential(SelfAttention(H, HEADS, KV_HEADS)).to(torch.bfloat16)
+    assert not list(layer[0].rotary_emb.buffers()) and not list(layer[0].rotary_emb.parameters())
+    cos, _ = layer[0].rotary_emb(torch.tensor([[100000]]), torch.float32)
+    torch.testing.assert_close(cos, RotaryEmbedding(H // HEADS)(torch.tensor([[100000]]))[0], rtol=0, atol=0)
