@@ -8,18 +8,27 @@ Registration never uses ``exist_ok=True``: a clash with another model type must 
 import transformers
 from transformers import AutoConfig
 
+from ssm_hub.models.hybrid import modeling_hybrid
+from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.mamba import modeling_mamba
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2 import modeling_mamba2
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 
-ARCHITECTURES = ((SsmHubMambaConfig, modeling_mamba), (SsmHubMamba2Config, modeling_mamba2))
+ARCHITECTURES = (
+    (SsmHubMambaConfig, modeling_mamba),
+    (SsmHubMamba2Config, modeling_mamba2),
+    (SsmHubHybridConfig, modeling_hybrid),
+)
 
 # LoRA targets used when a LoraConfig names none: every projection of the mixer. conv1d is left out (a depthwise
 # kernel of width 4 gains little from a low-rank update) but works when targeted explicitly.
 PEFT_TARGET_MODULES = {
     SsmHubMambaConfig.model_type: ["in_proj", "x_proj", "dt_proj", "out_proj"],
     SsmHubMamba2Config.model_type: ["in_proj", "out_proj"],
+    # Attention and SSM projections; PEFT matches the names that exist in a given layout. The experts' fused 3-D
+    # weights are parameters, not modules: target them with LoraConfig(target_parameters=[...]).
+    SsmHubHybridConfig.model_type: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj", "out_proj"],
 }
 
 

@@ -61,6 +61,20 @@ def _reject_unknown_kwargs(owner: str, kwargs: dict, allowed: tuple) -> None:
         raise TypeError(f"{owner}.forward got unexpected keyword arguments {unknown}")
 
 
+def lm_head_logits_and_loss(model, hidden_states, labels, logits_to_keep, loss_kwargs: dict):
+    """(logits in float32, loss or None) of a causal-LM head ``model.lm_head`` over the last hidden states.
+
+    ``logits_to_keep``: the last N positions only (0 = all), or the given indices. The loss goes through
+    ``model.loss_function`` (labels shifted inside; ``num_items_in_batch`` normalises a summed loss).
+    """
+    keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    logits = model.lm_head(hidden_states[:, keep].to(model.lm_head.weight.dtype)).float()
+    loss = None
+    if labels is not None:
+        loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **loss_kwargs)
+    return logits, loss
+
+
 @dataclass
 class SSMModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
@@ -262,12 +276,7 @@ class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
             output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep].to(self.lm_head.weight.dtype)).float()
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
+        logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
         output = SSMCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()
 

@@ -63,6 +63,9 @@ def _unsupported_reason(hidden, gate_up_proj, down_proj) -> str | None:
         return f"this torch ({torch.__version__}) has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
     if not grouped_mm_supported(gate_up_proj.device, gate_up_proj.dtype):
         return f"torch's grouped_mm does not run on {gate_up_proj.device.type} in {gate_up_proj.dtype}"
+    if torch.compiler.is_compiling() and gate_up_proj.dtype != torch.bfloat16:
+        # Its fake (meta) implementation, which torch.compile traces, accepts bf16 only (torch 2.11 to 2.13).
+        return f"torch.compile traces grouped_mm in bfloat16 only, got {gate_up_proj.dtype}"
     size = gate_up_proj.element_size()
     sizes = {"H": hidden.shape[1], "I": down_proj.shape[2]}
     misaligned = [f"{name}={n}" for name, n in sizes.items() if n * size % _ROW_ALIGNMENT_BYTES != 0]

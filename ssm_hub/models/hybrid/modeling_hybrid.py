@@ -1,0 +1,369 @@
+"""ssm_hub's hybrid SSM / attention / mixture-of-experts language model (model_type ``ssm_hub_hybrid``).
+
+    import ssm_hub
+    from transformers import AutoModelForCausalLM
+    from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
+    config = SsmHubHybridConfig(hidden_size=256, num_hidden_layers=4, attn_layer_period=4, attn_layer_offset=2)
+    model = AutoModelForCausalLM.from_config(config)
+
+Each layer is ``x + mixer(norm(x))`` then, unless its feed-forward is ``"none"``, ``x + ffn(norm(x))``. The mixer is
+a Mamba-1 or Mamba-2 mixer (the pure-SSM models' own, built from ``config.ssm_config(kind)``) or self-attention;
+the feed-forward a SwiGLU MLP or a mixture of experts. Module names follow transformers' Jamba and Bamba
+(``model.embed_tokens``, ``input_layernorm``, ``mamba`` / ``self_attn``, ``pre_ff_layernorm``, ``feed_forward``,
+``model.final_layernorm``), so that their checkpoints convert by a declarative map.
+
+The cache is transformers' own: ``DynamicCache(config=...)`` / ``StaticCache`` build conv + recurrent state slots
+for the SSM layers and key/value slots for the attention layers from ``config.layer_types``. Attention masks come
+from ``transformers.masking_utils`` (causal, sliding window, padding, packed rows detected from position_ids);
+the SSM layers read the 2-D padding mask and the document boundaries (``position_ids`` restarts, ``seq_idx``,
+``cu_seqlens``) as the pure-SSM models do.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention
+from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
+from ssm_hub.layers.mamba_mixer import MambaMixer
+from ssm_hub.layers.mlp import SwiGLUMLP
+from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
+from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
+from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
+from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
+from ssm_hub.models.remote_code import save_with_remote_code
+from ssm_hub.models.ssm_lm import LOSS_KWARGS, PACKING_KWARGS, _cache_from_aliases, lm_head_logits_and_loss
+
+SSM_MIXER_CLASSES = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
+# transformers' cache layer class for each cache layer kind (DynamicCache's; StaticCache's are subclasses of the
+# same mixins).
+CACHE_LAYER_MIXINS = {"linear_attention": LinearAttentionCacheLayerMixin, "full_attention": CacheLayerMixin,
+                      "sliding_attention": CacheLayerMixin}
+# Keyword arguments the attention implementations take for packed rows (flash attention's varlen path).
+ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _check_cache_layers(cache, config) -> None:
+    """Each layer reads its own kind of cache slot (conv + recurrent state, or keys and values): only a cache built
+    from this config has the right kind at every index."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or len(layers) < config.num_hidden_layers or not all(
+        isinstance(layer, CACHE_LAYER_MIXINS[kind]) for layer, kind in zip(layers, config.layer_types)
+    ):
+        raise ValueError(
+            "the cache must be built from the model's config, with a slot of the right kind for every layer "
+            f"({config.layer_types}): use DynamicCache(config=model.config) or "
+            "StaticCache(config=model.config, max_cache_len=...)"
+        )
+
+
+@dataclass
+class HybridModelOutput(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class HybridCausalLMOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+class HybridBlock(GradientCheckpointingLayer):
+    """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP or MoE)."""
+
+    def __init__(self, config: SsmHubHybridConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        self.layer_type = CACHE_LAYER_TYPES[self.mixer_type]
+        self.ffn_type = config.ffn_types[layer_idx]
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        if self.mixer_type in ATTENTION_MIXERS:
+            self.self_attn = SelfAttention(
+                config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                head_dim=config.attention_head_dim, attention_bias=config.attention_bias,
+                attention_dropout=config.attention_dropout, use_rope=config.use_rope, rope_theta=config.rope_theta,
+                sliding_window=config.sliding_window if self.mixer_type == "sliding_attention" else None,
+                layer_idx=layer_idx, attn_implementation=config._attn_implementation or "sdpa",
+            )
+        else:
+            self.mamba = SSM_MIXER_CLASSES[self.mixer_type](config.ssm_config(self.mixer_type), layer_idx=layer_idx)
+        if self.ffn_type != "none":
+            self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        if self.ffn_type == "mlp":
+            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        elif self.ffn_type == "moe":
+            self.feed_forward = SparseMoE(
+                config.hidden_size, config.num_experts, config.num_experts_per_tok,
+                config.moe_intermediate_size or config.intermediate_size, scoring=config.router_scoring,
+                norm_topk_prob=config.norm_topk_prob,
+                shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
+                shared_expert_gate=config.shared_expert_gate,
+            )
+
+    def forward(self, hidden_states, cache=None, padding_mask=None, seq_idx=None, attention_masks=None,
+                position_embeddings=None, attention_kwargs=None):
+        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+        normed = self.input_layernorm(hidden_states.to(self.input_layernorm.weight.dtype))
+        if self.mixer_type in ATTENTION_MIXERS:
+            mixed = self.self_attn(normed, position_embeddings=position_embeddings,
+                                   attention_mask=attention_masks[self.layer_type], cache=cache, **attention_kwargs)
+        else:
+            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
+        hidden_states = residual + mixed
+        router_logits = None
+        if self.ffn_type != "none":
+            residual = hidden_states
+            normed = self.pre_ff_layernorm(hidden_states.to(self.pre_ff_layernorm.weight.dtype))
+            if self.ffn_type == "moe":
+                fed, router_logits = self.feed_forward(normed)
+            else:
+                fed = self.feed_forward(normed)
+            hidden_states = residual + fed
+        return hidden_states, router_logits
+
+
+class SsmHubHybridPreTrainedModel(PreTrainedModel):
+    config_class = SsmHubHybridConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HybridBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _is_stateful = True
+
+    def _init_weights(self, module):
+        """N(0, initializer_range) for every projection, embedding and expert (as Jamba and Llama), unit norms, and the
+        SSM mixers' own parameters as the pure-SSM models initialise them, out_proj scaled by 1/sqrt(layers)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+            init.ones_(module.weight)
+        elif isinstance(module, MoEExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, (MambaMixer, Mamba2Mixer)):
+            kind = "mamba" if isinstance(module, MambaMixer) else "mamba2"
+            module.init_ssm_parameters(self.config.ssm_config(kind))
+            out_weight = module.out_proj.weight
+            if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
+                out_weight /= math.sqrt(self.config.num_hidden_layers)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save_pretrained, plus the model's code next to the weights (see models.remote_code)."""
+        save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
+
+
+class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
+    """Embeddings -> hybrid blocks -> final RMSNorm."""
+
+    def __init__(self, config: SsmHubHybridConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([HybridBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
+        self.rotary_emb = RotaryEmbedding(config.attention_head_dim, rope_theta=config.rope_theta) \
+            if self.has_attention and config.use_rope else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, new_embeddings):
+        self.embed_tokens = new_embeddings
+
+    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+        """The attention layers' masks by cache layer kind, as transformers' generate also precomputes them."""
+        masks = {}
+        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           cache=cache, position_ids=position_ids)
+        if "full_attention" in self.config.layer_types:
+            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HybridModelOutput | tuple:
+        r"""
+        attention_mask: 2-D padding mask [batch, seq_len] (attention masks are built from it), or the masks by cache
+            layer kind ("full_attention", "sliding_attention", "linear_attention": the SSM layers' 2-D padding
+            mask) as transformers' generate precomputes them.
+        position_ids: positions for RoPE; a restart at 0 inside a row also starts a new document (packed rows).
+        cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
+        kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), and
+        flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``.
+        """
+        cache = _cache_from_aliases(cache, kwargs)
+        if kwargs.pop("output_attentions", None):
+            raise ValueError(f"{type(self).__name__} does not return attention weights: output_attentions=True")
+        kwargs.pop("output_attentions", None)
+        unknown = sorted(set(kwargs) - set(PACKING_KWARGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward got unexpected keyword arguments {unknown}")
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        if use_cache is None:
+            use_cache = cache is not None or (config.use_cache and not self.training)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=config)
+        if not use_cache:
+            cache = None
+        if cache is not None:
+            _check_cache_layers(cache, config)
+
+        # Document boundaries for the SSM layers come from the caller's position_ids (before any default).
+        seq_idx = resolve_seq_idx(batch_size, seq_len, position_ids, kwargs)
+        precomputed_masks = attention_mask if isinstance(attention_mask, dict) else None
+        if precomputed_masks is not None:
+            ssm_padding_mask = precomputed_masks.get("linear_attention")
+        else:
+            ssm_padding_mask = padding_mask(attention_mask, seq_len)
+        if position_ids is None:
+            past = cache.get_seq_length() if cache is not None and self.has_attention else 0
+            position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past)[None]
+        attention_masks, position_embeddings = None, None
+        attention_kwargs = {name: kwargs[name] for name in ATTENTION_KWARGS if kwargs.get(name) is not None}
+        if self.has_attention:
+            attention_masks = precomputed_masks or self._attention_masks(inputs_embeds, attention_mask, cache,
+                                                                         position_ids)
+            if self.rotary_emb is not None:
+                position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
+            attention_kwargs["position_ids"] = position_ids
+
+        hidden_states = inputs_embeds
+        all_hidden_states = () if output_hidden_states else None
+        all_router_logits = () if output_router_logits else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, router_logits = block(
+                hidden_states, cache=cache, padding_mask=ssm_padding_mask, seq_idx=seq_idx,
+                attention_masks=attention_masks, position_embeddings=position_embeddings,
+                attention_kwargs=attention_kwargs,
+            )
+            if output_router_logits and router_logits is not None:
+                all_router_logits += (router_logits,)
+        hidden_states = self.final_layernorm(hidden_states.to(self.final_layernorm.weight.dtype))
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        output = HybridModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states,
+                                   router_logits=all_router_logits)
+        return output if return_dict else output.to_tuple()
+
+
+class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SsmHubHybridConfig):
+        super().__init__(config)
+        self.model = SsmHubHybridModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings):
+        self.model.set_input_embeddings(new_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> HybridCausalLMOutput | tuple:
+        r"""
+        labels: token ids, shifted inside the loss; -100 is ignored. ``num_items_in_batch`` (passed by Trainer
+        under gradient accumulation) normalises the summed loss.
+        output_router_logits: return the MoE layers' router logits and add the load-balancing loss (times
+        ``router_aux_loss_coef``) and the router z-loss (times ``router_z_loss_coef``) to the loss.
+        logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
+        """
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, return_dict=True, **kwargs,
+        )
+        logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
+        aux_loss = None
+        if outputs.router_logits:
+            # Padding tokens are routed too, but must not count towards the balance.
+            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
+            aux_loss = config.router_aux_loss_coef * load_balancing_loss(
+                outputs.router_logits, config.num_experts, config.num_experts_per_tok, mask)
+            if config.router_z_loss_coef:
+                aux_loss = aux_loss + config.router_z_loss_coef * router_z_loss(outputs.router_logits, mask)
+            if loss is not None:
+                loss = loss + aux_loss.to(loss.device)
+        output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, router_logits=outputs.router_logits)
+        return output if return_dict else output.to_tuple()
+
+
+# Auto classes these models answer to; ssm_hub.auto registers them and checkpoints carry them as auto_map.
+AUTO_MAP = {
+    "AutoModel": "SsmHubHybridModel",
+    "AutoModelForCausalLM": "SsmHubHybridForCausalLM",
+}

@@ -1,0 +1,143 @@
+"""The hybrid SSM / attention / MoE model on tiny configs: Auto classes, training with the router losses, cached
+generation (dynamic and static cache) equal to recomputation, left padding, packed rows, gradient checkpointing,
+save / load with the code bundle, and the errors it raises."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+
+import ssm_hub
+from ssm_hub.layers.moe import load_balancing_loss
+
+
+def tiny(**overrides):
+    # Every mixer and feed-forward kind once: Mamba-2 + MLP, attention + MoE, Mamba-1 + none, sliding + MoE.
+    fields = dict(
+        vocab_size=97, hidden_size=64, num_hidden_layers=4,
+        mixer_types=["mamba2", "attention", "mamba", "sliding_attention"], ffn_types=["mlp", "moe", "none", "moe"],
+        sliding_window=5, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_experts=4,
+        num_experts_per_tok=2, mamba_d_state=16, mamba_d_head=16, mamba_n_groups=2, mamba_chunk_size=8,
+    )
+    return ssm_hub.SsmHubHybridConfig(**{**fields, **overrides})
+
+
+def model_for(config=None):
+    return AutoModelForCausalLM.from_config(config or tiny()).eval()
+
+
+def greedy_by_recomputation(model, prompt, new_tokens):
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            next_token = model(sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    return sequence
+
+
+def test_auto_classes_build_the_hybrid():
+    config = tiny()
+    assert type(AutoModel.from_config(config)).__name__ == "SsmHubHybridModel"
+    model = AutoModelForCausalLM.from_config(config)
+    assert isinstance(model, ssm_hub.SsmHubHybridForCausalLM)
+    kinds = [(type(getattr(block, "mamba", None) or block.self_attn).__name__, block.ffn_type)
+             for block in model.model.layers]
+    assert kinds == [("Mamba2Mixer", "mlp"), ("SelfAttention", "moe"), ("MambaMixer", "none"),
+                     ("SelfAttention", "moe")]
+    assert model.model.layers[3].self_attn.sliding_window == 5 and model.model.layers[1].self_attn.sliding_window is None
+
+
+def test_training_step_adds_the_router_losses_and_reaches_every_parameter():
+    config = tiny(router_z_loss_coef=0.01)
+    model = AutoModelForCausalLM.from_config(config).train()
+    input_ids = torch.randint(1, 97, (2, 13))
+    plain = model(input_ids, labels=input_ids)
+    assert plain.aux_loss is None and plain.router_logits is None
+    out = model(input_ids, labels=input_ids, output_router_logits=True)
+    assert len(out.router_logits) == 2 and out.router_logits[0].shape == (2 * 13, 4)
+    balance = load_balancing_loss(out.router_logits, 4, 2)
+    assert out.aux_loss > config.router_aux_loss_coef * balance  # the z-loss term is there too
+    torch.testing.assert_close(out.loss, plain.loss + out.aux_loss)
+    out.loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_cached_greedy_generation_equals_recomputation(cache_implementation):
+    model = model_for()
+    prompt = torch.randint(1, 97, (2, 6))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
+    with torch.no_grad():
+        generated = model.generate(prompt, **kwargs)
+    assert torch.equal(generated, greedy_by_recomputation(model, prompt, 8))
+
+
+def test_left_padded_row_generates_its_own_tokens():
+    model = model_for()
+    long, short = torch.randint(1, 97, (1, 6)), torch.randint(1, 97, (1, 4))
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :2] = 0
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        padded = model.generate(batch, attention_mask=mask, **kwargs)
+        alone = model.generate(short, **kwargs)
+    assert torch.equal(padded[1, 6:], alone[0, 4:])
+
+
+def test_packed_rows_equal_their_documents_run_separately():
+    model = model_for()
+    first, second = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 9))
+    packed = torch.cat([first, second], dim=1)
+    position_ids = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        logits = model(packed, position_ids=position_ids, use_cache=False).logits
+        expected = torch.cat([model(first, use_cache=False).logits, model(second, use_cache=False).logits], dim=1)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = AutoModelForCausalLM.from_config(tiny()).train()
+    input_ids = torch.randint(1, 97, (2, 11))
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        model(input_ids, labels=input_ids, output_router_logits=True).loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+def test_save_load_round_trip_with_code_bundle(tmp_path):
+    model = model_for()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "ssm_hub_hybrid"
+    assert config["mixer_types"] == model.config.mixer_types
+    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(config["auto_map"])
+    assert (tmp_path / "modeling_hybrid.py").exists() and (tmp_path / "attention.py").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    input_ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_a_cache_not_built_from_the_config_is_refused():
+    model = model_for()
+    wrong = DynamicCache(config=tiny(mixer_types=["mamba2"] * 4, ffn_types=["mlp"] * 4))
+    with pytest.raises(ValueError, match="cache must be built from the model's config"):
+        model(torch.randint(1, 97, (1, 5)), cache=wrong)
+
+
+def test_unknown_keyword_arguments_are_refused():
+    model = model_for()
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        model(torch.randint(1, 97, (1, 5)), not_an_argument=1)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(torch.randint(1, 97, (1, 5)), output_attentions=True)
