@@ -1,15 +1,21 @@
 """The hybrid SSM / attention / MoE model on tiny configs: Auto classes, training with the router losses, cached
 generation (dynamic and static cache) equal to recomputation, left padding, packed rows, gradient checkpointing,
-save / load with the code bundle, and the errors it raises."""
+save / load with the code bundle, loading with trust_remote_code where ssm_hub is not installed, and the errors
+it raises."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 import ssm_hub
 from ssm_hub.layers.moe import load_balancing_loss
+from test_save_load import REMOTE_CODE_SCRIPT
 
 
 def tiny(**overrides):
@@ -141,3 +147,21 @@ def test_unknown_keyword_arguments_are_refused():
         model(torch.randint(1, 97, (1, 5)), not_an_argument=1)
     with pytest.raises(ValueError, match="output_attentions"):
         model(torch.randint(1, 97, (1, 5)), output_attentions=True)
+
+
+def test_loads_with_trust_remote_code_without_ssm_hub(tmp_path):
+    # The flat code bundle (hybrid model, attention, MoE, the SSM mixers and their kernels' dispatch) runs where
+    # ssm_hub cannot be imported.
+    model = model_for()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    input_ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        save_file({"input_ids": input_ids, "logits": model(input_ids).logits}, tmp_path / "expected.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(checkpoint), str(tmp_path / "expected.safetensors")],
+        capture_output=True, text=True, env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "REMOTE_CODE_OK transformers_modules." in result.stdout
