@@ -165,3 +165,21 @@ def test_loads_with_trust_remote_code_without_ssm_hub(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "REMOTE_CODE_OK transformers_modules." in result.stdout
+
+
+@pytest.mark.parametrize("boundaries", ["cu_seq_lens_q", "cu_seqlens", "seq_idx"])
+def test_documents_given_without_position_ids_stay_apart_in_every_layer(boundaries):
+    # With only cu_seqlens / seq_idx, the SSM layers reset their state and the attention layers must not look
+    # across documents either.
+    model = model_for()
+    docs = [torch.randint(1, 97, (n,)) for n in (5, 9, 3)]
+    packed = torch.cat(docs)[None]
+    cu_seqlens = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
+    value = torch.repeat_interleave(torch.arange(3), torch.tensor([5, 9, 3]))[None].int() \
+        if boundaries == "seq_idx" else cu_seqlens
+    with torch.no_grad():
+        expected = torch.cat([model(doc[None], use_cache=False).logits[0] for doc in docs])
+        got = model(packed, use_cache=False, **{boundaries: value}).logits[0]
+        leaked = model(packed, use_cache=False).logits[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(leaked[5:], expected[5:], atol=1e-3), "the test must see the leak"

@@ -51,6 +51,15 @@ CACHE_LAYER_MIXINS = {"linear_attention": LinearAttentionCacheLayerMixin, "full_
 ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx [B, T] -> each token's position inside its document [B, T] (int64), counting from 0."""
+    positions = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    return positions - first
+
+
 def _check_cache_layers(cache, config) -> None:
     """Each layer reads its own kind of cache slot (conv + recurrent state, or keys and values): only a cache built
     from this config has the right kind at every index."""
@@ -268,6 +277,10 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             ssm_padding_mask = precomputed_masks.get("linear_attention")
         else:
             ssm_padding_mask = padding_mask(attention_mask, seq_len)
+        if position_ids is None and seq_idx is not None:
+            # Documents given as seq_idx / cu_seqlens only: positions restart with each document, which is also how
+            # transformers' masks find them and keep the attention layers inside each document.
+            position_ids = positions_within_documents(seq_idx)
         if position_ids is None:
             past = cache.get_seq_length() if cache is not None and self.has_attention else 0
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past)[None]
