@@ -183,3 +183,16 @@ def test_documents_given_without_position_ids_stay_apart_in_every_layer(boundari
         leaked = model(packed, use_cache=False).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(leaked[5:], expected[5:], atol=1e-3), "the test must see the leak"
+
+
+def test_attention_implementation_follows_the_model():
+    model = AutoModelForCausalLM.from_config(tiny(), attn_implementation="eager").eval()
+    attention = [block.self_attn for block in model.model.layers if hasattr(block, "self_attn")]
+    assert {layer.attn_implementation for layer in attention} == {"eager"}
+    input_ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        eager = model(input_ids).logits
+        model.set_attn_implementation("sdpa")
+        assert {layer.attn_implementation for layer in attention} == {"sdpa"}
+        sdpa = model(input_ids).logits
+    torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)

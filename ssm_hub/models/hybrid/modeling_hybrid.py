@@ -185,6 +185,14 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
             if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
                 out_weight /= math.sqrt(self.config.num_hidden_layers)
 
+    def set_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' switch (it updates ``config._attn_implementation``), passed on to the attention layers,
+        which pick their attention function by their own ``attn_implementation``."""
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.attn_implementation = self.config._attn_implementation
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' save_pretrained, plus the model's code next to the weights (see models.remote_code)."""
         save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
