@@ -1,13 +1,17 @@
 """ssm_hub: state-space models (Mamba, Mamba-2) and SSM / attention / MoE hybrids as first-class transformers models.
 
-``import ssm_hub`` registers the model types ``ssm_hub_mamba`` and ``ssm_hub_mamba2`` (AutoConfig, AutoModel,
-AutoModelForCausalLM, AutoModelForSequenceClassification) and ``ssm_hub_hybrid`` (AutoConfig, AutoModel,
-AutoModelForCausalLM), and gives PEFT default LoRA targets for them.
+``import ssm_hub`` registers the model types ``ssm_hub_mamba``, ``ssm_hub_mamba2`` and ``ssm_hub_hybrid`` with
+AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForSequenceClassification, and gives PEFT default LoRA
+targets for them.
 """
 
 from ssm_hub import auto  # noqa: F401  (registration happens on import)
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
-from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM, SsmHubHybridModel
+from ssm_hub.models.hybrid.modeling_hybrid import (
+    SsmHubHybridForCausalLM,
+    SsmHubHybridForSequenceClassification,
+    SsmHubHybridModel,
+)
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba.modeling_mamba import (
     SsmHubMambaForCausalLM,
@@ -35,4 +39,5 @@ __all__ = [
     "SsmHubHybridConfig",
     "SsmHubHybridModel",
     "SsmHubHybridForCausalLM",
+    "SsmHubHybridForSequenceClassification",
 ]

@@ -75,6 +75,29 @@ def lm_head_logits_and_loss(model, hidden_states, labels, logits_to_keep, loss_k
     return logits, loss
 
 
+def last_token_index(input_ids, attention_mask, pad_token_id, seq_len: int, device) -> torch.Tensor:
+    """Index of each row's last real token, from the attention mask, else from pad_token_id, else T - 1."""
+    positions = torch.arange(seq_len, device=device)
+    if attention_mask is not None:
+        return (positions * attention_mask[:, -seq_len:].to(positions.dtype)).argmax(-1)
+    if input_ids is not None and pad_token_id is not None:
+        not_pad = (input_ids != pad_token_id).to(positions.dtype)
+        return (positions * not_pad).argmax(-1)
+    return torch.full((1,), seq_len - 1, device=device)
+
+
+def pooled_classification(model, hidden_states, input_ids, attention_mask, labels):
+    """(logits [B, num_labels] read by ``model.score`` at each row's last real token, loss or None)."""
+    logits = model.score(hidden_states.to(model.score.weight.dtype))
+    batch_size, seq_len = logits.shape[:2]
+    last = last_token_index(input_ids, attention_mask, model.config.pad_token_id, seq_len, logits.device)
+    pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
+    loss = None
+    if labels is not None:
+        loss = model.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=model.config)
+    return pooled_logits, loss
+
+
 @dataclass
 class SSMModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
@@ -299,16 +322,6 @@ class SSMForSequenceClassification(SSMPreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.backbone.set_input_embeddings(new_embeddings)
 
-    def _last_token_index(self, input_ids, attention_mask, seq_len: int, device) -> torch.Tensor:
-        """Index of each row's last real token, from the attention mask, else from pad_token_id, else T - 1."""
-        positions = torch.arange(seq_len, device=device)
-        if attention_mask is not None:
-            return (positions * attention_mask[:, -seq_len:].to(positions.dtype)).argmax(-1)
-        if input_ids is not None and self.config.pad_token_id is not None:
-            not_pad = (input_ids != self.config.pad_token_id).to(positions.dtype)
-            return (positions * not_pad).argmax(-1)
-        return torch.full((1,), seq_len - 1, device=device)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -334,12 +347,6 @@ class SSMForSequenceClassification(SSMPreTrainedModel):
             inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
             return_dict=True, **kwargs,
         )
-        logits = self.score(outputs.last_hidden_state.to(self.score.weight.dtype))
-        batch_size, seq_len = logits.shape[:2]
-        last = self._last_token_index(input_ids, attention_mask, seq_len, logits.device)
-        pooled_logits = logits[torch.arange(batch_size, device=logits.device), last]
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+        pooled_logits, loss = pooled_classification(self, outputs.last_hidden_state, input_ids, attention_mask, labels)
         output = SSMSequenceClassifierOutput(loss=loss, logits=pooled_logits, hidden_states=outputs.hidden_states)
         return output if return_dict else output.to_tuple()

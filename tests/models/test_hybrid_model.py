@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 import ssm_hub
 from ssm_hub.layers.moe import load_balancing_loss
@@ -126,7 +126,8 @@ def test_save_load_round_trip_with_code_bundle(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "ssm_hub_hybrid"
     assert config["mixer_types"] == model.config.mixer_types
-    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(config["auto_map"])
+    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"} <= set(
+        config["auto_map"])
     assert (tmp_path / "modeling_hybrid.py").exists() and (tmp_path / "attention.py").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     input_ids = torch.randint(1, 97, (2, 9))
@@ -196,3 +197,23 @@ def test_attention_implementation_follows_the_model():
         assert {layer.attn_implementation for layer in attention} == {"sdpa"}
         sdpa = model(input_ids).logits
     torch.testing.assert_close(sdpa, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_classification_pools_the_last_real_token_and_adds_router_losses():
+    model = AutoModelForSequenceClassification.from_config(tiny(num_labels=3, pad_token_id=0)).eval()
+    assert isinstance(model, ssm_hub.SsmHubHybridForSequenceClassification)
+    row = torch.randint(1, 97, (1, 7))
+    with torch.no_grad():
+        alone = model(input_ids=row).logits
+        right = torch.cat([row, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+        mask = torch.cat([torch.ones(1, 7), torch.zeros(1, 3)], dim=1).long()
+        torch.testing.assert_close(model(input_ids=right, attention_mask=mask).logits, alone)
+        left = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
+        torch.testing.assert_close(model(input_ids=left, attention_mask=mask.flip(1)).logits, alone,
+                                   rtol=1e-4, atol=1e-5)
+    out = model(input_ids=right, attention_mask=mask, labels=torch.tensor([2]), output_router_logits=True)
+    assert out.logits.shape == (1, 3) and out.aux_loss > 0
+    plain = model(input_ids=right, attention_mask=mask, labels=torch.tensor([2]))
+    torch.testing.assert_close(out.loss, plain.loss + out.aux_loss)
+    with pytest.raises(ValueError, match="keeps no cache"):
+        model(input_ids=row, use_cache=True)

@@ -40,7 +40,13 @@ from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
 from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
 from ssm_hub.models.remote_code import save_with_remote_code
-from ssm_hub.models.ssm_lm import LOSS_KWARGS, PACKING_KWARGS, _cache_from_aliases, lm_head_logits_and_loss
+from ssm_hub.models.ssm_lm import (
+    LOSS_KWARGS,
+    PACKING_KWARGS,
+    _cache_from_aliases,
+    lm_head_logits_and_loss,
+    pooled_classification,
+)
 
 SSM_MIXER_CLASSES = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
 # transformers' cache layer class for each cache layer kind (DynamicCache's; StaticCache's are subclasses of the
@@ -78,6 +84,15 @@ def _check_cache_layers(cache, config) -> None:
 class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class HybridSequenceClassifierOutput(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
@@ -148,6 +163,7 @@ class HybridBlock(GradientCheckpointingLayer):
 
 
 class SsmHubHybridPreTrainedModel(PreTrainedModel):
+    # get_input_embeddings / set_input_embeddings: transformers' defaults find embed_tokens (here or in .model).
     config_class = SsmHubHybridConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -197,6 +213,22 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
         """transformers' save_pretrained, plus the model's code next to the weights (see models.remote_code)."""
         save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
 
+    def _add_router_losses(self, loss, router_logits, attention_mask):
+        """(loss + aux, aux): ``router_aux_loss_coef`` x the load-balancing loss plus ``router_z_loss_coef`` x the
+        z-loss over the MoE layers' router logits; (loss, None) without router logits."""
+        if not router_logits:
+            return loss, None
+        config = self.config
+        # Padding tokens are routed too, but must not count towards the balance.
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
+        aux_loss = config.router_aux_loss_coef * load_balancing_loss(
+            router_logits, config.num_experts, config.num_experts_per_tok, mask)
+        if config.router_z_loss_coef:
+            aux_loss = aux_loss + config.router_z_loss_coef * router_z_loss(router_logits, mask)
+        if loss is not None:
+            loss = loss + aux_loss.to(loss.device)
+        return loss, aux_loss
+
 
 class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
     """Embeddings -> hybrid blocks -> final RMSNorm."""
@@ -211,12 +243,6 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             if self.has_attention and config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, new_embeddings):
-        self.embed_tokens = new_embeddings
 
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
         """The attention layers' masks by cache layer kind, as transformers' generate also precomputes them."""
@@ -331,12 +357,6 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings):
-        self.model.set_input_embeddings(new_embeddings)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,18 +388,54 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GenerationMixin):
             output_router_logits=output_router_logits, return_dict=True, **kwargs,
         )
         logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
-        aux_loss = None
-        if outputs.router_logits:
-            # Padding tokens are routed too, but must not count towards the balance.
-            mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2 else None
-            aux_loss = config.router_aux_loss_coef * load_balancing_loss(
-                outputs.router_logits, config.num_experts, config.num_experts_per_tok, mask)
-            if config.router_z_loss_coef:
-                aux_loss = aux_loss + config.router_z_loss_coef * router_z_loss(outputs.router_logits, mask)
-            if loss is not None:
-                loss = loss + aux_loss.to(loss.device)
+        loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
         output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states, router_logits=outputs.router_logits)
+        return output if return_dict else output.to_tuple()
+
+
+class SsmHubHybridForSequenceClassification(SsmHubHybridPreTrainedModel):
+    """The hybrid model + a linear score head read at each row's last non-padding token."""
+
+    def __init__(self, config: SsmHubHybridConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = SsmHubHybridModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HybridSequenceClassifierOutput | tuple:
+        r"""
+        use_cache: accepted for compatibility with transformers' classifiers; a classifier keeps no cache, so True
+        is an error rather than silently ignored.
+        output_router_logits: as for the causal LM: return the router logits and add the router losses.
+        """
+        if use_cache:
+            raise ValueError(f"{type(self).__name__} keeps no cache: use_cache=True cannot be honoured")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, return_dict=True, **kwargs,
+        )
+        pooled_logits, loss = pooled_classification(self, outputs.last_hidden_state, input_ids, attention_mask, labels)
+        loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
+        output = HybridSequenceClassifierOutput(loss=loss, aux_loss=aux_loss, logits=pooled_logits,
+                                                hidden_states=outputs.hidden_states,
+                                                router_logits=outputs.router_logits)
         return output if return_dict else output.to_tuple()
 
 
@@ -387,4 +443,5 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GenerationMixin):
 AUTO_MAP = {
     "AutoModel": "SsmHubHybridModel",
     "AutoModelForCausalLM": "SsmHubHybridForCausalLM",
+    "AutoModelForSequenceClassification": "SsmHubHybridForSequenceClassification",
 }
