@@ -77,6 +77,15 @@ def chunk_documents(doc_ptr, row, chunk, chunk_size, seqlen, DOC_MODE: tl.conste
 
 
 @triton.jit
+def chunk_tokens(start, chunk, chunk_size, seqlen, BLOCK: tl.constexpr):
+    """(l, t, valid) of BLOCK tokens from ``start`` inside ``chunk``: their index in the chunk, in the row, and
+    whether they are real tokens (inside the chunk and before the row's end)."""
+    l = start + tl.arange(0, BLOCK)
+    t = chunk * chunk_size + l
+    return l, t, (l < chunk_size) & (t < seqlen)
+
+
+@triton.jit
 def chunk_bounds(doc_ptr, chunk, chunk_size, num_chunks, DOC_MODE: tl.constexpr):
     """(document, restarts, ends) of a chunk in DOC_CHUNKS layout (row 0): its document, whether the document
     starts with this chunk, whether it ends with it."""
@@ -103,9 +112,7 @@ def ssd_chunked_scan_dt_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2).to(tl.int64)
-    l = tl.arange(0, BLOCK_L)
-    t = chunk * chunk_size + l
-    valid = (l < chunk_size) & (t < seqlen)
+    l, t, valid = chunk_tokens(0, chunk, chunk_size, seqlen, BLOCK_L)
     if DOC_MODE == 2:
         valid &= tl.load(doc_ptr + row * seqlen + t, mask=valid, other=-1) >= 0
 
@@ -169,9 +176,7 @@ def ssd_chunked_scan_state_fwd_kernel(
         cum_end = tl.load(cum_ptr + chunk_offset + chunk_size - 1)
         contribution = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for s_start in range(0, chunk_size, BLOCK_S):
-            s = s_start + tl.arange(0, BLOCK_S)
-            t = chunk * chunk_size + s
-            s_valid = (s < chunk_size) & (t < seqlen)
+            s, t, s_valid = chunk_tokens(s_start, chunk, chunk_size, seqlen, BLOCK_S)
             dt = tl.load(dt_ptr + chunk_offset + s, mask=s < chunk_size, other=0.0)
             cum = tl.load(cum_ptr + chunk_offset + s, mask=s < chunk_size, other=0.0)
             # a_L - a_s <= 0 for tokens of the chunk; the padded ones have weight 0 through dt anyway.
@@ -223,12 +228,8 @@ def ssd_chunked_scan_scores_fwd_kernel(
     s_block = tl.program_id(2) % t_blocks
     if s_block > t_block:
         return
-    l_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    l_s = s_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    t = chunk * chunk_size + l_t
-    s = chunk * chunk_size + l_s
-    t_valid = (l_t < chunk_size) & (t < seqlen)
-    s_valid = (l_s < chunk_size) & (s < seqlen)
+    l_t, t, t_valid = chunk_tokens(t_block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
+    l_s, s, s_valid = chunk_tokens(s_block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
     scores = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for n_start in range(0, state_size, BLOCK_N):
         n = n_start + tl.arange(0, BLOCK_N)
@@ -271,9 +272,7 @@ def ssd_chunked_scan_output_fwd_kernel(
     group = head // (heads // groups)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
-    l = t_start + tl.arange(0, BLOCK_T)
-    t = chunk * chunk_size + l
-    t_valid = (l < chunk_size) & (t < seqlen)
+    l, t, t_valid = chunk_tokens(t_start, chunk, chunk_size, seqlen, BLOCK_T)
     p_mask = p < head_dim
     n_mask = n < state_size
 
@@ -301,9 +300,7 @@ def ssd_chunked_scan_output_fwd_kernel(
     #    exponent is <= 0, times (C_t . B_s) dt_s x_s.
     s_end = tl.minimum(t_start + BLOCK_T, chunk_size)
     for s_start in range(0, s_end, BLOCK_T):
-        s = s_start + tl.arange(0, BLOCK_T)
-        ts = chunk * chunk_size + s
-        s_valid = (s < chunk_size) & (ts < seqlen)
+        s, ts, s_valid = chunk_tokens(s_start, chunk, chunk_size, seqlen, BLOCK_T)
         dt_s = tl.load(dt_ptr + chunk_offset + s, mask=s < chunk_size, other=0.0)
         cum_s = tl.load(cum_ptr + chunk_offset + s, mask=s < chunk_size, other=0.0)
         # The [T, S] block of C_t . B_s.

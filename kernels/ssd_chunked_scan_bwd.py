@@ -48,6 +48,7 @@ from ssm_hub.kernels.ssd_chunked_scan import (  # noqa: E402
     chunk_bounds,
     chunk_documents,
     chunk_outputs,
+    chunk_tokens,
     chunk_scores,
     discretize_dt,
     dot_config,
@@ -112,9 +113,7 @@ def ssd_chunked_scan_state_bwd_kernel(
         # What the chunk's outputs ask of its entering state: sum_t exp(a_t) dy_t ⊗ C_t, as (dy^T * w) @ C.
         local = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for t_start in range(0, chunk_size, BLOCK_T):
-            l = t_start + tl.arange(0, BLOCK_T)
-            t = chunk * chunk_size + l
-            t_valid = (l < chunk_size) & (t < seqlen)
+            l, t, t_valid = chunk_tokens(t_start, chunk, chunk_size, seqlen, BLOCK_T)
             from_entry = tl.exp(tl.minimum(tl.load(cum_ptr + chunk_offset + l, mask=l < chunk_size, other=0.0), 0.0))
             if DOC_MODE == 1:
                 docs = tl.load(doc_ptr + row * seqlen + t, mask=t_valid, other=-1)
@@ -156,9 +155,7 @@ def ssd_chunked_scan_dx_bwd_kernel(
     s_block = program % s_blocks
     head = tl.program_id(1).to(tl.int64)
     group = head // (heads // groups)
-    l_s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
-    s = chunk * chunk_size + l_s
-    s_valid = (l_s < chunk_size) & (s < seqlen)
+    l_s, s, s_valid = chunk_tokens(s_block * BLOCK_S, chunk, chunk_size, seqlen, BLOCK_S)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     p_mask = p < head_dim
@@ -197,9 +194,7 @@ def ssd_chunked_scan_dx_bwd_kernel(
     # its column sums (over t) here, its row sums (over s) as this block's partial for kernel 4.
     column_sums = tl.zeros((BLOCK_S,), dtype=tl.float32)
     for t_start in range(s_block * BLOCK_S, chunk_size, BLOCK_S):
-        l_t = t_start + tl.arange(0, BLOCK_S)
-        t = chunk * chunk_size + l_t
-        t_valid = (l_t < chunk_size) & (t < seqlen)
+        l_t, t, t_valid = chunk_tokens(t_start, chunk, chunk_size, seqlen, BLOCK_S)
         cum_t = tl.load(cum_ptr + chunk_offset + l_t, mask=l_t < chunk_size, other=0.0)
         causal = (l_t[None, :] >= l_s[:, None]) & t_valid[None, :] & s_valid[:, None]
         if DOC_MODE == 1:
@@ -263,12 +258,8 @@ def ssd_chunked_scan_dscores_bwd_kernel(
     s_block = tl.program_id(2) % t_blocks
     if s_block > t_block:
         return
-    l_t = t_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    l_s = s_block * BLOCK_T + tl.arange(0, BLOCK_T)
-    t = chunk * chunk_size + l_t
-    s = chunk * chunk_size + l_s
-    t_valid = (l_t < chunk_size) & (t < seqlen)
-    s_valid = (l_s < chunk_size) & (s < seqlen)
+    l_t, t, t_valid = chunk_tokens(t_block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
+    l_s, s, s_valid = chunk_tokens(s_block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
     p = tl.arange(0, BLOCK_P)
     p_mask = p < head_dim
     causal = (l_t[:, None] >= l_s[None, :]) & t_valid[:, None] & s_valid[None, :]
@@ -321,9 +312,7 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
     block = program % blocks
     group = tl.program_id(1).to(tl.int64)
     for_C = tl.program_id(2) == 1
-    l = block * BLOCK_T + tl.arange(0, BLOCK_T)
-    t = chunk * chunk_size + l
-    valid = (l < chunk_size) & (t < seqlen)
+    l, t, valid = chunk_tokens(block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
     p = tl.arange(0, BLOCK_P)
     n = tl.arange(0, BLOCK_N)
     p_mask = p < head_dim
@@ -340,9 +329,7 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
             mask=valid[:, None] & n_mask[None, :], other=0.0,
         ).to(tl.float32)
         for s_start in range(0, (block + 1) * BLOCK_T, BLOCK_T):
-            l_s = s_start + tl.arange(0, BLOCK_T)
-            s = chunk * chunk_size + l_s
-            s_valid = (l_s < chunk_size) & (s < seqlen)
+            l_s, s, s_valid = chunk_tokens(s_start, chunk, chunk_size, seqlen, BLOCK_T)
             dscores = tl.load(dscores_block + l[:, None] * chunk_size + l_s[None, :],
                               mask=(l[:, None] >= l_s[None, :]) & valid[:, None] & s_valid[None, :], other=0.0)
             B_s = tl.load(
@@ -372,9 +359,7 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
                  grad.to(dC_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
     else:
         for t_start in range(block * BLOCK_T, chunk_size, BLOCK_T):
-            l_t = t_start + tl.arange(0, BLOCK_T)
-            t_other = chunk * chunk_size + l_t
-            t_valid = (l_t < chunk_size) & (t_other < seqlen)
+            l_t, t_other, t_valid = chunk_tokens(t_start, chunk, chunk_size, seqlen, BLOCK_T)
             # dS^T as [S, T].
             dscores = tl.load(dscores_block + l_t[None, :] * chunk_size + l[:, None],
                               mask=(l_t[None, :] >= l[:, None]) & t_valid[None, :] & valid[:, None], other=0.0)
