@@ -169,6 +169,20 @@ def _block_states(
 
 
 @triton.jit
+def _channel_parameters(A_ptr, delta_bias_ptr, D_ptr, stride_A_d, stride_A_n, d, n, d_ok, dn_ok,
+                        HAS_DELTA_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(A [BLOCK_D, N], delta_bias [BLOCK_D], D [BLOCK_D]) of the program's channels in float32; zeros when absent."""
+    A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=dn_ok, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    return A, bias, skip
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, init_ptr, doc_ptr,
     y_ptr, final_ptr, ckpt_ptr,
@@ -197,13 +211,8 @@ def selective_scan_fwd_kernel(
     dn_ok = d_ok[:, None] & n_ok[None, :]
     rows = tl.arange(0, BLOCK_T)[:, None, None]
 
-    A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=dn_ok, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    A, bias, skip = _channel_parameters(A_ptr, delta_bias_ptr, D_ptr, stride_A_d, stride_A_n, d, n, d_ok, dn_ok,
+                                        HAS_DELTA_BIAS, HAS_D, BLOCK_D)
     h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     if HAS_INITIAL:
         # The state entering the row: the row's, or with cu_seqlens the first document's.
@@ -288,13 +297,8 @@ def selective_scan_bwd_kernel(
     dn_ok = d_ok[:, None] & n_ok[None, :]
     rows = tl.arange(0, BLOCK_T)[:, None, None]
 
-    A = tl.load(A_ptr + d[:, None] * stride_A_d + n[None, :] * stride_A_n, mask=dn_ok, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    A, bias, skip = _channel_parameters(A_ptr, delta_bias_ptr, D_ptr, stride_A_d, stride_A_n, d, n, d_ok, dn_ok,
+                                        HAS_DELTA_BIAS, HAS_D, BLOCK_D)
 
     u_row = u_ptr + row * stride_u_b
     delta_row = delta_ptr + row * stride_delta_b
