@@ -29,7 +29,7 @@ def causal_conv1d_step_fwd_kernel(
     stride_new_row, stride_new_c, stride_new_k,
     channels,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    NEW_STATE_AT_SLOT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
@@ -61,18 +61,23 @@ def causal_conv1d_step_fwd_kernel(
     shifted = tl.load(state_base + (k[None, :] + 1) * stride_state_k,
                       mask=c_mask[:, None] & (k[None, :] + 1 < WIDTH - 1), other=0.0)
     shifted = tl.where(k[None, :] + 1 == WIDTH - 1, x.to(state_dtype)[:, None], shifted.to(state_dtype))
-    new_offsets = row * stride_new_row + c[:, None] * stride_new_c + k[None, :] * stride_new_k
+    new_row = row
+    if NEW_STATE_AT_SLOT:
+        # In place, entry k + 1 is read by the lane that writes entry k: every lane must have read before any writes.
+        tl.debug_barrier()
+        new_row = state_row
+    new_offsets = new_row * stride_new_row + c[:, None] * stride_new_c + k[None, :] * stride_new_k
     tl.store(new_state_ptr + new_offsets, shifted, mask=c_mask[:, None] & (k[None, :] < WIDTH - 1))
 
 
-def causal_conv1d_step_fwd(x, conv_state, weight, bias, silu: bool, state_indices):
+def causal_conv1d_step_fwd(x, conv_state, weight, bias, silu: bool, state_indices, in_place: bool = False):
     """Launch the step kernel; shapes as ``ssm_hub.ops.causal_conv1d.causal_conv1d_step``; ``bias`` and
     ``state_indices`` contiguous. Returns (y [B, C] in x's dtype, new_conv_state [B, C, K - 1] in conv_state's
-    dtype)."""
+    dtype), or with ``in_place`` (y, conv_state) after writing each row's new window over its slot."""
     batch, channels = x.shape
     width = weight.shape[1]
     y = torch.empty_like(x)
-    new_state = torch.empty((batch, channels, width - 1), device=x.device, dtype=conv_state.dtype)
+    new_state = conv_state if in_place else x.new_empty((batch, channels, width - 1), dtype=conv_state.dtype)
     block_k = triton.next_power_of_2(width)
     block_c = max(1, min(triton.next_power_of_2(channels), 1024 // block_k))
     grid = (batch, triton.cdiv(channels, block_c))
@@ -81,6 +86,6 @@ def causal_conv1d_step_fwd(x, conv_state, weight, bias, silu: bool, state_indice
         *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(), *new_state.stride(),
         channels,
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_STATE_INDICES=state_indices is not None,
-        BLOCK_C=block_c, BLOCK_K=block_k,
+        NEW_STATE_AT_SLOT=in_place, BLOCK_C=block_c, BLOCK_K=block_k,
     )
     return y, new_state

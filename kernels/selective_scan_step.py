@@ -33,7 +33,8 @@ def selective_scan_step_fwd_kernel(
     stride_new_row, stride_new_d, stride_new_n,
     dim, state_size,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-    HAS_STATE_INDICES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
@@ -61,8 +62,10 @@ def selective_scan_step_fwd_kernel(
     state_offsets = state_row * stride_state_row + d[:, None] * stride_state_d + n[None, :] * stride_state_n
     state = tl.load(state_ptr + state_offsets, mask=tile, other=0.0).to(tl.float32)
     state = state * decay + (dt * u)[:, None] * B[None, :]
-    new_offsets = row * stride_new_row + d[:, None] * stride_new_d + n[None, :] * stride_new_n
-    tl.store(new_state_ptr + new_offsets, state, mask=tile)
+    # In place, each element is read and written by the same lane, so no barrier is needed.
+    new_row = state_row if NEW_STATE_AT_SLOT else row
+    new_offsets = new_row * stride_new_row + d[:, None] * stride_new_d + n[None, :] * stride_new_n
+    tl.store(new_state_ptr + new_offsets, state.to(new_state_ptr.dtype.element_ty), mask=tile)
 
     # 3. y = h . C + D u, gated by silu(z).
     y = tl.sum(state * C[None, :], axis=1)
@@ -74,13 +77,15 @@ def selective_scan_step_fwd_kernel(
     tl.store(y_ptr + row * stride_y_row + d * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=d_mask)
 
 
-def selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, state_indices):
+def selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, state_indices,
+                            in_place: bool = False):
     """Launch the step kernel; shapes as ``ssm_hub.ops.selective_scan.selective_scan_step``; ``A``, ``D``,
-    ``delta_bias`` and ``state_indices`` contiguous. Returns (y [B, D] in u's dtype, new_state [B, D, N] fp32)."""
+    ``delta_bias`` and ``state_indices`` contiguous. Returns (y [B, D] in u's dtype, new_state [B, D, N] fp32), or
+    with ``in_place`` (y, state) after writing each row's new state over its slot of ``state``."""
     batch, dim = u.shape
     state_size = A.shape[1]
     y = torch.empty_like(u)
-    new_state = torch.empty((batch, dim, state_size), device=u.device, dtype=torch.float32)
+    new_state = state if in_place else u.new_empty((batch, dim, state_size), dtype=torch.float32)
     block_n = triton.next_power_of_2(state_size)
     # A program's state tile of at most 2K elements stays in registers and leaves enough programs for small batches.
     block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n))
@@ -92,7 +97,7 @@ def selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_so
         *new_state.stride(),
         dim, state_size,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-        DELTA_SOFTPLUS=delta_softplus, HAS_STATE_INDICES=state_indices is not None,
+        DELTA_SOFTPLUS=delta_softplus, HAS_STATE_INDICES=state_indices is not None, NEW_STATE_AT_SLOT=in_place,
         BLOCK_D=block_d, BLOCK_N=block_n,
     )
     return y, new_state

@@ -33,7 +33,8 @@ def ssd_step_fwd_kernel(
     stride_new_row, stride_new_head, stride_new_p, stride_new_n,
     head_dim, state_size, heads_per_group, dt_min, dt_max,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, HAS_STATE_INDICES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -65,9 +66,11 @@ def ssd_step_fwd_kernel(
                      + p[:, None] * stride_state_p + n[None, :] * stride_state_n)
     state = tl.load(state_ptr + state_offsets, mask=tile, other=0.0).to(tl.float32)
     state = state * decay + (dt * x)[:, None] * B.to(tl.float32)[None, :]
-    new_offsets = (row * stride_new_row + head * stride_new_head
+    # In place, each element is read and written by the same lane, so no barrier is needed.
+    new_row = state_row if NEW_STATE_AT_SLOT else row
+    new_offsets = (new_row * stride_new_row + head * stride_new_head
                    + p[:, None] * stride_new_p + n[None, :] * stride_new_n)
-    tl.store(new_state_ptr + new_offsets, state, mask=tile)
+    tl.store(new_state_ptr + new_offsets, state.to(new_state_ptr.dtype.element_ty), mask=tile)
 
     # 3. y = h C + D x, gated by silu(z).
     y = tl.sum(state * C.to(tl.float32)[None, :], axis=1)
@@ -85,12 +88,13 @@ def ssd_step_fwd_kernel(
 
 
 def ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_min: float, dt_max: float,
-                 state_indices):
-    """Launch the step kernel; shapes as ``ssm_hub.ops.ssd.ssd_step``. Returns (y [B, H, P], new_state fp32)."""
+                 state_indices, in_place: bool = False):
+    """Launch the step kernel; shapes as ``ssm_hub.ops.ssd.ssd_step``. Returns (y [B, H, P], new_state fp32), or
+    with ``in_place`` (y, state) after writing each row's new state over its slot of ``state``."""
     batch, heads, head_dim = x.shape
     groups, state_size = B.shape[1], B.shape[2]
     y = torch.empty_like(x)
-    new_state = torch.empty((batch, heads, head_dim, state_size), device=x.device, dtype=torch.float32)
+    new_state = state if in_place else x.new_empty((batch, heads, head_dim, state_size), dtype=torch.float32)
     block_n = triton.next_power_of_2(state_size)
     # Keep a program's state tile near 4K elements so it stays in registers.
     block_p = max(1, min(triton.next_power_of_2(head_dim), 4096 // block_n))
@@ -103,6 +107,6 @@ def ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_min
         head_dim, state_size, heads // groups, dt_min, dt_max,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_STATE_INDICES=state_indices is not None,
-        BLOCK_P=block_p, BLOCK_N=block_n,
+        NEW_STATE_AT_SLOT=in_place, BLOCK_P=block_p, BLOCK_N=block_n,
     )
     return y, new_state

@@ -76,13 +76,15 @@ class Mamba2Mixer(nn.Module):
         scan_kwargs = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
-            # Decode: one token against the cached conv window and recurrent state.
-            xBC, conv_state = causal_conv1d_step(xBC[:, 0], conv_state, conv_weight, conv_bias, activation="silu")
+            # Decode: one token against the cached conv window and recurrent state, both updated in place.
+            xBC, _ = causal_conv1d_step(
+                xBC[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True
+            )
             x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
-            y, ssm_state = ssd_step(
+            y, _ = ssd_step(
                 ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], A,
                 B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),
-                **scan_kwargs,
+                in_place=True, **scan_kwargs,
             )
             y = y.reshape(batch_size, 1, self.intermediate_size)
         else:
@@ -104,10 +106,9 @@ class Mamba2Mixer(nn.Module):
             )
             y, ssm_state = scan_out if want_states else (scan_out, None)
             y = y.reshape(batch_size, seq_len, self.intermediate_size)
-
-        if cache is not None:
-            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
-            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
-            cache.update_recurrent_state(ssm_state, self.layer_idx)
+            if cache is not None:
+                # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+                cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+                cache.update_recurrent_state(ssm_state, self.layer_idx)
         y = self.norm(y, gate)
         return self.out_proj(y.to(hidden_states.dtype))

@@ -75,11 +75,11 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
-            # Decode: one token against the cached conv window and recurrent state.
-            x, conv_state = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu")
+            # Decode: one token against the cached conv window and recurrent state, both updated in place.
+            x, _ = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True)
             dt, B, C = self._selection(x)
-            y, ssm_state = selective_scan_step(
-                ssm_state, x, dt, A, B, C, D=self.D, z=gate[:, 0], delta_softplus=True
+            y, _ = selective_scan_step(
+                ssm_state, x, dt, A, B, C, D=self.D, z=gate[:, 0], delta_softplus=True, in_place=True
             )
             y = y[:, None]
         else:
@@ -97,9 +97,8 @@ class MambaMixer(nn.Module):
                 return_final_state=want_states,
             )
             y, ssm_state = scan_out if want_states else (scan_out, None)
-
-        if cache is not None:
-            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
-            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
-            cache.update_recurrent_state(ssm_state, self.layer_idx)
+            if cache is not None:
+                # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+                cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+                cache.update_recurrent_state(ssm_state, self.layer_idx)
         return self.out_proj(y.to(hidden_states.dtype))

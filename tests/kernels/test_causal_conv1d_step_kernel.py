@@ -96,3 +96,21 @@ def test_steps_follow_the_reference_over_many_tokens():
         y_ref, state_ref = causal_conv1d_step(x, state_ref, weight, bias, "silu", backend="torch")
         torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(state, state_ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("indexed", [False, True])
+@pytest.mark.parametrize("width", [2, 4])
+def test_in_place_writes_each_rows_window_over_its_slot(backend, indexed, width):
+    # 600 channels: several programs, so the barrier between reading the window and writing it back matters.
+    inputs = _inputs(3, 600, width, torch.bfloat16, slots=6 if indexed else None)
+    inputs.update(bias=torch.randn(600, device=DEVICE), activation="silu")
+    indices = torch.tensor([4, 0, 2], device=DEVICE) if indexed else None
+    x, pool = inputs.pop("x"), inputs.pop("conv_state")
+    y_ref, new_ref = causal_conv1d_step(x, pool, **inputs, state_indices=indices, backend="torch")
+    expected = pool.clone()
+    expected[indices if indexed else slice(None)] = new_ref
+    y, returned = causal_conv1d_step(x, pool, **inputs, state_indices=indices, in_place=True, backend=backend)
+    assert returned is pool
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(pool, expected, rtol=0, atol=0)

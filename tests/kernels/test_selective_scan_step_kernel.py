@@ -99,3 +99,18 @@ def test_steps_follow_the_reference_over_many_tokens():
         y_ref, state_ref = selective_scan_step(state_ref, **step, backend="torch")
         torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(state, state_ref)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_in_place_writes_each_rows_state_over_its_slot(backend, indexed):
+    inputs = {**_inputs(3, 40, 16, torch.bfloat16, slots=6 if indexed else None), **_options(3, 40, torch.bfloat16)}
+    indices = torch.tensor([4, 0, 2], device=DEVICE) if indexed else None
+    pool = inputs.pop("state")
+    y_ref, new_ref = selective_scan_step(pool, **inputs, state_indices=indices, backend="torch")
+    expected = pool.clone()
+    expected[indices if indexed else slice(None)] = new_ref
+    y, returned = selective_scan_step(pool, **inputs, state_indices=indices, in_place=True, backend=backend)
+    assert returned is pool
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(pool, expected, rtol=1e-5, atol=1e-5)  # untouched slots stay exactly as they were

@@ -57,3 +57,19 @@ def test_kernel_leaves_the_state_alone_and_takes_strided_inputs():
     y, _ = ssd_step(**inputs, backend="triton")
     torch.testing.assert_close(inputs["state"], before, rtol=0, atol=0)
     torch.testing.assert_close(y, ssd_step(**inputs, backend="torch")[0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("indexed", [False, True])
+def test_in_place_writes_each_rows_state_over_its_slot(backend, indexed):
+    inputs = _inputs(3, 4, 16, 2, 8, torch.bfloat16, slots=6 if indexed else None)
+    inputs.update(D=torch.randn(4, device=DEVICE), dt_bias=torch.randn(4, device=DEVICE), dt_softplus=True)
+    indices = torch.tensor([4, 0, 2], device=DEVICE) if indexed else None
+    pool = inputs.pop("state")
+    y_ref, new_ref = ssd_step(pool, **inputs, state_indices=indices, backend="torch")
+    expected = pool.clone()
+    expected[indices if indexed else slice(None)] = new_ref
+    y, returned = ssd_step(pool, **inputs, state_indices=indices, in_place=True, backend=backend)
+    assert returned is pool
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(pool, expected, rtol=1e-5, atol=1e-5)  # untouched slots stay exactly as they were

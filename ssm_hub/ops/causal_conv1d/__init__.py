@@ -3,6 +3,7 @@
 import torch
 
 from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.decode_state import write_new_state
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.causal_conv1d.reference import (
     causal_conv1d_ref,
@@ -45,17 +46,24 @@ def causal_conv1d(
     return call_recomputing_in_backward(causal_conv1d_ref, (x, weight), kwargs)
 
 
-def causal_conv1d_step(x, conv_state, weight, bias=None, activation=None, state_indices=None, backend="auto"):
+def causal_conv1d_step(
+    x, conv_state, weight, bias=None, activation=None, state_indices=None, in_place=False, backend="auto"
+):
     """One decoding step: x [B, C], conv_state [B, C, K - 1] -> (y [B, C], new_conv_state [B, C, K - 1]).
 
     ``state_indices`` [B] (integer), for continuous batching: ``conv_state`` is then a pool of slots and row b
-    reads slot ``state_indices[b]``; ``new_conv_state`` is always [B, C, K - 1], one per row. Arguments and returns
-    otherwise as :func:`ssm_hub.ops.causal_conv1d.reference.causal_conv1d_step_ref`; ``conv_state`` is not
-    modified.
+    reads slot ``state_indices[b]``; ``new_conv_state`` is then [B, C, K - 1], one per row. ``in_place``: write
+    each row's new window over the slot it read and return ``conv_state`` itself, so a cache needs no copy (see
+    :mod:`ssm_hub.ops.decode_state`); otherwise ``conv_state`` is not modified. Arguments and returns otherwise
+    as :func:`ssm_hub.ops.causal_conv1d.reference.causal_conv1d_step_ref`.
     """
     if resolve_backend("causal_conv1d_step", backend, x, conv_state, weight, bias) == "triton":
         check_step_inputs(x, conv_state, weight, bias, activation, state_indices)
-        return torch.ops.ssm_hub.causal_conv1d_step(x, conv_state, weight, bias, activation, state_indices)
-    return causal_conv1d_step_ref(
+        args = (x, conv_state, weight, bias, activation, state_indices)
+        if in_place:
+            return torch.ops.ssm_hub.causal_conv1d_step_(*args), conv_state
+        return torch.ops.ssm_hub.causal_conv1d_step(*args)
+    y, new_state = causal_conv1d_step_ref(
         x, conv_state, weight, bias=bias, activation=activation, state_indices=state_indices
     )
+    return (y, write_new_state(conv_state, new_state, state_indices)) if in_place else (y, new_state)

@@ -1,5 +1,5 @@
-"""The causal conv1d decode-step kernel registered as a torch custom op (``torch.ops.ssm_hub.causal_conv1d_step``),
-with a fake implementation so that ``torch.compile`` traces through it without graph breaks. Registering needs no
+"""The causal conv1d decode-step kernel registered as torch custom ops (``torch.ops.ssm_hub.causal_conv1d_step``,
+and ``causal_conv1d_step_`` that writes the new window over ``conv_state``), with fake implementations so that ``torch.compile`` traces through it without graph breaks. Registering needs no
 triton; the kernel is imported when the op first runs."""
 
 import torch
@@ -24,3 +24,23 @@ def causal_conv1d_step_triton(
 def _(x, conv_state, weight, bias, activation, state_indices):
     batch, channels = x.shape
     return torch.empty_like(x), conv_state.new_empty((batch, channels, weight.shape[1] - 1))
+
+
+@torch.library.custom_op("ssm_hub::causal_conv1d_step_", mutates_args=("conv_state",))
+def causal_conv1d_step_in_place_triton(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str | None,
+    state_indices: torch.Tensor | None,
+) -> torch.Tensor:
+    from ssm_hub.kernels.causal_conv1d_step import causal_conv1d_step_fwd
+
+    bias, state_indices = [t.contiguous() if t is not None else None for t in (bias, state_indices)]
+    return causal_conv1d_step_fwd(x, conv_state, weight, bias, activation == "silu", state_indices, in_place=True)[0]
+
+
+@causal_conv1d_step_in_place_triton.register_fake
+def _(x, conv_state, weight, bias, activation, state_indices):
+    return torch.empty_like(x)

@@ -3,6 +3,7 @@
 import torch
 
 from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.decode_state import write_new_state
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.selective_scan.reference import (
     _check_scan_inputs,
@@ -76,20 +77,25 @@ def selective_scan_step(
     delta_bias=None,
     delta_softplus=False,
     state_indices=None,
+    in_place=False,
     backend="auto",
 ):
     """One decoding step: state [B, D, N], u/delta [B, D], B/C [B, N] -> (y [B, D], new_state [B, D, N]).
 
     ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
-    slot ``state_indices[b]``; ``new_state`` is always [B, D, N], one per row. Arguments and returns otherwise as
-    :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`; ``state`` is not modified.
+    slot ``state_indices[b]``; ``new_state`` is then [B, D, N], one per row. ``in_place``: write each row's new
+    state over the slot it read (in ``state``'s dtype) and return ``state`` itself, so a cache needs no copy (see
+    :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. Arguments and returns otherwise as
+    :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`.
     """
     if resolve_backend("selective_scan_step", backend, state, u, delta, A, B, C) == "triton":
         check_step_inputs(state, u, delta, A, B, C, D, z, delta_bias, state_indices)
-        return torch.ops.ssm_hub.selective_scan_step(
-            state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices
-        )
-    return selective_scan_step_ref(
+        args = (state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices)
+        if in_place:
+            return torch.ops.ssm_hub.selective_scan_step_(*args), state
+        return torch.ops.ssm_hub.selective_scan_step(*args)
+    y, new_state = selective_scan_step_ref(
         state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         state_indices=state_indices,
     )
+    return (y, write_new_state(state, new_state, state_indices)) if in_place else (y, new_state)

@@ -11,6 +11,10 @@ state.
 import torch
 
 
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 @torch.library.custom_op("ssm_hub::selective_scan_step", mutates_args=())
 def selective_scan_step_triton(
     state: torch.Tensor,
@@ -27,8 +31,7 @@ def selective_scan_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.selective_scan_step import selective_scan_step_fwd
 
-    contiguous = [t.contiguous() if t is not None else None for t in (A, D, delta_bias, state_indices)]
-    A, D, delta_bias, state_indices = contiguous
+    A, D, delta_bias, state_indices = _contiguous(A, D, delta_bias, state_indices)
     return selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices)
 
 
@@ -38,12 +41,35 @@ def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices)
     return torch.empty_like(u), u.new_empty((batch, dim, A.shape[1]), dtype=torch.float32)
 
 
+@torch.library.custom_op("ssm_hub::selective_scan_step_", mutates_args=("state",))
+def selective_scan_step_in_place_triton(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    state_indices: torch.Tensor | None,
+) -> torch.Tensor:
+    from ssm_hub.kernels.selective_scan_step import selective_scan_step_fwd
+
+    A, D, delta_bias, state_indices = _contiguous(A, D, delta_bias, state_indices)
+    return selective_scan_step_fwd(
+        state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, in_place=True
+    )[0]
+
+
+@selective_scan_step_in_place_triton.register_fake
+def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices):
+    return torch.empty_like(u)
+
+
 def _num_states(u, cu_seqlens) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else u.shape[0]
-
-
-def _contiguous(*tensors):
-    return [t.contiguous() if t is not None else None for t in tensors]
 
 
 @torch.library.custom_op("ssm_hub::selective_scan_fwd", mutates_args=())

@@ -3,6 +3,7 @@
 import torch
 
 from ssm_hub.backend import resolve_backend
+from ssm_hub.ops.decode_state import write_new_state
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.varlen import cu_seqlens_to_seq_idx, document_ids, document_starts
 from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_fwd_triton, ssd_step_triton  # noqa: F401  (registers the ops)
@@ -108,21 +109,25 @@ def ssd_step(
     dt_softplus=False,
     dt_limit=(0.0, float("inf")),
     state_indices=None,
+    in_place=False,
     backend="auto",
 ):
     """One decoding step: state [B, H, P, N], x [B, H, P], dt [B, H], B/C [B, G, N] -> (y [B, H, P], new_state).
 
     ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
-    slot ``state_indices[b]``; ``new_state`` is always [B, H, P, N], one per row. Arguments and returns otherwise
-    as :func:`ssm_hub.ops.ssd.reference.ssd_step_ref`; ``state`` is not modified.
+    slot ``state_indices[b]``; ``new_state`` is then [B, H, P, N], one per row. ``in_place``: write each row's new
+    state over the slot it read (in ``state``'s dtype) and return ``state`` itself as new_state, so a cache needs
+    no copy (see :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. Arguments and returns
+    otherwise as :func:`ssm_hub.ops.ssd.reference.ssd_step_ref`.
     """
     if resolve_backend("ssd_step", backend, state, x, dt, A, B, C) == "triton":
         check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, state_indices)
-        low, high = dt_limit
-        return torch.ops.ssm_hub.ssd_step(
-            state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(low), float(high), state_indices
-        )
-    return ssd_step_ref(
+        args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]), state_indices)
+        if in_place:
+            return torch.ops.ssm_hub.ssd_step_(*args), state
+        return torch.ops.ssm_hub.ssd_step(*args)
+    y, new_state = ssd_step_ref(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         state_indices=state_indices,
     )
+    return (y, write_new_state(state, new_state, state_indices)) if in_place else (y, new_state)

@@ -23,8 +23,7 @@ def ssd_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
-    contiguous = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
-    A, D, dt_bias, state_indices = contiguous
+    A, D, dt_bias, state_indices = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
     return ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices)
 
 
@@ -32,6 +31,35 @@ def ssd_step_triton(
 def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices):
     batch, heads, head_dim = x.shape
     return torch.empty_like(x), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ssm_hub::ssd_step_", mutates_args=("state",))
+def ssd_step_in_place_triton(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    dt_softplus: bool,
+    dt_min: float,
+    dt_max: float,
+    state_indices: torch.Tensor | None,
+) -> torch.Tensor:
+    from ssm_hub.kernels.ssd_step import ssd_step_fwd
+
+    A, D, dt_bias, state_indices = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
+    return ssd_step_fwd(
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, in_place=True
+    )[0]
+
+
+@ssd_step_in_place_triton.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices):
+    return torch.empty_like(x)
 
 
 # The chunked scan's optional inputs come back from the backward as empty tensors (a custom op cannot return None).
