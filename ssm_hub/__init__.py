@@ -6,6 +6,7 @@ targets for them.
 """
 
 from ssm_hub import auto  # noqa: F401  (registration happens on import)
+from ssm_hub.generation import cuda_graph_greedy
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import (
     SsmHubHybridForCausalLM,
@@ -28,6 +29,7 @@ from ssm_hub.models.mamba2.modeling_mamba2 import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cuda_graph_greedy",
     "SsmHubMambaConfig",
     "SsmHubMambaModel",
     "SsmHubMambaForCausalLM",

@@ -1,0 +1,84 @@
+"""Where a 130M Mamba-2's batch-1 decode step spends its time, on one CUDA GPU.
+
+    python benchmarks/profile_decode.py                  # ssm_hub (backend from SSM_HUB_BACKEND), bf16
+    python benchmarks/profile_decode.py --output decode_profile.json
+
+After a 128-token prefill into a static cache it times one decode step (model forward on one token) three ways:
+eagerly (Python and launches included), as a CUDA-graph replay of the same step (the device time alone, what
+ssm_hub.cuda_graph_greedy pays per token), and kernel by kernel with torch.profiler (name, launches per step,
+device time per step), which says which kernels a faster step must fuse or speed up.
+"""
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import StaticCache
+
+from mamba2_130m import OURS, build
+
+
+def per_step_ms(run, steps: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vocab-size", type=int, default=50288)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    model = build(OURS, args.vocab_size).to("cuda", torch.bfloat16).eval()
+    cache = StaticCache(config=model.config, max_cache_len=1024)
+    tokens = torch.randint(1, args.vocab_size, (1, 1), device="cuda")
+
+    def step():
+        model(input_ids=tokens, cache=cache, use_cache=True, logits_to_keep=1)
+
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, args.vocab_size, (1, 128), device="cuda"), cache=cache, use_cache=True)
+        eager_ms = per_step_ms(step, args.steps)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph_ms = per_step_ms(graph.replay, args.steps)
+        profiled_steps = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(profiled_steps):
+                step()
+            torch.cuda.synchronize()
+    kernels = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name][0] += 1
+            kernels[event.name][1] += event.device_time
+    table = sorted(
+        ({"kernel": name, "launches_per_step": n / profiled_steps, "us_per_step": us / profiled_steps}
+         for name, (n, us) in kernels.items()),
+        key=lambda row: -row["us_per_step"],
+    )
+    report = {
+        "device": torch.cuda.get_device_name(), "eager_step_ms": eager_ms, "graph_step_ms": graph_ms,
+        "kernel_launches_per_step": sum(row["launches_per_step"] for row in table),
+        "kernel_us_per_step": sum(row["us_per_step"] for row in table), "kernels": table,
+    }
+    print(f"{report['device']}: eager step {eager_ms:.3f} ms, graph replay {graph_ms:.3f} ms "
+          f"({1e3 / graph_ms:.0f} tokens/s), {report['kernel_launches_per_step']:.0f} launches, "
+          f"{report['kernel_us_per_step']:.0f} us of kernels per step")
+    for row in table[:25]:
+        print(f"{row['us_per_step']:8.1f} us {row['launches_per_step']:5.0f}x  {row['kernel'][:110]}")
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
