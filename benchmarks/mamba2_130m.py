@@ -1,6 +1,7 @@
 """The 130M-parameter Mamba-2 the benchmarks compare on: ssm_hub's and transformers' own, built from one set of
 fields (hidden 768, 24 layers, state 128, head_dim 64, chunk 256, tied embeddings)."""
 
+import importlib.util
 import os
 
 import torch
@@ -9,16 +10,18 @@ import transformers
 import ssm_hub
 
 OURS = "ssm_hub"
-TRANSFORMERS = "transformers Mamba2ForCausalLM (torch path)"
+TRANSFORMERS = "transformers Mamba2ForCausalLM"
 CANDIDATES = (OURS, TRANSFORMERS)
 
 
 def label(candidate: str) -> str:
-    """The candidate's name in result tables; ours names the backend it ran (SSM_HUB_BACKEND)."""
+    """The candidate's name in result tables: ours names the backend it ran (SSM_HUB_BACKEND), transformers' the
+    kernels it found (its fast path needs both mamba_ssm and causal_conv1d importable, else it runs torch code)."""
     if candidate == OURS:
         backend = os.environ.get("SSM_HUB_BACKEND", "auto")
         return f"ssm_hub ({'torch reference' if backend == 'torch' else 'backend ' + backend})"
-    return candidate
+    fast_path = all(importlib.util.find_spec(name) is not None for name in ("mamba_ssm", "causal_conv1d"))
+    return f"{candidate} ({'mamba_ssm + causal_conv1d kernels' if fast_path else 'torch path'})"
 
 
 def mamba2_130m_fields(vocab_size: int) -> dict:
