@@ -19,10 +19,11 @@ from test_save_load import REMOTE_CODE_SCRIPT
 
 
 def tiny(**overrides):
-    # Every mixer and feed-forward kind once: Mamba-2 + MLP, attention + MoE, Mamba-1 + none, sliding + MoE.
+    # Every mixer and feed-forward kind: Mamba-2 + MLP, attention + MoE, Mamba-1 + none, sliding + PKM, Mamba-2 + MoE.
     fields = dict(
-        vocab_size=97, hidden_size=64, num_hidden_layers=4,
-        mixer_types=["mamba2", "attention", "mamba", "sliding_attention"], ffn_types=["mlp", "moe", "none", "moe"],
+        vocab_size=97, hidden_size=64, num_hidden_layers=5,
+        mixer_types=["mamba2", "attention", "mamba", "sliding_attention", "mamba2"],
+        ffn_types=["mlp", "moe", "none", "pkm", "moe"], pkm_num_keys=8, pkm_heads=2, pkm_key_dim=16, pkm_topk=3,
         sliding_window=5, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, num_experts=4,
         num_experts_per_tok=2, mamba_d_state=16, mamba_d_head=16, mamba_n_groups=2, mamba_chunk_size=8,
     )
@@ -50,7 +51,8 @@ def test_auto_classes_build_the_hybrid():
     kinds = [(type(getattr(block, "mamba", None) or block.self_attn).__name__, block.ffn_type)
              for block in model.model.layers]
     assert kinds == [("Mamba2Mixer", "mlp"), ("SelfAttention", "moe"), ("MambaMixer", "none"),
-                     ("SelfAttention", "moe")]
+                     ("SelfAttention", "pkm"), ("Mamba2Mixer", "moe")]
+    assert type(model.model.layers[3].feed_forward).__name__ == "ProductKeyMemory"
     assert model.model.layers[3].self_attn.sliding_window == 5 and model.model.layers[1].self_attn.sliding_window is None
 
 
@@ -137,7 +139,7 @@ def test_save_load_round_trip_with_code_bundle(tmp_path):
 
 def test_a_cache_not_built_from_the_config_is_refused():
     model = model_for()
-    wrong = DynamicCache(config=tiny(mixer_types=["mamba2"] * 4, ffn_types=["mlp"] * 4))
+    wrong = DynamicCache(config=tiny(mixer_types=["mamba2"] * 5, ffn_types=["mlp"] * 5))
     with pytest.raises(ValueError, match="cache must be built from the model's config"):
         model(torch.randint(1, 97, (1, 5)), cache=wrong)
 

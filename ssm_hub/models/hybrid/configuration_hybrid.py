@@ -6,7 +6,8 @@ The stack is described per layer by two explicit lists, which is what the config
 - ``mixer_types``: ``"mamba"`` (Mamba-1), ``"mamba2"``, ``"attention"`` (full causal attention) or
   ``"sliding_attention"`` (causal attention within ``sliding_window`` tokens). Samba- or Hydra-style sparse global
   attention is just a pattern of these.
-- ``ffn_types``: the feed-forward after each mixer: ``"mlp"`` (SwiGLU), ``"moe"`` or ``"none"``.
+- ``ffn_types``: the feed-forward after each mixer: ``"mlp"`` (SwiGLU), ``"moe"``, ``"pkm"`` (product-key memory,
+  ``pkm_*`` fields) or ``"none"``.
 
 Jamba's period form is accepted instead of the lists: ``attn_layer_period`` / ``attn_layer_offset`` put an
 attention layer wherever ``layer % period == offset`` (the other layers are ``ssm_type``), and
@@ -36,7 +37,7 @@ from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 SSM_MIXERS = ("mamba", "mamba2")
 ATTENTION_MIXERS = ("attention", "sliding_attention")
 MIXER_TYPES = SSM_MIXERS + ATTENTION_MIXERS
-FFN_TYPES = ("mlp", "moe", "none")
+FFN_TYPES = ("mlp", "moe", "pkm", "none")
 # transformers' cache layer kind for each mixer.
 CACHE_LAYER_TYPES = {
     "mamba": "linear_attention",
@@ -97,6 +98,11 @@ class SsmHubHybridConfig(SsmHubConfig):
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
     output_router_logits: bool = False
+    # Product-key memory (Lample et al.'s names, prefixed): pkm_num_keys ** 2 slots of hidden_size values.
+    pkm_num_keys: int = 256
+    pkm_heads: int = 4
+    pkm_key_dim: int = 256
+    pkm_topk: int = 32
     # SSM layers (Bamba's names), mapped onto the pure-SSM configs by ssm_config().
     mamba_d_state: int = 128
     mamba_d_conv: int = 4
@@ -213,6 +219,14 @@ class SsmHubHybridConfig(SsmHubConfig):
                 value = getattr(self, coefficient)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                     raise ValueError(f"{name}.{coefficient} must be a number >= 0, got {value!r}")
+        if "pkm" in self.ffn_types:
+            require_positive_int(self, "pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk")
+            if self.pkm_key_dim % 2:
+                raise ValueError(f"{name}.pkm_key_dim must be even (it is split into two halves), "
+                                 f"got {self.pkm_key_dim}")
+            if self.pkm_topk > self.pkm_num_keys:
+                raise ValueError(f"{name}: pkm_topk ({self.pkm_topk}) must not exceed pkm_num_keys "
+                                 f"({self.pkm_num_keys})")
         for kind in SSM_MIXERS:
             if kind in self.mixer_types:
                 try:

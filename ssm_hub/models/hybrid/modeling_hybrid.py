@@ -8,7 +8,7 @@
 
 Each layer is ``x + mixer(norm(x))`` then, unless its feed-forward is ``"none"``, ``x + ffn(norm(x))``. The mixer is
 a Mamba-1 or Mamba-2 mixer (the pure-SSM models' own, built from ``config.ssm_config(kind)``) or self-attention;
-the feed-forward a SwiGLU MLP or a mixture of experts. Module names follow transformers' Jamba and Bamba
+the feed-forward a SwiGLU MLP, a mixture of experts or a product-key memory. Module names follow transformers' Jamba and Bamba
 (``model.embed_tokens``, ``input_layernorm``, ``mamba`` / ``self_attn``, ``pre_ff_layernorm``, ``feed_forward``,
 ``model.final_layernorm``), so that their checkpoints convert by a declarative map.
 
@@ -36,6 +36,7 @@ from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
 from ssm_hub.layers.mamba_mixer import MambaMixer
 from ssm_hub.layers.mlp import SwiGLUMLP
 from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
+from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
 from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
@@ -108,7 +109,7 @@ class HybridCausalLMOutput(ModelOutput):
 
 
 class HybridBlock(GradientCheckpointingLayer):
-    """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP or MoE)."""
+    """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP, MoE or PKM)."""
 
     def __init__(self, config: SsmHubHybridConfig, layer_idx: int):
         super().__init__()
@@ -131,6 +132,10 @@ class HybridBlock(GradientCheckpointingLayer):
             self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         if self.ffn_type == "mlp":
             self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        elif self.ffn_type == "pkm":
+            self.feed_forward = ProductKeyMemory(
+                config.hidden_size, config.pkm_num_keys, config.pkm_heads, config.pkm_key_dim, config.pkm_topk
+            )
         elif self.ffn_type == "moe":
             self.feed_forward = SparseMoE(
                 config.hidden_size, config.num_experts, config.num_experts_per_tok,
@@ -194,6 +199,12 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, ProductKeyMemory):
+            # Lample et al.: sub-keys uniform within 1 / sqrt(their size), values N(0, 1 / hidden_size); the query
+            # projection is a Linear, initialised above like every projection.
+            bound = (module.key_dim // 2) ** -0.5
+            init.uniform_(module.keys, -bound, bound)
+            init.normal_(module.values.weight, mean=0.0, std=module.values.embedding_dim**-0.5)
         if isinstance(module, (MambaMixer, Mamba2Mixer)):
             kind = "mamba" if isinstance(module, MambaMixer) else "mamba2"
             module.init_ssm_parameters(self.config.ssm_config(kind))
