@@ -1,10 +1,12 @@
-"""Convert Mamba / Mamba-2 checkpoints between mamba_ssm's, transformers' and ssm_hub's formats.
+"""Convert Mamba / Mamba-2 / hybrid checkpoints between mamba_ssm's, transformers' and ssm_hub's formats.
 
     from ssm_hub.conversion.checkpoint import convert_checkpoint
     convert_checkpoint("state-spaces/mamba-130m-hf", "mamba-130m-ssm-hub")            # -> ssm_hub_mamba
     convert_checkpoint("mamba-130m-ssm-hub", "mamba-130m-transformers", to="mamba")  # -> transformers' MambaForCausalLM
+    convert_checkpoint("ai21labs/Jamba-tiny-dev", "jamba-tiny-ssm-hub")               # -> ssm_hub_hybrid
+    convert_checkpoint("jamba-tiny-ssm-hub", "jamba-tiny-transformers", to="jamba")   # -> transformers' JambaForCausalLM
 
-or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2] [--dtype bfloat16]``.
+or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2|jamba] [--dtype bfloat16]``.
 
 Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative
 maps of :mod:`ssm_hub.conversion.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
@@ -22,11 +24,22 @@ from huggingface_hub import list_repo_files, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
-from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM, PreTrainedConfig
+from transformers import (
+    JambaConfig,
+    JambaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    PreTrainedConfig,
+)
 
 from ssm_hub.conversion.weight_maps import (
+    JAMBA_TO_SSM_HUB_HYBRID,
     MAMBA_SSM_MAMBA1_TO_SSM_HUB,
     MAMBA_SSM_MAMBA2_TO_SSM_HUB,
+    SSM_HUB_HYBRID_TO_JAMBA,
+    SSM_HUB_HYBRID_TO_SSM_HUB,
     SSM_HUB_MAMBA2_TO_SSM_HUB,
     SSM_HUB_MAMBA2_TO_TRANSFORMERS,
     SSM_HUB_MAMBA_TO_SSM_HUB,
@@ -37,22 +50,28 @@ from ssm_hub.conversion.weight_maps import (
     apply_config_map,
     apply_weight_map,
 )
+from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
+from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba.modeling_mamba import SsmHubMambaForCausalLM
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 from ssm_hub.models.mamba2.modeling_mamba2 import SsmHubMamba2ForCausalLM
 
-TARGETS = ("ssm_hub", "mamba", "mamba2")
-"""``to`` values: ssm_hub's own format, or transformers' native MambaForCausalLM / Mamba2ForCausalLM."""
+TARGETS = ("ssm_hub", "mamba", "mamba2", "jamba")
+"""``to`` values: ssm_hub's own format, or transformers' native MambaForCausalLM / Mamba2ForCausalLM /
+JambaForCausalLM."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Each source model_type, with the architecture it holds ("mamba" = Mamba-1, "mamba2" = Mamba-2) and its map to ssm_hub.
+# Each source model_type, with the architecture it holds ("mamba" = Mamba-1, "mamba2" = Mamba-2, "hybrid" = an
+# SSM / attention / MoE stack) and its map to ssm_hub.
 _FORMATS_BY_MODEL_TYPE: dict[str, tuple[str, ConversionMap]] = {
     "mamba": ("mamba", TRANSFORMERS_MAMBA_TO_SSM_HUB),
     "mamba2": ("mamba2", TRANSFORMERS_MAMBA2_TO_SSM_HUB),
+    "jamba": ("hybrid", JAMBA_TO_SSM_HUB_HYBRID),
     SsmHubMambaConfig.model_type: ("mamba", SSM_HUB_MAMBA_TO_SSM_HUB),
     SsmHubMamba2Config.model_type: ("mamba2", SSM_HUB_MAMBA2_TO_SSM_HUB),
+    SsmHubHybridConfig.model_type: ("hybrid", SSM_HUB_HYBRID_TO_SSM_HUB),
 }
 # mamba_ssm's config.json has no model_type; its ssm_cfg["layer"] names the mixer (absent: Mamba1).
 _MAMBA_SSM_KEYS = ("d_model", "n_layer", "ssm_cfg")
@@ -61,19 +80,25 @@ _MAMBA_SSM_FORMATS_BY_LAYER: dict[str, tuple[str, ConversionMap]] = {
     "Mamba2": ("mamba2", MAMBA_SSM_MAMBA2_TO_SSM_HUB),
 }
 SUPPORTED_FORMATS = (
-    "transformers-native MambaForCausalLM / Mamba2ForCausalLM (model_type 'mamba' / 'mamba2')",
-    f"ssm_hub (model_type '{SsmHubMambaConfig.model_type}' / '{SsmHubMamba2Config.model_type}')",
+    "transformers-native MambaForCausalLM / Mamba2ForCausalLM / JambaForCausalLM (model_type 'mamba' / 'mamba2' / "
+    "'jamba')",
+    f"ssm_hub (model_type '{SsmHubMambaConfig.model_type}' / '{SsmHubMamba2Config.model_type}' / "
+    f"'{SsmHubHybridConfig.model_type}')",
     "mamba_ssm MambaLMHeadModel (config.json with d_model, n_layer and ssm_cfg; Mamba1 or Mamba2 mixers)",
 )
 
 _SSM_HUB_CLASSES = {
     "mamba": (SsmHubMambaConfig, SsmHubMambaForCausalLM),
     "mamba2": (SsmHubMamba2Config, SsmHubMamba2ForCausalLM),
+    "hybrid": (SsmHubHybridConfig, SsmHubHybridForCausalLM),
 }
+# Each transformers target: the architecture it holds, its classes and the map from ssm_hub's format.
 _TRANSFORMERS_CLASSES = {
-    "mamba": (MambaConfig, MambaForCausalLM, SSM_HUB_MAMBA_TO_TRANSFORMERS),
-    "mamba2": (Mamba2Config, Mamba2ForCausalLM, SSM_HUB_MAMBA2_TO_TRANSFORMERS),
+    "mamba": ("mamba", MambaConfig, MambaForCausalLM, SSM_HUB_MAMBA_TO_TRANSFORMERS),
+    "mamba2": ("mamba2", Mamba2Config, Mamba2ForCausalLM, SSM_HUB_MAMBA2_TO_TRANSFORMERS),
+    "jamba": ("hybrid", JambaConfig, JambaForCausalLM, SSM_HUB_HYBRID_TO_JAMBA),
 }
+_ARCHITECTURE_NAMES = {"mamba": "Mamba-1", "mamba2": "Mamba-2", "hybrid": "hybrid"}
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
@@ -89,8 +114,8 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
                        dtype: str | torch.dtype | None = None) -> Path:
     """Convert the checkpoint at ``source`` (a local folder or a Hub model id) and write it to ``output_dir``.
 
-    ``to``: ``"ssm_hub"`` (model_type ssm_hub_mamba / ssm_hub_mamba2), or ``"mamba"`` / ``"mamba2"`` for
-    transformers' own MambaForCausalLM / Mamba2ForCausalLM. ``dtype`` ("float32", "bfloat16", "float16" or the torch
+    ``to``: ``"ssm_hub"`` (model_type ssm_hub_mamba / ssm_hub_mamba2 / ssm_hub_hybrid), or ``"mamba"`` /
+    ``"mamba2"`` / ``"jamba"`` for transformers' own MambaForCausalLM / Mamba2ForCausalLM / JambaForCausalLM. ``dtype`` ("float32", "bfloat16", "float16" or the torch
     dtype) casts every floating-point tensor; ``None`` keeps the stored dtypes. Hub ids are fetched with
     ``huggingface_hub.snapshot_download`` (config, safetensors, tokenizer and generation files only), which honours
     HF_ENDPOINT, HF_HUB_OFFLINE and the HF cache. Returns the output folder.
@@ -108,11 +133,11 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
 
     source_config = _read_config(source_dir)
     architecture, to_ssm_hub = _detect_format(source_config, source_dir)
-    if to != "ssm_hub" and to != architecture:
-        held = "Mamba-1" if architecture == "mamba" else "Mamba-2"
+    if to != "ssm_hub" and _TRANSFORMERS_CLASSES[to][0] != architecture:
+        fitting = [name for name, (held, *_) in _TRANSFORMERS_CLASSES.items() if held == architecture]
         raise ValueError(
-            f"to={to!r} writes transformers' {_TRANSFORMERS_CLASSES[to][1].__name__}, but {source} holds a {held} "
-            f"model: use to={architecture!r} or to='ssm_hub'"
+            f"to={to!r} writes transformers' {_TRANSFORMERS_CLASSES[to][2].__name__}, but {source} holds a "
+            f"{_ARCHITECTURE_NAMES[architecture]} model: use to={fitting[0]!r} or to='ssm_hub'"
         )
 
     weights = _read_safetensors(source_dir, source)
@@ -124,12 +149,12 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
     with _naming(source, to_ssm_hub):
         shapes = {name: tuple(tensor.shape) for name, tensor in weights.items()}
         config = config_class(**apply_config_map(source_config, to_ssm_hub, shapes))
-        weights = apply_weight_map(weights, to_ssm_hub.weights, config)
+        weights = apply_weight_map(to_ssm_hub.prepared(weights), to_ssm_hub.weight_rules(config), config)
     if to != "ssm_hub":
-        config_class, model_class, to_transformers = _TRANSFORMERS_CLASSES[to]
+        _, config_class, model_class, to_transformers = _TRANSFORMERS_CLASSES[to]
         with _naming(source, to_transformers):
             config = config_class(**apply_config_map(config.to_dict(), to_transformers))
-            weights = apply_weight_map(weights, to_transformers.weights, config)
+            weights = apply_weight_map(weights, to_transformers.weight_rules(config), config)
 
     _save(model_class, config, weights, output_dir)
     for name in TOKENIZER_FILES:
@@ -285,5 +310,5 @@ def _save(model_class: type, config, weights: dict[str, torch.Tensor], output_di
     # assign=True keeps each tensor's own dtype (mamba_ssm keeps some in float32) instead of the meta model's.
     model.load_state_dict(weights, strict=True, assign=True)
     model.tie_weights()
-    model.config.dtype = weights["backbone.embeddings.weight"].dtype
+    model.config.dtype = model.get_input_embeddings().weight.dtype
     model.save_pretrained(output_dir)

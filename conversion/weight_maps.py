@@ -30,8 +30,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import Mamba2Config, MambaConfig, PreTrainedConfig
+from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, MambaConfig, PreTrainedConfig
 
+from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
+from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 
@@ -99,12 +101,29 @@ class SizeFromWeight:
 
 @dataclass(frozen=True)
 class ConversionMap:
-    """Everything needed to turn one checkpoint format into another: config fields and weights."""
+    """Everything needed to turn one checkpoint format into another: config fields and weights.
+
+    ``weights`` is a tuple of rules, or a function of the target config that returns them (a hybrid's tensors
+    depend on its layer layout). ``finish`` derives the target fields that no single source field gives (Jamba's
+    period form from ssm_hub's per-layer lists, and back): it receives the flattened source config and the target
+    keyword arguments built so far, returns the final keyword arguments, and raises ValueError for a layout the
+    target cannot express. ``prepare_weights`` turns the source state dict into the tensors the rules name
+    before they are checked (Jamba's checkpoints store each expert's projections apart; the rules name the fused
+    3-D tensors).
+    """
 
     description: str
     config_fields: tuple[ConfigField, ...]
-    weights: tuple[WeightRule, ...]
+    weights: tuple[WeightRule, ...] | Callable[[Any], tuple[WeightRule, ...]]
     sizes_from_weights: tuple[SizeFromWeight, ...] = ()
+    finish: Callable[[dict, dict], dict] | None = None
+    prepare_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+
+    def weight_rules(self, config) -> tuple[WeightRule, ...]:
+        return self.weights(config) if callable(self.weights) else self.weights
+
+    def prepared(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.prepare_weights(state_dict) if self.prepare_weights is not None else state_dict
 
 
 # Shapes are functions of a config with transformers' field names, on which ssm_hub's and transformers' configs agree.
@@ -130,6 +149,10 @@ def _uses_bias(config) -> bool:
 
 def _uses_conv_bias(config) -> bool:
     return config.use_conv_bias
+
+
+def _has_inner_layernorms(config) -> bool:
+    return getattr(config, "inner_layernorms", False)  # transformers' MambaConfig has no such field
 
 
 _EMBEDDINGS = "backbone.embeddings.weight"
@@ -163,8 +186,12 @@ MAMBA_IDENTITY_RULES = _model_rules((
     _mixer_rule("D", lambda c: (_inner(c),)),
     _mixer_rule("out_proj.weight", lambda c: (c.hidden_size, _inner(c))),
     _mixer_rule("out_proj.bias", lambda c: (c.hidden_size,), _uses_bias),
+    _mixer_rule("dt_layernorm.weight", lambda c: (c.time_step_rank,), _has_inner_layernorms),
+    _mixer_rule("b_layernorm.weight", lambda c: (c.state_size,), _has_inner_layernorms),
+    _mixer_rule("c_layernorm.weight", lambda c: (c.state_size,), _has_inner_layernorms),
 ))
-"""Mamba-1 parameters, named alike in transformers' MambaForCausalLM and ssm_hub's SsmHubMambaForCausalLM."""
+"""Mamba-1 parameters, named alike in transformers' MambaForCausalLM and ssm_hub's SsmHubMambaForCausalLM (the
+dt / B / C norms only with ssm_hub's ``inner_layernorms``, which transformers' Mamba cannot express)."""
 
 MAMBA2_IDENTITY_RULES = _model_rules((
     _mixer_rule("in_proj.weight", lambda c: (_mamba2_in_proj_rows(c), c.hidden_size)),
@@ -274,7 +301,11 @@ SSM_HUB_MAMBA_TO_TRANSFORMERS = ConversionMap(
     description="ssm_hub_mamba -> transformers MambaForCausalLM",
     config_fields=(
         *_same_fields(MAMBA_SHARED_FIELDS, SsmHubMambaConfig, but=("rescale_prenorm_residual",)),
-        *_NO_RESCALE_ON_LOAD, *_REWRITTEN_ON_SAVE, *_DTYPE,
+        *_NO_RESCALE_ON_LOAD,
+        ConfigField("inner_layernorms", None, default=False, supported=lambda value: value is False,
+                    reason="transformers' MambaForCausalLM has no dt / B / C norms (Jamba's); keep this checkpoint "
+                           "in the ssm_hub format"),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
     ),
     weights=MAMBA_IDENTITY_RULES,
 )
@@ -295,7 +326,9 @@ SSM_HUB_MAMBA2_TO_TRANSFORMERS = ConversionMap(
 
 SSM_HUB_MAMBA_TO_SSM_HUB = ConversionMap(
     description="ssm_hub_mamba -> ssm_hub_mamba",
-    config_fields=(*_same_fields(MAMBA_SHARED_FIELDS, SsmHubMambaConfig), *_REWRITTEN_ON_SAVE, *_DTYPE),
+    config_fields=(
+        *_same_fields(MAMBA_SHARED_FIELDS + ("inner_layernorms",), SsmHubMambaConfig), *_REWRITTEN_ON_SAVE, *_DTYPE,
+    ),
     weights=MAMBA_IDENTITY_RULES,
 )
 
@@ -427,6 +460,11 @@ def apply_config_map(
             problems.append(f"{field.source} = {value!r} is not supported: {field.reason}")
         elif field.target is not None:
             target_kwargs[field.target] = value
+    if not problems and conversion_map.finish is not None:
+        try:
+            target_kwargs = conversion_map.finish(flat, dict(target_kwargs))
+        except ValueError as error:
+            problems.append(str(error))
     if problems:
         raise ValueError(
             f"cannot convert the config ({conversion_map.description}):\n  " + "\n  ".join(problems)
@@ -573,3 +611,199 @@ def _ranges(numbers: list[int]) -> str:
         if number is not None:
             start = previous = number
     return ", ".join(spans)
+
+
+# Hybrids. ssm_hub_hybrid names its modules as transformers' Jamba does (model.embed_tokens, input_layernorm, mamba /
+# self_attn, pre_ff_layernorm, feed_forward with router / experts, final_layernorm), so a Jamba checkpoint maps by
+# identity. The rules are read off the target model class built on the meta device for the target config, which
+# checks every key and shape against the layer layout.
+
+_HYBRID_EMBEDDINGS = "model.embed_tokens.weight"
+
+
+def identity_rules(model_class: type) -> Callable[[Any], tuple[WeightRule, ...]]:
+    """Rules keeping every tensor of ``model_class(config)`` under its own name and shape (lm_head tied to the
+    embeddings when the config ties them)."""
+
+    def rules(config) -> tuple[WeightRule, ...]:
+        with torch.device("meta"):
+            model = model_class(config)
+        return tuple(
+            WeightRule(name, name, lambda c, shape=tuple(tensor.shape): shape,
+                       tied_to=_HYBRID_EMBEDDINGS if name == "lm_head.weight" else None)
+            for name, tensor in model.state_dict().items()
+        )
+
+    return rules
+
+
+def _period_form(kinds: list[str], special: str, name: str, other: str) -> tuple[int, int]:
+    """(period, offset) with ``kinds[i] == special`` exactly where ``i % period == offset``; ValueError if none.
+    A stack without ``special`` layers gets a period longer than the stack."""
+    layers = len(kinds)
+    if special not in kinds:
+        return layers + 1, layers
+    for period in range(1, layers + 1):
+        offset = kinds.index(special) % period
+        if all((kind == special) == (i % period == offset) for i, kind in enumerate(kinds)):
+            return period, offset
+    raise ValueError(f"{name} = {kinds} has no period form (Jamba puts {special} layers wherever layer % period == "
+                     f"offset and {other} layers elsewhere)")
+
+
+def _jamba_layout_from_lists(source: dict, target: dict) -> dict:
+    mixers, ffns = source["mixer_types"], source["ffn_types"]
+    for name, kinds, allowed in (("mixer_types", mixers, ("mamba", "attention")), ("ffn_types", ffns, ("mlp", "moe"))):
+        unsupported = sorted(set(kinds) - set(allowed))
+        if unsupported:
+            raise ValueError(f"{name} holds {unsupported}: Jamba's layers are {allowed} only")
+    attn_period, attn_offset = _period_form(mixers, "attention", "mixer_types", "Mamba-1")
+    expert_period, expert_offset = _period_form(ffns, "moe", "ffn_types", "MLP")
+    target.update(attn_layer_period=attn_period, attn_layer_offset=attn_offset,
+                  expert_layer_period=expert_period, expert_layer_offset=expert_offset)
+    if "moe" not in ffns:  # Jamba's "no MoE" is one expert per layer, an MLP
+        target.update(num_experts=1, num_experts_per_tok=1)
+    if target.get("head_dim") is None:  # Jamba reads head_dim only if the config has it, else hidden / heads
+        target.pop("head_dim", None)
+    return target
+
+
+def _lists_from_jamba_layout(source: dict, target: dict) -> dict:
+    if target["num_experts"] <= 1:  # one expert: every feed-forward is Jamba's MLP, whatever the expert period
+        del target["expert_layer_period"], target["expert_layer_offset"]
+        target.update(ffn_types=["mlp"] * target["num_hidden_layers"], num_experts_per_tok=1)
+    return target
+
+
+_JAMBA_SHARED_FIELDS = (
+    "vocab_size", "tie_word_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "hidden_act", "initializer_range", "use_cache",
+    "output_router_logits", "router_aux_loss_coef", "pad_token_id", "bos_token_id", "eos_token_id",
+    "max_position_embeddings", "attention_dropout", "num_experts_per_tok", "num_experts", "mamba_d_state",
+    "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias", "mamba_proj_bias",
+)
+"""Fields that transformers' JambaConfig and SsmHubHybridConfig both have, with the same meaning."""
+
+_JAMBA_KERNEL_SWITCHES = _dropped(
+    ("use_mamba_kernels", "use_mambapy", "use_associative_scan"),
+    "a transformers switch between implementations of the same math; ssm_hub picks its own with backend=",
+)
+
+
+def _is(expected):
+    return lambda value: value == expected
+
+
+def _jamba_to_ssm_hub_fields() -> tuple[ConfigField, ...]:
+    return (
+        *_same_fields(_JAMBA_SHARED_FIELDS, JambaConfig),
+        *_same_fields(("attn_layer_period", "attn_layer_offset", "expert_layer_period", "expert_layer_offset"),
+                      JambaConfig),
+        ConfigField("rms_norm_eps", "layer_norm_epsilon", default=JambaConfig.rms_norm_eps),
+        ConfigField("head_dim", "head_dim", default=None),
+        ConfigField(None, "ssm_type", default="mamba", reason="Jamba's SSM layers are Mamba-1"),
+        ConfigField(None, "mamba_inner_layernorms", default=True,
+                    reason="Jamba's Mamba layers always normalise dt, B and C"),
+        ConfigField(None, "use_rope", default=False, reason="Jamba's attention has no positional encoding"),
+        ConfigField(None, "residual_in_fp32", default=False, reason="Jamba adds the residuals in the model's dtype"),
+        ConfigField(None, "router_scoring", default="softmax", reason="Jamba's router: softmax, then top-k"),
+        ConfigField(None, "norm_topk_prob", default=False, reason="Jamba does not renormalise the top-k weights"),
+        *_JAMBA_KERNEL_SWITCHES, *_REWRITTEN_ON_SAVE, *_DTYPE,
+    )
+
+
+def _ssm_hub_to_jamba_fields() -> tuple[ConfigField, ...]:
+    def cannot(name, expected, reason):
+        return ConfigField(name, None, default=expected, supported=_is(expected), reason=reason)
+
+    return (
+        *_same_fields(_JAMBA_SHARED_FIELDS, SsmHubHybridConfig),
+        ConfigField("layer_norm_epsilon", "rms_norm_eps", default=SsmHubHybridConfig.layer_norm_epsilon),
+        ConfigField("head_dim", "head_dim", default=None),
+        *_dropped(("mixer_types", "ffn_types"), "become Jamba's attn_layer_* and expert_layer_* period form"),
+        *_dropped(("ssm_type", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
+                   "expert_layer_offset"), "the per-layer lists are the layout; the period form is derived from them"),
+        cannot("use_rope", False, "Jamba's attention has no positional encoding"),
+        cannot("mamba_inner_layernorms", True, "Jamba's Mamba layers always normalise dt, B and C"),
+        cannot("residual_in_fp32", False, "Jamba adds the residuals in the model's dtype"),
+        cannot("attention_bias", False, "Jamba's attention projections have no bias"),
+        cannot("router_scoring", "softmax", "Jamba's router takes the top-k of a softmax"),
+        cannot("norm_topk_prob", False, "Jamba does not renormalise the top-k weights"),
+        cannot("shared_expert_intermediate_size", None, "Jamba has no shared expert"),
+        cannot("router_z_loss_coef", 0.0, "Jamba has no router z-loss"),
+        ConfigField("moe_intermediate_size", None, default=None, supported=lambda value: value is None,
+                    reason="Jamba's experts have intermediate_size; set moe_intermediate_size to None"),
+        *_dropped(("shared_expert_gate",), "only used with a shared expert, which the check above excludes"),
+        *_dropped(("sliding_window",), "used only by sliding_attention layers, which Jamba cannot hold"),
+        *_dropped(("rope_theta",), "no positional encoding (use_rope is false)"),
+        *_dropped(("pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk"),
+                  "used only by pkm feed-forwards, which Jamba cannot hold"),
+        *_dropped(("mamba_d_head", "mamba_n_heads", "mamba_n_groups", "mamba_chunk_size", "time_step_limit"),
+                  "Mamba-2 settings; Jamba's SSM layers are Mamba-1"),
+        *_dropped(("time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual"),
+                  "initialisation only; the weights are given"),
+        ConfigField(None, "use_mamba_kernels", default=JambaConfig.use_mamba_kernels,
+                    reason="transformers' own switch; kept at its default"),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
+    )
+
+
+def _ssm_hub_hybrid_fields() -> tuple[ConfigField, ...]:
+    names = tuple(name for name in SsmHubHybridConfig.__annotations__ if name not in ("mixer_types", "ffn_types"))
+    return (
+        *_same_fields(names, SsmHubHybridConfig),
+        ConfigField("mixer_types", "mixer_types"), ConfigField("ffn_types", "ffn_types"),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
+    )
+
+
+_PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_per_expert_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints of Jamba / Mixtral-style MoE layers store ``experts.{e}.{gate,up,down}_proj.weight``; transformers
+    v5 (and ssm_hub) hold them fused: ``experts.gate_up_proj`` [E, 2 I, H] (gate rows, then up rows) and
+    ``experts.down_proj`` [E, H, I]. Returns the state dict with every such group fused; a group missing an
+    expert's projection is a ValueError naming it."""
+    groups: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    fused = {}
+    for name, tensor in state_dict.items():
+        match = _PER_EXPERT_KEY.match(name)
+        if match is None:
+            fused[name] = tensor
+        else:
+            groups.setdefault(match["prefix"], {}).setdefault(match["proj"], {})[int(match["expert"])] = tensor
+    for prefix, projections in groups.items():
+        experts = sorted(set().union(*(set(by_expert) for by_expert in projections.values())))
+        missing = [f"{prefix}.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj", "down_proj")
+                   for e in range(experts[-1] + 1) if e not in projections.get(proj, {})]
+        if missing:
+            raise ValueError(f"the per-expert weights of {prefix} are incomplete; missing {missing}")
+        count = len(experts)
+        fused[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([projections["gate_proj"][e], projections["up_proj"][e]]) for e in range(count)]
+        )
+        fused[f"{prefix}.down_proj"] = torch.stack([projections["down_proj"][e] for e in range(count)])
+    return fused
+
+
+JAMBA_TO_SSM_HUB_HYBRID = ConversionMap(
+    description="transformers JambaForCausalLM -> ssm_hub_hybrid",
+    config_fields=_jamba_to_ssm_hub_fields(),
+    weights=identity_rules(SsmHubHybridForCausalLM),
+    finish=_lists_from_jamba_layout,
+    prepare_weights=fuse_per_expert_weights,
+)
+
+SSM_HUB_HYBRID_TO_JAMBA = ConversionMap(
+    description="ssm_hub_hybrid -> transformers JambaForCausalLM",
+    config_fields=_ssm_hub_to_jamba_fields(),
+    weights=identity_rules(JambaForCausalLM),
+    finish=_jamba_layout_from_lists,
+)
+
+SSM_HUB_HYBRID_TO_SSM_HUB = ConversionMap(
+    description="ssm_hub_hybrid -> ssm_hub_hybrid",
+    config_fields=_ssm_hub_hybrid_fields(),
+    weights=identity_rules(SsmHubHybridForCausalLM),
+)

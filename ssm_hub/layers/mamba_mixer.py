@@ -2,7 +2,9 @@
 (gated by silu(z)) -> out_proj.
 
 Parameter names match transformers' MambaMixer, so native checkpoints map one to one. dt_proj is called as a
-module (bias included) rather than read as a tensor, so a LoRA adapter on it takes effect.
+module (bias included) rather than read as a tensor, so a LoRA adapter on it takes effect. With
+``config.inner_layernorms`` the low-rank dt, B and C go through RMSNorms (``dt_layernorm``, ``b_layernorm``,
+``c_layernorm``) before use, as in Jamba.
 """
 
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 from transformers import initialization as init
 
+from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
@@ -36,6 +39,12 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.state_size))
         self.D = nn.Parameter(torch.empty(self.intermediate_size))
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+        self.inner_layernorms = config.inner_layernorms
+        if self.inner_layernorms:
+            eps = config.layer_norm_epsilon
+            self.dt_layernorm = RMSNorm(self.time_step_rank, eps=eps)
+            self.b_layernorm = RMSNorm(self.state_size, eps=eps)
+            self.c_layernorm = RMSNorm(self.state_size, eps=eps)
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:
@@ -55,6 +64,8 @@ class MambaMixer(nn.Module):
     def _selection(self, x: torch.Tensor):
         """Input-dependent dt, B, C from the conv output x (any leading shape)."""
         dt_low_rank, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        if self.inner_layernorms:
+            dt_low_rank, B, C = self.dt_layernorm(dt_low_rank), self.b_layernorm(B), self.c_layernorm(C)
         return self.dt_proj(dt_low_rank), B, C
 
     def forward(

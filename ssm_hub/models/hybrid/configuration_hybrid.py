@@ -114,6 +114,7 @@ class SsmHubHybridConfig(SsmHubConfig):
     mamba_dt_rank: str | int = "auto"
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False
+    mamba_inner_layernorms: bool = False  # Jamba's RMSNorms on dt, B and C (Mamba-1 layers)
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
@@ -250,7 +251,9 @@ class SsmHubHybridConfig(SsmHubConfig):
             time_step_min=self.time_step_min, time_step_max=self.time_step_max, time_step_floor=self.time_step_floor,
         )
         if kind == "mamba":
-            return SsmHubMambaConfig(**shared, time_step_rank=self.mamba_dt_rank)
+            return SsmHubMambaConfig(
+                **shared, time_step_rank=self.mamba_dt_rank, inner_layernorms=self.mamba_inner_layernorms
+            )
         if kind == "mamba2":
             return SsmHubMamba2Config(**shared, head_dim=self.mamba_d_head, num_heads=self.mamba_n_heads,
                                       n_groups=self.mamba_n_groups, chunk_size=self.mamba_chunk_size,

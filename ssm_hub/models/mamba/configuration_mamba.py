@@ -1,6 +1,7 @@
 """Configuration of ssm_hub's Mamba-1 (selective scan) language model, model_type ``ssm_hub_mamba``.
 
 Field names are those of transformers' ``MambaConfig``; ``time_step_rank="auto"`` means ceil(hidden_size / 16).
+``inner_layernorms`` adds Jamba's RMSNorms on dt, B and C after ``x_proj`` (transformers' Mamba has none).
 """
 
 import math
@@ -32,6 +33,7 @@ class SsmHubMambaConfig(SsmHubConfig):
     time_step_floor: float = 1e-4
     use_bias: bool = False
     use_conv_bias: bool = True
+    inner_layernorms: bool = False
     hidden_act: str = "silu"
     layer_norm_epsilon: float = 1e-5
     residual_in_fp32: bool = True
