@@ -6,7 +6,7 @@
     convert_checkpoint("ai21labs/Jamba-tiny-dev", "jamba-tiny-ssm-hub")               # -> ssm_hub_hybrid
     convert_checkpoint("jamba-tiny-ssm-hub", "jamba-tiny-transformers", to="jamba")   # -> transformers' JambaForCausalLM
 
-or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2|jamba] [--dtype bfloat16]``.
+or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2|jamba|bamba] [--dtype bfloat16]``.
 
 Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative
 maps of :mod:`ssm_hub.conversion.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
@@ -25,6 +25,8 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
 from transformers import (
+    BambaConfig,
+    BambaForCausalLM,
     JambaConfig,
     JambaForCausalLM,
     Mamba2Config,
@@ -35,9 +37,11 @@ from transformers import (
 )
 
 from ssm_hub.conversion.weight_maps import (
+    BAMBA_TO_SSM_HUB_HYBRID,
     JAMBA_TO_SSM_HUB_HYBRID,
     MAMBA_SSM_MAMBA1_TO_SSM_HUB,
     MAMBA_SSM_MAMBA2_TO_SSM_HUB,
+    SSM_HUB_HYBRID_TO_BAMBA,
     SSM_HUB_HYBRID_TO_JAMBA,
     SSM_HUB_HYBRID_TO_SSM_HUB,
     SSM_HUB_MAMBA2_TO_SSM_HUB,
@@ -57,9 +61,9 @@ from ssm_hub.models.mamba.modeling_mamba import SsmHubMambaForCausalLM
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 from ssm_hub.models.mamba2.modeling_mamba2 import SsmHubMamba2ForCausalLM
 
-TARGETS = ("ssm_hub", "mamba", "mamba2", "jamba")
+TARGETS = ("ssm_hub", "mamba", "mamba2", "jamba", "bamba")
 """``to`` values: ssm_hub's own format, or transformers' native MambaForCausalLM / Mamba2ForCausalLM /
-JambaForCausalLM."""
+JambaForCausalLM / BambaForCausalLM."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,6 +73,7 @@ _FORMATS_BY_MODEL_TYPE: dict[str, tuple[str, ConversionMap]] = {
     "mamba": ("mamba", TRANSFORMERS_MAMBA_TO_SSM_HUB),
     "mamba2": ("mamba2", TRANSFORMERS_MAMBA2_TO_SSM_HUB),
     "jamba": ("hybrid", JAMBA_TO_SSM_HUB_HYBRID),
+    "bamba": ("hybrid", BAMBA_TO_SSM_HUB_HYBRID),
     SsmHubMambaConfig.model_type: ("mamba", SSM_HUB_MAMBA_TO_SSM_HUB),
     SsmHubMamba2Config.model_type: ("mamba2", SSM_HUB_MAMBA2_TO_SSM_HUB),
     SsmHubHybridConfig.model_type: ("hybrid", SSM_HUB_HYBRID_TO_SSM_HUB),
@@ -80,8 +85,8 @@ _MAMBA_SSM_FORMATS_BY_LAYER: dict[str, tuple[str, ConversionMap]] = {
     "Mamba2": ("mamba2", MAMBA_SSM_MAMBA2_TO_SSM_HUB),
 }
 SUPPORTED_FORMATS = (
-    "transformers-native MambaForCausalLM / Mamba2ForCausalLM / JambaForCausalLM (model_type 'mamba' / 'mamba2' / "
-    "'jamba')",
+    "transformers-native MambaForCausalLM / Mamba2ForCausalLM / JambaForCausalLM / BambaForCausalLM (model_type "
+    "'mamba' / 'mamba2' / 'jamba' / 'bamba')",
     f"ssm_hub (model_type '{SsmHubMambaConfig.model_type}' / '{SsmHubMamba2Config.model_type}' / "
     f"'{SsmHubHybridConfig.model_type}')",
     "mamba_ssm MambaLMHeadModel (config.json with d_model, n_layer and ssm_cfg; Mamba1 or Mamba2 mixers)",
@@ -97,6 +102,7 @@ _TRANSFORMERS_CLASSES = {
     "mamba": ("mamba", MambaConfig, MambaForCausalLM, SSM_HUB_MAMBA_TO_TRANSFORMERS),
     "mamba2": ("mamba2", Mamba2Config, Mamba2ForCausalLM, SSM_HUB_MAMBA2_TO_TRANSFORMERS),
     "jamba": ("hybrid", JambaConfig, JambaForCausalLM, SSM_HUB_HYBRID_TO_JAMBA),
+    "bamba": ("hybrid", BambaConfig, BambaForCausalLM, SSM_HUB_HYBRID_TO_BAMBA),
 }
 _ARCHITECTURE_NAMES = {"mamba": "Mamba-1", "mamba2": "Mamba-2", "hybrid": "hybrid"}
 
@@ -115,7 +121,8 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
     """Convert the checkpoint at ``source`` (a local folder or a Hub model id) and write it to ``output_dir``.
 
     ``to``: ``"ssm_hub"`` (model_type ssm_hub_mamba / ssm_hub_mamba2 / ssm_hub_hybrid), or ``"mamba"`` /
-    ``"mamba2"`` / ``"jamba"`` for transformers' own MambaForCausalLM / Mamba2ForCausalLM / JambaForCausalLM. ``dtype`` ("float32", "bfloat16", "float16" or the torch
+    ``"mamba2"`` / ``"jamba"`` / ``"bamba"`` for transformers' own MambaForCausalLM / Mamba2ForCausalLM /
+    JambaForCausalLM / BambaForCausalLM. ``dtype`` ("float32", "bfloat16", "float16" or the torch
     dtype) casts every floating-point tensor; ``None`` keeps the stored dtypes. Hub ids are fetched with
     ``huggingface_hub.snapshot_download`` (config, safetensors, tokenizer and generation files only), which honours
     HF_ENDPOINT, HF_HUB_OFFLINE and the HF cache. Returns the output folder.
@@ -137,7 +144,8 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
         fitting = [name for name, (held, *_) in _TRANSFORMERS_CLASSES.items() if held == architecture]
         raise ValueError(
             f"to={to!r} writes transformers' {_TRANSFORMERS_CLASSES[to][2].__name__}, but {source} holds a "
-            f"{_ARCHITECTURE_NAMES[architecture]} model: use to={fitting[0]!r} or to='ssm_hub'"
+            f"{_ARCHITECTURE_NAMES[architecture]} model: use "
+            + " or ".join(f"to={name!r}" for name in (*fitting, "ssm_hub"))
         )
 
     weights = _read_safetensors(source_dir, source)

@@ -21,6 +21,11 @@ A :class:`ConversionMap` pairs the two. The maps defined here:
   embedding ``backbone.embedding.weight``, nests the mixer settings in ``ssm_cfg`` and pads the embedding to a
   multiple of ``pad_vocab_size_multiple`` (the padded size becomes ``vocab_size``).
 - ``SSM_HUB_MAMBA_TO_SSM_HUB`` / ``SSM_HUB_MAMBA2_TO_SSM_HUB``: identities, to re-save (or re-cast) our own.
+- ``JAMBA_TO_SSM_HUB_HYBRID`` / ``SSM_HUB_HYBRID_TO_JAMBA`` and ``BAMBA_TO_SSM_HUB_HYBRID`` /
+  ``SSM_HUB_HYBRID_TO_BAMBA``: transformers' JambaForCausalLM (Mamba-1 + attention + MoE) and BambaForCausalLM
+  (Mamba-2 + attention with half-rotary RoPE). ssm_hub_hybrid uses their parameter names, so the weights map by
+  identity (Jamba's per-expert tensors are fused on the way in); the configs differ in how they state the layout
+  (Jamba's periods, Bamba's attention indices, ssm_hub's per-layer lists). ``SSM_HUB_HYBRID_TO_SSM_HUB`` re-saves.
 """
 
 import re
@@ -30,7 +35,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import JambaConfig, JambaForCausalLM, Mamba2Config, MambaConfig, PreTrainedConfig
+from transformers import (
+    BambaConfig,
+    BambaForCausalLM,
+    JambaConfig,
+    JambaForCausalLM,
+    Mamba2Config,
+    MambaConfig,
+    PreTrainedConfig,
+)
 
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
@@ -735,7 +748,8 @@ def _ssm_hub_to_jamba_fields() -> tuple[ConfigField, ...]:
                     reason="Jamba's experts have intermediate_size; set moe_intermediate_size to None"),
         *_dropped(("shared_expert_gate",), "only used with a shared expert, which the check above excludes"),
         *_dropped(("sliding_window",), "used only by sliding_attention layers, which Jamba cannot hold"),
-        *_dropped(("rope_theta",), "no positional encoding (use_rope is false)"),
+        *_dropped(("rope_theta", "partial_rotary_factor"), "no positional encoding (use_rope is false)"),
+        cannot("mlp_bias", False, "Jamba's MLPs have no bias"),
         *_dropped(("pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk"),
                   "used only by pkm feed-forwards, which Jamba cannot hold"),
         *_dropped(("mamba_d_head", "mamba_n_heads", "mamba_n_groups", "mamba_chunk_size", "time_step_limit"),
@@ -806,4 +820,111 @@ SSM_HUB_HYBRID_TO_SSM_HUB = ConversionMap(
     description="ssm_hub_hybrid -> ssm_hub_hybrid",
     config_fields=_ssm_hub_hybrid_fields(),
     weights=identity_rules(SsmHubHybridForCausalLM),
+)
+
+
+# transformers' BambaForCausalLM: Mamba-2 layers and full-attention layers (RoPE on half of each head's channels),
+# each followed by a SwiGLU MLP; the attention layers are listed in attn_layer_indices.
+
+_BAMBA_SHARED_FIELDS = (
+    "vocab_size", "tie_word_embeddings", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "hidden_act", "initializer_range", "use_cache", "pad_token_id",
+    "bos_token_id", "eos_token_id", "max_position_embeddings", "attention_dropout", "attention_bias", "mlp_bias",
+    "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+    "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias", "time_step_limit",
+)
+"""Fields that transformers' BambaConfig and SsmHubHybridConfig both have, with the same meaning."""
+
+BAMBA_PARTIAL_ROTARY_FACTOR = 0.5
+"""BambaConfig sets partial_rotary_factor to 0.5 whatever it is given."""
+
+
+def _lists_from_bamba_layout(source: dict, target: dict) -> dict:
+    attention = set(source.get("attn_layer_indices") or ())
+    layers = target["num_hidden_layers"]
+    outside = sorted(index for index in attention if not 0 <= index < layers)
+    if outside:
+        raise ValueError(f"attn_layer_indices {outside} are outside the {layers} layers")
+    target.update(mixer_types=["attention" if i in attention else "mamba2" for i in range(layers)],
+                  ffn_types=["mlp"] * layers)
+    return target
+
+
+def _bamba_layout_from_lists(source: dict, target: dict) -> dict:
+    mixers, ffns = source["mixer_types"], source["ffn_types"]
+    unsupported = sorted(set(mixers) - {"mamba2", "attention"})
+    if unsupported:
+        raise ValueError(f"mixer_types holds {unsupported}: Bamba's layers are Mamba-2 or full attention")
+    if set(ffns) != {"mlp"}:
+        raise ValueError(f"ffn_types = {ffns}: every Bamba layer is followed by an MLP")
+    target["attn_layer_indices"] = [i for i, mixer in enumerate(mixers) if mixer == "attention"]
+    target["rope_parameters"] = {"rope_type": "default", "rope_theta": source["rope_theta"]}
+    if target.get("head_dim") is None:  # Bamba reads head_dim only if the config has it, else hidden / heads
+        target.pop("head_dim", None)
+    if target.get("mamba_n_heads") is None:  # ours derives the head count from the head size; Bamba needs it
+        target["mamba_n_heads"] = source["mamba_expand"] * source["hidden_size"] // source["mamba_d_head"]
+    return target
+
+
+def _bamba_to_ssm_hub_fields() -> tuple[ConfigField, ...]:
+    return (
+        *_same_fields(_BAMBA_SHARED_FIELDS, BambaConfig),
+        ConfigField("rms_norm_eps", "layer_norm_epsilon", default=BambaConfig.rms_norm_eps),
+        ConfigField("attn_layer_indices", None, default=None, reason="becomes mixer_types"),
+        ConfigField("rope_parameters.rope_type", None, default="default", supported=_is("default"),
+                    reason="ssm_hub's attention has the default RoPE only"),
+        ConfigField("rope_parameters.rope_theta", "rope_theta", default=10000.0),
+        ConfigField("rope_parameters.partial_rotary_factor", "partial_rotary_factor",
+                    default=BAMBA_PARTIAL_ROTARY_FACTOR),
+        ConfigField("head_dim", "head_dim", default=None),
+        ConfigField(None, "ssm_type", default="mamba2", reason="Bamba's SSM layers are Mamba-2"),
+        ConfigField(None, "residual_in_fp32", default=False, reason="Bamba adds the residuals in the model's dtype"),
+        *_dropped(("num_logits_to_keep",), "a generation default; generate passes logits_to_keep itself"),
+        *_dropped(("z_loss_coefficient",), "BambaForCausalLM never reads it (it has no experts)"),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
+    )
+
+
+def _ssm_hub_to_bamba_fields() -> tuple[ConfigField, ...]:
+    def cannot(name, expected, reason):
+        return ConfigField(name, None, default=expected, supported=_is(expected), reason=reason)
+
+    return (
+        *_same_fields(_BAMBA_SHARED_FIELDS, SsmHubHybridConfig),
+        ConfigField("layer_norm_epsilon", "rms_norm_eps", default=SsmHubHybridConfig.layer_norm_epsilon),
+        ConfigField("head_dim", "head_dim", default=None),
+        *_dropped(("mixer_types", "ffn_types"), "become Bamba's attn_layer_indices (every layer has an MLP)"),
+        *_dropped(("ssm_type", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
+                   "expert_layer_offset"), "the per-layer lists are the layout"),
+        ConfigField("rope_theta", None, reason="becomes rope_parameters"),
+        cannot("use_rope", True, "Bamba's attention always applies RoPE"),
+        cannot("partial_rotary_factor", BAMBA_PARTIAL_ROTARY_FACTOR,
+               "BambaConfig rotates half of each head's channels whatever it is given"),
+        cannot("residual_in_fp32", False, "Bamba adds the residuals in the model's dtype"),
+        *_dropped(("sliding_window",), "used only by sliding_attention layers, which Bamba cannot hold"),
+        *_dropped(("num_experts", "num_experts_per_tok", "moe_intermediate_size", "router_scoring",
+                   "norm_topk_prob", "shared_expert_intermediate_size", "shared_expert_gate", "router_aux_loss_coef",
+                   "router_z_loss_coef", "output_router_logits"),
+                  "mixture-of-experts settings; Bamba's feed-forwards are MLPs (checked on ffn_types)"),
+        *_dropped(("pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk"),
+                  "used only by pkm feed-forwards, which Bamba cannot hold"),
+        *_dropped(("mamba_dt_rank", "mamba_inner_layernorms"), "Mamba-1 settings; Bamba's SSM layers are Mamba-2"),
+        *_dropped(("time_step_min", "time_step_max", "time_step_floor", "rescale_prenorm_residual"),
+                  "initialisation only; the weights are given"),
+        *_REWRITTEN_ON_SAVE, *_DTYPE,
+    )
+
+
+BAMBA_TO_SSM_HUB_HYBRID = ConversionMap(
+    description="transformers BambaForCausalLM -> ssm_hub_hybrid",
+    config_fields=_bamba_to_ssm_hub_fields(),
+    weights=identity_rules(SsmHubHybridForCausalLM),
+    finish=_lists_from_bamba_layout,
+)
+
+SSM_HUB_HYBRID_TO_BAMBA = ConversionMap(
+    description="ssm_hub_hybrid -> transformers BambaForCausalLM",
+    config_fields=_ssm_hub_to_bamba_fields(),
+    weights=identity_rules(BambaForCausalLM),
+    finish=_bamba_layout_from_lists,
 )

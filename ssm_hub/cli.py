@@ -17,16 +17,17 @@ import sys
 def add_convert_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a Mamba / Mamba-2 / Jamba checkpoint (transformers, mamba_ssm or ssm_hub) to ssm_hub or "
-             "transformers",
+        help="convert a Mamba / Mamba-2 / Jamba / Bamba checkpoint (transformers, mamba_ssm or ssm_hub) to ssm_hub "
+             "or transformers",
         description="Convert a Mamba / Mamba-2 / hybrid checkpoint between transformers' native format (Mamba, "
-                    "Mamba2, Jamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format. Reads safetensors only.",
+                    "Mamba2, Jamba, Bamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format. Reads safetensors "
+                    "only.",
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
     parser.add_argument("output", help="the folder to write the converted checkpoint to")
-    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2", "jamba"), default="ssm_hub",
+    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2", "jamba", "bamba"), default="ssm_hub",
                         help="ssm_hub (default), or transformers' native MambaForCausalLM (mamba) / "
-                             "Mamba2ForCausalLM (mamba2) / JambaForCausalLM (jamba)")
+                             "Mamba2ForCausalLM (mamba2) / JambaForCausalLM (jamba) / BambaForCausalLM (bamba)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast floating-point weights to this dtype (default: keep the stored dtypes)")
     parser.set_defaults(run=run_convert)

@@ -1,4 +1,5 @@
-"""Hybrid checkpoint conversion: transformers' JambaForCausalLM <-> ssm_hub_hybrid, on tiny random models built here.
+"""Hybrid checkpoint conversion: transformers' JambaForCausalLM and BambaForCausalLM <-> ssm_hub_hybrid, on tiny
+random models built here.
 
 Parity is the max |fp32 logit difference| against the model the checkpoint came from (1e-5).
 """
@@ -7,13 +8,15 @@ import warnings
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, JambaConfig, JambaForCausalLM
+from transformers import AutoModelForCausalLM, BambaConfig, BambaForCausalLM, JambaConfig, JambaForCausalLM
 
 import ssm_hub
 from conftest import randomised
 from ssm_hub.conversion.checkpoint import convert_checkpoint
 from ssm_hub.conversion.weight_maps import (
+    BAMBA_TO_SSM_HUB_HYBRID,
     JAMBA_TO_SSM_HUB_HYBRID,
+    SSM_HUB_HYBRID_TO_BAMBA,
     SSM_HUB_HYBRID_TO_JAMBA,
     SSM_HUB_HYBRID_TO_SSM_HUB,
     apply_config_map,
@@ -93,7 +96,7 @@ def test_what_jamba_cannot_hold_is_named(tmp_path, overrides, message):
 
 def test_hybrid_to_a_pure_ssm_target_is_an_error(tmp_path):
     jamba_like_hybrid().save_pretrained(tmp_path / "ours")
-    with pytest.raises(ValueError, match="hybrid model: use to='jamba'"):
+    with pytest.raises(ValueError, match="hybrid model: use to='jamba' or to='bamba' or to='ssm_hub'"):
         convert_checkpoint(tmp_path / "ours", tmp_path / "mamba", to="mamba")
 
 
@@ -105,8 +108,64 @@ def test_ssm_hub_hybrid_resaves_itself(tmp_path):
     assert_same_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "copy").eval(), ours)
 
 
+def tiny_bamba(**overrides) -> BambaForCausalLM:
+    fields = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head="auto", mamba_n_groups=2,
+        mamba_d_state=8, mamba_chunk_size=8, attention_bias=True, mlp_bias=True,
+    )
+    return randomised(BambaForCausalLM(BambaConfig(**{**fields, **overrides})))
+
+
+def bamba_like_hybrid(**overrides):
+    fields = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+        num_key_value_heads=2, mixer_types=["mamba2", "mamba2", "attention", "mamba2", "attention"],
+        ffn_types=["mlp"] * 5, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8,
+        partial_rotary_factor=0.5, rope_theta=5000.0, residual_in_fp32=False, tie_word_embeddings=False,
+    )
+    return randomised(ssm_hub.SsmHubHybridForCausalLM(ssm_hub.SsmHubHybridConfig(**{**fields, **overrides})))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_word_embeddings": True, "attn_layer_indices": [0]}])
+def test_bamba_to_ssm_hub_keeps_logits(tmp_path, overrides):
+    bamba = tiny_bamba(**overrides)
+    bamba.save_pretrained(tmp_path / "bamba")
+    convert_checkpoint(tmp_path / "bamba", tmp_path / "ours")
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    attention = overrides.get("attn_layer_indices", [1, 3])
+    assert ours.config.mixer_types == ["attention" if i in attention else "mamba2" for i in range(4)]
+    assert ours.config.partial_rotary_factor == 0.5
+    assert_same_logits(ours, bamba)
+
+
+def test_ssm_hub_to_bamba_and_back_keeps_logits(tmp_path):
+    ours = bamba_like_hybrid()
+    ours.save_pretrained(tmp_path / "ours")
+    convert_checkpoint(tmp_path / "ours", tmp_path / "bamba", to="bamba")
+    bamba = BambaForCausalLM.from_pretrained(tmp_path / "bamba").eval()
+    assert bamba.config.attn_layer_indices == [2, 4] and bamba.config.rope_parameters["rope_theta"] == 5000.0
+    assert_same_logits(bamba, ours)
+    convert_checkpoint(tmp_path / "bamba", tmp_path / "again")
+    assert_same_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval(), ours)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mixer_types=["mamba", "mamba2", "attention", "mamba2", "attention"]), r"mixer_types holds \['mamba'\]"),
+    (dict(ffn_types=["mlp", "moe", "mlp", "mlp", "mlp"], num_experts=2, num_experts_per_tok=1),
+     "every Bamba layer is followed by an MLP"),
+    (dict(partial_rotary_factor=1.0), "partial_rotary_factor = 1.0 is not supported"),
+    (dict(use_rope=False), "use_rope = False is not supported"),
+])
+def test_what_bamba_cannot_hold_is_named(tmp_path, overrides, message):
+    bamba_like_hybrid(**overrides).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match=message):
+        convert_checkpoint(tmp_path / "ours", tmp_path / "bamba", to="bamba")
+
+
 @pytest.mark.parametrize("config, conversion_map", [
     (JambaConfig(), JAMBA_TO_SSM_HUB_HYBRID),
+    (BambaConfig(), BAMBA_TO_SSM_HUB_HYBRID),
     (ssm_hub.SsmHubHybridConfig(), SSM_HUB_HYBRID_TO_SSM_HUB),
 ])
 def test_config_maps_know_every_field_of_their_source(config, conversion_map):
@@ -116,7 +175,10 @@ def test_config_maps_know_every_field_of_their_source(config, conversion_map):
         apply_config_map(config.to_dict(), conversion_map)
 
 
-def test_jamba_map_knows_every_field_of_a_jamba_like_hybrid():
+@pytest.mark.parametrize("model, conversion_map", [
+    (jamba_like_hybrid, SSM_HUB_HYBRID_TO_JAMBA), (bamba_like_hybrid, SSM_HUB_HYBRID_TO_BAMBA),
+])
+def test_maps_to_transformers_know_every_field_of_a_hybrid(model, conversion_map):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        apply_config_map(jamba_like_hybrid().config.to_dict(), SSM_HUB_HYBRID_TO_JAMBA)
+        apply_config_map(model().config.to_dict(), conversion_map)

@@ -68,6 +68,7 @@ def test_ssm_layers_get_the_pure_ssm_configs():
         (dict(ssm_type="attention"), "ssm_type must be one of"),
         (dict(num_attention_heads=6, num_key_value_heads=4), "multiple of num_key_value_heads"),
         (dict(mixer_types=["sliding_attention"] * 8), "sliding_window must be a positive integer"),
+        (dict(mixer_types=["attention"] * 8, partial_rotary_factor=1.5), r"partial_rotary_factor must be in \(0, 1\]"),
         (dict(ffn_types=["moe"] * 8, num_experts=2, num_experts_per_tok=3), "must not exceed num_experts"),
         (dict(ffn_types=["moe"] * 8, router_scoring="relu"), "router_scoring must be one of"),
         # 1024 * 2 inner channels are not heads of 48: the pure-SSM config's check, named for the hybrid's fields.

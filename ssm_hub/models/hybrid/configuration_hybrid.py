@@ -82,11 +82,13 @@ class SsmHubHybridConfig(SsmHubConfig):
     attention_dropout: float = 0.0
     use_rope: bool = True
     rope_theta: float = 10000.0
+    partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of each head rotate (Bamba: 0.5)
     max_position_embeddings: int = 262144
     sliding_window: int | None = None
     # Dense feed-forward (SwiGLU).
     intermediate_size: int = 4096
     hidden_act: str = "silu"
+    mlp_bias: bool = False
     # Mixture of experts (Jamba's and Qwen-MoE's names).
     num_experts: int = 16
     num_experts_per_tok: int = 2
@@ -202,6 +204,9 @@ class SsmHubHybridConfig(SsmHubConfig):
                                  f"num_attention_heads ({self.num_attention_heads}) when head_dim is not given")
             if self.head_dim is not None:
                 require_positive_int(self, "head_dim")
+            factor = self.partial_rotary_factor
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+                raise ValueError(f"{name}.partial_rotary_factor must be in (0, 1], got {factor!r}")
             if not 0.0 <= self.attention_dropout < 1.0:
                 raise ValueError(f"{name}.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         if "sliding_attention" in self.mixer_types:

@@ -131,7 +131,7 @@ class HybridBlock(GradientCheckpointingLayer):
         if self.ffn_type != "none":
             self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         if self.ffn_type == "mlp":
-            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         elif self.ffn_type == "pkm":
             self.feed_forward = ProductKeyMemory(
                 config.hidden_size, config.pkm_num_keys, config.pkm_heads, config.pkm_key_dim, config.pkm_topk
@@ -250,8 +250,9 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         self.layers = nn.ModuleList([HybridBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
         self.final_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
-        self.rotary_emb = RotaryEmbedding(config.attention_head_dim, rope_theta=config.rope_theta) \
-            if self.has_attention and config.use_rope else None
+        self.rotary_emb = RotaryEmbedding(
+            config.attention_head_dim, rope_theta=config.rope_theta, partial_rotary_factor=config.partial_rotary_factor
+        ) if self.has_attention and config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()
 
