@@ -1,7 +1,7 @@
 """The hybrid SSM / attention / MoE model on tiny configs: Auto classes, training with the router losses, cached
 generation (dynamic and static cache) equal to recomputation, left padding, packed rows, gradient checkpointing,
-save / load with the code bundle, loading with trust_remote_code where ssm_hub is not installed, and the errors
-it raises."""
+save / load with the code bundle, loading with trust_remote_code where ssm_hub is not installed, LoRA defaults and
+expert adapters, and the errors it raises."""
 
 import json
 import os
@@ -219,3 +219,28 @@ def test_sequence_classification_pools_the_last_real_token_and_adds_router_losse
     torch.testing.assert_close(out.loss, plain.loss + out.aux_loss)
     with pytest.raises(ValueError, match="keeps no cache"):
         model(input_ids=row, use_cache=True)
+
+
+def test_lora_defaults_cover_attention_and_ssm_projections_and_experts_take_target_parameters():
+    from peft import LoraConfig, get_peft_model
+
+    model = model_for()
+    input_ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        base = model(input_ids).logits
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2))
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj", "out_proj"}
+
+    experts = get_peft_model(model_for(), LoraConfig(  # target_modules=[]: PEFT would add the defaults otherwise
+        r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+    trainable = {name for name, param in experts.named_parameters() if param.requires_grad}
+    assert trainable and all("lora_" in name and ".experts." in name for name in trainable)
+    assert len(trainable) == 2 * 2 * 2  # A and B, two expert weights, two MoE layers
+    with torch.no_grad():
+        for name, param in experts.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    assert (experts(input_ids).logits - base).abs().max() > 1e-3  # the expert adapters take effect
+    assert set(model._no_split_modules) == {"HybridBlock"}
+    assert {type(block).__name__ for block in model.model.layers} == {"HybridBlock"}
