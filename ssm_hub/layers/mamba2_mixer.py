@@ -13,7 +13,8 @@ from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
-from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_step
+from ssm_hub.ops.recompute import checkpoint_keeping_outputs_of
+from ssm_hub.ops.ssd import SCAN_OPS, ssd_chunked_scan, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -71,44 +72,68 @@ class Mamba2Mixer(nn.Module):
         )
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)
-        conv_weight, conv_bias = unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
-        A = -torch.exp(self.A_log.float())
-        scan_kwargs = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
             # Decode: one token against the cached conv window and recurrent state, both updated in place.
+            conv_weight, conv_bias = self._conv_parameters()
             xBC, _ = causal_conv1d_step(
                 xBC[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True
             )
             x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
             y, _ = ssd_step(
-                ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], A,
+                ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], self._A(),
                 B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),
-                in_place=True, **scan_kwargs,
+                in_place=True, **self._scan_kwargs(),
             )
-            y = y.reshape(batch_size, 1, self.intermediate_size)
-        else:
-            want_states = cache is not None
-            conv_out = causal_conv1d(
-                xBC, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
-                return_final_state=want_states,
-            )
-            xBC, conv_state = conv_out if want_states else (conv_out, None)
-            if padding_mask is not None:
-                xBC = xBC * padding_mask[..., None].to(xBC.dtype)
-            x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
-            scan_out = ssd_chunked_scan(
-                x.view(batch_size, seq_len, self.num_heads, self.head_dim), dt, A,
-                B.view(batch_size, seq_len, self.n_groups, self.state_size),
-                C.view(batch_size, seq_len, self.n_groups, self.state_size),
-                self.chunk_size, initial_states=ssm_state, seq_idx=seq_idx, return_final_states=want_states,
-                **scan_kwargs,
-            )
-            y, ssm_state = scan_out if want_states else (scan_out, None)
-            y = y.reshape(batch_size, seq_len, self.intermediate_size)
-            if cache is not None:
-                # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
-                cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
-                cache.update_recurrent_state(ssm_state, self.layer_idx)
-        y = self.norm(y, gate)
-        return self.out_proj(y.to(hidden_states.dtype))
+            return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, hidden_states.dtype)
+
+        if cache is None and torch.is_grad_enabled():
+            # Training: keep the in_proj output and the scan's output only; the conv output and the normed output
+            # (3.5 + 3 KB a token a layer at 130M) are rebuilt in backward, as mamba_ssm's fused path does.
+            return checkpoint_keeping_outputs_of(
+                SCAN_OPS, self._sequence, gate, xBC, dt, padding_mask, seq_idx, None, None, False, hidden_states.dtype
+            )[0]
+        out, conv_state, ssm_state = self._sequence(
+            gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, cache is not None, hidden_states.dtype
+        )
+        if cache is not None:
+            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+            cache.update_recurrent_state(ssm_state, self.layer_idx)
+        return out
+
+    def _conv_parameters(self):
+        return unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())
+
+    def _scan_kwargs(self) -> dict:
+        return dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
+
+    def _sequence(self, gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, out_dtype):
+        """conv -> chunked scan -> gated norm -> out_proj over a sequence: (output, final conv state or None,
+        final SSM state or None)."""
+        batch_size, seq_len, _ = xBC.shape
+        conv_weight, conv_bias = self._conv_parameters()
+        conv_out = causal_conv1d(
+            xBC, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
+            return_final_state=want_states,
+        )
+        xBC, conv_state = conv_out if want_states else (conv_out, None)
+        if padding_mask is not None:
+            xBC = xBC * padding_mask[..., None].to(xBC.dtype)
+        x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
+        scan_out = ssd_chunked_scan(
+            x.view(batch_size, seq_len, self.num_heads, self.head_dim), dt, self._A(),
+            B.view(batch_size, seq_len, self.n_groups, self.state_size),
+            C.view(batch_size, seq_len, self.n_groups, self.state_size),
+            self.chunk_size, initial_states=ssm_state, seq_idx=seq_idx, return_final_states=want_states,
+            **self._scan_kwargs(),
+        )
+        y, ssm_state = scan_out if want_states else (scan_out, None)
+        y = y.reshape(batch_size, seq_len, self.intermediate_size)
+        return self._output(y, gate, out_dtype), conv_state, ssm_state
+
+    def _output(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.out_proj(self.norm(y, gate).to(dtype))

@@ -16,7 +16,11 @@ from ssm_hub.ops.ssd.reference import (
     ssd_step_ref,
 )
 
-__all__ = ["ssd_chunked_scan", "ssd_step", "ssd_chunked_scan_ref", "ssd_naive_ref", "ssd_step_ref"]
+__all__ = ["ssd_chunked_scan", "ssd_step", "ssd_chunked_scan_ref", "ssd_naive_ref", "ssd_step_ref", "SCAN_OPS"]
+
+# The custom ops that compute a chunked scan's output: a training step keeps their outputs rather than recomputing
+# them (see ssm_hub.ops.recompute.checkpoint_keeping_outputs_of).
+SCAN_OPS = (torch.ops.ssm_hub.ssd_chunked_scan_fwd.default,)
 
 
 def ssd_chunked_scan(
