@@ -16,7 +16,8 @@ from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
-from ssm_hub.ops.selective_scan import selective_scan, selective_scan_step
+from ssm_hub.ops.recompute import checkpoint_keeping_outputs_of
+from ssm_hub.ops.selective_scan import SCAN_OPS, selective_scan, selective_scan_step
 
 
 class MambaMixer(nn.Module):
@@ -82,34 +83,53 @@ class MambaMixer(nn.Module):
         x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
-        conv_weight, conv_bias = unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
-        A = -torch.exp(self.A_log.float())
 
         if conv_state is not None and ssm_state is not None and seq_len == 1:
             # Decode: one token against the cached conv window and recurrent state, both updated in place.
+            conv_weight, conv_bias = self._conv_parameters()
             x, _ = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True)
             dt, B, C = self._selection(x)
             y, _ = selective_scan_step(
-                ssm_state, x, dt, A, B, C, D=self.D, z=gate[:, 0], delta_softplus=True, in_place=True
+                ssm_state, x, dt, self._A(), B, C, D=self.D, z=gate[:, 0], delta_softplus=True, in_place=True
             )
-            y = y[:, None]
+            return self.out_proj(y[:, None].to(hidden_states.dtype))
+
+        if cache is None and torch.is_grad_enabled():
+            # Training: keep the in_proj output and the scan's outputs only; the conv output and dt, B, C are
+            # rebuilt in backward.
+            y = checkpoint_keeping_outputs_of(SCAN_OPS, self._sequence, x, gate, padding_mask, seq_idx, None, None,
+                                              False)[0]
         else:
-            want_states = cache is not None
-            conv_out = causal_conv1d(
-                x, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
-                return_final_state=want_states,
+            y, conv_state, ssm_state = self._sequence(
+                x, gate, padding_mask, seq_idx, conv_state, ssm_state, cache is not None
             )
-            x, conv_state = conv_out if want_states else (conv_out, None)
-            if padding_mask is not None:
-                x = x * padding_mask[..., None].to(x.dtype)
-            dt, B, C = self._selection(x)
-            scan_out = selective_scan(
-                x, dt, A, B, C, D=self.D, z=gate, delta_softplus=True, initial_state=ssm_state, seq_idx=seq_idx,
-                return_final_state=want_states,
-            )
-            y, ssm_state = scan_out if want_states else (scan_out, None)
-            if cache is not None:
-                # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
-                cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
-                cache.update_recurrent_state(ssm_state, self.layer_idx)
+        if cache is not None:
+            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+            cache.update_recurrent_state(ssm_state, self.layer_idx)
         return self.out_proj(y.to(hidden_states.dtype))
+
+    def _conv_parameters(self):
+        return unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())
+
+    def _sequence(self, x, gate, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool):
+        """conv -> dt, B, C -> selective scan (gated) over a sequence: (y, final conv state or None, final SSM state
+        or None)."""
+        conv_weight, conv_bias = self._conv_parameters()
+        conv_out = causal_conv1d(
+            x, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
+            return_final_state=want_states,
+        )
+        x, conv_state = conv_out if want_states else (conv_out, None)
+        if padding_mask is not None:
+            x = x * padding_mask[..., None].to(x.dtype)
+        dt, B, C = self._selection(x)
+        scan_out = selective_scan(
+            x, dt, self._A(), B, C, D=self.D, z=gate, delta_softplus=True, initial_state=ssm_state, seq_idx=seq_idx,
+            return_final_state=want_states,
+        )
+        y, ssm_state = scan_out if want_states else (scan_out, None)
+        return y, conv_state, ssm_state
