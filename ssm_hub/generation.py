@@ -13,8 +13,12 @@ their addresses:
 The result is the same LongTensor that greedy ``generate`` returns (prompt followed by the new tokens, finished
 rows padded with pad_token_id). On CPU the same step runs eagerly, so the bookkeeping is testable anywhere.
 Only what can run inside a graph is accepted: greedy search, the min-length rules and the max-length and
-end-of-sequence stops; any other logits processor, stopping criterion, streamer or ``return_dict_in_generate``
-is an error naming it.
+end-of-sequence stops (the ids of every EOS criterion and min-length processor given, not only the config's); any
+other logits processor, stopping criterion, streamer or ``return_dict_in_generate`` is an error naming it.
+
+The captured step is kept per model and reused while the weights keep their addresses and the model's mode
+(training flag, autocast, PEFT adapters merged / enabled / active) is unchanged. Calls on one model share it, so
+two concurrent ``generate`` calls on the same model (threads or streams) are not supported.
 """
 
 import contextlib
@@ -26,7 +30,8 @@ from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixi
 from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-# How many replays run between two host reads of "has every row finished?" (each read waits for the GPU).
+# How many replays run between two host reads of "has every row finished?" (each read waits for the GPU). A cache
+# the caller passed in is checked after every step, so that it ends exactly where transformers' loop would leave it.
 FINISHED_CHECK_INTERVAL = 32
 
 
@@ -61,14 +66,25 @@ def _check_cache(cache) -> None:
         )
 
 
-def _min_new_tokens(logits_processor, prompt_len: int) -> int:
-    """The min-length processors as one count of new tokens before which EOS is forbidden."""
-    minimum = 0
+def _stop_ids(stopping_criteria, device) -> torch.Tensor | None:
+    """Every id that ends a row: the union of the EOS criteria's (generate builds one from the config; a caller may
+    add more), or None without any."""
+    ids = [torch.as_tensor(c.eos_token_id, device=device).view(-1) for c in stopping_criteria
+           if isinstance(c, EosTokenCriteria)]
+    return torch.cat(ids).unique() if ids else None
+
+
+def _min_new_tokens_per_id(logits_processor, prompt_len: int, vocab_size: int, device) -> torch.Tensor:
+    """[V]: for each token id, the count of new tokens before which the min-length processors forbid it (their
+    own EOS ids; 0 for the others)."""
+    minimum = torch.zeros(vocab_size, dtype=torch.long, device=device)
     for processor in logits_processor:
         if isinstance(processor, MinLengthLogitsProcessor):
-            minimum = max(minimum, processor.min_length - prompt_len)
-        elif isinstance(processor, MinNewTokensLengthLogitsProcessor):
-            minimum = max(minimum, processor.min_new_tokens - (prompt_len - processor.prompt_length_to_skip))
+            count = processor.min_length - prompt_len
+        else:  # MinNewTokensLengthLogitsProcessor, the other kind _reject_unsupported lets through
+            count = processor.min_new_tokens - (prompt_len - processor.prompt_length_to_skip)
+        ids = torch.as_tensor(processor.eos_token_id, device=device).view(-1)
+        minimum[ids] = torch.clamp(minimum[ids], min=count)
     return minimum
 
 
@@ -85,29 +101,29 @@ class _GreedyDecoder:
         self.tokens = torch.zeros(batch_size, 1, **long)  # the next step's input
         self.generated = torch.zeros(batch_size, capacity, **long)
         self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # which logits are EOS
+        self.eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # which ids end a row
+        self.min_new_tokens = torch.zeros(vocab_size, **long)  # per id: forbidden while fewer tokens are written
         self.count = torch.zeros((), **long)  # tokens written so far
         # The length the output keeps: the count when the last row finished (max_new_tokens while any runs).
         self.length = torch.zeros((), **long)
         self.max_new_tokens = torch.zeros((), **long)
-        self.min_new_tokens = torch.zeros((), **long)
         self.pad = torch.zeros((), **long)
 
-    def reset(self, max_new_tokens: int, min_new_tokens: int, eos, pad) -> None:
+    def reset(self, max_new_tokens: int, min_new_tokens: torch.Tensor, eos, pad) -> None:
         """Start a decode: in place, so that a captured step sees the new settings."""
         self.unfinished.fill_(True)
         self.eos_columns.zero_()
         if eos is not None:
             self.eos_columns[eos] = True
             self.pad.copy_(pad)
+        self.min_new_tokens.copy_(min_new_tokens)
         self.count.zero_()
         self.length.fill_(max_new_tokens)
         self.max_new_tokens.fill_(max_new_tokens)
-        self.min_new_tokens.fill_(min_new_tokens)
 
     def choose(self, logits: torch.Tensor) -> None:
         """Append the greedy token of ``logits`` [B, V] (float32) to every row; finished rows get pad."""
-        logits = logits.masked_fill(self.eos_columns & (self.count < self.min_new_tokens), float("-inf"))
+        logits = logits.masked_fill(self.count < self.min_new_tokens, float("-inf"))
         next_tokens = torch.where(self.unfinished, logits.argmax(-1), self.pad)
         self.unfinished &= ~self.eos_columns[next_tokens]
         self.generated.index_copy_(1, self.count.view(1), next_tokens[:, None])
@@ -183,17 +199,32 @@ class _CapturedDecode:
             self.graph = _capture(decoder, model, cache)
 
 
+try:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    _PEFT_LAYER_TYPES: tuple[type, ...] = (BaseTunerLayer,)
+except ImportError:  # PEFT is a dependency; without it there are no adapter layers to account for
+    _PEFT_LAYER_TYPES = ()
+
 # model -> its _CapturedDecode. Weak, and the entry holds no reference to the model or to a cache, so a deleted
 # model frees its graph.
 _CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _capture_key(model, states: list[torch.Tensor], batch_size: int) -> tuple:
-    """What a captured step depends on: the batch size, the parameters' and buffers' addresses (it reads them in
-    place), and the states' shapes and dtypes."""
+    """What a captured step depends on: the batch size; the parameters' and buffers' addresses (it reads them in
+    place); the states' shapes and dtypes; and the Python-side modes that change which kernels a forward runs: the
+    training flag, autocast, and each PEFT layer's merged / disabled / active adapters (merging writes into the
+    base weights in place, so the addresses alone would not show it)."""
     weights = [*model.parameters(), *model.buffers()]
+    adapters = tuple(
+        (name, module.merged, module.disable_adapters, tuple(module.active_adapters))
+        for name, module in model.named_modules() if isinstance(module, _PEFT_LAYER_TYPES)
+    )
+    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
     return (
-        batch_size, tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights),
+        batch_size, model.training, autocast, adapters,
+        tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights),
         tuple((tuple(t.shape), t.dtype) for t in states),
     )
 
@@ -219,25 +250,34 @@ def cuda_graph_greedy(
     max_new_tokens = generation_config.max_length - prompt_len
     if max_new_tokens < 1:
         raise ValueError(f"nothing to generate: max_length {generation_config.max_length} <= prompt length {prompt_len}")
-    eos = generation_config._eos_token_tensor
+    eos = _stop_ids(stopping_criteria, input_ids.device)
     pad = generation_config._pad_token_tensor
     if eos is not None:
-        eos = eos.to(input_ids.device).view(-1)
         if pad is None:
             raise ValueError("an eos_token_id needs a pad_token_id to fill the rows that have finished")
         pad = pad.to(input_ids.device)
-    min_new_tokens = _min_new_tokens(logits_processor, prompt_len)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    min_new_tokens = _min_new_tokens_per_id(logits_processor, prompt_len, vocab_size, input_ids.device)
+    check_every = 1 if getattr(cache, "_is_user_defined", False) else FINISHED_CHECK_INTERVAL
 
     # The prompt goes through generate's own prefill (input preparation, left padding, chunked prefill), which
     # also allocates the cache's states.
     prefill_logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1].float()
-    vocab_size = model.get_output_embeddings().weight.shape[0]
     if not input_ids.is_cuda:  # no graphs: the same step, run eagerly on the cache itself
         decoder = _GreedyDecoder(batch_size, vocab_size, max_new_tokens, input_ids.device)
         decoder.reset(max_new_tokens, min_new_tokens, eos, pad)
         decoder.choose(prefill_logits)
-        return _decode(decoder, functools.partial(decoder.step, model, cache), max_new_tokens - 1, input_ids)
+        step = functools.partial(decoder.step, model, cache)
+        return _decode(decoder, step, max_new_tokens - 1, check_every, input_ids)
+    with torch.cuda.device(input_ids.device):  # streams and graphs belong to the model's GPU, not the current one
+        return _decode_with_graph(model, cache, input_ids, prefill_logits, max_new_tokens, min_new_tokens, eos, pad,
+                                  check_every)
 
+
+def _decode_with_graph(model, cache, input_ids, prefill_logits, max_new_tokens, min_new_tokens, eos, pad,
+                       check_every) -> torch.LongTensor:
+    batch_size = input_ids.shape[0]
+    vocab_size = min_new_tokens.shape[0]
     states = _cache_states(cache)
     key = _capture_key(model, states, batch_size)
     captured = _CAPTURED.get(model)
@@ -246,23 +286,25 @@ def cuda_graph_greedy(
     decoder.reset(max_new_tokens, min_new_tokens, eos, pad)
     decoder.choose(prefill_logits)
     steps_left = max_new_tokens - 1
-    if steps_left == 0:
-        return _decode(decoder, None, 0, input_ids)
+    if steps_left == 0 or (check_every == 1 and not decoder.unfinished.any()):  # nothing to capture a step for
+        return _decode(decoder, None, 0, check_every, input_ids)
     if reuse:
         torch._foreach_copy_(captured.states, states)
     else:
         captured = _CAPTURED[model] = _CapturedDecode(model, cache, decoder, key)  # runs the first step
         steps_left -= 1
-    output = _decode(decoder, captured.graph.replay, steps_left, input_ids)
+    output = _decode(decoder, captured.graph.replay, steps_left, check_every, input_ids)
     torch._foreach_copy_(states, captured.states)
     return output
 
 
-def _decode(decoder: _GreedyDecoder, run_step, steps: int, input_ids: torch.LongTensor) -> torch.LongTensor:
-    """Run up to ``steps`` steps, stopping early once every row has finished; prompt + new tokens."""
+def _decode(decoder: _GreedyDecoder, run_step, steps: int, check_every: int, input_ids: torch.LongTensor
+            ) -> torch.LongTensor:
+    """Run up to ``steps`` steps, stopping early once every row has finished (read before every ``check_every``-th
+    step); prompt + new tokens."""
     for index in range(steps):
-        run_step()
-        if (index + 1) % FINISHED_CHECK_INTERVAL == 0 and not decoder.unfinished.any():
+        if index % check_every == 0 and not decoder.unfinished.any():
             break
+        run_step()
     generated = decoder.generated[:, : int(torch.minimum(decoder.count, decoder.length))]
     return torch.cat([input_ids, generated], dim=1)

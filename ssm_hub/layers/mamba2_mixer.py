@@ -9,6 +9,7 @@ from torch import nn
 
 from transformers import initialization as init
 
+from ssm_hub.backend import resolve_backend
 from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
@@ -87,9 +88,11 @@ class Mamba2Mixer(nn.Module):
             )
             return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, hidden_states.dtype)
 
-        if cache is None and torch.is_grad_enabled():
-            # Training: keep the in_proj output and the scan's output only; the conv output and the normed output
-            # (3.5 + 3 KB a token a layer at 130M) are rebuilt in backward, as mamba_ssm's fused path does.
+        scan_on_kernels = resolve_backend("ssd_chunked_scan", "auto", hidden_states) == "triton"
+        if cache is None and torch.is_grad_enabled() and scan_on_kernels:
+            # Training on the kernels: keep the in_proj output and the scan's output only; the conv output and the
+            # normed output (3.5 + 3 KB a token a layer at 130M) are rebuilt in backward, as mamba_ssm's fused path
+            # does. (The torch reference scan already keeps only its inputs: ssm_hub.ops.recompute.)
             return checkpoint_keeping_outputs_of(
                 SCAN_OPS, self._sequence, gate, xBC, dt, padding_mask, seq_idx, None, None, False, hidden_states.dtype
             )[0]

@@ -12,6 +12,7 @@ from torch import nn
 
 from transformers import initialization as init
 
+from ssm_hub.backend import resolve_backend
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
@@ -94,9 +95,10 @@ class MambaMixer(nn.Module):
             )
             return self.out_proj(y[:, None].to(hidden_states.dtype))
 
-        if cache is None and torch.is_grad_enabled():
-            # Training: keep the in_proj output and the scan's outputs only; the conv output and dt, B, C are
-            # rebuilt in backward.
+        scan_on_kernels = resolve_backend("selective_scan", "auto", hidden_states) == "triton"
+        if cache is None and torch.is_grad_enabled() and scan_on_kernels:
+            # Training on the kernels: keep the in_proj output and the scan's outputs only; the conv output and
+            # dt, B, C are rebuilt in backward. (The torch reference scan already keeps only its inputs.)
             y = checkpoint_keeping_outputs_of(SCAN_OPS, self._sequence, x, gate, padding_mask, seq_idx, None, None,
                                               False)[0]
         else:

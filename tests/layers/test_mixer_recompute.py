@@ -3,7 +3,7 @@
 dt, B, C), with unchanged outputs and gradients.
 
 Runs the Triton kernels (on the GPU where there is one, else under TRITON_INTERPRET=1), whose scans are the custom
-ops the step keeps.
+ops the step keeps; on the torch reference the scan already keeps only its inputs and nothing else changes.
 """
 
 import pytest
@@ -74,9 +74,8 @@ def _without_recomputation(mixer, hidden):
     return mixer.out_proj(mixer._sequence(x, gate, None, None, None, None, False)[0])
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_recomputation_leaves_outputs_and_gradients_unchanged(model_type, backend, monkeypatch):
-    monkeypatch.setenv("SSM_HUB_BACKEND", backend)
+def test_recomputation_leaves_outputs_and_gradients_unchanged(model_type, monkeypatch):
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
     mixer, hidden = _mixer_and_inputs(model_type)
     out = mixer(hidden)
     kept = _gradients(out, mixer, hidden)

@@ -6,7 +6,14 @@ transformers' own greedy search; the gpu-marked tests check the captured graph. 
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, StaticCache
+from transformers import (
+    AutoModelForCausalLM,
+    EosTokenCriteria,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    StaticCache,
+    StoppingCriteriaList,
+)
 
 import ssm_hub
 from conftest import randomised, tiny_config
@@ -82,6 +89,40 @@ def test_left_padded_prompt(model, device):
     torch.testing.assert_close(got, expected)
 
 
+def test_callers_own_eos_criteria_and_min_length_processors_count(model, device):
+    input_ids = torch.randint(1, 64, (2, 6), device=device)
+    free_run = model.generate(input_ids, do_sample=False, max_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    common = dict(max_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    # An EOS criterion of the caller's, with an id the config does not name: row 0 stops and is padded after it.
+    stop = int(free_run[0, 6 + 4])
+    first_stop = int((free_run[0, 6:] == stop).nonzero()[0])
+    expected, got = _both(model, input_ids, stopping_criteria=StoppingCriteriaList([EosTokenCriteria(stop)]), **common)
+    assert (got[0, 6 + first_stop + 1:] == 0).all()
+    torch.testing.assert_close(got, expected)
+    # A min-length processor of the caller's, with its own id: row 1's first token is held back for 3 tokens.
+    early = int(free_run[1, 6])
+    processor = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(6, 3, early)])
+    expected, got = _both(model, input_ids, logits_processor=processor, **common)
+    assert (got[:, 6:9] != early).all()
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_callers_cache_ends_where_transformers_leaves_it(model, device):
+    input_ids = torch.randint(1, 64, (2, 6), device=device)
+    free_run = model.generate(input_ids, do_sample=False, max_new_tokens=20, pad_token_id=0, eos_token_id=None)
+    eos = int(free_run[0, 6 + 2])
+    same_rows = input_ids[:1].expand(2, -1).contiguous()  # both rows end at once, long before max_new_tokens
+    caches = []
+    for custom in (None, ssm_hub.cuda_graph_greedy):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        model.generate(same_rows, custom_generate=custom, cache=cache, do_sample=False, max_new_tokens=20,
+                       pad_token_id=0, eos_token_id=eos)
+        caches.append(cache)
+    for mine, theirs in zip(caches[1].layers, caches[0].layers):
+        torch.testing.assert_close(mine.recurrent_states[0], theirs.recurrent_states[0])
+        torch.testing.assert_close(mine.conv_states[0], theirs.conv_states[0])
+
+
 @pytest.mark.parametrize("model_type", ["ssm_hub_mamba2"])
 def test_unsupported_settings_are_named(model):
     input_ids = torch.randint(1, 64, (1, 4), device=model.device)
@@ -125,6 +166,18 @@ def test_graph_is_reused_across_calls_with_new_settings():
         expected, got = _both(model, input_ids, pad_token_id=0, **settings)
         torch.testing.assert_close(got, expected)
         assert _CAPTURED[model].graph is graph  # replayed, not captured again
+    # Merging a LoRA adapter writes into the base weights in place: the old graph (which still runs the adapter)
+    # must not be replayed.
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, init_lora_weights=False))
+    expected, got = _both(lora, input_ids, max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    torch.testing.assert_close(got, expected)
+    lora.merge_adapter()
+    expected, got = _both(lora, input_ids, max_new_tokens=12, pad_token_id=0, eos_token_id=None)
+    torch.testing.assert_close(got, expected)
+    lora.unmerge_adapter()
+    model = lora.unload()
     # A user's own cache ends holding the final states, as if the steps had run on it.
     cache = StaticCache(config=model.config, max_cache_len=64)
     model.generate(input_ids, custom_generate=ssm_hub.cuda_graph_greedy, cache=cache, max_new_tokens=20,
@@ -134,3 +187,23 @@ def test_graph_is_reused_across_calls_with_new_settings():
     for mine, theirs in zip(cache.layers, reference.layers):
         torch.testing.assert_close(mine.recurrent_states[0], theirs.recurrent_states[0])
         torch.testing.assert_close(mine.conv_states[0], theirs.conv_states[0])
+
+
+def test_capture_key_sees_what_changes_the_step_without_moving_weights():
+    from peft import LoraConfig, get_peft_model
+
+    from ssm_hub.generation import _capture_key
+
+    model = randomised(AutoModelForCausalLM.from_config(tiny_config("ssm_hub_mamba2")))
+    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2))
+    keys = [_capture_key(model, [], 2)]
+    lora.merge_adapter()  # in place: no address changes
+    keys.append(_capture_key(model, [], 2))
+    lora.unmerge_adapter()
+    with lora.disable_adapter():
+        keys.append(_capture_key(model, [], 2))
+    model.train()
+    keys.append(_capture_key(model, [], 2))
+    assert len(set(keys)) == len(keys)
+    model.eval()
+    assert _capture_key(model, [], 2) == keys[0]  # and back to the first mode, the first key
