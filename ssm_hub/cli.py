@@ -3,6 +3,7 @@
     ssm-hub demo                                 # train, save, reload and generate with a small Mamba-2 on CPU
     ssm-hub convert state-spaces/mamba-130m-hf ./mamba-130m-ssm-hub
     ssm-hub convert ./mamba-130m-ssm-hub ./mamba-130m-transformers --to mamba --dtype bfloat16
+    ssm-hub train --config debug_mamba2 train.max_steps=20   # a recipe shipped with ssm_hub, or a YAML file
     python -m ssm_hub.cli convert ...            # the same without the console script
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
@@ -63,7 +64,31 @@ def run_demo(args: argparse.Namespace) -> None:
     demo(output_dir=args.output, train_seconds=args.seconds, seed=args.seed)
 
 
-SUBCOMMANDS = (add_demo_command, add_convert_command)
+def add_train_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train or fine-tune any ssm_hub model from a YAML recipe through transformers' Trainer",
+        description="Run a recipe (model, tokenizer, data, train = TrainingArguments, optional lora) through "
+                    "transformers' Trainer: packed data with per-document positions, checkpoints, resume, "
+                    "evaluation, tokens/s in the logs and loss_curve.png next to the checkpoints.",
+    )
+    parser.add_argument("--config", required=True,
+                        help="a recipe YAML file, or the name of one shipped with ssm_hub (e.g. debug_mamba2)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted recipe keys with YAML values, e.g. train.max_steps=20 model.config.hidden_size=64")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from ssm_hub.training import load_recipe, train
+    from ssm_hub.training.config import recipe_path
+
+    summary = train(load_recipe(recipe_path(args.config), args.overrides))
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+
+
+SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command)
 """Registration functions, one per subcommand, in the order ``--help`` lists them."""
 
 

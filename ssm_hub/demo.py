@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ssm_hub  # noqa: F401  (registers ssm_hub_mamba2 with the Auto classes)
+from ssm_hub.training.data import train_tokenizer
 
 PROMPT = "The import statement"
 
@@ -23,22 +24,6 @@ def load_corpus() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the corpus in a few seconds (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(text.split("\n\n"), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
 
 
 def make_blocks(token_ids: list[int], block_size: int) -> torch.Tensor:
@@ -58,7 +43,7 @@ def run_demo(output_dir: str = "ssm-hub-demo", train_seconds: float = 60.0, seed
     torch.manual_seed(seed)
     started = time.perf_counter()
     text = load_corpus()
-    tokenizer = train_tokenizer(text, vocab_size=2048)
+    tokenizer = train_tokenizer(text.split("\n\n"), vocab_size=2048)
     token_ids = tokenizer(text)["input_ids"]
     blocks = make_blocks(token_ids, block_size=128)
     blocks = blocks[torch.randperm(len(blocks))]

@@ -1,0 +1,223 @@
+"""The training recipe schema: a YAML file of four sections, checked key by key, with command-line overrides.
+
+    model:     {type: ssm_hub_mamba2, config: {hidden_size: 64, ...}}   # from scratch, or
+               {pretrained: path-or-hub-id}                             # fine-tune
+    tokenizer: {pretrained: path-or-hub-id} or {train_bpe: 512}         # a byte-level BPE trained on the data
+    data:      {files: [a.txt, b.jsonl]} or {dataset: name, split: train} or {builtin: python_docs};
+               seq_len, text_field, eval_fraction, max_documents
+    train:     TrainingArguments fields (output_dir, max_steps, learning_rate, ...)
+    lora:      LoraConfig fields, optional (LoRA fine-tuning)
+
+Overrides use dotted keys and YAML values: ``train.max_steps=20 model.config.hidden_size=128``. An unknown key or a
+value of the wrong type is a ValueError that names the key; ``train`` and ``lora`` are checked against the
+fields of transformers' TrainingArguments and PEFT's LoraConfig.
+"""
+
+import dataclasses
+import importlib.resources
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_DATA = ("python_docs",)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; recipes mean the number, as YAML 1.2 and Python do."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.\d*|\.\d+)(?:[eE][-+]?\d+)?$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+@dataclass
+class ModelSection:
+    type: str | None = None  # a registered model_type, for training from scratch
+    config: dict = field(default_factory=dict)  # fields of that type's config class
+    pretrained: str | None = None  # a folder or Hub id to fine-tune
+
+    def check(self) -> None:
+        if (self.type is None) == (self.pretrained is None):
+            raise ValueError("model: give exactly one of model.type (train from scratch) or model.pretrained")
+        if self.pretrained is not None and self.config:
+            raise ValueError("model.config sets a new model's fields; with model.pretrained it would be ignored")
+
+
+@dataclass
+class TokenizerSection:
+    pretrained: str | None = None  # a folder or Hub id
+    train_bpe: int | None = None  # vocabulary size of a byte-level BPE trained on the training text
+
+    def check(self) -> None:
+        if (self.pretrained is None) == (self.train_bpe is None):
+            raise ValueError("tokenizer: give exactly one of tokenizer.pretrained or tokenizer.train_bpe")
+        if self.train_bpe is not None and self.train_bpe < 260:
+            raise ValueError(f"tokenizer.train_bpe must be at least 260 (256 bytes + merges), got {self.train_bpe}")
+
+
+@dataclass
+class DataSection:
+    files: list[str] = field(default_factory=list)  # .txt (one document per blank-line-separated block), .json/.jsonl
+    dataset: str | None = None  # a datasets name (Hub or local loading script/folder)
+    builtin: str | None = None  # text that ships with Python, for offline recipes
+    split: str = "train"
+    text_field: str = "text"
+    seq_len: int = 256
+    eval_fraction: float = 0.05
+    max_documents: int | None = None
+
+    def check(self) -> None:
+        sources = [name for name in ("files", "dataset", "builtin") if getattr(self, name)]
+        if len(sources) != 1:
+            raise ValueError(f"data: give exactly one of data.files, data.dataset or data.builtin, got {sources}")
+        if self.builtin is not None and self.builtin not in BUILTIN_DATA:
+            raise ValueError(f"data.builtin must be one of {BUILTIN_DATA}, got {self.builtin!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass
+class Recipe:
+    model: ModelSection
+    tokenizer: TokenizerSection
+    data: DataSection
+    train: dict
+    lora: dict | None = None
+
+    def check(self) -> None:
+        for section in (self.model, self.tokenizer, self.data):
+            section.check()
+        _check_fields("train", self.train, _training_argument_fields())
+        if "output_dir" not in self.train:
+            raise ValueError("train.output_dir is required: checkpoints, logs and the loss curve go there")
+        if self.lora is not None:
+            _check_fields("lora", self.lora, _lora_fields())
+
+
+def _training_argument_fields() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _lora_fields() -> set[str]:
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+
+
+def _check_fields(section: str, values: dict, known: set[str]) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {section}: {', '.join(f'{section}.{k}' for k in unknown)}")
+
+
+_SECTIONS = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection}
+
+
+def _members(annotation) -> tuple[type, ...]:
+    """The plain types a field annotation accepts: ``int | None`` -> (int, NoneType), ``list[str]`` -> (list,)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return tuple(typing.get_origin(a) or a for a in typing.get_args(annotation))
+    return (typing.get_origin(annotation) or annotation,)
+
+
+def _typed(path: str, value, annotation) -> Any:
+    """``value`` checked against a field annotation (int, float, str, bool, list, dict, optional of those)."""
+    allowed = _members(annotation)
+    if value is None and type(None) in allowed:
+        return None
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) and bool not in allowed:
+        raise ValueError(f"{path} must be of type {_describe(allowed)}, got {value!r}")
+    if not isinstance(value, tuple(a for a in allowed if a is not type(None))):
+        raise ValueError(f"{path} must be of type {_describe(allowed)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _describe(types) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _section(name: str, values) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"{name} must be a mapping, got {values!r}")
+    cls = _SECTIONS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key(s) in {name}: {', '.join(f'{name}.{k}' for k in unknown)} "
+                         f"(known: {', '.join(sorted(fields))})")
+    return cls(**{key: _typed(f"{name}.{key}", value, fields[key].type) for key, value in values.items()})
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A recipe file: ``name`` itself if it is a file, else the recipe of that name shipped in ssm_hub.recipes."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files("ssm_hub.recipes")
+    candidate = shipped / f"{path.stem}.yaml"
+    if candidate.is_file():
+        return Path(str(candidate))
+    available = sorted(entry.name.removesuffix(".yaml") for entry in shipped.iterdir() if entry.name.endswith(".yaml"))
+    raise ValueError(f"no recipe file {str(name)!r} and no shipped recipe of that name (shipped: {available})")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``raw`` with each ``dotted.key=value`` override set (the value parsed as YAML); new keys are allowed here and
+    checked with the rest."""
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"an override must look like section.key=value, got {override!r}")
+        node = raw
+        *parents, leaf = key.split(".")
+        for index, part in enumerate(parents):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {override!r}: {'.'.join(parents[:index + 1])} is not a mapping")
+            node = child
+        node[leaf] = _parse_yaml(text)
+    return raw
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None) -> Recipe:
+    """The recipe at ``path`` (or the mapping ``raw``) with ``overrides`` applied, checked."""
+    if raw is None:
+        with open(path, encoding="utf-8") as file:
+            raw = _parse_yaml(file) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"a recipe must be a YAML mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    known = {"model", "tokenizer", "data", "train", "lora"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown top-level key(s) {unknown} (known: {sorted(known)})")
+    missing = sorted({"model", "tokenizer", "data", "train"} - set(raw))
+    if missing:
+        raise ValueError(f"the recipe has no {', '.join(missing)} section")
+    for name in ("train", "lora"):
+        if raw.get(name) is not None and not isinstance(raw[name], dict):
+            raise ValueError(f"{name} must be a mapping, got {raw[name]!r}")
+    recipe = Recipe(
+        model=_section("model", raw["model"]), tokenizer=_section("tokenizer", raw["tokenizer"]),
+        data=_section("data", raw["data"]), train=dict(raw["train"]), lora=raw.get("lora"),
+    )
+    recipe.check()
+    return recipe

@@ -1,0 +1,127 @@
+"""Training text: documents from local files, a datasets name or text that ships with Python, tokenized and packed
+into fixed-length rows whose position_ids restart at every document.
+
+Packing never lets one document's state leak into the next: ssm_hub's SSM layers reset their state where
+position_ids restart (and the hybrids' attention layers build per-document masks from them), so a packed row
+trains like its documents run one by one. The loss still covers every token; a document's first token is
+predicted from the end of the previous one, as in standard packing.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from ssm_hub.training.config import DataSection
+
+
+def read_documents(data: DataSection) -> list[str]:
+    """The documents of ``data``: .txt files split at blank lines, .json / .jsonl records' ``text_field``, a
+    datasets split's ``text_field``, or the builtin text; empty documents dropped, at most ``max_documents``."""
+    if data.builtin == "python_docs":
+        from pydoc_data.topics import topics
+
+        documents = [topics[key] for key in sorted(topics)]
+    elif data.dataset is not None:
+        import datasets
+
+        rows = datasets.load_dataset(data.dataset, split=data.split)
+        if data.text_field not in rows.column_names:
+            raise ValueError(f"data.text_field {data.text_field!r} is not a column of {data.dataset} "
+                             f"(columns: {rows.column_names})")
+        documents = list(rows[data.text_field])
+    else:
+        documents = [document for path in data.files for document in _file_documents(Path(path), data.text_field)]
+    documents = [document for document in documents if document and document.strip()]
+    if data.max_documents is not None:
+        documents = documents[: data.max_documents]
+    if not documents:
+        raise ValueError("the training data holds no non-empty document")
+    return documents
+
+
+def _file_documents(path: Path, text_field: str) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"data.files: {path} is not a file")
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8").split("\n\n")
+    if path.suffix in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                      if line.strip()]
+        if isinstance(records, dict):
+            records = [records]
+        missing = [i for i, record in enumerate(records) if text_field not in record]
+        if missing:
+            raise ValueError(f"data.files: records {missing[:5]} of {path} have no {text_field!r} field")
+        return [record[text_field] for record in records]
+    raise ValueError(f"data.files: {path} is neither .txt, .json nor .jsonl")
+
+
+def train_tokenizer(documents: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``documents`` in a few seconds (no download); its one special token
+    ``<|endoftext|>`` is BOS, EOS and pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None) -> dict[str, torch.Tensor]:
+    """Concatenate the tokenized documents (each followed by ``eos_token_id`` when given) and cut rows of
+    ``seq_len``: {"input_ids", "position_ids"} [rows, seq_len], positions counting from 0 in each document (a
+    document cut across rows goes on counting). The tail shorter than a row is dropped."""
+    ids, positions = [], []
+    for tokens in token_lists:
+        tokens = list(tokens) + ([eos_token_id] if eos_token_id is not None else [])
+        ids += tokens
+        positions += range(len(tokens))
+    rows = len(ids) // seq_len
+    if rows == 0:
+        raise ValueError(f"the data holds {len(ids)} tokens, fewer than one row of data.seq_len = {seq_len}")
+    ids = torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+    positions = torch.tensor(positions[: rows * seq_len]).view(rows, seq_len)
+    return {"input_ids": ids, "position_ids": positions}
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of :func:`pack`; each item also has ``labels`` (= input_ids: the models shift them)."""
+
+    def __init__(self, packed: dict[str, torch.Tensor]):
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return self.packed["input_ids"].shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = {name: tensor[index] for name, tensor in self.packed.items()}
+        row["labels"] = row["input_ids"]
+        return row
+
+
+def train_and_eval_datasets(documents: list[str], tokenizer, data: DataSection):
+    """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them."""
+    token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    held_out = int(len(token_lists) * data.eval_fraction)
+    if data.eval_fraction > 0 and held_out == 0:
+        held_out = 1 if len(token_lists) > 1 else 0
+    train_tokens = token_lists[: len(token_lists) - held_out]
+    eval_tokens = token_lists[len(token_lists) - held_out:]
+    train = PackedDataset(pack(train_tokens, data.seq_len, tokenizer.eos_token_id))
+    if not held_out:
+        return train, None
+    try:
+        evaluation = PackedDataset(pack(eval_tokens, data.seq_len, tokenizer.eos_token_id))
+    except ValueError as error:
+        raise ValueError(f"the held-out documents (the last data.eval_fraction = {data.eval_fraction} of them): "
+                         f"{error}; raise eval_fraction or set it to 0") from None
+    return train, evaluation

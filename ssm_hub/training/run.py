@@ -1,0 +1,107 @@
+"""``ssm-hub train``: run a recipe (ssm_hub.training.config) through transformers' Trainer.
+
+    from ssm_hub.training import load_recipe, train
+    train(load_recipe("recipes/debug_mamba2.yaml", ["train.max_steps=5"]))
+
+It builds the tokenizer (pretrained, or a byte-level BPE trained on the data), the model (a new one of any
+registered ssm_hub model_type, or a pretrained one, optionally with LoRA through PEFT), packs the data, and runs
+Trainer with the recipe's TrainingArguments: checkpoints, ``resume_from_checkpoint``, evaluation and logging are
+Trainer's. Logs carry tokens/s (and peak memory on CUDA); ``loss_curve.png`` is written next to the checkpoints.
+At the end the model (adapters only for LoRA) and tokenizer are saved in ``train.output_dir`` and a summary is
+returned.
+"""
+
+import math
+from pathlib import Path
+
+from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback
+from ssm_hub.training.config import Recipe
+from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
+
+
+def build_tokenizer(recipe: Recipe, documents: list[str]):
+    if recipe.tokenizer.pretrained is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer.pretrained)
+    else:
+        tokenizer = train_tokenizer(documents, recipe.tokenizer.train_bpe)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(recipe: Recipe, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
+
+    if recipe.model.pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.pretrained)
+    else:
+        special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        clashing = sorted(set(special) & set(recipe.model.config))
+        if clashing:
+            raise ValueError(f"model.config sets {clashing}, which come from the tokenizer; remove them")
+        try:
+            config = AutoConfig.for_model(recipe.model.type, **recipe.model.config, **special)
+        except ValueError as error:
+            raise ValueError(f"model: {error}") from None
+        model = AutoModelForCausalLM.from_config(config)
+    if recipe.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+    return model
+
+
+def _recipe_trainer_class():
+    from transformers import Trainer
+
+    class RecipeTrainer(Trainer):
+        """Trainer whose training logs also carry tokens/s and peak memory (ThroughputCallback.measure)."""
+
+        def __init__(self, *args, throughput: ThroughputCallback, **kwargs):
+            super().__init__(*args, callbacks=[throughput, LossCurveCallback()], **kwargs)
+            self.throughput = throughput
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if "loss" in logs:
+                logs = {**logs, **self.throughput.measure(self.state.global_step)}
+            super().log(logs, *args, **kwargs)
+
+    return RecipeTrainer
+
+
+def train(recipe: Recipe) -> dict:
+    """Run ``recipe``; returns {"train_loss", "eval_loss" (or None), "steps", "output_dir", "loss_curve"}."""
+    from transformers import TrainingArguments, set_seed
+
+    try:
+        arguments = TrainingArguments(**recipe.train)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"train: {error}") from None
+    set_seed(arguments.seed)  # before the model is built, so that its initialisation is reproducible too
+    documents = read_documents(recipe.data)
+    tokenizer = build_tokenizer(recipe, documents)
+    train_data, eval_data = train_and_eval_datasets(documents, tokenizer, recipe.data)
+    model = build_model(recipe, tokenizer)
+    tokens_per_step = (arguments.per_device_train_batch_size * arguments.gradient_accumulation_steps
+                       * arguments.world_size * recipe.data.seq_len)
+    trainer = _recipe_trainer_class()(
+        model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+        throughput=ThroughputCallback(tokens_per_step),
+    )
+    result = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_data is not None else None
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(arguments.output_dir)
+    loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
+    return {
+        "train_loss": result.training_loss, "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
+        "steps": result.global_step, "output_dir": arguments.output_dir,
+        "loss_curve": str(loss_curve) if loss_curve.is_file() else None,
+    }

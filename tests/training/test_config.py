@@ -1,0 +1,68 @@
+"""Recipe loading: every key checked and named in errors, YAML overrides, shipped recipes found by name."""
+
+import pytest
+
+from ssm_hub.training.config import apply_overrides, load_recipe, recipe_path
+
+BASE = {
+    "model": {"type": "ssm_hub_mamba2", "config": {"hidden_size": 32}},
+    "tokenizer": {"train_bpe": 300},
+    "data": {"builtin": "python_docs", "seq_len": 32},
+    "train": {"output_dir": "out", "max_steps": 2},
+}
+
+
+def raw(**sections):
+    return {**{k: dict(v) for k, v in BASE.items()}, **sections}
+
+
+def test_a_valid_recipe_loads_with_typed_sections():
+    recipe = load_recipe(raw=raw())
+    assert recipe.model.type == "ssm_hub_mamba2" and recipe.data.seq_len == 32 and recipe.train["max_steps"] == 2
+    assert recipe.data.eval_fraction == 0.05 and recipe.lora is None
+
+
+@pytest.mark.parametrize("sections, message", [
+    (dict(model={"type": "ssm_hub_mamba2", "hiden_size": 3}), r"unknown key\(s\) in model: model.hiden_size"),
+    (dict(data={"builtin": "python_docs", "seqlen": 3}), r"data.seqlen"),
+    (dict(train={"output_dir": "out", "lerning_rate": 1e-3}), r"unknown key\(s\) in train: train.lerning_rate"),
+    (dict(lora={"rank": 4}), r"unknown key\(s\) in lora: lora.rank"),
+    (dict(optimizer={}), r"unknown top-level key\(s\) \['optimizer'\]"),
+    (dict(data={"builtin": "python_docs", "seq_len": "long"}), r"data.seq_len must be of type int, got 'long'"),
+    (dict(data={"builtin": "python_docs", "seq_len": True}), r"data.seq_len must be of type int, got True"),
+    (dict(tokenizer={"train_bpe": 300, "pretrained": "gpt2"}), "exactly one of tokenizer.pretrained"),
+    (dict(data={"files": ["a.txt"], "builtin": "python_docs"}), "exactly one of data.files, data.dataset"),
+    (dict(data={"builtin": "wikipedia"}), "data.builtin must be one of"),
+    (dict(model={"pretrained": "x", "config": {"a": 1}}), "with model.pretrained it would be ignored"),
+    (dict(train={"max_steps": 2}), "train.output_dir is required"),
+])
+def test_bad_recipes_name_the_key(sections, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(raw=raw(**sections))
+
+
+def test_missing_section_is_named():
+    incomplete = raw()
+    del incomplete["data"]
+    with pytest.raises(ValueError, match="the recipe has no data section"):
+        load_recipe(raw=incomplete)
+
+
+def test_overrides_set_nested_keys_with_yaml_values():
+    recipe = load_recipe(raw=raw(), overrides=[
+        "train.max_steps=7", "model.config.num_hidden_layers=3", "data.eval_fraction=0", "lora.r=4",
+        "train.learning_rate=1e-3",
+    ])
+    assert recipe.train["max_steps"] == 7 and recipe.model.config == {"hidden_size": 32, "num_hidden_layers": 3}
+    assert recipe.data.eval_fraction == 0.0 and recipe.lora == {"r": 4} and recipe.train["learning_rate"] == 1e-3
+    with pytest.raises(ValueError, match="must look like section.key=value"):
+        apply_overrides(raw(), ["train.max_steps"])
+    with pytest.raises(ValueError, match="model.type is not a mapping"):
+        apply_overrides(raw(), ["model.type.x=1"])
+
+
+def test_shipped_recipes_are_found_by_name_and_load():
+    for name in ("debug_mamba", "debug_mamba2", "debug_hybrid", "debug_lora"):
+        assert load_recipe(recipe_path(name)).train["output_dir"].endswith(name)
+    with pytest.raises(ValueError, match="no shipped recipe of that name .*debug_mamba2"):
+        recipe_path("no_such_recipe")

@@ -1,0 +1,43 @@
+"""Reading and packing the training text: positions restart at every document, file formats, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from ssm_hub.training.config import DataSection
+from ssm_hub.training.data import PackedDataset, pack, read_documents
+
+
+def test_pack_restarts_positions_at_every_document_and_appends_eos():
+    packed = pack([[5, 6, 7], [8, 9], [10, 11, 12, 13]], seq_len=4, eos_token_id=0)
+    # stream: 5 6 7 0 | 8 9 0 10 | 11 12 13 0
+    torch.testing.assert_close(packed["input_ids"], torch.tensor([[5, 6, 7, 0], [8, 9, 0, 10], [11, 12, 13, 0]]))
+    torch.testing.assert_close(packed["position_ids"], torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 2, 3, 4]]))
+    row = PackedDataset(packed)[1]
+    assert torch.equal(row["labels"], row["input_ids"]) and set(row) == {"input_ids", "position_ids", "labels"}
+
+
+def test_pack_drops_only_the_short_tail_and_refuses_too_little_data():
+    assert pack([[1] * 10], seq_len=4, eos_token_id=None)["input_ids"].shape == (2, 4)
+    with pytest.raises(ValueError, match="fewer than one row of data.seq_len = 8"):
+        pack([[1, 2, 3]], seq_len=8, eos_token_id=None)
+
+
+def test_documents_from_txt_and_jsonl_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first document\n\nsecond\n\n\n\nthird")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in ["x y", "", "z"]))
+    data = DataSection(files=[str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], text_field="body")
+    assert read_documents(data) == ["first document", "second", "third", "x y", "z"]
+    assert read_documents(DataSection(files=[str(tmp_path / "a.txt")], max_documents=2)) == ["first document", "second"]
+
+
+def test_bad_files_are_named(tmp_path):
+    (tmp_path / "b.jsonl").write_text(json.dumps({"content": "x"}))
+    with pytest.raises(ValueError, match=r"records \[0\] of .*b.jsonl have no 'text' field"):
+        read_documents(DataSection(files=[str(tmp_path / "b.jsonl")]))
+    with pytest.raises(ValueError, match="is not a file"):
+        read_documents(DataSection(files=[str(tmp_path / "missing.txt")]))
+    (tmp_path / "c.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="neither .txt, .json nor .jsonl"):
+        read_documents(DataSection(files=[str(tmp_path / "c.csv")]))
