@@ -9,6 +9,8 @@ slots, and its gradient flows back into them.
 
 import torch
 
+from ssm_hub.ops.device import on_input_device
+
 
 
 def _num_states(x, cu_seqlens) -> int:
@@ -16,6 +18,7 @@ def _num_states(x, cu_seqlens) -> int:
 
 
 @torch.library.custom_op("ssm_hub::causal_conv1d_fwd", mutates_args=())
+@on_input_device
 def causal_conv1d_fwd_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -39,6 +42,7 @@ def _(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu):
 
 
 @torch.library.custom_op("ssm_hub::causal_conv1d_bwd", mutates_args=())
+@on_input_device
 def causal_conv1d_bwd_triton(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -4,8 +4,11 @@ triton; the kernel is imported when the op first runs."""
 
 import torch
 
+from ssm_hub.ops.device import on_input_device
+
 
 @torch.library.custom_op("ssm_hub::causal_conv1d_step", mutates_args=())
+@on_input_device
 def causal_conv1d_step_triton(
     x: torch.Tensor,
     conv_state: torch.Tensor,
@@ -27,6 +30,7 @@ def _(x, conv_state, weight, bias, activation, state_indices):
 
 
 @torch.library.custom_op("ssm_hub::causal_conv1d_step_", mutates_args=("conv_state",))
+@on_input_device
 def causal_conv1d_step_in_place_triton(
     x: torch.Tensor,
     conv_state: torch.Tensor,

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ssm_hub.ops.device import on_input_device
+
 # A program holds one group of a block of rows in registers; beyond this the registers spill past any use.
 MAX_GROUP_SIZE = 65536
 
@@ -18,6 +20,7 @@ def _last_dim_contiguous(tensor):
 
 
 @torch.library.custom_op("ssm_hub::gated_rms_norm_fwd", mutates_args=())
+@on_input_device
 def gated_rms_norm_fwd_op(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -42,6 +45,7 @@ def _(x, weight, gate, n_groups, eps, norm_before_gate):
 
 
 @torch.library.custom_op("ssm_hub::gated_rms_norm_bwd", mutates_args=())
+@on_input_device
 def gated_rms_norm_bwd_op(
     grad_out: torch.Tensor,
     x: torch.Tensor,

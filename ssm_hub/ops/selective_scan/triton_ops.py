@@ -10,12 +10,15 @@ state.
 
 import torch
 
+from ssm_hub.ops.device import on_input_device
+
 
 def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
 @torch.library.custom_op("ssm_hub::selective_scan_step", mutates_args=())
+@on_input_device
 def selective_scan_step_triton(
     state: torch.Tensor,
     u: torch.Tensor,
@@ -42,6 +45,7 @@ def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices)
 
 
 @torch.library.custom_op("ssm_hub::selective_scan_step_", mutates_args=("state",))
+@on_input_device
 def selective_scan_step_in_place_triton(
     state: torch.Tensor,
     u: torch.Tensor,
@@ -73,6 +77,7 @@ def _num_states(u, cu_seqlens) -> int:
 
 
 @torch.library.custom_op("ssm_hub::selective_scan_fwd", mutates_args=())
+@on_input_device
 def selective_scan_fwd_triton(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -110,6 +115,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
 
 
 @torch.library.custom_op("ssm_hub::selective_scan_bwd", mutates_args=())
+@on_input_device
 def selective_scan_bwd_triton(
     u: torch.Tensor,
     delta: torch.Tensor,

@@ -4,8 +4,11 @@ when an op first runs."""
 
 import torch
 
+from ssm_hub.ops.device import on_input_device
+
 
 @torch.library.custom_op("ssm_hub::ssd_step", mutates_args=())
+@on_input_device
 def ssd_step_triton(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -34,6 +37,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_i
 
 
 @torch.library.custom_op("ssm_hub::ssd_step_", mutates_args=("state",))
+@on_input_device
 def ssd_step_in_place_triton(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -67,6 +71,7 @@ _SCAN_OPTIONAL = ("D", "z", "dt_bias", "initial_states")
 
 
 @torch.library.custom_op("ssm_hub::ssd_chunked_scan_fwd", mutates_args=())
+@on_input_device
 def ssd_chunked_scan_fwd_triton(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -102,6 +107,7 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
 
 
 @torch.library.custom_op("ssm_hub::ssd_chunked_scan_bwd", mutates_args=())
+@on_input_device
 def ssd_chunked_scan_bwd_triton(
     dy: torch.Tensor,
     dfinal: torch.Tensor | None,
