@@ -76,16 +76,29 @@ def add_train_command(subparsers) -> None:
                         help="a recipe YAML file, or the name of one shipped with ssm_hub (e.g. debug_mamba2)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted recipe keys with YAML values, e.g. train.max_steps=20 model.config.hidden_size=64")
+    parser.add_argument("--accelerate-config", default=None, metavar="NAME_OR_FILE",
+                        help="launch through accelerate with this config: ddp, fsdp2, zero3 (shipped) or a file")
+    parser.add_argument("--num-processes", type=int, default=None,
+                        help="with --accelerate-config: processes (GPUs) to launch (default: the config's)")
     parser.set_defaults(run=run_train)
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train(args: argparse.Namespace) -> int:
     from ssm_hub.training import load_recipe, train
     from ssm_hub.training.config import recipe_path
 
-    summary = train(load_recipe(recipe_path(args.config), args.overrides))
+    recipe = recipe_path(args.config)
+    load_recipe(recipe, args.overrides)  # a bad key fails here, before any process is launched
+    if args.accelerate_config is not None:
+        from ssm_hub.training.launch import launch
+
+        return launch(args.accelerate_config, recipe, args.overrides, args.num_processes)
+    if args.num_processes is not None:
+        raise ValueError("--num-processes needs --accelerate-config")
+    summary = train(load_recipe(recipe, args.overrides))
     for key, value in summary.items():
         print(f"{key}: {value}")
+    return 0
 
 
 SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command)
@@ -112,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        args.run(args)
+        status = args.run(args)
     except (ValueError, OSError) as error:
         print(f"ssm-hub: error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

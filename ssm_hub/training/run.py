@@ -49,6 +49,7 @@ def build_model(recipe: Recipe, tokenizer):
         except ValueError as error:
             raise ValueError(f"model: {error}") from None
         model = AutoModelForCausalLM.from_config(config)
+    _mark_zero3_leaf_modules(model)
     if recipe.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -72,6 +73,23 @@ def _recipe_trainer_class():
             super().log(logs, *args, **kwargs)
 
     return RecipeTrainer
+
+
+def _mark_zero3_leaf_modules(model) -> None:
+    """Under DeepSpeed ZeRO-3, gather each mixer's and MoE layer's parameters as one unit: a MoE layer runs a
+    data-dependent subset of its experts (different on each rank) and the SSM mixers read their weights inside
+    kernels, so ZeRO-3's per-submodule fetch hooks must not fire inside them."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
+    from ssm_hub.layers.mamba_mixer import MambaMixer
+    from ssm_hub.layers.moe import SparseMoE
+
+    set_z3_leaf_modules(model, [SparseMoE, MambaMixer, Mamba2Mixer])
 
 
 def train(recipe: Recipe) -> dict:

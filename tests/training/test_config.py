@@ -66,3 +66,22 @@ def test_shipped_recipes_are_found_by_name_and_load():
         assert load_recipe(recipe_path(name)).train["output_dir"].endswith(name)
     with pytest.raises(ValueError, match="no shipped recipe of that name .*debug_mamba2"):
         recipe_path("no_such_recipe")
+
+
+def test_accelerate_configs_ship_and_build_the_launch_command(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from ssm_hub.training.launch import accelerate_command, accelerate_config_path
+
+    kinds = {name: load_config_from_file(str(accelerate_config_path(name))).distributed_type
+             for name in ("ddp", "fsdp2", "zero3")}
+    assert {name: str(kind).split(".")[-1] for name, kind in kinds.items()} == {
+        "ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}
+    command = accelerate_command("fsdp2", "r.yaml", ["train.max_steps=3"], num_processes=2)
+    assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("fsdp2"))]
+    assert command[5:] == ["--num_processes", "2", "-m", "ssm_hub.cli", "train", "--config", "r.yaml",
+                           "train.max_steps=3"]
+    with pytest.raises(ValueError, match=r"no shipped one of that name \(shipped: \['ddp', 'fsdp2', 'zero3'\]\)"):
+        accelerate_config_path("fsdp1")
+    with pytest.raises(ValueError, match="--num-processes must be at least 1"):
+        accelerate_command("ddp", "r.yaml", [], num_processes=0)

@@ -58,5 +58,7 @@ def test_cli_runs_a_recipe_and_names_a_bad_key(tmp_path, capsys):
     assert main(["train", "--config", "debug_mamba", f"train.output_dir={tmp_path / 'cli'}", "train.max_steps=2",
                  "train.save_steps=2", "train.eval_steps=2"]) == 0
     assert "train_loss:" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="train.max_step"):
-        load_recipe(recipe_path("debug_mamba"), ["train.max_step=3"])
+    assert main(["train", "--config", "debug_mamba", "train.max_step=3"]) == 1
+    assert "unknown key(s) in train: train.max_step" in capsys.readouterr().err
+    assert main(["train", "--config", "debug_mamba", "--num-processes", "2"]) == 1
+    assert "--num-processes needs --accelerate-config" in capsys.readouterr().err

@@ -1,0 +1,45 @@
+"""Launching ``ssm-hub train`` on several GPUs through accelerate (no launcher of our own).
+
+    ssm-hub train --config my_recipe.yaml --accelerate-config fsdp2 --num-processes 2
+
+``--accelerate-config`` names an accelerate config shipped in ssm_hub.recipes/accelerate (``ddp``, ``fsdp2``,
+``zero3``) or is a path to one's own; the run becomes ``python -m accelerate.commands.launch --config_file CONFIG
+[--num_processes N] -m ssm_hub.cli train --config RECIPE OVERRIDES``, and each process runs the recipe through
+Trainer, which reads the distributed setup from accelerate.
+"""
+
+import importlib.resources
+import subprocess
+import sys
+from pathlib import Path
+
+
+def accelerate_config_path(name: str | Path) -> Path:
+    """``name`` if it is a file, else the shipped accelerate config of that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = importlib.resources.files("ssm_hub.recipes") / "accelerate"
+    candidate = shipped / f"{path.stem}.yaml"
+    if candidate.is_file():
+        return Path(str(candidate))
+    available = sorted(entry.name.removesuffix(".yaml") for entry in shipped.iterdir() if entry.name.endswith(".yaml"))
+    raise ValueError(f"no accelerate config file {str(name)!r} and no shipped one of that name (shipped: {available})")
+
+
+def accelerate_command(accelerate_config: str | Path, recipe: str | Path, overrides: list[str],
+                       num_processes: int | None = None) -> list[str]:
+    """The command line that runs ``ssm-hub train`` on ``recipe`` under accelerate with ``accelerate_config``."""
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num-processes must be at least 1, got {num_processes}")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(accelerate_config_path(accelerate_config))]
+    if num_processes is not None:
+        command += ["--num_processes", str(num_processes)]
+    return command + ["-m", "ssm_hub.cli", "train", "--config", str(recipe), *overrides]
+
+
+def launch(accelerate_config: str | Path, recipe: str | Path, overrides: list[str],
+           num_processes: int | None = None) -> int:
+    """Run the accelerate command; returns its exit status."""
+    return subprocess.run(accelerate_command(accelerate_config, recipe, overrides, num_processes)).returncode
