@@ -101,17 +101,22 @@ class Recipe:
     def check(self) -> None:
         for section in (self.model, self.tokenizer, self.data):
             section.check()
-        _check_fields("train", self.train, _training_argument_fields())
+        fields = _training_argument_fields()
+        _check_fields("train", self.train, set(fields))
+        for key, value in self.train.items():
+            if all(isinstance(member, type) for member in _members(fields[key])):  # plain types only, not Literal
+                self.train[key] = _typed(f"train.{key}", value, fields[key])
         if "output_dir" not in self.train:
             raise ValueError("train.output_dir is required: checkpoints, logs and the loss curve go there")
         if self.lora is not None:
             _check_fields("lora", self.lora, _lora_fields())
 
 
-def _training_argument_fields() -> set[str]:
+def _training_argument_fields() -> dict[str, Any]:
+    """TrainingArguments' init fields and their annotations."""
     from transformers import TrainingArguments
 
-    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
 
 
 def _lora_fields() -> set[str]:

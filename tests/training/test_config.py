@@ -35,6 +35,8 @@ def test_a_valid_recipe_loads_with_typed_sections():
     (dict(data={"builtin": "wikipedia"}), "data.builtin must be one of"),
     (dict(model={"pretrained": "x", "config": {"a": 1}}), "with model.pretrained it would be ignored"),
     (dict(train={"max_steps": 2}), "train.output_dir is required"),
+    (dict(train={"output_dir": "out", "max_steps": "ten"}), r"train.max_steps must be of type int, got 'ten'"),
+    (dict(train={"output_dir": "out", "bf16": "yes"}), r"train.bf16 must be of type bool"),
 ])
 def test_bad_recipes_name_the_key(sections, message):
     with pytest.raises(ValueError, match=message):
