@@ -14,6 +14,7 @@ fields of transformers' TrainingArguments and PEFT's LoraConfig.
 """
 
 import dataclasses
+import enum
 import importlib.resources
 import re
 import types
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 BUILTIN_DATA = ("python_docs",)
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -47,12 +49,17 @@ class ModelSection:
     type: str | None = None  # a registered model_type, for training from scratch
     config: dict = field(default_factory=dict)  # fields of that type's config class
     pretrained: str | None = None  # a folder or Hub id to fine-tune
+    dtype: str = "float32"  # of the weights being trained (mixed precision is train.bf16 / train.fp16)
 
     def check(self) -> None:
         if (self.type is None) == (self.pretrained is None):
             raise ValueError("model: give exactly one of model.type (train from scratch) or model.pretrained")
         if self.pretrained is not None and self.config:
             raise ValueError("model.config sets a new model's fields; with model.pretrained it would be ignored")
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"model.dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        if self.type is not None:
+            _check_model_config(self.type, self.config)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class TokenizerSection:
 class DataSection:
     files: list[str] = field(default_factory=list)  # .txt (one document per blank-line-separated block), .json/.jsonl
     dataset: str | None = None  # a datasets name (Hub or local loading script/folder)
+    dataset_config: str | None = None  # its configuration name, e.g. wikitext-2-raw-v1
     builtin: str | None = None  # text that ships with Python, for offline recipes
     split: str = "train"
     text_field: str = "text"
@@ -88,6 +96,8 @@ class DataSection:
             raise ValueError(f"data.seq_len must be at least 2, got {self.seq_len}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"data.max_documents must be at least 1 (or null for all), got {self.max_documents}")
 
 
 @dataclass
@@ -104,25 +114,76 @@ class Recipe:
         fields = _training_argument_fields()
         _check_fields("train", self.train, set(fields))
         for key, value in self.train.items():
-            if all(isinstance(member, type) for member in _members(fields[key])):  # plain types only, not Literal
-                self.train[key] = _typed(f"train.{key}", value, fields[key])
+            if key == "resume_from_checkpoint" and isinstance(value, bool):
+                continue  # Trainer reads true as "the latest checkpoint in output_dir"
+            self.train[key] = _checked_value(f"train.{key}", value, fields[key])
         if "output_dir" not in self.train:
             raise ValueError("train.output_dir is required: checkpoints, logs and the loss curve go there")
+        if self.data.eval_fraction == 0 and self.train.get("eval_strategy", "no") != "no":
+            raise ValueError(f"train.eval_strategy = {self.train['eval_strategy']!r} evaluates held-out data, but "
+                             "data.eval_fraction = 0 holds none out: set one of them")
         if self.lora is not None:
-            _check_fields("lora", self.lora, _lora_fields())
+            lora_fields = _lora_fields()
+            _check_fields("lora", self.lora, set(lora_fields))
+            if "task_type" in self.lora:
+                raise ValueError("lora.task_type is set by ssm-hub train (CAUSAL_LM); remove it")
+            for key, value in self.lora.items():
+                self.lora[key] = _checked_value(f"lora.{key}", value, lora_fields[key])
+
+
+def _init_fields(cls) -> dict[str, Any]:
+    """A dataclass's init fields and their annotations, resolved where the class writes them as strings."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: keep the raw ones, which the checks then skip
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls) if f.init}
 
 
 def _training_argument_fields() -> dict[str, Any]:
-    """TrainingArguments' init fields and their annotations."""
     from transformers import TrainingArguments
 
-    return {f.name: f.type for f in dataclasses.fields(TrainingArguments) if f.init}
+    return _init_fields(TrainingArguments)
 
 
-def _lora_fields() -> set[str]:
+def _lora_fields() -> dict[str, Any]:
     from peft import LoraConfig
 
-    return {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    return _init_fields(LoraConfig)
+
+
+def _check_model_config(model_type: str, values: dict) -> None:
+    """model.config keys must be fields of the model type's config class (a config takes unknown ones silently)."""
+    from transformers import AutoConfig
+
+    import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
+
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except ValueError as error:
+        raise ValueError(f"model.type: {error}") from None
+    known = set(defaults.to_dict())
+    for klass in type(defaults).__mro__:
+        known |= set(getattr(klass, "__annotations__", {}))
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in model.config for {model_type}: "
+                         f"{', '.join(f'model.config.{k}' for k in unknown)}")
+
+
+def _checked_value(path: str, value, annotation):
+    """``value`` checked against a dataclass field's annotation where it is made of plain types (Literal and other
+    typing constructs are left to the class), and against the values of an Enum among them."""
+    members = _members(annotation)
+    if not all(isinstance(member, type) for member in members):
+        return value
+    enums = [member for member in members if issubclass(member, enum.Enum)]
+    if enums and isinstance(value, str) and not isinstance(value, enum.Enum):
+        allowed = [item.value for klass in enums for item in klass]
+        if value not in allowed:
+            raise ValueError(f"{path} must be one of {allowed}, got {value!r}")
+        return value
+    return _typed(path, value, annotation)
 
 
 def _check_fields(section: str, values: dict, known: set[str]) -> None:
@@ -176,6 +237,8 @@ def recipe_path(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.suffix or len(path.parts) > 1:  # a path that does not exist, not the name of a shipped recipe
+        raise ValueError(f"recipe file {str(name)!r} not found")
     shipped = importlib.resources.files("ssm_hub.recipes")
     candidate = shipped / f"{path.stem}.yaml"
     if candidate.is_file():

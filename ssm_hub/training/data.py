@@ -25,7 +25,7 @@ def read_documents(data: DataSection) -> list[str]:
     elif data.dataset is not None:
         import datasets
 
-        rows = datasets.load_dataset(data.dataset, split=data.split)
+        rows = datasets.load_dataset(data.dataset, data.dataset_config, split=data.split)
         if data.text_field not in rows.column_names:
             raise ValueError(f"data.text_field {data.text_field!r} is not a column of {data.dataset} "
                              f"(columns: {rows.column_names})")
@@ -47,13 +47,18 @@ def _file_documents(path: Path, text_field: str) -> list[str]:
         return path.read_text(encoding="utf-8").split("\n\n")
     if path.suffix in (".json", ".jsonl"):
         text = path.read_text(encoding="utf-8")
-        records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
-                                                                      if line.strip()]
+        try:
+            records = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines()
+                                                                          if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"data.files: {path} is not valid {path.suffix[1:].upper()}: {error}") from None
         if isinstance(records, dict):
             records = [records]
-        missing = [i for i, record in enumerate(records) if text_field not in record]
-        if missing:
-            raise ValueError(f"data.files: records {missing[:5]} of {path} have no {text_field!r} field")
+        bad = [i for i, record in enumerate(records)
+               if not isinstance(record, dict) or not isinstance(record.get(text_field), str)]
+        if bad:
+            raise ValueError(f"data.files: records {bad[:5]} of {path} are not objects with a string "
+                             f"{text_field!r} field (data.text_field)")
         return [record[text_field] for record in records]
     raise ValueError(f"data.files: {path} is neither .txt, .json nor .jsonl")
 

@@ -19,6 +19,8 @@ def accelerate_config_path(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.suffix or len(path.parts) > 1:  # a path that does not exist, not the name of a shipped config
+        raise ValueError(f"accelerate config file {str(name)!r} not found")
     shipped = importlib.resources.files("ssm_hub.recipes") / "accelerate"
     candidate = shipped / f"{path.stem}.yaml"
     if candidate.is_file():

@@ -14,7 +14,9 @@ returned.
 import math
 from pathlib import Path
 
-from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback
+import torch
+
+from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback, write_loss_curve
 from ssm_hub.training.config import Recipe
 from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
 
@@ -36,8 +38,13 @@ def build_model(recipe: Recipe, tokenizer):
 
     import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
 
+    dtype = getattr(torch, recipe.model.dtype)
     if recipe.model.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.pretrained)
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.pretrained, dtype=dtype)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {recipe.model.pretrained}'s embedding "
+                             f"has {rows} rows: use the model's own tokenizer (tokenizer.pretrained)")
     else:
         special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -46,9 +53,9 @@ def build_model(recipe: Recipe, tokenizer):
             raise ValueError(f"model.config sets {clashing}, which come from the tokenizer; remove them")
         try:
             config = AutoConfig.for_model(recipe.model.type, **recipe.model.config, **special)
-        except ValueError as error:
-            raise ValueError(f"model: {error}") from None
-        model = AutoModelForCausalLM.from_config(config)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model.config: {error}") from None
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     _mark_zero3_leaf_modules(model)
     if recipe.lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -104,6 +111,9 @@ def train(recipe: Recipe) -> dict:
     documents = read_documents(recipe.data)
     tokenizer = build_tokenizer(recipe, documents)
     train_data, eval_data = train_and_eval_datasets(documents, tokenizer, recipe.data)
+    if eval_data is None and arguments.eval_strategy != "no":
+        raise ValueError(f"train.eval_strategy = {arguments.eval_strategy.value!r}, but no document is held out "
+                         f"({len(documents)} documents, data.eval_fraction = {recipe.data.eval_fraction})")
     model = build_model(recipe, tokenizer)
     tokens_per_step = (arguments.per_device_train_batch_size * arguments.gradient_accumulation_steps
                        * arguments.world_size * recipe.data.seq_len)
@@ -113,10 +123,14 @@ def train(recipe: Recipe) -> dict:
     )
     result = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
     eval_loss = trainer.evaluate()["eval_loss"] if eval_data is not None else None
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may be sharded; the final model is written whole, loadable with from_pretrained.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
+    loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(arguments.output_dir)
-    loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
+        write_loss_curve(trainer.state.log_history, loss_curve)  # now with the final evaluation
     return {
         "train_loss": result.training_loss, "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,

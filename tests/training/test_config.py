@@ -35,6 +35,15 @@ def test_a_valid_recipe_loads_with_typed_sections():
     (dict(data={"builtin": "wikipedia"}), "data.builtin must be one of"),
     (dict(model={"pretrained": "x", "config": {"a": 1}}), "with model.pretrained it would be ignored"),
     (dict(train={"max_steps": 2}), "train.output_dir is required"),
+    (dict(model={"type": "ssm_hub_mamba2", "config": {"hiden_size": 3}}), "model.config.hiden_size"),
+    (dict(model={"type": "ssm_hub_mamba2", "dtype": "int8"}), "model.dtype must be one of"),
+    (dict(model={"type": "ssm_hub_mamba7"}), "model.type"),
+    (dict(lora={"task_type": "CAUSAL_LM"}), "lora.task_type is set by ssm-hub train"),
+    (dict(lora={"r": "8"}), "lora.r must be of type int"),
+    (dict(train={"output_dir": "out", "lr_scheduler_type": "cosin"}), r"train.lr_scheduler_type must be one of \[.*'cosine'"),
+    (dict(data={"builtin": "python_docs", "eval_fraction": 0}, train={"output_dir": "o", "eval_strategy": "steps"}),
+     "data.eval_fraction = 0 holds none out"),
+    (dict(data={"builtin": "python_docs", "max_documents": 0}), "data.max_documents must be at least 1"),
     (dict(train={"output_dir": "out", "max_steps": "ten"}), r"train.max_steps must be of type int, got 'ten'"),
     (dict(train={"output_dir": "out", "bf16": "yes"}), r"train.bf16 must be of type bool"),
 ])
@@ -69,6 +78,14 @@ def test_shipped_recipes_are_found_by_name_and_load():
         assert load_recipe(recipe_path(name)).train["output_dir"].endswith(name)
     with pytest.raises(ValueError, match="no shipped recipe of that name .*debug_mamba2"):
         recipe_path("no_such_recipe")
+    with pytest.raises(ValueError, match="recipe file 'my_runs/debug_mamba2.yaml' not found"):
+        recipe_path("my_runs/debug_mamba2.yaml")  # a missing file is never replaced by the shipped namesake
+
+
+def test_resume_from_checkpoint_may_be_true_or_a_path():
+    assert load_recipe(raw=raw(), overrides=["train.resume_from_checkpoint=true"]).train["resume_from_checkpoint"]
+    assert load_recipe(raw=raw(), overrides=["train.resume_from_checkpoint=out/checkpoint-2"]).train[
+        "resume_from_checkpoint"] == "out/checkpoint-2"
 
 
 def test_accelerate_configs_ship_and_build_the_launch_command(tmp_path):

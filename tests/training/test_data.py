@@ -34,10 +34,16 @@ def test_documents_from_txt_and_jsonl_files(tmp_path):
 
 def test_bad_files_are_named(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"content": "x"}))
-    with pytest.raises(ValueError, match=r"records \[0\] of .*b.jsonl have no 'text' field"):
+    with pytest.raises(ValueError, match=r"records \[0\] of .*b.jsonl are not objects with a string 'text' field"):
         read_documents(DataSection(files=[str(tmp_path / "b.jsonl")]))
     with pytest.raises(ValueError, match="is not a file"):
         read_documents(DataSection(files=[str(tmp_path / "missing.txt")]))
+    (tmp_path / "d.json").write_text(json.dumps(["a string, not a record"]))
+    with pytest.raises(ValueError, match=r"records \[0\] of .*d.json are not objects with a string 'text' field"):
+        read_documents(DataSection(files=[str(tmp_path / "d.json")]))
+    (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{"text": ')
+    with pytest.raises(ValueError, match=r"e.jsonl is not valid JSONL"):
+        read_documents(DataSection(files=[str(tmp_path / "e.jsonl")]))
     (tmp_path / "c.csv").write_text("a,b")
     with pytest.raises(ValueError, match="neither .txt, .json nor .jsonl"):
         read_documents(DataSection(files=[str(tmp_path / "c.csv")]))

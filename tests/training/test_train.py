@@ -52,6 +52,8 @@ def test_lora_recipe_trains_only_adapters_and_saves_them(tmp_path):
     saved = sorted(path.name for path in (tmp_path / "debug_lora").iterdir())
     assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
     assert summary["eval_loss"] < 7.0
+    with pytest.raises(ValueError, match="the tokenizer has 600 tokens but .*embedding has 512 rows"):
+        run("debug_lora", tmp_path, f"model.pretrained={base}", "tokenizer.pretrained=null", "tokenizer.train_bpe=600")
 
 
 def test_cli_runs_a_recipe_and_names_a_bad_key(tmp_path, capsys):
