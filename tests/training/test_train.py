@@ -64,3 +64,14 @@ def test_cli_runs_a_recipe_and_names_a_bad_key(tmp_path, capsys):
     assert "unknown key(s) in train: train.max_step" in capsys.readouterr().err
     assert main(["train", "--config", "debug_mamba", "--num-processes", "2"]) == 1
     assert "--num-processes needs --accelerate-config" in capsys.readouterr().err
+
+
+def test_accelerate_launch_runs_the_recipe_in_a_child_process(tmp_path):
+    # A one-process CPU accelerate config: the launch path (accelerate launch -m ssm_hub.cli train ...) end to end.
+    config = tmp_path / "cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                      "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
+    output = tmp_path / "launched"
+    status = main(["train", "--config", "debug_mamba", "--accelerate-config", str(config), f"train.output_dir={output}",
+                   "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2"])
+    assert status == 0 and (output / "model.safetensors").is_file() and (output / "loss_curve.png").is_file()
