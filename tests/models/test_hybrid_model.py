@@ -244,3 +244,24 @@ def test_lora_defaults_cover_attention_and_ssm_projections_and_experts_take_targ
     assert (experts(input_ids).logits - base).abs().max() > 1e-3  # the expert adapters take effect
     assert set(model._no_split_modules) == {"HybridBlock"}
     assert {type(block).__name__ for block in model.model.layers} == {"HybridBlock"}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_cache_decode_step_traces_into_one_graph(backend, monkeypatch):
+    # Every mixer and feed-forward kind, the MoE in float32 (its experts then run densely under compile).
+    from transformers import StaticCache
+
+    from ssm_hub.backend import triton_available
+
+    if backend == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    model = model_for()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(torch.randint(1, 97, (1, 5)), cache=cache, use_cache=True)
+        monkeypatch.setenv("SSM_HUB_BACKEND", backend)
+        explanation = torch._dynamo.explain(lambda token: model(token, cache=cache, use_cache=True).logits)(
+            torch.randint(1, 97, (1, 1))
+        )
+    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1

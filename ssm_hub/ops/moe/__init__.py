@@ -1,15 +1,19 @@
 """Routed experts of a mixture-of-experts feed-forward: the public op and its one dispatch point. The math is in
 ``reference.py``.
 
-Two implementations compute the same values:
+Three implementations compute the same values:
 
 - ``"loop"``: the reference, one expert at a time (a gather, three matmuls and a scatter-add per expert).
 - ``"grouped_mm"``: dropless grouped matmul. The (token, slot) pairs are sorted by expert so that each expert's
   rows are contiguous, and one ``grouped_mm`` call per projection runs every expert at once on its own rows.
+- ``"dense"``: every expert on every token, each output weighted by the token's routing weight for that expert
+  (zero where it was not routed): E / k times the loop's matmul work, but no shape depends on the routing, so
+  ``torch.compile`` traces it in one graph.
 
 ``"auto"`` picks ``grouped_mm`` where torch provides it (``torch.nn.functional.grouped_mm``, else
 ``torch._grouped_mm``) and it runs forward and backward for the weights' device and dtype (checked once per
-device and dtype by a tiny call), and the row sizes suit its kernels (multiples of 16 bytes); else the loop.
+device and dtype by a tiny call), and the row sizes suit its kernels (multiples of 16 bytes); else the loop, or,
+under ``torch.compile`` (where the loop's data-dependent gathers would break the graph), ``dense``.
 """
 
 import torch
@@ -20,7 +24,7 @@ from ssm_hub.ops.varlen import compute_dtype
 
 __all__ = ["moe_experts", "moe_experts_ref", "grouped_mm_supported", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("auto", "loop", "grouped_mm")
+IMPLEMENTATIONS = ("auto", "loop", "grouped_mm", "dense")
 
 # The grouped GEMM kernels read rows whose byte strides are multiples of this (CPU backward and CUDA alike).
 _ROW_ALIGNMENT_BYTES = 16
@@ -91,13 +95,31 @@ def moe_experts(hidden, expert_indices, expert_weights, gate_up_proj, down_proj,
     check_inputs(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
     if implementation == "loop":
         return moe_experts_ref(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
+    if implementation == "dense":
+        return _moe_experts_dense(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
     reason = _unsupported_reason(hidden, gate_up_proj, down_proj)
     if reason is None:
         return _moe_experts_grouped_mm(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
     if implementation == "grouped_mm":
         raise NotImplementedError(f"implementation='grouped_mm' was requested for moe_experts, but {reason}. "
                                   f"Use implementation='loop' or 'auto'.")
+    if torch.compiler.is_compiling():
+        return _moe_experts_dense(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
     return moe_experts_ref(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
+
+
+def _moe_experts_dense(hidden, expert_indices, expert_weights, gate_up_proj, down_proj) -> torch.Tensor:
+    """The reference's values with every expert run on every token; inputs already checked."""
+    acc_dtype = compute_dtype(hidden, expert_weights, gate_up_proj, down_proj)
+    tokens, num_experts = hidden.shape[0], gate_up_proj.shape[0]
+    # 1. The routing as a dense [T, E] matrix: token t's weight for expert e, zero where e was not chosen.
+    routing = torch.zeros(tokens, num_experts, dtype=acc_dtype, device=hidden.device)
+    routing = routing.scatter_add(1, expert_indices.long(), expert_weights.to(acc_dtype))
+    # 2. SwiGLU of every expert on every token, in the weights' dtype: [E, T, I] -> [E, T, H].
+    gate, up = torch.einsum("th,eoh->eto", hidden.to(gate_up_proj.dtype), gate_up_proj).chunk(2, dim=-1)
+    outputs = torch.einsum("eti,ehi->eth", F.silu(gate) * up, down_proj)
+    # 3. Weighted sum over the experts, accumulated in float32 (float64 for float64 inputs).
+    return torch.einsum("eth,te->th", outputs.to(acc_dtype), routing).to(hidden.dtype)
 
 
 def _moe_experts_grouped_mm(hidden, expert_indices, expert_weights, gate_up_proj, down_proj) -> torch.Tensor:
