@@ -9,6 +9,7 @@ Trainer, which reads the distributed setup from accelerate.
 """
 
 import importlib.resources
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,5 +44,9 @@ def accelerate_command(accelerate_config: str | Path, recipe: str | Path, overri
 
 def launch(accelerate_config: str | Path, recipe: str | Path, overrides: list[str],
            num_processes: int | None = None) -> int:
-    """Run the accelerate command; returns its exit status."""
-    return subprocess.run(accelerate_command(accelerate_config, recipe, overrides, num_processes)).returncode
+    """Run the accelerate command; returns its exit status. PYTHONSAFEPATH keeps ``python -m`` from putting the
+    working directory first on sys.path: in a source checkout, its ``ssm_hub/`` folder would shadow the installed
+    package (which alone holds ``ssm_hub.kernels``)."""
+    environment = {**os.environ, "PYTHONSAFEPATH": "1"}
+    command = accelerate_command(accelerate_config, recipe, overrides, num_processes)
+    return subprocess.run(command, env=environment).returncode

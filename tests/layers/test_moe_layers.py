@@ -147,7 +147,7 @@ def test_every_parameter_gets_a_gradient_through_the_routing_weights():
         (dict(hidden_size=-1), "hidden_size"),
         (dict(moe_intermediate_size=0), "moe_intermediate_size"),
         (dict(scoring="relu"), "scoring"),
-        (dict(implementation="dense"), "implementation"),
+        (dict(implementation="sparse"), "implementation"),
         (dict(shared_expert_intermediate_size=-3), "shared_expert_intermediate_size"),
         (dict(shared_expert_gate=True), "shared_expert_gate"),
     ],
