@@ -1,7 +1,11 @@
 """``ssm-hub train`` end to end on CPU: every shipped debug recipe (each model type and LoRA) trains, evaluates,
-saves a loadable model, logs tokens/s and writes the loss curve; a resumed run continues from its checkpoint."""
+saves a loadable model, logs tokens/s and writes the loss curve; a resumed run continues from its checkpoint; a
+launch through accelerate works; two data-parallel processes train like one with the same global batch."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,3 +79,18 @@ def test_accelerate_launch_runs_the_recipe_in_a_child_process(tmp_path):
     status = main(["train", "--config", "debug_mamba", "--accelerate-config", str(config), f"train.output_dir={output}",
                    "train.max_steps=2", "train.save_steps=2", "train.eval_steps=2"])
     assert status == 0 and (output / "model.safetensors").is_file() and (output / "loss_curve.png").is_file()
+
+
+def test_two_process_ddp_on_cpu_matches_one_process_with_the_same_global_batch(tmp_path):
+    # Trainer's distributed path with our models (gloo on CPU): 2 processes x 4 rows must train like 1 x 8.
+    run("debug_mamba2", tmp_path / "one", "train.per_device_train_batch_size=8")
+    output = tmp_path / "two" / "debug_mamba2"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ssm_hub.cli", "train", "--config", "debug_mamba2", f"train.output_dir={output}",
+               "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1",
+               "train.per_device_train_batch_size=4"]
+    subprocess.run(command, env={**os.environ, "PYTHONSAFEPATH": "1"}, check=True, capture_output=True)
+    losses = {name: [entry["loss"] for entry in log_history(folder) if "loss" in entry]
+              for name, folder in (("one", tmp_path / "one" / "debug_mamba2"), ("two", output))}
+    assert len(losses["two"]) == 4
+    torch.testing.assert_close(losses["two"], losses["one"], rtol=0, atol=1e-4)
