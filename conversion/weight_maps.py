@@ -707,6 +707,11 @@ def _is(expected):
     return lambda value: value == expected
 
 
+def _cannot(name: str, expected, reason: str) -> ConfigField:
+    """A source field the target can hold only at ``expected``: dropped then, an error naming ``reason`` else."""
+    return ConfigField(name, None, default=expected, supported=_is(expected), reason=reason)
+
+
 def _jamba_to_ssm_hub_fields() -> tuple[ConfigField, ...]:
     return (
         *_same_fields(_JAMBA_SHARED_FIELDS, JambaConfig),
@@ -726,9 +731,6 @@ def _jamba_to_ssm_hub_fields() -> tuple[ConfigField, ...]:
 
 
 def _ssm_hub_to_jamba_fields() -> tuple[ConfigField, ...]:
-    def cannot(name, expected, reason):
-        return ConfigField(name, None, default=expected, supported=_is(expected), reason=reason)
-
     return (
         *_same_fields(_JAMBA_SHARED_FIELDS, SsmHubHybridConfig),
         ConfigField("layer_norm_epsilon", "rms_norm_eps", default=SsmHubHybridConfig.layer_norm_epsilon),
@@ -736,20 +738,20 @@ def _ssm_hub_to_jamba_fields() -> tuple[ConfigField, ...]:
         *_dropped(("mixer_types", "ffn_types"), "become Jamba's attn_layer_* and expert_layer_* period form"),
         *_dropped(("ssm_type", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
                    "expert_layer_offset"), "the per-layer lists are the layout; the period form is derived from them"),
-        cannot("use_rope", False, "Jamba's attention has no positional encoding"),
-        cannot("mamba_inner_layernorms", True, "Jamba's Mamba layers always normalise dt, B and C"),
-        cannot("residual_in_fp32", False, "Jamba adds the residuals in the model's dtype"),
-        cannot("attention_bias", False, "Jamba's attention projections have no bias"),
-        cannot("router_scoring", "softmax", "Jamba's router takes the top-k of a softmax"),
-        cannot("norm_topk_prob", False, "Jamba does not renormalise the top-k weights"),
-        cannot("shared_expert_intermediate_size", None, "Jamba has no shared expert"),
-        cannot("router_z_loss_coef", 0.0, "Jamba has no router z-loss"),
+        _cannot("use_rope", False, "Jamba's attention has no positional encoding"),
+        _cannot("mamba_inner_layernorms", True, "Jamba's Mamba layers always normalise dt, B and C"),
+        _cannot("residual_in_fp32", False, "Jamba adds the residuals in the model's dtype"),
+        _cannot("attention_bias", False, "Jamba's attention projections have no bias"),
+        _cannot("router_scoring", "softmax", "Jamba's router takes the top-k of a softmax"),
+        _cannot("norm_topk_prob", False, "Jamba does not renormalise the top-k weights"),
+        _cannot("shared_expert_intermediate_size", None, "Jamba has no shared expert"),
+        _cannot("router_z_loss_coef", 0.0, "Jamba has no router z-loss"),
         ConfigField("moe_intermediate_size", None, default=None, supported=lambda value: value is None,
                     reason="Jamba's experts have intermediate_size; set moe_intermediate_size to None"),
         *_dropped(("shared_expert_gate",), "only used with a shared expert, which the check above excludes"),
         *_dropped(("sliding_window",), "used only by sliding_attention layers, which Jamba cannot hold"),
         *_dropped(("rope_theta", "partial_rotary_factor"), "no positional encoding (use_rope is false)"),
-        cannot("mlp_bias", False, "Jamba's MLPs have no bias"),
+        _cannot("mlp_bias", False, "Jamba's MLPs have no bias"),
         *_dropped(("pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk"),
                   "used only by pkm feed-forwards, which Jamba cannot hold"),
         *_dropped(("mamba_d_head", "mamba_n_heads", "mamba_n_groups", "mamba_chunk_size", "time_step_limit"),
@@ -886,9 +888,6 @@ def _bamba_to_ssm_hub_fields() -> tuple[ConfigField, ...]:
 
 
 def _ssm_hub_to_bamba_fields() -> tuple[ConfigField, ...]:
-    def cannot(name, expected, reason):
-        return ConfigField(name, None, default=expected, supported=_is(expected), reason=reason)
-
     return (
         *_same_fields(_BAMBA_SHARED_FIELDS, SsmHubHybridConfig),
         ConfigField("layer_norm_epsilon", "rms_norm_eps", default=SsmHubHybridConfig.layer_norm_epsilon),
@@ -897,10 +896,10 @@ def _ssm_hub_to_bamba_fields() -> tuple[ConfigField, ...]:
         *_dropped(("ssm_type", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
                    "expert_layer_offset"), "the per-layer lists are the layout"),
         ConfigField("rope_theta", None, reason="becomes rope_parameters"),
-        cannot("use_rope", True, "Bamba's attention always applies RoPE"),
-        cannot("partial_rotary_factor", BAMBA_PARTIAL_ROTARY_FACTOR,
+        _cannot("use_rope", True, "Bamba's attention always applies RoPE"),
+        _cannot("partial_rotary_factor", BAMBA_PARTIAL_ROTARY_FACTOR,
                "BambaConfig rotates half of each head's channels whatever it is given"),
-        cannot("residual_in_fp32", False, "Bamba adds the residuals in the model's dtype"),
+        _cannot("residual_in_fp32", False, "Bamba adds the residuals in the model's dtype"),
         *_dropped(("sliding_window",), "used only by sliding_attention layers, which Bamba cannot hold"),
         *_dropped(("num_experts", "num_experts_per_tok", "moe_intermediate_size", "router_scoring",
                    "norm_topk_prob", "shared_expert_intermediate_size", "shared_expert_gate", "router_aux_loss_coef",

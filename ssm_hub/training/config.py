@@ -232,19 +232,26 @@ def _section(name: str, values) -> Any:
     return cls(**{key: _typed(f"{name}.{key}", value, fields[key].type) for key, value in values.items()})
 
 
-def recipe_path(name: str | Path) -> Path:
-    """A recipe file: ``name`` itself if it is a file, else the recipe of that name shipped in ssm_hub.recipes."""
+def shipped_file(name: str | Path, what: str, subfolder: str = "") -> Path:
+    """``name`` if it is a file; else, for a bare name, the YAML of that name shipped in ssm_hub.recipes (or its
+    ``subfolder``). A path that does not exist is an error, never replaced by a shipped namesake."""
     path = Path(name)
     if path.is_file():
         return path
-    if path.suffix or len(path.parts) > 1:  # a path that does not exist, not the name of a shipped recipe
-        raise ValueError(f"recipe file {str(name)!r} not found")
+    if path.suffix or len(path.parts) > 1:
+        raise ValueError(f"{what} file {str(name)!r} not found")
     shipped = importlib.resources.files("ssm_hub.recipes")
-    candidate = shipped / f"{path.stem}.yaml"
+    shipped = shipped / subfolder if subfolder else shipped
+    candidate = shipped / f"{path.name}.yaml"
     if candidate.is_file():
         return Path(str(candidate))
     available = sorted(entry.name.removesuffix(".yaml") for entry in shipped.iterdir() if entry.name.endswith(".yaml"))
-    raise ValueError(f"no recipe file {str(name)!r} and no shipped recipe of that name (shipped: {available})")
+    raise ValueError(f"no {what} file {str(name)!r} and no shipped {what} of that name (shipped: {available})")
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A recipe file: ``name`` itself if it is a file, else the recipe of that name shipped in ssm_hub.recipes."""
+    return shipped_file(name, "recipe")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

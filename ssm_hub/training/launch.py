@@ -8,26 +8,17 @@
 Trainer, which reads the distributed setup from accelerate.
 """
 
-import importlib.resources
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from ssm_hub.training.config import shipped_file
+
 
 def accelerate_config_path(name: str | Path) -> Path:
     """``name`` if it is a file, else the shipped accelerate config of that name."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    if path.suffix or len(path.parts) > 1:  # a path that does not exist, not the name of a shipped config
-        raise ValueError(f"accelerate config file {str(name)!r} not found")
-    shipped = importlib.resources.files("ssm_hub.recipes") / "accelerate"
-    candidate = shipped / f"{path.stem}.yaml"
-    if candidate.is_file():
-        return Path(str(candidate))
-    available = sorted(entry.name.removesuffix(".yaml") for entry in shipped.iterdir() if entry.name.endswith(".yaml"))
-    raise ValueError(f"no accelerate config file {str(name)!r} and no shipped one of that name (shipped: {available})")
+    return shipped_file(name, "accelerate config", subfolder="accelerate")
 
 
 def accelerate_command(accelerate_config: str | Path, recipe: str | Path, overrides: list[str],

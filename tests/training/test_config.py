@@ -101,7 +101,7 @@ def test_accelerate_configs_ship_and_build_the_launch_command(tmp_path):
     assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("fsdp2"))]
     assert command[5:] == ["--num_processes", "2", "-m", "ssm_hub.cli", "train", "--config", "r.yaml",
                            "train.max_steps=3"]
-    with pytest.raises(ValueError, match=r"no shipped one of that name \(shipped: \['ddp', 'fsdp2', 'zero3'\]\)"):
+    with pytest.raises(ValueError, match=r"no shipped accelerate config of that name \(shipped: \['ddp', 'fsdp2', 'zero3'\]\)"):
         accelerate_config_path("fsdp1")
     with pytest.raises(ValueError, match="--num-processes must be at least 1"):
         accelerate_command("ddp", "r.yaml", [], num_processes=0)
