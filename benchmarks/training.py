@@ -3,7 +3,9 @@ own pure-torch Mamba-2, in the same process, on one CUDA GPU.
 
 Shape (issue "Foundation", point 9): a 130M-parameter Mamba-2 (hidden 768, 24 layers, state 128, head_dim 64,
 vocabulary 50288) at batch 8 x 2048 tokens, bf16 autocast over fp32 weights, AdamW. Each candidate runs
-warm-up steps, then timed steps; an out-of-memory error is reported as such.
+warm-up steps, then timed steps; an out-of-memory error is reported as such. On the kernels, ssm_hub also runs
+with its fused training node switched off (each op's backward left to autograd: ssm_hub.ops.mamba2_sequence says
+what the node changes), to show what the node costs and saves.
 
     SSM_HUB_BACKEND=torch python benchmarks/training.py   # the torch reference; writes benchmarks/results/
     python benchmarks/training.py                         # the default backend (Triton kernels on CUDA)
@@ -21,12 +23,23 @@ from pathlib import Path
 import torch
 import transformers
 
-from mamba2_130m import CANDIDATES, build, label
+from mamba2_130m import CANDIDATES, OURS, build, label
 
 RESULTS = Path(__file__).parent / "results"
+WITHOUT_FUSED_NODE = "ssm_hub without the fused training node"
 
 
 def measure(candidate: str, batch: int, seq_len: int, vocab_size: int, warmup: int, steps: int) -> dict:
+    if candidate == WITHOUT_FUSED_NODE:
+        from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
+
+        shipped = Mamba2Mixer._sequence_on_kernels
+        Mamba2Mixer._sequence_on_kernels = lambda self, hidden_states: False
+        try:
+            return {**measure(OURS, batch, seq_len, vocab_size, warmup, steps),
+                    "candidate": f"{label(OURS)}, fused training node off"}
+        finally:
+            Mamba2Mixer._sequence_on_kernels = shipped
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -75,7 +88,9 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in CANDIDATES]
+    backend = os.environ.get("SSM_HUB_BACKEND", "auto")
+    candidates = CANDIDATES if backend == "torch" else (OURS, WITHOUT_FUSED_NODE, *CANDIDATES[1:])
+    rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in candidates]
     device = torch.cuda.get_device_name()
     report = {
         "benchmark": "training", "device": device, "torch": torch.__version__,
@@ -83,7 +98,6 @@ def main():
         "backend_env": os.environ.get("SSM_HUB_BACKEND", "auto"), "rows": rows,
     }
     args.output.mkdir(parents=True, exist_ok=True)
-    backend = os.environ.get("SSM_HUB_BACKEND", "auto")
     stem = f"training_{backend}_{device.replace(' ', '_')}_b{args.batch}_l{args.seq_len}"
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [

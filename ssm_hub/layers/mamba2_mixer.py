@@ -14,8 +14,9 @@ from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
-from ssm_hub.ops.recompute import checkpoint_keeping_outputs_of
-from ssm_hub.ops.ssd import SCAN_OPS, ssd_chunked_scan, ssd_step
+from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
+from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
+from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -88,14 +89,10 @@ class Mamba2Mixer(nn.Module):
             )
             return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, hidden_states.dtype)
 
-        scan_on_kernels = resolve_backend("ssd_chunked_scan", "auto", hidden_states) == "triton"
-        if cache is None and torch.is_grad_enabled() and scan_on_kernels:
-            # Training on the kernels: keep the in_proj output and the scan's output only; the conv output and the
-            # normed output (3.5 + 3 KB a token a layer at 130M) are rebuilt in backward, as mamba_ssm's fused path
-            # does. (The torch reference scan already keeps only its inputs: ssm_hub.ops.recompute.)
-            return checkpoint_keeping_outputs_of(
-                SCAN_OPS, self._sequence, gate, xBC, dt, padding_mask, seq_idx, None, None, False, hidden_states.dtype
-            )[0]
+        if cache is None and torch.is_grad_enabled() and self._sequence_on_kernels(hidden_states):
+            # Training on the kernels: one autograd node that keeps the scan's output but rebuilds the conv output
+            # and the normed output in backward (see ssm_hub.ops.mamba2_sequence).
+            return self._sequence_for_training(gate, xBC, dt, padding_mask, seq_idx, hidden_states.dtype)
         out, conv_state, ssm_state = self._sequence(
             gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, cache is not None, hidden_states.dtype
         )
@@ -104,6 +101,30 @@ class Mamba2Mixer(nn.Module):
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
             cache.update_recurrent_state(ssm_state, self.layer_idx)
         return out
+
+    def _sequence_on_kernels(self, hidden_states: torch.Tensor) -> bool:
+        group_size = self.intermediate_size // self.n_groups
+        return all(
+            resolve_backend(op, "auto", hidden_states, **extra) == "triton"
+            for op, extra in (("causal_conv1d", {}), ("ssd_chunked_scan", {}),
+                              ("gated_rms_norm", {"has_triton_kernel": group_size <= MAX_GROUP_SIZE}))
+        )
+
+    def _sequence_for_training(self, gate, xBC, dt, padding_mask, seq_idx, out_dtype):
+        conv_weight, conv_bias = self._conv_parameters()
+        sizes = Mamba2Sizes(
+            self.intermediate_size, self.n_groups, self.state_size, self.num_heads, self.head_dim, self.chunk_size,
+            self.time_step_limit, self.norm.n_groups, self.norm.variance_epsilon, self.norm.norm_before_gate,
+            out_dtype,
+        )
+        # out_proj goes into the node (so its input need not be kept) unless something wraps or hooks it, such as
+        # a PEFT adapter: then it runs as itself on the node's normed output.
+        plain_out_proj = (type(self.out_proj) is nn.Linear and not self.out_proj._forward_hooks
+                          and not self.out_proj._forward_pre_hooks)
+        out_weight, out_bias = (self.out_proj.weight, self.out_proj.bias) if plain_out_proj else (None, None)
+        out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, self._A(), self.D, self.dt_bias,
+                                    self.norm.weight, out_weight, out_bias, padding_mask, seq_idx, sizes)
+        return out if plain_out_proj else self.out_proj(out)
 
     def _conv_parameters(self):
         return unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")

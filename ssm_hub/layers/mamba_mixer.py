@@ -12,13 +12,11 @@ from torch import nn
 
 from transformers import initialization as init
 
-from ssm_hub.backend import resolve_backend
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
-from ssm_hub.ops.recompute import checkpoint_keeping_outputs_of
-from ssm_hub.ops.selective_scan import SCAN_OPS, selective_scan, selective_scan_step
+from ssm_hub.ops.selective_scan import selective_scan, selective_scan_step
 
 
 class MambaMixer(nn.Module):
@@ -95,16 +93,7 @@ class MambaMixer(nn.Module):
             )
             return self.out_proj(y[:, None].to(hidden_states.dtype))
 
-        scan_on_kernels = resolve_backend("selective_scan", "auto", hidden_states) == "triton"
-        if cache is None and torch.is_grad_enabled() and scan_on_kernels:
-            # Training on the kernels: keep the in_proj output and the scan's outputs only; the conv output and
-            # dt, B, C are rebuilt in backward. (The torch reference scan already keeps only its inputs.)
-            y = checkpoint_keeping_outputs_of(SCAN_OPS, self._sequence, x, gate, padding_mask, seq_idx, None, None,
-                                              False)[0]
-        else:
-            y, conv_state, ssm_state = self._sequence(
-                x, gate, padding_mask, seq_idx, conv_state, ssm_state, cache is not None
-            )
+        y, conv_state, ssm_state = self._sequence(x, gate, padding_mask, seq_idx, conv_state, ssm_state, cache is not None)
         if cache is not None:
             # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)

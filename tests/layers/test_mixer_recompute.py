@@ -1,10 +1,12 @@
-"""The SSM mixers' training step keeps the in_proj output and the scan's outputs and rebuilds the rest in backward
-(Mamba-2: the conv output and the normed output, as mamba_ssm's fused path does; Mamba-1: the conv output and
-dt, B, C), with unchanged outputs and gradients.
+"""Mamba-2's training step on the kernels (ssm_hub.ops.mamba2_sequence) keeps the scan's output, rebuilds the conv
+output and the normed output in backward, and keeps less than the plain chain of ops, with unchanged outputs and
+gradients: plain, with a padding mask, with packed documents, with out_proj left outside the node (hooked, as a PEFT
+adapter would wrap it) and, on CUDA, under bf16 autocast.
 
-Runs the Triton kernels (on the GPU where there is one, else under TRITON_INTERPRET=1), whose scans are the custom
-ops the step keeps; on the torch reference the scan already keeps only its inputs and nothing else changes.
+Runs the Triton kernels (on the GPU where there is one, else under TRITON_INTERPRET=1).
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -13,11 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import randomised, tiny_config
 from ssm_hub.backend import triton_available
 from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
-from ssm_hub.layers.mamba_mixer import MambaMixer
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-MIXERS = {"ssm_hub_mamba": MambaMixer, "ssm_hub_mamba2": Mamba2Mixer}
 
 
 class OpCounter(TorchDispatchMode):
@@ -31,55 +31,90 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _mixer_and_inputs(model_type):
-    config = tiny_config(model_type)
-    mixer = MIXERS[model_type](config, layer_idx=0)
+@pytest.fixture
+def kernels(monkeypatch):
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+
+
+def _mixer_and_inputs(seqlen=11):
+    config = tiny_config("ssm_hub_mamba2")
+    mixer = Mamba2Mixer(config, layer_idx=0)
     mixer.init_ssm_parameters(config)  # A_log, D and the dt parameters are allocated empty; the model's init fills them
     mixer = randomised(mixer).to(DEVICE).train()
-    hidden = torch.randn(2, 11, config.hidden_size, device=DEVICE, requires_grad=True)
+    hidden = torch.randn(2, seqlen, config.hidden_size, device=DEVICE, requires_grad=True)
     return mixer, hidden
 
 
+def _plain_chain(mixer, hidden, padding_mask=None, seq_idx=None):
+    """The same layer as a plain chain of ops (the path inference takes), each op's backward left to autograd."""
+    gate, xBC, dt = mixer.in_proj(hidden).split([mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1)
+    if padding_mask is not None:
+        xBC = xBC * padding_mask[..., None].to(xBC.dtype)
+    return mixer._sequence(gate, xBC, dt, padding_mask, seq_idx, None, None, False, hidden.dtype)[0]
+
+
 def _gradients(output, mixer, hidden):
-    output.square().sum().backward()
+    output.float().square().sum().backward()
     grads = [hidden.grad.clone(), *(p.grad.clone() for p in mixer.parameters())]
     hidden.grad = None
     mixer.zero_grad()
     return grads
 
 
-# Calls of each op in one forward + backward: the scan runs once, what is rebuilt runs twice.
-EXPECTED_CALLS = {
-    "ssm_hub_mamba2": {"ssm_hub.ssd_chunked_scan_fwd": 1, "ssm_hub.causal_conv1d_fwd": 2,
-                       "ssm_hub.gated_rms_norm_fwd": 2},
-    "ssm_hub_mamba": {"ssm_hub.selective_scan_fwd": 1, "ssm_hub.causal_conv1d_fwd": 2},
-}
-
-
-def test_training_step_rebuilds_what_is_cheap_but_not_the_scan(model_type, monkeypatch):
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    mixer, hidden = _mixer_and_inputs(model_type)
+def test_training_step_rebuilds_the_conv_and_the_norm_but_not_the_scan(kernels):
+    mixer, hidden = _mixer_and_inputs()
     with OpCounter() as counter:
         mixer(hidden).square().sum().backward()
-    assert {name: counter.counts.get(name) for name in EXPECTED_CALLS[model_type]} == EXPECTED_CALLS[model_type]
+    counted = ("ssm_hub.ssd_chunked_scan_fwd", "ssm_hub.causal_conv1d_fwd", "ssm_hub.gated_rms_norm_fwd")
+    assert {name: counter.counts.get(name) for name in counted} == dict(zip(counted, (1, 2, 2)))
 
 
-def _without_recomputation(mixer, hidden):
-    if isinstance(mixer, Mamba2Mixer):
-        gate, xBC, dt = mixer.in_proj(hidden).split(
-            [mixer.intermediate_size, mixer.conv_dim, mixer.num_heads], dim=-1
-        )
-        return mixer._sequence(gate, xBC, dt, None, None, None, None, False, hidden.dtype)[0]
-    x, gate = mixer.in_proj(hidden).chunk(2, dim=-1)
-    return mixer.out_proj(mixer._sequence(x, gate, None, None, None, None, False)[0])
+def _saved_bytes(function) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``function`` runs (parameters excluded)."""
+    storages = {}
+
+    def pack(tensor):
+        if not isinstance(tensor, torch.nn.Parameter):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return sum(storages.values())
 
 
-def test_recomputation_leaves_outputs_and_gradients_unchanged(model_type, monkeypatch):
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
-    mixer, hidden = _mixer_and_inputs(model_type)
-    out = mixer(hidden)
-    kept = _gradients(out, mixer, hidden)
-    plain = _without_recomputation(mixer, hidden)
+def test_training_step_keeps_less_than_the_plain_chain(kernels):
+    mixer, hidden = _mixer_and_inputs(seqlen=64)
+    node = _saved_bytes(lambda: mixer(hidden))
+    chain = _saved_bytes(lambda: _plain_chain(mixer, hidden))
+    tokens, element = hidden.shape[0] * hidden.shape[1], hidden.element_size()
+    conv_output, normed_output = tokens * mixer.conv_dim * element, tokens * mixer.intermediate_size * element
+    assert node <= chain - conv_output - normed_output
+
+
+SETTINGS = ["plain", "padding_mask", "packed_documents", "out_proj_outside"] + (["bf16_autocast"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_training_step_leaves_outputs_and_gradients_unchanged(kernels, setting):
+    mixer, hidden = _mixer_and_inputs()
+    padding_mask = seq_idx = None
+    if setting == "padding_mask":
+        padding_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=DEVICE)
+        padding_mask[1, :4] = 0  # left padding in the second row
+    if setting == "packed_documents":
+        seq_idx = torch.tensor([[0] * 5 + [1] * 6, [0] * 11], dtype=torch.int32, device=DEVICE)
+    if setting == "out_proj_outside":
+        mixer.out_proj.register_forward_hook(lambda module, args, output: output)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if setting == "bf16_autocast"
+                else contextlib.nullcontext())
+    with autocast:
+        out = mixer(hidden, padding_mask=padding_mask, seq_idx=seq_idx)
+    node = _gradients(out, mixer, hidden)
+    with autocast:
+        plain = _plain_chain(mixer, hidden, padding_mask, seq_idx)
+    # The same kernels on the same inputs in the same order: equal up to the last bits of fp32 sums.
     torch.testing.assert_close(out, plain)
-    for got, expected in zip(kept, _gradients(plain, mixer, hidden)):
+    for got, expected in zip(node, _gradients(plain, mixer, hidden)):
         torch.testing.assert_close(got, expected)

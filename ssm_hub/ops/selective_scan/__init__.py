@@ -23,12 +23,7 @@ __all__ = [
     "selective_scan_ref",
     "selective_scan_naive_ref",
     "selective_scan_step_ref",
-    "SCAN_OPS",
 ]
-
-# The custom ops that compute a selective scan's output: a training step keeps their outputs rather than recomputing
-# them (see ssm_hub.ops.recompute.checkpoint_keeping_outputs_of).
-SCAN_OPS = (torch.ops.ssm_hub.selective_scan_fwd.default,)
 
 
 def selective_scan(

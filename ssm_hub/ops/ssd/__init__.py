@@ -16,11 +16,7 @@ from ssm_hub.ops.ssd.reference import (
     ssd_step_ref,
 )
 
-__all__ = ["ssd_chunked_scan", "ssd_step", "ssd_chunked_scan_ref", "ssd_naive_ref", "ssd_step_ref", "SCAN_OPS"]
-
-# The custom ops that compute a chunked scan's output: a training step keeps their outputs rather than recomputing
-# them (see ssm_hub.ops.recompute.checkpoint_keeping_outputs_of).
-SCAN_OPS = (torch.ops.ssm_hub.ssd_chunked_scan_fwd.default,)
+__all__ = ["ssd_chunked_scan", "ssd_step", "scan_documents", "ssd_chunked_scan_ref", "ssd_naive_ref", "ssd_step_ref"]
 
 
 def ssd_chunked_scan(
@@ -65,7 +61,7 @@ def ssd_chunked_scan(
 def _ssd_chunked_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
                              seq_idx, cu_seqlens, return_final_states):
     """The kernels' document layout (see ``ssm_hub.kernels.ssd_chunked_scan``), then the custom op."""
-    from ssm_hub.kernels.ssd_chunked_scan import DOC_CHUNKS, DOC_MASKS, NO_DOCS
+    from ssm_hub.kernels.ssd_chunked_scan import DOC_CHUNKS
 
     bounds = check_scan_inputs(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_states, seq_idx, cu_seqlens)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -89,15 +85,22 @@ def _ssd_chunked_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softp
                                dt_softplus, float(low), float(high), initial_states, doc_ids, DOC_CHUNKS,
                                len(padded))
         return y[:, positions], final_states
-    doc_ids, doc_mode = None, NO_DOCS
     if bounds is not None:
         seq_idx = cu_seqlens_to_seq_idx(cu_seqlens)
-    if seq_idx is not None:
-        # Documents numbered in order along each row, whatever ids seq_idx used.
-        starts = document_starts(batch, seqlen, seq_idx=seq_idx, device=x.device)
-        doc_ids, doc_mode = document_ids(starts).int(), DOC_MASKS
+    doc_ids, doc_mode = scan_documents(batch, seqlen, seq_idx, x.device)
     return scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(low), float(high), initial_states,
                 doc_ids, doc_mode, batch)
+
+
+def scan_documents(batch: int, seqlen: int, seq_idx, device) -> tuple[torch.Tensor | None, int]:
+    """The scan kernels' (doc_ids, doc_mode) for packed documents marked by ``seq_idx`` [B, T] (or none): the
+    documents numbered in order along each row, whatever ids seq_idx used, masked inside chunks."""
+    from ssm_hub.kernels.ssd_chunked_scan import DOC_MASKS, NO_DOCS
+
+    if seq_idx is None:
+        return None, NO_DOCS
+    starts = document_starts(batch, seqlen, seq_idx=seq_idx, device=device)
+    return document_ids(starts).int(), DOC_MASKS
 
 
 def ssd_step(

@@ -1,0 +1,135 @@
+"""Mamba-2's sequence path for training on the kernels, as one autograd node: causal conv1d + SiLU -> chunked SSD
+scan -> gated RMSNorm -> (optionally) out_proj.
+
+    from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
+    out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
+                                out_weight, out_bias, padding_mask, seq_idx, sizes)
+
+It is made of the custom ops of ssm_hub.ops (causal_conv1d, ssd, gated_rms_norm) and adds no math of its own; what
+it changes is what a training step keeps for backward. Left to autograd, the chain keeps the conv output (the scan's
+x, B and C) and the normed output (out_proj's input): at 130M, 3.5 + 3 KB a token a layer. This node keeps only its
+inputs (slices of in_proj's output, which stays alive anyway) and the scan's output, and rebuilds the conv output
+and the normed output in backward: two cheap kernels, no scan. mamba_ssm's fused path makes the same trade (it
+keeps in_proj's output and the scan's output). It replaces selective activation checkpointing, which gave the same
+memory but, through its Python dispatch mode on every op, doubled a 130M step's CPU time, and the step is bound by
+the CPU.
+
+Training only: no cache and no initial or final states. out_weight None leaves out_proj to the caller (for example
+when a PEFT adapter wraps it) and returns the normed output.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_fwd_triton  # noqa: F401  (registers the ops)
+from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_fwd_op  # noqa: F401  (registers the ops)
+from ssm_hub.ops.ssd import scan_documents
+
+
+class Mamba2Sizes(NamedTuple):
+    """The mixer's shapes and options that are not tensors."""
+
+    intermediate_size: int
+    n_groups: int
+    state_size: int
+    num_heads: int
+    head_dim: int
+    chunk_size: int
+    dt_limit: tuple[float, float]
+    norm_groups: int
+    norm_eps: float
+    norm_before_gate: bool
+    out_dtype: torch.dtype
+
+
+def mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
+                          padding_mask, seq_idx, sizes: Mamba2Sizes) -> torch.Tensor:
+    """xBC [B, T, conv_dim] (before the conv), dt [B, T, H], gate [B, T, d_inner] -> out_proj(norm(scan(conv(xBC))))
+    [B, T, hidden], or the normed output [B, T, d_inner] in ``sizes.out_dtype`` when out_weight is None.
+    ``padding_mask`` [B, T] zeroes the conv output of padding tokens; ``seq_idx`` [B, T] marks packed documents."""
+    doc_ids, doc_mode = scan_documents(xBC.shape[0], xBC.shape[1], seq_idx, xBC.device)
+    return _Mamba2Sequence.apply(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
+                                 out_bias, padding_mask, seq_idx, doc_ids, doc_mode, sizes)
+
+
+def _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes: Mamba2Sizes):
+    """(x [B, T, H, P], B [B, T, G, N], C [B, T, G, N]): views of the conv output."""
+    conv_out, _ = torch.ops.ssm_hub.causal_conv1d_fwd(xBC, conv_weight, conv_bias, None, seq_idx, None, True)
+    if padding_mask is not None:
+        conv_out = conv_out * padding_mask[..., None].to(conv_out.dtype)
+    batch, seqlen, _ = xBC.shape
+    groups = sizes.n_groups * sizes.state_size
+    x, B, C = conv_out.split([sizes.intermediate_size, groups, groups], dim=-1)
+    return (x.view(batch, seqlen, sizes.num_heads, sizes.head_dim),
+            B.view(batch, seqlen, sizes.n_groups, sizes.state_size),
+            C.view(batch, seqlen, sizes.n_groups, sizes.state_size))
+
+
+def _norm(y, norm_weight, gate, sizes: Mamba2Sizes):
+    """(normed [B, T, d_inner] in out_dtype, rstd)."""
+    batch, seqlen = y.shape[:2]
+    normed, rstd = torch.ops.ssm_hub.gated_rms_norm_fwd(
+        y.view(batch, seqlen, sizes.intermediate_size), norm_weight, gate, sizes.norm_groups, sizes.norm_eps,
+        sizes.norm_before_gate,
+    )
+    return normed.to(sizes.out_dtype), rstd
+
+
+class _Mamba2Sequence(torch.autograd.Function):
+    # custom_fwd / custom_bwd: backward runs under the autocast state of forward, so the rebuilt out_proj
+    # matmuls use the same dtypes as the forward one.
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
+                padding_mask, seq_idx, doc_ids, doc_mode, sizes):
+        x, B, C = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes)
+        low, high = sizes.dt_limit
+        y, _ = torch.ops.ssm_hub.ssd_chunked_scan_fwd(
+            x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high), None, doc_ids,
+            doc_mode, xBC.shape[0],
+        )
+        normed, rstd = _norm(y, norm_weight, gate, sizes)
+        ctx.save_for_backward(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
+                              out_bias, padding_mask, seq_idx, doc_ids, y, rstd)
+        ctx.doc_mode, ctx.sizes = doc_mode, sizes
+        return normed if out_weight is None else F.linear(normed, out_weight, out_bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, d_out):
+        (xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias, padding_mask,
+         seq_idx, doc_ids, y, rstd) = ctx.saved_tensors
+        sizes = ctx.sizes
+        needs = ctx.needs_input_grad
+        d_out_weight = d_out_bias = None
+        if out_weight is None:
+            d_normed = d_out
+        else:
+            normed, _ = _norm(y, norm_weight, gate, sizes)  # rebuilt: out_proj's input was not kept
+            d_normed = d_out @ out_weight.to(d_out.dtype)
+            if needs[9]:
+                d_out_weight = (d_out.flatten(0, -2).T @ normed.flatten(0, -2).to(d_out.dtype)).to(out_weight.dtype)
+            if out_bias is not None and needs[10]:
+                d_out_bias = d_out.flatten(0, -2).sum(0).to(out_bias.dtype)
+        batch, seqlen = y.shape[:2]
+        dy, d_gate, d_norm_weight = torch.ops.ssm_hub.gated_rms_norm_bwd(
+            d_normed, y.view(batch, seqlen, sizes.intermediate_size), norm_weight, gate, rstd, sizes.norm_groups,
+            sizes.norm_before_gate,
+        )
+        x, B, C = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes)  # rebuilt: the scan's inputs
+        low, high = sizes.dt_limit
+        dx, d_dt, dA, dB, dC, dD, _, d_dt_bias, _ = torch.ops.ssm_hub.ssd_chunked_scan_bwd(
+            dy.view_as(x), None, x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high),
+            None, doc_ids, ctx.doc_mode, batch,
+        )
+        d_conv_out = torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1)
+        if padding_mask is not None:
+            d_conv_out = d_conv_out * padding_mask[..., None].to(d_conv_out.dtype)
+        d_xBC, d_conv_weight, d_conv_bias, _ = torch.ops.ssm_hub.causal_conv1d_bwd(
+            xBC, conv_weight, conv_bias, None, seq_idx, None, True, d_conv_out, None
+        )
+        return (d_xBC, d_dt, d_gate, d_conv_weight, d_conv_bias if conv_bias is not None else None, dA,
+                dD if D is not None else None, d_dt_bias if dt_bias is not None else None, d_norm_weight,
+                d_out_weight, d_out_bias, None, None, None, None, None)
