@@ -12,6 +12,7 @@ that ``ssm-hub --help`` stays fast.
 """
 
 import argparse
+import os
 import sys
 
 
@@ -96,8 +97,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.num_processes is not None:
         raise ValueError("--num-processes needs --accelerate-config")
     summary = train(load_recipe(recipe, args.overrides))
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    if os.environ.get("RANK", "0") == "0":  # under a distributed launcher, every process has the same summary
+        for key, value in summary.items():
+            print(f"{key}: {value}")
     return 0
 
 

@@ -7,8 +7,8 @@ It builds the tokenizer (pretrained, or a byte-level BPE trained on the data), t
 registered ssm_hub model_type, or a pretrained one, optionally with LoRA through PEFT), packs the data, and runs
 Trainer with the recipe's TrainingArguments: checkpoints, ``resume_from_checkpoint``, evaluation and logging are
 Trainer's. Logs carry tokens/s (and peak memory on CUDA); ``loss_curve.png`` is written next to the checkpoints.
-At the end the model (adapters only for LoRA) and tokenizer are saved in ``train.output_dir`` and a summary is
-returned.
+At the end the model (adapters only for LoRA), the tokenizer and ``trainer_state.json`` (the log history) are
+saved in ``train.output_dir`` and a summary is returned.
 """
 
 import math
@@ -127,6 +127,7 @@ def train(recipe: Recipe) -> dict:
         # Checkpoints may be sharded; the final model is written whole, loadable with from_pretrained.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model()
+    trainer.save_state()  # trainer_state.json: the whole log history (losses, tokens/s, memory) beside the model
     loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(arguments.output_dir)

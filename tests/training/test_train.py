@@ -36,6 +36,9 @@ def test_debug_recipe_trains_saves_and_reloads(name, tmp_path):
     history = log_history(output)
     assert all(entry["tokens_per_second"] > 0 for entry in history if "loss" in entry)
     assert sum("loss" in entry for entry in history) == 4 and sum("eval_loss" in entry for entry in history) == 2
+    final_history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert final_history[-1]["eval_loss"] == pytest.approx(summary["eval_loss"])  # saved after the final evaluation
+    assert sum("eval_loss" in entry for entry in final_history) == 3
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     assert torch.isfinite(model(ids, labels=ids).loss)
@@ -89,7 +92,9 @@ def test_two_process_ddp_on_cpu_matches_one_process_with_the_same_global_batch(t
                "-m", "ssm_hub.cli", "train", "--config", "debug_mamba2", f"train.output_dir={output}",
                "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1",
                "train.per_device_train_batch_size=4"]
-    subprocess.run(command, env={**os.environ, "PYTHONSAFEPATH": "1"}, check=True, capture_output=True)
+    launched = subprocess.run(command, env={**os.environ, "PYTHONSAFEPATH": "1"}, check=True, capture_output=True,
+                              text=True)
+    assert launched.stdout.count("train_loss:") == 1  # the summary is printed by the first process only
     losses = {name: [entry["loss"] for entry in log_history(folder) if "loss" in entry]
               for name, folder in (("one", tmp_path / "one" / "debug_mamba2"), ("two", output))}
     assert len(losses["two"]) == 4
