@@ -74,7 +74,7 @@ def test_overrides_set_nested_keys_with_yaml_values():
 
 def test_shipped_recipes_are_found_by_name_and_load():
     for name in ("debug_mamba", "debug_mamba2", "debug_hybrid", "debug_lora", "shakespeare_mamba2",
-                 "shakespeare_hybrid"):
+                 "shakespeare_hybrid", "gpu_mamba2_130m", "gpu_hybrid_moe"):
         assert load_recipe(recipe_path(name)).train["output_dir"].endswith(name)
     with pytest.raises(ValueError, match="no shipped recipe of that name .*debug_mamba2"):
         recipe_path("no_such_recipe")
