@@ -101,7 +101,7 @@ def test_callers_own_eos_criteria_and_min_length_processors_count(model, device)
     torch.testing.assert_close(got, expected)
     # A min-length processor of the caller's, with its own id: row 1's first token is held back for 3 tokens.
     early = int(free_run[1, 6])
-    processor = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(6, 3, early)])
+    processor = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(6, 3, early, device=device)])
     expected, got = _both(model, input_ids, logits_processor=processor, **common)
     assert (got[:, 6:9] != early).all()
     torch.testing.assert_close(got, expected)
