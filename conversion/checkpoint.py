@@ -132,13 +132,10 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
     """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {TARGETS}, got {to!r}")
-    cast_to = _parse_dtype(dtype)
-    output_dir = Path(output_dir)
-    source_dir = _resolve_source(source)
-    if output_dir.resolve() == source_dir.resolve():
-        raise ValueError(f"output_dir must differ from the source folder, got {str(output_dir)!r} for both")
+    cast_to = parse_dtype(dtype)
+    source_dir, output_dir = source_and_output(source, output_dir)
 
-    source_config = _read_config(source_dir)
+    source_config = read_config(source_dir)
     architecture, to_ssm_hub = _detect_format(source_config, source_dir)
     if to != "ssm_hub" and _TRANSFORMERS_CLASSES[to][0] != architecture:
         fitting = [name for name, (held, *_) in _TRANSFORMERS_CLASSES.items() if held == architecture]
@@ -148,10 +145,7 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
             + " or ".join(f"to={name!r}" for name in (*fitting, "ssm_hub"))
         )
 
-    weights = _read_safetensors(source_dir, source)
-    if cast_to is not None:
-        weights = {name: tensor.to(cast_to) if tensor.is_floating_point() else tensor
-                   for name, tensor in weights.items()}
+    weights = read_weights(source_dir, source, cast_to)
 
     config_class, model_class = _SSM_HUB_CLASSES[architecture]
     with _naming(source, to_ssm_hub):
@@ -164,14 +158,36 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
             config = config_class(**apply_config_map(config.to_dict(), to_transformers))
             weights = apply_weight_map(weights, to_transformers.weight_rules(config), config)
 
-    _save(model_class, config, weights, output_dir)
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, output_dir / name)
+    save_weights(model_class, config, weights, output_dir)
+    copy_tokenizer_files(source_dir, output_dir)
     return output_dir
 
 
-def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def source_and_output(source: str | Path, output_dir: str | Path) -> tuple[Path, Path]:
+    """(the source's folder, fetched from the Hub for a model id; the output folder), refusing one folder for
+    both."""
+    output_dir = Path(output_dir)
+    source_dir = _resolve_source(source)
+    if output_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"output_dir must differ from the source folder, got {str(output_dir)!r} for both")
+    return source_dir, output_dir
+
+
+def read_weights(source_dir: Path, source: str | Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The checkpoint's safetensors weights, floating-point ones cast to ``dtype`` (None: as stored)."""
+    weights = _read_safetensors(source_dir, source)
+    if dtype is None:
+        return weights
+    return {name: tensor.to(dtype) if tensor.is_floating_point() else tensor for name, tensor in weights.items()}
+
+
+def copy_tokenizer_files(source_dir: Path, output_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, output_dir / name)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or dtype in DTYPES.values():
         return dtype
     if dtype in DTYPES:
@@ -221,7 +237,7 @@ def _raise_no_safetensors(where: str, unreadable: list[str]) -> None:
     )
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: Path) -> dict:
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder / 'config.json'} not found: a checkpoint folder needs its config.json")
     # transformers' reader, because transformers writes inf as {"__float__": "Infinity"} (time_step_limit).
@@ -302,7 +318,7 @@ def _naming(source, conversion_map: ConversionMap):
         raise ValueError(f"{source} ({conversion_map.description}): {error}") from None
 
 
-def _save(model_class: type, config, weights: dict[str, torch.Tensor], output_dir: Path) -> None:
+def save_weights(model_class: type, config, weights: dict[str, torch.Tensor], output_dir: Path) -> None:
     """Write ``weights`` with ``model_class.save_pretrained``, without allocating a randomly initialised model."""
     with torch.device("meta"):
         model = model_class(config)

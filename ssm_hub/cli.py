@@ -3,6 +3,7 @@
     ssm-hub demo                                 # train, save, reload and generate with a small Mamba-2 on CPU
     ssm-hub convert state-spaces/mamba-130m-hf ./mamba-130m-ssm-hub
     ssm-hub convert ./mamba-130m-ssm-hub ./mamba-130m-transformers --to mamba --dtype bfloat16
+    ssm-hub convert Qwen/Qwen2.5-0.5B ./qwen-hybrid --to ssm_hub_hybrid --attention-layers every:4:3
     ssm-hub train --config debug_mamba2 train.max_steps=20   # a recipe shipped with ssm_hub, or a YAML file
     python -m ssm_hub.cli convert ...            # the same without the console script
 
@@ -19,26 +20,42 @@ import sys
 def add_convert_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
-        help="convert a Mamba / Mamba-2 / Jamba / Bamba checkpoint (transformers, mamba_ssm or ssm_hub) to ssm_hub "
-             "or transformers",
+        help="convert a Mamba / Mamba-2 / Jamba / Bamba checkpoint to ssm_hub or transformers, or seed an "
+             "ssm_hub_hybrid from a Llama-family transformer",
         description="Convert a Mamba / Mamba-2 / hybrid checkpoint between transformers' native format (Mamba, "
-                    "Mamba2, Jamba, Bamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format. Reads safetensors "
-                    "only.",
+                    "Mamba2, Jamba, Bamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format; or, with --to "
+                    "ssm_hub_hybrid --attention-layers SPEC, seed an ssm_hub_hybrid from a Llama, Mistral, Qwen2 "
+                    "or Phi-3 model, its replaced attention layers becoming Mamba-2 layers built from their "
+                    "weights. Reads safetensors only.",
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
     parser.add_argument("output", help="the folder to write the converted checkpoint to")
-    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2", "jamba", "bamba"), default="ssm_hub",
-                        help="ssm_hub (default), or transformers' native MambaForCausalLM (mamba) / "
-                             "Mamba2ForCausalLM (mamba2) / JambaForCausalLM (jamba) / BambaForCausalLM (bamba)")
+    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2", "jamba", "bamba", "ssm_hub_hybrid"),
+                        default="ssm_hub",
+                        help="ssm_hub (default), transformers' native MambaForCausalLM (mamba) / Mamba2ForCausalLM "
+                             "(mamba2) / JambaForCausalLM (jamba) / BambaForCausalLM (bamba), or ssm_hub_hybrid "
+                             "seeded from a transformer (with --attention-layers)")
+    parser.add_argument("--attention-layers", metavar="SPEC",
+                        help="with --to ssm_hub_hybrid: the attention layers to keep: all, none, every:K[:OFFSET], "
+                             "a list such as 3,7,11, or auto:N (the N whose replacement alone costs most on a "
+                             "probe text; scores written to the output folder)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast floating-point weights to this dtype (default: keep the stored dtypes)")
     parser.set_defaults(run=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from ssm_hub.conversion.checkpoint import convert_checkpoint
+    if (args.to == "ssm_hub_hybrid") != (args.attention_layers is not None):
+        raise ValueError("--to ssm_hub_hybrid and --attention-layers go together: seeding a hybrid from a "
+                         "transformer needs both")
+    if args.to == "ssm_hub_hybrid":
+        from ssm_hub.conversion.seed_from_attention import seed_hybrid
 
-    output = convert_checkpoint(args.source, args.output, to=args.to, dtype=args.dtype)
+        output = seed_hybrid(args.source, args.output, args.attention_layers, dtype=args.dtype)
+    else:
+        from ssm_hub.conversion.checkpoint import convert_checkpoint
+
+        output = convert_checkpoint(args.source, args.output, to=args.to, dtype=args.dtype)
     print(f"wrote {output} ({args.to} format):")
     for path in sorted(output.iterdir()):
         print(f"  {path.name}")

@@ -1,0 +1,326 @@
+"""Seed an ssm_hub_hybrid from a pretrained Llama-family transformer: the attention layers that are not kept become
+Mamba-2 layers built from their weights (as in Mamba-in-the-Llama and mmMamba); everything else is copied.
+
+    from ssm_hub.conversion.seed_from_attention import seed_hybrid
+    seed_hybrid("Qwen/Qwen2.5-0.5B", "qwen-hybrid", attention_layers="every:4:3")   # keep layers 3, 7, 11, ...
+
+or from a shell: ``ssm-hub convert TEACHER OUT --to ssm_hub_hybrid --attention-layers SPEC``.
+
+Teachers: transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Phi3ForCausalLM (its fused
+qkv_proj and gate_up_proj are split), with default RoPE and SwiGLU MLPs. Weights are read from safetensors only.
+
+SPEC (:func:`parse_attention_layers`): ``all`` keeps every attention layer (the student then computes the teacher's
+logits exactly: the sanity check), ``none`` replaces them all, ``every:K[:OFFSET]`` keeps the layers with
+``layer % K == OFFSET`` (OFFSET 0 if left out), ``3,7,11`` keeps those, and ``auto:N`` keeps the N layers whose
+replacement alone costs most: the KL divergence from the teacher's next-token distribution on a probe text
+(:func:`probe_layer_importance`), written to ``attention_layer_scores.json`` in the output folder.
+
+A replaced layer, with H query heads and Hkv key/value heads of size P, becomes a Mamba-2 layer with H heads of size
+P, H groups and state size P, so that its scan is a linear attention with one key and one query per head (both
+works use these sizes) and its gated norm normalises each head:
+- x <- V, B <- K (each key/value head repeated for the H // Hkv query heads that share it, as mmMamba repeats k and
+  v), C <- Q, out_proj <- O, biases likewise (zero where the teacher has none); no 1/sqrt(P) is folded in (neither
+  work does);
+- the conv starts as the identity (a 1 on the current token's tap, bias 0), as in mmMamba, so x, B and C reach the
+  scan as the projections give them (through the mixer's SiLU);
+- dt's projection rows start at zero (mmMamba), so every token's step is softplus(dt_bias), with dt log-uniform in
+  [time_step_min, time_step_max] (both works: [0.001, 0.1]); A is drawn uniform in [1, 16] as Mamba-2 and
+  Mamba-in-the-Llama draw it;
+- D starts at zero (mmMamba leaves it out: attention has no skip path); the gate's rows (z) are drawn like any
+  projection (normal, std initializer_range; both works draw them at random) and the gated norm's weight is one.
+RoPE has no counterpart in the scan and is dropped for the replaced layers (neither work applies it to B or C). The
+random draws are seeded per layer, so a layer seeds the same way in the probe and in the written model.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from ssm_hub.conversion.checkpoint import (
+    copy_tokenizer_files,
+    parse_dtype,
+    read_config,
+    read_weights,
+    save_weights,
+    source_and_output,
+)
+from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
+from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
+from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
+
+SUPPORTED_TEACHERS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+SCORES_FILE = "attention_layer_scores.json"
+# The attention tensors a layer may have, in Llama's names; anything else (Qwen3's q_norm, say) has no place.
+ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
+                     for kind in ("weight", "bias")}
+A_INIT_RANGE = (1.0, 16.0)
+
+
+def parse_attention_layers(spec: str, num_layers: int) -> list[int] | tuple[str, int]:
+    """The kept attention layers for ``spec`` (sorted indices), or ``("auto", N)`` for ``auto:N``."""
+    text = str(spec).strip()
+    if text == "all":
+        return list(range(num_layers))
+    if text == "none":
+        return []
+    if text.startswith("auto:"):
+        count = _int(text[5:], spec, "auto:N")
+        if not 0 <= count <= num_layers:
+            raise ValueError(f"--attention-layers {spec!r}: N must be in [0, {num_layers}] (the teacher's layers)")
+        return ("auto", count)
+    if text.startswith("every:"):
+        parts = text[6:].split(":")
+        if len(parts) > 2:
+            raise ValueError(f"--attention-layers {spec!r}: write every:K or every:K:OFFSET")
+        period = _int(parts[0], spec, "every:K")
+        offset = _int(parts[1], spec, "every:K:OFFSET") if len(parts) == 2 else 0
+        if period < 1 or not 0 <= offset < period:
+            raise ValueError(f"--attention-layers {spec!r}: K must be at least 1 and OFFSET in [0, K)")
+        return [layer for layer in range(num_layers) if layer % period == offset]
+    layers = [_int(part, spec, "a list of layer indices") for part in text.split(",")]
+    wrong = [layer for layer in layers if not 0 <= layer < num_layers]
+    if wrong or len(set(layers)) != len(layers):
+        raise ValueError(f"--attention-layers {spec!r}: indices must be distinct and in [0, {num_layers}), "
+                         f"got {', '.join(map(str, layers))}")
+    return sorted(layers)
+
+
+def _int(text: str, spec, form: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--attention-layers {spec!r}: expected all, none, every:K[:OFFSET], auto:N or a list of "
+                         f"layer indices such as 3,7,11; {text!r} in {form} is not an integer") from None
+
+
+def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridConfig:
+    """The ssm_hub_hybrid config of a student of ``teacher`` (its config.json as a dict) keeping
+    ``attention_layers``; ValueError for a teacher the student cannot reproduce."""
+    model_type = teacher.get("model_type")
+    if model_type not in SUPPORTED_TEACHERS:
+        raise ValueError(f"cannot seed from a teacher of model_type {model_type!r}: supported teachers are "
+                         + ", ".join(f"{name} ({model_type})" for model_type, name in SUPPORTED_TEACHERS.items()))
+    hidden, layers = teacher["hidden_size"], teacher["num_hidden_layers"]
+    heads = teacher["num_attention_heads"]
+    kv_heads = teacher.get("num_key_value_heads") or heads
+    head_dim = teacher.get("head_dim") or hidden // heads
+    rope = teacher.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" or teacher.get("rope_scaling"):
+        raise ValueError(f"{model_type} teacher with rope_type {rope_type!r}: ssm_hub_hybrid's attention has the "
+                         f"default RoPE only, so its logits would not match the teacher's")
+    if teacher.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{model_type} teacher with hidden_act {teacher['hidden_act']!r}: ssm_hub_hybrid's MLP "
+                         f"is SwiGLU (silu)")
+    if (heads * head_dim) % hidden:
+        raise ValueError(f"{model_type} teacher: heads x head_dim ({heads} x {head_dim}) must be a multiple of "
+                         f"hidden_size ({hidden}) to become a Mamba-2 layer's inner width")
+    if heads % kv_heads:
+        raise ValueError(f"{model_type} teacher: num_attention_heads ({heads}) must be a multiple of "
+                         f"num_key_value_heads ({kv_heads})")
+    bias = model_type == "qwen2" or bool(teacher.get("attention_bias", False))
+    window = teacher.get("sliding_window") if teacher.get("use_sliding_window", model_type == "mistral") else None
+    kinds = teacher.get("layer_types") or ["sliding_attention" if window else "full_attention"] * layers
+    attention_kind = {"full_attention": "attention", "sliding_attention": "sliding_attention"}
+    unknown = sorted(set(kinds) - set(attention_kind))
+    if unknown:
+        raise ValueError(f"{model_type} teacher with layer_types {unknown}: only full and sliding attention seed")
+    return SsmHubHybridConfig(
+        vocab_size=teacher["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
+        mixer_types=[attention_kind[kinds[layer]] if layer in attention_layers else "mamba2" for layer in range(layers)],
+        ffn_types=["mlp"] * layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        attention_bias=bias, rope_theta=rope.get("rope_theta", teacher.get("rope_theta", 10000.0)),
+        partial_rotary_factor=rope.get("partial_rotary_factor", teacher.get("partial_rotary_factor", 1.0)),
+        max_position_embeddings=teacher.get("max_position_embeddings", 4096),
+        sliding_window=window if "sliding_attention" in kinds else None,
+        intermediate_size=teacher["intermediate_size"], mlp_bias=bool(teacher.get("mlp_bias", False)),
+        mamba_d_state=head_dim, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_expand=heads * head_dim // hidden,
+        mamba_proj_bias=bias, layer_norm_epsilon=teacher.get("rms_norm_eps", 1e-6), residual_in_fp32=False,
+        initializer_range=teacher.get("initializer_range", 0.02),
+        tie_word_embeddings=bool(teacher.get("tie_word_embeddings", False)),
+        pad_token_id=teacher.get("pad_token_id"), bos_token_id=teacher.get("bos_token_id"),
+        eos_token_id=teacher.get("eos_token_id"),
+    )
+
+
+def _teacher_layer(weights: dict, model_type: str, layer: int, config: SsmHubHybridConfig) -> dict[str, torch.Tensor]:
+    """One teacher layer in Llama's names (q/k/v/o_proj, gate/up/down_proj, the two norms), with Phi-3's fused
+    projections split; every tensor taken is removed from ``weights``."""
+    prefix = f"model.layers.{layer}."
+    take = {name[len(prefix):]: weights.pop(name) for name in [n for n in weights if n.startswith(prefix)]}
+    if model_type == "phi3":
+        query, key_value = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+        # Clones: views of one fused tensor would share its storage, which safetensors refuses to save.
+        q, k, v = (part.clone() for part in take.pop("self_attn.qkv_proj.weight").split([query, key_value, key_value]))
+        gate, up = (part.clone() for part in take.pop("mlp.gate_up_proj.weight").chunk(2))
+        take.update({"self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
+                     "mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up})
+    return take
+
+
+def _seeded_mamba(attention: dict[str, torch.Tensor], config: SsmHubHybridConfig, layer: int,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """The Mamba-2 layer's tensors (names under ``mamba.``) seeded from one attention layer's (module docstring)."""
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    inner = heads * head_dim
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    dtype = attention["q_proj.weight"].dtype
+
+    def per_query_head(tensor):  # [Hkv * P, ...] -> [H * P, ...]: each key/value head once per query head it serves
+        grouped = tensor.reshape(kv_heads, head_dim, *tensor.shape[1:])
+        return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(inner, *tensor.shape[1:])
+
+    gate = torch.randn(inner, config.hidden_size, generator=generator) * config.initializer_range
+    dt_rows = torch.zeros(heads, config.hidden_size)
+    in_proj = torch.cat([gate.to(dtype), per_query_head(attention["v_proj.weight"]),
+                         per_query_head(attention["k_proj.weight"]), attention["q_proj.weight"], dt_rows.to(dtype)])
+    conv_channels = inner + 2 * heads * head_dim
+    conv = torch.zeros(conv_channels, 1, config.mamba_d_conv, dtype=dtype)
+    conv[:, 0, -1] = 1  # the current token's tap: the conv starts as the identity
+    ssm = config.ssm_config("mamba2")
+    A = torch.empty(heads).uniform_(*A_INIT_RANGE, generator=generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        dt = sample_time_steps(heads, ssm)
+    seeded = {
+        "in_proj.weight": in_proj, "conv1d.weight": conv, "conv1d.bias": torch.zeros(conv_channels, dtype=dtype),
+        "dt_bias": inverse_softplus(dt).to(dtype), "A_log": torch.log(A).to(dtype),
+        "D": torch.zeros(heads, dtype=dtype), "norm.weight": torch.ones(inner, dtype=dtype),
+        "out_proj.weight": attention["o_proj.weight"],
+    }
+    if config.mamba_proj_bias:
+        def bias(name, rows):
+            return attention.get(name, torch.zeros(rows, dtype=dtype))
+
+        seeded["in_proj.bias"] = torch.cat([
+            torch.zeros(inner, dtype=dtype), per_query_head(bias("v_proj.bias", kv_heads * head_dim)),
+            per_query_head(bias("k_proj.bias", kv_heads * head_dim)), bias("q_proj.bias", inner),
+            torch.zeros(heads, dtype=dtype),
+        ])
+        seeded["out_proj.bias"] = bias("o_proj.bias", config.hidden_size)
+    return seeded
+
+
+def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, config: SsmHubHybridConfig,
+                    seed: int = 0) -> dict[str, torch.Tensor]:
+    """The student's state dict from the teacher's (Llama names). Copied tensors are shared, not cloned. Every
+    teacher tensor must be used: ValueError naming the ones the student has no place for."""
+    weights = dict(teacher_weights)
+    student = {"model.embed_tokens.weight": weights.pop("model.embed_tokens.weight"),
+               "model.final_layernorm.weight": weights.pop("model.norm.weight")}
+    head = weights.pop("lm_head.weight", None)
+    if not config.tie_word_embeddings:
+        if head is None:
+            raise ValueError("the teacher has no lm_head.weight but does not tie its embeddings")
+        student["lm_head.weight"] = head
+    for layer, mixer in enumerate(config.mixer_types):
+        taken = _teacher_layer(weights, model_type, layer, config)
+        prefix = f"model.layers.{layer}."
+        student[prefix + "input_layernorm.weight"] = taken.pop("input_layernorm.weight")
+        student[prefix + "pre_ff_layernorm.weight"] = taken.pop("post_attention_layernorm.weight")
+        for name in [n for n in taken if n.startswith("mlp.")]:
+            student[prefix + "feed_forward." + name[4:]] = taken.pop(name)
+        attention = {name[len("self_attn."):]: taken.pop(name) for name in [n for n in taken if n.startswith("self_attn.")]
+                     if name[len("self_attn."):] in ATTENTION_TENSORS}
+        biases = sorted(name for name in attention if name.endswith(".bias"))
+        if biases and not config.attention_bias:
+            raise ValueError(f"teacher layer {layer} has attention biases ({', '.join(biases)}) but its config does "
+                             f"not say attention_bias")
+        if mixer == "mamba2":
+            student.update({prefix + "mamba." + name: tensor
+                            for name, tensor in _seeded_mamba(attention, config, layer, seed).items()})
+        else:
+            for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                student[f"{prefix}self_attn.{projection}.weight"] = attention.pop(f"{projection}.weight")
+                if config.attention_bias:
+                    rows = student[f"{prefix}self_attn.{projection}.weight"].shape[0]
+                    student[f"{prefix}self_attn.{projection}.bias"] = attention.pop(
+                        f"{projection}.bias", torch.zeros(rows, dtype=student[prefix + "input_layernorm.weight"].dtype))
+        if taken:
+            raise ValueError(f"teacher layer {layer} has tensors the student has no place for: "
+                             + ", ".join(sorted(taken)))
+    if weights:
+        raise ValueError("the teacher has tensors the student has no place for: " + ", ".join(sorted(weights)))
+    return student
+
+
+def _model(config: SsmHubHybridConfig, weights: dict[str, torch.Tensor]) -> SsmHubHybridForCausalLM:
+    """The student with ``weights`` (shared, not copied), without a random initialisation first."""
+    with torch.device("meta"):
+        model = SsmHubHybridForCausalLM(config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def probe_ids(tokenizer_folder: Path, sequences: int = 8, length: int = 128) -> torch.Tensor:
+    """[sequences, length] token ids of English text that ships with Python (pydoc's topics), cut from one long
+    stream, with the teacher's tokenizer."""
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"auto:N measures each layer on text tokenized with the teacher's tokenizer, and none "
+                         f"loads from {tokenizer_folder}: {error}") from None
+    stream = tokenizer("\n\n".join(topics[key] for key in sorted(topics)), return_tensors="pt").input_ids[0]
+    if stream.numel() < sequences * length:
+        raise ValueError(f"the probe text gives {stream.numel()} tokens, fewer than {sequences} x {length}")
+    return stream[: sequences * length].view(sequences, length)
+
+
+@torch.no_grad()
+def probe_layer_importance(teacher_weights: dict[str, torch.Tensor], teacher: dict, ids: torch.Tensor,
+                           seed: int = 0) -> dict[int, float]:
+    """For each layer, the mean per-token KL(teacher || student) on ``ids`` when that layer alone becomes a seeded
+    Mamba-2 layer: how much the model loses without that attention layer. (The all-attention student computes the
+    teacher's logits, so it stands in for the teacher.)"""
+    layers = teacher["num_hidden_layers"]
+
+    def log_probs(kept):
+        config = student_config(teacher, kept)
+        model = _model(config, student_weights(teacher_weights, teacher["model_type"], config, seed))
+        return torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+
+    reference = log_probs(list(range(layers)))
+    scores = {}
+    for layer in range(layers):
+        replaced = log_probs([kept for kept in range(layers) if kept != layer])
+        kl = (reference.exp() * (reference - replaced)).sum(-1)
+        scores[layer] = kl.mean().item()
+    return scores
+
+
+def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: str = "all",
+                dtype: str | torch.dtype | None = None, seed: int = 0) -> Path:
+    """Write an ssm_hub_hybrid seeded from ``teacher`` (a local folder or a Hub model id) to ``output_dir``,
+    keeping the attention layers ``attention_layers`` names (module docstring); the teacher's tokenizer and
+    generation files are copied. ``auto:N`` also writes the probe's scores to ``attention_layer_scores.json``.
+    Returns the output folder."""
+    cast_to = parse_dtype(dtype)
+    source_dir, output_dir = source_and_output(teacher, output_dir)
+    config_dict = read_config(source_dir)
+    student_config(config_dict, [])  # an unsupported teacher fails here, before its weights are read
+    layers = config_dict["num_hidden_layers"]
+    kept = parse_attention_layers(attention_layers, layers)
+    weights = read_weights(source_dir, teacher, cast_to)
+    scores = None
+    if isinstance(kept, tuple):
+        scores = probe_layer_importance(weights, config_dict, probe_ids(source_dir), seed)
+        kept = sorted(sorted(scores, key=lambda layer: -scores[layer])[: kept[1]])
+    config = student_config(config_dict, kept)
+    save_weights(SsmHubHybridForCausalLM, config,
+                 student_weights(weights, config_dict["model_type"], config, seed), output_dir)
+    copy_tokenizer_files(source_dir, output_dir)
+    if scores is not None:
+        (output_dir / SCORES_FILE).write_text(json.dumps({
+            "probe": "mean per-token KL(teacher || student) on 8 x 128 tokens of pydoc's topics when the layer "
+                     "alone becomes a seeded Mamba-2 layer", "scores": scores, "kept": kept}, indent=1) + "\n")
+    return output_dir

@@ -1,0 +1,173 @@
+"""Seeding an ssm_hub_hybrid from a Llama-family teacher (ssm_hub.conversion.seed_from_attention): ``all`` gives the
+teacher's logits; replaced layers are Mamba-2 layers built from the attention weights; every SPEC form; auto:N keeps
+the layers its probe ranks highest; bad teachers and specs are named. Tiny random teachers built here."""
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from ssm_hub.cli import main
+from ssm_hub.conversion.seed_from_attention import SCORES_FILE, parse_attention_layers, seed_hybrid
+
+SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+             vocab_size=300, max_position_embeddings=64, tie_word_embeddings=False)
+TEACHERS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=5)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, pad_token_id=0)),
+}
+
+
+def _teacher(name, folder, seed=0):
+    torch.manual_seed(seed)
+    model = TEACHERS[name]().eval()
+    with torch.no_grad():  # random biases too (Qwen2's q/k/v), so that copying them is checked
+        for parameter_name, parameter in model.named_parameters():
+            if parameter_name.endswith(".bias"):
+                parameter.normal_()
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(TEACHERS))
+def test_keeping_every_attention_layer_reproduces_the_teachers_logits(name, tmp_path):
+    teacher = _teacher(name, tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "all")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert student.config.model_type == "ssm_hub_hybrid"
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_layer_is_a_mamba2_layer_built_from_the_attention_weights(tmp_path):
+    teacher = _teacher("qwen2", tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "every:2:1")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert student.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
+    attention, mamba = teacher.model.layers[2].self_attn, student.model.layers[2].mamba
+    heads, head_dim, inner = 4, 8, 32
+    z, x, B, C, dt = mamba.in_proj.weight.split([inner, inner, inner, inner, heads])
+
+    def per_query_head(weight):  # two key/value heads, each serving two query heads
+        return weight.view(2, head_dim, -1).repeat_interleave(2, dim=0).reshape(inner, -1)
+
+    torch.testing.assert_close(x, per_query_head(attention.v_proj.weight))
+    torch.testing.assert_close(B, per_query_head(attention.k_proj.weight))
+    torch.testing.assert_close(C, attention.q_proj.weight)
+    torch.testing.assert_close(mamba.out_proj.weight, attention.o_proj.weight)
+    bias = mamba.in_proj.bias.split([inner, inner, inner, inner, heads])
+    torch.testing.assert_close(bias[1], per_query_head(attention.v_proj.bias[:, None])[:, 0])
+    torch.testing.assert_close(bias[3], attention.q_proj.bias)
+    assert (dt == 0).all() and (bias[0] == 0).all() and (mamba.D == 0).all() and (mamba.norm.weight == 1).all()
+    assert z.std() > 0  # the gate is drawn, not copied
+    identity = torch.zeros_like(mamba.conv1d.weight)
+    identity[:, 0, -1] = 1
+    assert torch.equal(mamba.conv1d.weight, identity) and (mamba.conv1d.bias == 0).all()
+    assert 1 <= (-mamba.A_log.exp()).abs().min() and (-mamba.A_log.exp()).abs().max() <= 16
+    # Everything that is not attention is copied: the kept layers, the MLPs, the norms, the embeddings, the head.
+    torch.testing.assert_close(student.model.layers[2].feed_forward.up_proj.weight,
+                               teacher.model.layers[2].mlp.up_proj.weight)
+    torch.testing.assert_close(student.model.layers[1].self_attn.k_proj.bias, teacher.model.layers[1].self_attn.k_proj.bias)
+    torch.testing.assert_close(student.lm_head.weight, teacher.lm_head.weight)
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 12))
+    with torch.no_grad():
+        assert torch.isfinite(student(ids).logits).all()
+
+
+def test_seeding_is_reproducible_layer_by_layer(tmp_path):
+    _teacher("llama", tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "none", "none")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "some", "0,3")
+    none = AutoModelForCausalLM.from_pretrained(tmp_path / "none")
+    some = AutoModelForCausalLM.from_pretrained(tmp_path / "some")
+    for layer in (1, 2):  # replaced in both: the same draws
+        assert torch.equal(none.model.layers[layer].mamba.in_proj.weight, some.model.layers[layer].mamba.in_proj.weight)
+        assert torch.equal(none.model.layers[layer].mamba.A_log, some.model.layers[layer].mamba.A_log)
+
+
+@pytest.mark.parametrize("spec, kept", [
+    ("all", [0, 1, 2, 3, 4, 5]), ("none", []), ("every:3", [0, 3]), ("every:2:1", [1, 3, 5]), ("5, 1", [1, 5]),
+    ("auto:2", ("auto", 2)),
+])
+def test_attention_layer_specs(spec, kept):
+    assert parse_attention_layers(spec, 6) == kept
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("every:0", "K must be at least 1"), ("every:3:3", "OFFSET in \\[0, K\\)"), ("1,1", "distinct"),
+    ("6", "in \\[0, 6\\)"), ("auto:7", "N must be in \\[0, 6\\]"), ("half", "'half' in a list of layer indices"),
+    ("every:2:1:0", "every:K or every:K:OFFSET"),
+])
+def test_bad_attention_layer_specs_are_named(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_attention_layers(spec, 6)
+
+
+def test_auto_keeps_the_layers_whose_replacement_costs_most_and_writes_the_scores(tmp_path):
+    from pydoc_data.topics import topics
+
+    from ssm_hub.training.data import train_tokenizer
+
+    _teacher("llama", tmp_path / "teacher")
+    train_tokenizer([topics[key] for key in sorted(topics)][:200], SIZES["vocab_size"]).save_pretrained(
+        tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "auto:2")
+    report = json.loads((tmp_path / "student" / SCORES_FILE).read_text())
+    scores = {int(layer): score for layer, score in report["scores"].items()}
+    assert sorted(scores) == [0, 1, 2, 3] and all(score > 0 for score in scores.values())
+    assert report["kept"] == sorted(sorted(scores, key=scores.get, reverse=True)[:2])
+    kinds = AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.mixer_types
+    assert [layer for layer, kind in enumerate(kinds) if kind == "attention"] == report["kept"]
+    assert (tmp_path / "student" / "tokenizer.json").is_file()
+
+
+def test_auto_without_a_tokenizer_says_what_it_needs(tmp_path):
+    _teacher("llama", tmp_path / "teacher")
+    with pytest.raises(ValueError, match="tokenized with the teacher's tokenizer"):
+        seed_hybrid(tmp_path / "teacher", tmp_path / "student", "auto:1")
+
+
+def test_unsupported_teachers_and_unplaced_tensors_are_named(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*LlamaForCausalLM \\(llama\\).*Phi3ForCausalLM"):
+        seed_hybrid(tmp_path / "gpt2", tmp_path / "out", "all")
+    teacher = _teacher("llama", tmp_path / "teacher")
+    state = {name: tensor.contiguous() for name, tensor in teacher.state_dict().items()}
+    state["model.layers.1.self_attn.q_norm.weight"] = torch.ones(8)  # as Qwen3 has: no place in the student
+    from safetensors.torch import save_file
+
+    save_file(state, tmp_path / "teacher" / "model.safetensors")
+    with pytest.raises(ValueError, match="teacher layer 1 has tensors the student has no place for: self_attn.q_norm"):
+        seed_hybrid(tmp_path / "teacher", tmp_path / "out", "none")
+    del state["model.layers.1.self_attn.q_norm.weight"]
+    state["model.layers.2.self_attn.v_proj.bias"] = torch.ones(16)  # a bias the config does not announce
+    save_file(state, tmp_path / "teacher" / "model.safetensors")
+    with pytest.raises(ValueError, match="teacher layer 2 has attention biases \\(v_proj.bias\\)"):
+        seed_hybrid(tmp_path / "teacher", tmp_path / "out", "none")
+
+
+def test_cli_seeds_a_hybrid_and_needs_both_flags(tmp_path, capsys):
+    _teacher("mistral", tmp_path / "teacher")
+    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "student"), "--to", "ssm_hub_hybrid",
+                 "--attention-layers", "every:2"]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    kinds = AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.mixer_types
+    assert kinds == ["sliding_attention", "mamba2", "sliding_attention", "mamba2"]
+    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--attention-layers", "all"]) == 1
+    assert "--to ssm_hub_hybrid and --attention-layers go together" in capsys.readouterr().err
