@@ -5,6 +5,7 @@
     ssm-hub convert ./mamba-130m-ssm-hub ./mamba-130m-transformers --to mamba --dtype bfloat16
     ssm-hub convert Qwen/Qwen2.5-0.5B ./qwen-hybrid --to ssm_hub_hybrid --attention-layers every:4:3
     ssm-hub train --config debug_mamba2 train.max_steps=20   # a recipe shipped with ssm_hub, or a YAML file
+    ssm-hub distill --teacher T --student S --data text.txt --output distilled   # after convert --to ssm_hub_hybrid
     python -m ssm_hub.cli convert ...            # the same without the console script
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
@@ -120,7 +121,57 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command)
+def add_distill_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "distill",
+        help="distil a student seeded with `ssm-hub convert --to ssm_hub_hybrid` from its teacher",
+        description="Staged distillation through transformers' Trainer: the replaced layers' hidden-state alignment "
+                    "against the frozen teacher (--align-steps), then end-to-end token KL (--kl-steps, plus "
+                    "--ce-weight times the cross-entropy). Writes the distilled student, distillation.json (held-out "
+                    "perplexity of both, mean token KL and greedy agreement after seeding and after each stage) and "
+                    "each stage's checkpoints and loss curve.",
+    )
+    parser.add_argument("--teacher", required=True, help="the teacher (a folder or Hub id)")
+    parser.add_argument("--student", required=True, help="the seeded student (a folder or Hub id)")
+    parser.add_argument("--output", required=True, help="the folder for the distilled student and the report")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", metavar="FILE", help="text (.txt, documents split at blank lines) or "
+                        ".json/.jsonl files")
+    source.add_argument("--dataset", help="a datasets name (Hub or local), its 'text' column")
+    source.add_argument("--builtin", choices=("python_docs",), help="text that ships with Python")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: %(default)s)")
+    parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out (default: %(default)s)")
+    parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--align-steps", type=int, default=100, help="hidden-state alignment steps (default: %(default)s)")
+    parser.add_argument("--kl-steps", type=int, default=200, help="end-to-end KL steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per device and step (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="(default: %(default)s)")
+    parser.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight in the KL stage")
+    parser.add_argument("--freeze-mlp", action="store_true", help="keep the MLPs frozen in the KL stage")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on a GPU)")
+    parser.set_defaults(run=run_distill)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from ssm_hub.conversion.distill import distill
+    from ssm_hub.training.config import DataSection
+
+    data = DataSection(files=args.data or [], dataset=args.dataset, builtin=args.builtin, seq_len=args.seq_len,
+                       eval_fraction=args.eval_fraction, max_documents=args.max_documents)
+    data.check()
+    report = distill(args.teacher, args.student, data, args.output, align_steps=args.align_steps,
+                     kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                     ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16)
+    if os.environ.get("RANK", "0") == "0":
+        print("after            teacher ppl  student ppl  token KL  greedy agreement")
+        for after, result in report["evaluations"].items():
+            print(f"{after:<16} {result['teacher_perplexity']:>11.2f}  {result['student_perplexity']:>11.2f}  "
+                  f"{result['mean_token_kl']:>8.4f}  {result['greedy_agreement']:>16.1%}")
+        print(f"wrote {args.output}")
+    return 0
+
+
+SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command, add_distill_command)
 """Registration functions, one per subcommand, in the order ``--help`` lists them."""
 
 

@@ -1,0 +1,218 @@
+"""Staged distillation of a seeded student (ssm_hub.conversion.seed_from_attention) from its teacher, through
+transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --output DIR``.
+
+    from ssm_hub.conversion.distill import DistillationTrainer, hidden_alignment_loss, token_kl
+    trainer = DistillationTrainer(model=student, teacher=teacher, stage="align", args=..., train_dataset=...)
+
+Stages (each a Trainer run with its own steps; checkpoints, resume, logging and multi-GPU are Trainer's):
+- ``align`` (MOHAWK's hidden-state alignment, mmMamba's stage 1): each replaced layer of the student, fed the
+  teacher's hidden state entering that layer, learns to give the teacher's hidden state leaving it
+  (:func:`hidden_alignment_loss`). Only the replaced layers' SSM mixers train; they train side by side, each on the
+  teacher's own input, so no layer waits for the one before it to converge.
+- ``kl``: the whole student against the teacher's next-token distribution, mean per-token KL(teacher || student)
+  (:func:`token_kl`), plus ``ce_weight`` times the usual cross-entropy on the data; everything trains, or
+  everything but the MLPs (``freeze_mlp``).
+
+:func:`evaluate_against_teacher` gives what each stage is judged by: held-out perplexity of both models, the mean
+token KL, and how often the student's greedy next token is the teacher's.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
+
+STAGES = ("align", "kl")
+
+
+def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the (``mask``-ed) tokens of KL(softmax(teacher) || softmax(student)), in float32."""
+    teacher_log_probs = torch.log_softmax(teacher_logits.float(), dim=-1)
+    student_log_probs = torch.log_softmax(student_logits.float(), dim=-1)
+    per_token = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+    if mask is None:
+        return per_token.mean()
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+def hidden_alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the mean squared error between each layer's output and its target, each divided by the
+    target's mean square, so that layers with larger activations do not dominate; float32."""
+    losses = [F.mse_loss(out.float(), target.float()) / target.float().square().mean().clamp_min(1e-12)
+              for out, target in zip(outputs, targets, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def replaced_layers(student) -> list[int]:
+    """The student's layers that are SSM mixers (the ones seeded from attention)."""
+    return [layer for layer, kind in enumerate(student.config.mixer_types) if kind in ("mamba", "mamba2")]
+
+
+def set_trainable(student, stage: str, freeze_mlp: bool = False) -> int:
+    """Freeze what ``stage`` does not train (module docstring); returns the number of trainable parameters."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    trainable = set(replaced_layers(student)) if stage == "align" else None
+    for name, parameter in student.named_parameters():
+        if stage == "align":
+            parts = name.split(".")
+            train = (len(parts) > 3 and parts[:2] == ["model", "layers"] and int(parts[2]) in trainable
+                     and parts[3] == "mamba")
+        else:
+            train = not (freeze_mlp and ".feed_forward." in name)
+        parameter.requires_grad_(train)
+    count = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    if count == 0:
+        raise ValueError(f"stage {stage!r} has nothing to train: the student has no SSM layer"
+                         if stage == "align" else f"stage {stage!r} with freeze_mlp has nothing to train")
+    return count
+
+
+def teacher_layer_states(teacher, input_ids, position_ids) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(inputs, outputs) of every decoder layer of a transformers teacher (``teacher.model.layers``), captured with
+    forward hooks, so the last layer's raw output is there too (``output_hidden_states`` gives it after the final
+    norm)."""
+    inputs, outputs = [], []
+
+    def record(module, args, kwargs, output):
+        inputs.append(args[0] if args else kwargs["hidden_states"])
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in teacher.model.layers]
+    try:
+        with torch.no_grad():
+            teacher(input_ids=input_ids, position_ids=position_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is the stage's (module docstring) against a frozen ``teacher``, which it moves to the
+    training device. ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage."""
+
+    def __init__(self, *args, teacher, stage: str, ce_weight: float = 0.0, **kwargs):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        self.stage, self.ce_weight = stage, ce_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids, position_ids = inputs["input_ids"], inputs.get("position_ids")
+        if self.stage == "align":
+            loss = self._alignment(model, input_ids, position_ids)
+            return (loss, None) if return_outputs else loss
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=input_ids, position_ids=position_ids).logits
+        outputs = model(input_ids=input_ids, position_ids=position_ids,
+                        labels=inputs["labels"] if self.ce_weight else None)
+        loss = token_kl(teacher_logits, outputs.logits)
+        if self.ce_weight:
+            loss = loss + self.ce_weight * outputs.loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _alignment(self, model, input_ids, position_ids):
+        student = self.accelerator.unwrap_model(model)
+        teacher_inputs, teacher_outputs = teacher_layer_states(self.teacher, input_ids, position_ids)
+        seq_idx = resolve_seq_idx(input_ids.shape[0], input_ids.shape[1], position_ids, {})
+        layers = replaced_layers(student)
+        outputs = [student.model.layers[layer](teacher_inputs[layer], seq_idx=seq_idx)[0] for layer in layers]
+        return hidden_alignment_loss(outputs, [teacher_outputs[layer] for layer in layers])
+
+
+@torch.no_grad()
+def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8) -> dict:
+    """Held-out perplexity of teacher and student, mean token KL(teacher || student) and greedy next-token agreement
+    over ``dataset`` (rows of input_ids and position_ids)."""
+    device = next(student.parameters()).device
+    totals = dict(teacher_nll=0.0, student_nll=0.0, kl=0.0, agree=0.0)
+    tokens = 0
+    for begin in range(0, len(dataset), batch_size):
+        rows = [dataset[index] for index in range(begin, min(begin + batch_size, len(dataset)))]
+        input_ids = torch.stack([row["input_ids"] for row in rows]).to(device)
+        position_ids = torch.stack([row["position_ids"] for row in rows]).to(device)
+        teacher_logits = teacher(input_ids=input_ids, position_ids=position_ids).logits[:, :-1].float()
+        student_logits = student(input_ids=input_ids, position_ids=position_ids).logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        count = targets.numel()
+        for name, logits in (("teacher_nll", teacher_logits), ("student_nll", student_logits)):
+            totals[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        totals["kl"] += token_kl(teacher_logits, student_logits).item() * count
+        totals["agree"] += (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().item()
+        tokens += count
+    return {
+        "teacher_perplexity": math.exp(totals["teacher_nll"] / tokens),
+        "student_perplexity": math.exp(totals["student_nll"] / tokens),
+        "mean_token_kl": totals["kl"] / tokens,
+        "greedy_agreement": totals["agree"] / tokens,
+        "tokens": tokens,
+    }
+
+
+def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
+            batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0, freeze_mlp: bool = False,
+            bf16: bool = False, seed: int = 0) -> dict:
+    """Run the stages on ``data`` (an ``ssm_hub.training.config.DataSection``) and write the distilled student
+    (with the student folder's tokenizer), ``distillation.json`` (the evaluations after seeding and after each
+    stage, and the settings) and each stage's Trainer output under ``output_dir/<stage>``. A stage with 0 steps is
+    skipped. Returns the report."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+
+    from ssm_hub.training.callbacks import write_loss_curve
+    from ssm_hub.training.data import read_documents, train_and_eval_datasets
+
+    for name, steps in (("align_steps", align_steps), ("kl_steps", kl_steps)):
+        if steps < 0:
+            raise ValueError(f"{name} must be at least 0, got {steps}")
+    output = Path(output_dir)
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    train_data, eval_data = train_and_eval_datasets(read_documents(data), tokenizer, data)
+    if eval_data is None:
+        raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    student_model = AutoModelForCausalLM.from_pretrained(student)
+    if teacher_model.config.vocab_size != student_model.config.vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({teacher_model.config.vocab_size}) and the student's "
+                         f"({student_model.config.vocab_size}) differ: distil a student seeded from this teacher")
+    report = {"teacher": str(teacher), "student": str(student), "settings": dict(
+        align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size, learning_rate=learning_rate,
+        ce_weight=ce_weight, freeze_mlp=freeze_mlp, seq_len=data.seq_len, bf16=bf16, seed=seed),
+        "evaluations": {}, "train_loss": {}}
+
+    def evaluate(after):
+        student_model.eval()
+        report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model.to(
+            next(student_model.parameters()).device), eval_data)
+
+    evaluate("seeded")
+    for stage, steps in (("align", align_steps), ("kl", kl_steps)):
+        if steps == 0:
+            continue
+        set_trainable(student_model, stage, freeze_mlp)
+        arguments = TrainingArguments(
+            output_dir=str(output / stage), max_steps=steps, per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+            logging_steps=max(1, steps // 20), save_steps=max(1, steps // 2), report_to="none", bf16=bf16,
+            seed=seed, max_grad_norm=1.0,
+        )
+        trainer = DistillationTrainer(model=student_model, teacher=teacher_model, stage=stage,
+                                      ce_weight=ce_weight, args=arguments, train_dataset=train_data)
+        trainer.train()
+        report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
+                                       if "loss" in entry]
+        write_loss_curve(trainer.state.log_history, output / stage / "loss_curve.png")
+        evaluate(f"after_{stage}")
+    student_model.requires_grad_(True)
+    student_model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report

@@ -1,0 +1,102 @@
+"""Distillation (ssm_hub.conversion.distill): the losses, what each stage trains, the teacher's per-layer states,
+and ``ssm-hub distill`` end to end on a tiny Llama teacher and a student seeded from it, on CPU."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from ssm_hub.cli import main
+from ssm_hub.conversion.distill import (
+    hidden_alignment_loss,
+    replaced_layers,
+    set_trainable,
+    teacher_layer_states,
+    token_kl,
+)
+from ssm_hub.conversion.seed_from_attention import seed_hybrid
+
+
+def test_token_kl_is_the_mean_kl_of_the_next_token_distributions():
+    teacher, student = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    expected = F.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), log_target=True,
+                        reduction="none").sum(-1)
+    torch.testing.assert_close(token_kl(teacher, student), expected.mean())
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    torch.testing.assert_close(token_kl(teacher, student, mask), expected[mask.bool()].mean())
+    assert token_kl(teacher, teacher).abs() < 1e-6
+
+
+def test_hidden_alignment_loss_is_scale_free_per_layer():
+    target = [torch.randn(2, 4, 8), 100 * torch.randn(2, 4, 8)]
+    off = [target[0] + 0.1, target[1] + 10]  # the same relative error in both layers
+    loss = hidden_alignment_loss(off, target)
+    relative = [F.mse_loss(o, t) / t.square().mean() for o, t in zip(off, target)]
+    torch.testing.assert_close(loss, torch.stack(relative).mean())
+    assert hidden_alignment_loss(target, target) == 0
+
+
+@pytest.fixture
+def teacher_and_student(tmp_path):
+    from pydoc_data.topics import topics
+
+    from ssm_hub.training.data import train_tokenizer
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=48, vocab_size=300,
+                                           max_position_embeddings=128, tie_word_embeddings=False,
+                                           initializer_range=0.3))  # a peaked, not near-uniform, teacher
+    teacher.save_pretrained(tmp_path / "teacher")
+    train_tokenizer([topics[key] for key in sorted(topics)][:200], 300).save_pretrained(tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "every:2:1")
+    return tmp_path / "teacher", tmp_path / "student"
+
+
+def test_each_stage_trains_what_it_should(teacher_and_student):
+    student = AutoModelForCausalLM.from_pretrained(teacher_and_student[1])
+    assert replaced_layers(student) == [0, 2]
+    set_trainable(student, "align")
+    trained = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(("model.layers.0.mamba.", "model.layers.2.mamba.")) for name in trained)
+    set_trainable(student, "kl", freeze_mlp=True)
+    frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
+    assert frozen and all(".feed_forward." in name for name in frozen)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        set_trainable(student, "orient")
+
+
+def test_teacher_layer_states_include_the_last_layers_raw_output(teacher_and_student):
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_and_student[0]).eval()
+    ids = torch.randint(0, 300, (2, 9))
+    inputs, outputs = teacher_layer_states(teacher, ids, None)
+    hidden = teacher(ids, output_hidden_states=True).hidden_states
+    assert len(inputs) == len(outputs) == 4
+    for layer in range(4):
+        torch.testing.assert_close(inputs[layer], hidden[layer])
+    for layer in range(3):
+        torch.testing.assert_close(outputs[layer], hidden[layer + 1])
+    torch.testing.assert_close(teacher.model.norm(outputs[-1]), hidden[-1])  # hidden[-1] is after the final norm
+
+
+def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_student, tmp_path, capsys):
+    teacher, student = teacher_and_student
+    output = tmp_path / "distilled"
+    status = main(["distill", "--teacher", str(teacher), "--student", str(student), "--output", str(output),
+                   "--builtin", "python_docs", "--max-documents", "120", "--seq-len", "64", "--eval-fraction", "0.1",
+                   "--align-steps", "12", "--kl-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3"])
+    assert status == 0
+    assert "greedy agreement" in capsys.readouterr().out
+    report = json.loads((output / "distillation.json").read_text())
+    evaluations = report["evaluations"]
+    assert list(evaluations) == ["seeded", "after_align", "after_kl"]
+    assert evaluations["after_kl"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
+    assert evaluations["after_align"]["teacher_perplexity"] == pytest.approx(evaluations["seeded"]["teacher_perplexity"])
+    align_losses = [loss for _, loss in report["train_loss"]["align"]]
+    assert align_losses[-1] < align_losses[0]
+    assert (output / "align" / "loss_curve.png").is_file() and (output / "kl" / "checkpoint-12").is_dir()
+    distilled = AutoModelForCausalLM.from_pretrained(output)
+    assert distilled.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
+    assert (output / "tokenizer.json").is_file()
