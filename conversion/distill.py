@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 
 STAGES = ("align", "kl")
@@ -214,5 +215,8 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     student_model.requires_grad_(True)
     student_model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    seeding = Path(student) / SEEDING_FILE
+    if seeding.is_file():  # the model card tells how the student was seeded
+        (output / SEEDING_FILE).write_bytes(seeding.read_bytes())
     (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -13,7 +13,8 @@ SPEC (:func:`parse_attention_layers`): ``all`` keeps every attention layer (the 
 logits exactly: the sanity check), ``none`` replaces them all, ``every:K[:OFFSET]`` keeps the layers with
 ``layer % K == OFFSET`` (OFFSET 0 if left out), ``3,7,11`` keeps those, and ``auto:N`` keeps the N layers whose
 replacement alone costs most: the KL divergence from the teacher's next-token distribution on a probe text
-(:func:`probe_layer_importance`), written to ``attention_layer_scores.json`` in the output folder.
+(:func:`probe_layer_importance`). The output folder's ``seeding.json`` records the teacher, SPEC, the kept layers
+and, for auto:N, the probe's scores.
 
 A replaced layer, with H query heads and Hkv key/value heads of size P, becomes a Mamba-2 layer with H heads of size
 P, H groups and state size P, so that its scan is a linear attention with one key and one query per head (both
@@ -55,7 +56,7 @@ SUPPORTED_TEACHERS = {
     "qwen2": "Qwen2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
-SCORES_FILE = "attention_layer_scores.json"
+SEEDING_FILE = "seeding.json"  # what was seeded from what: the model card reads it
 # The attention tensors a layer may have, in Llama's names; anything else (Qwen3's q_norm, say) has no place.
 ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
                      for kind in ("weight", "bias")}
@@ -302,8 +303,7 @@ def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: s
                 dtype: str | torch.dtype | None = None, seed: int = 0) -> Path:
     """Write an ssm_hub_hybrid seeded from ``teacher`` (a local folder or a Hub model id) to ``output_dir``,
     keeping the attention layers ``attention_layers`` names (module docstring); the teacher's tokenizer and
-    generation files are copied. ``auto:N`` also writes the probe's scores to ``attention_layer_scores.json``.
-    Returns the output folder."""
+    generation files are copied and ``seeding.json`` records the seeding. Returns the output folder."""
     cast_to = parse_dtype(dtype)
     source_dir, output_dir = source_and_output(teacher, output_dir)
     config_dict = read_config(source_dir)
@@ -319,8 +319,10 @@ def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: s
     save_weights(SsmHubHybridForCausalLM, config,
                  student_weights(weights, config_dict["model_type"], config, seed), output_dir)
     copy_tokenizer_files(source_dir, output_dir)
+    record = {"teacher": str(teacher), "teacher_model_type": config_dict["model_type"],
+              "attention_layers": str(attention_layers), "kept_attention_layers": kept, "seed": seed}
     if scores is not None:
-        (output_dir / SCORES_FILE).write_text(json.dumps({
-            "probe": "mean per-token KL(teacher || student) on 8 x 128 tokens of pydoc's topics when the layer "
-                     "alone becomes a seeded Mamba-2 layer", "scores": scores, "kept": kept}, indent=1) + "\n")
+        record["probe"] = {"what": "mean per-token KL(teacher || student) on 8 x 128 tokens of pydoc's topics when "
+                                   "the layer alone becomes a seeded Mamba-2 layer", "scores": scores}
+    (output_dir / SEEDING_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return output_dir

@@ -1,1 +1,2 @@
-"""Model card templates, shipped as ``ssm_hub.model_cards``; none are written yet."""
+"""Model card templates, shipped as ``ssm_hub.model_cards``: ``ssm_hub_model.md`` ($-placeholders, filled by
+ssm_hub.conversion.push.render_model_card)."""

@@ -6,6 +6,7 @@
     ssm-hub convert Qwen/Qwen2.5-0.5B ./qwen-hybrid --to ssm_hub_hybrid --attention-layers every:4:3
     ssm-hub train --config debug_mamba2 train.max_steps=20   # a recipe shipped with ssm_hub, or a YAML file
     ssm-hub distill --teacher T --student S --data text.txt --output distilled   # after convert --to ssm_hub_hybrid
+    ssm-hub push distilled me/my-hybrid          # with a model card, to the Hub (HF_ENDPOINT, HF_TOKEN)
     python -m ssm_hub.cli convert ...            # the same without the console script
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
@@ -171,7 +172,31 @@ def run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command, add_distill_command)
+def add_push_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload an ssm_hub model folder to the Hugging Face Hub with a model card",
+        description="Render README.md (the architecture, how it was seeded and distilled, the evaluation table and "
+                    "the loss curves, from the folder's config.json, seeding.json and distillation.json), then "
+                    "upload the model, its code, tokenizer, card and reports (not the Trainer checkpoints). "
+                    "huggingface_hub's HF_ENDPOINT and HF_TOKEN apply.",
+    )
+    parser.add_argument("folder", help="the model folder (e.g. the output of ssm-hub distill)")
+    parser.add_argument("repo_id", help="the Hub repo to create or update, e.g. me/my-hybrid")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--base-model", help="the Hub id for the card's base_model (default: seeding.json's "
+                                             "teacher, when that is a Hub id)")
+    parser.set_defaults(run=run_push)
+
+
+def run_push(args: argparse.Namespace) -> int:
+    from ssm_hub.conversion.push import push
+
+    print(f"pushed: {push(args.folder, args.repo_id, private=args.private, base_model=args.base_model)}")
+    return 0
+
+
+SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command, add_distill_command, add_push_command)
 """Registration functions, one per subcommand, in the order ``--help`` lists them."""
 
 

@@ -100,3 +100,4 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     distilled = AutoModelForCausalLM.from_pretrained(output)
     assert distilled.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
     assert (output / "tokenizer.json").is_file()
+    assert json.loads((output / "seeding.json").read_text())["attention_layers"] == "every:2:1"

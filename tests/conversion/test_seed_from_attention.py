@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from ssm_hub.cli import main
-from ssm_hub.conversion.seed_from_attention import SCORES_FILE, parse_attention_layers, seed_hybrid
+from ssm_hub.conversion.seed_from_attention import SEEDING_FILE, parse_attention_layers, seed_hybrid
 
 SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
              vocab_size=300, max_position_embeddings=64, tie_word_embeddings=False)
@@ -126,12 +126,13 @@ def test_auto_keeps_the_layers_whose_replacement_costs_most_and_writes_the_score
     train_tokenizer([topics[key] for key in sorted(topics)][:200], SIZES["vocab_size"]).save_pretrained(
         tmp_path / "teacher")
     seed_hybrid(tmp_path / "teacher", tmp_path / "student", "auto:2")
-    report = json.loads((tmp_path / "student" / SCORES_FILE).read_text())
-    scores = {int(layer): score for layer, score in report["scores"].items()}
+    report = json.loads((tmp_path / "student" / SEEDING_FILE).read_text())
+    scores = {int(layer): score for layer, score in report["probe"]["scores"].items()}
     assert sorted(scores) == [0, 1, 2, 3] and all(score > 0 for score in scores.values())
-    assert report["kept"] == sorted(sorted(scores, key=scores.get, reverse=True)[:2])
+    assert report["kept_attention_layers"] == sorted(sorted(scores, key=scores.get, reverse=True)[:2])
+    assert report["teacher"] == str(tmp_path / "teacher") and report["attention_layers"] == "auto:2"
     kinds = AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.mixer_types
-    assert [layer for layer, kind in enumerate(kinds) if kind == "attention"] == report["kept"]
+    assert [layer for layer, kind in enumerate(kinds) if kind == "attention"] == report["kept_attention_layers"]
     assert (tmp_path / "student" / "tokenizer.json").is_file()
 
 

@@ -1,0 +1,110 @@
+"""Publish an ssm_hub model folder to the Hugging Face Hub with a model card: ``ssm-hub push DIR REPO_ID``.
+
+    from ssm_hub.conversion.push import push, render_model_card
+    url = push("distilled/", "me/qwen-hybrid")
+
+The card (model_cards/ssm_hub_model.md) is rendered from what the folder holds: config.json (the architecture and
+its layer layout), seeding.json (the teacher and the kept attention layers, written by ``ssm-hub convert --to
+ssm_hub_hybrid``) and distillation.json (the settings and the evaluation after each stage, written by ``ssm-hub
+distill``), with the stages' loss curves. Its metadata names the teacher as ``base_model`` when the teacher is a
+Hub id. The upload holds the model, its code, the tokenizer, the card, the JSON reports and the loss curves, never
+the Trainer checkpoints. huggingface_hub honours HF_ENDPOINT and HF_TOKEN.
+"""
+
+import json
+from importlib.resources import files
+from pathlib import Path
+from string import Template
+
+from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
+
+DISTILLATION_FILE = "distillation.json"
+LOSS_CURVES = ("align/loss_curve.png", "kl/loss_curve.png", "loss_curve.png")
+UPLOADED = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "README.md", *LOSS_CURVES)
+
+
+def _read(folder: Path, name: str) -> dict | None:
+    path = folder / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def render_model_card(folder: str | Path, repo_id: str, base_model: str | None = None) -> str:
+    """The README.md for ``folder`` published as ``repo_id`` (module docstring). ``base_model`` overrides the
+    teacher named in seeding.json (a local teacher folder is not a Hub id, so it is left out of the metadata)."""
+    folder = Path(folder)
+    config = _read(folder, "config.json")
+    if config is None or not str(config.get("model_type", "")).startswith("ssm_hub_"):
+        raise ValueError(f"{folder} holds no ssm_hub model (config.json with an ssm_hub_* model_type)")
+    seeding, distillation = _read(folder, SEEDING_FILE), _read(folder, DISTILLATION_FILE)
+    teacher = base_model or (seeding or {}).get("teacher")
+    metadata = ["library_name: transformers", "pipeline_tag: text-generation", "tags:",
+                "- ssm_hub", f"- {config['model_type']}", "- state-space-model"]
+    if distillation is not None:
+        metadata.append("- distillation")
+    if teacher and (base_model or _is_hub_id(teacher)):
+        metadata.insert(0, f"base_model: {teacher}")
+    model_type = config["model_type"]
+    layout = ""
+    if model_type == "ssm_hub_hybrid":
+        kinds = config.get("mixer_types", [])
+        attention = [layer for layer, kind in enumerate(kinds) if "attention" in kind]
+        layout = (f" It has {len(kinds)} layers: {len(attention)} attention "
+                  f"({', '.join(map(str, attention)) or 'none'}) and {len(kinds) - len(attention)} SSM layers.")
+    summary = f"An ssm_hub `{model_type}` model.{layout}"
+    recipe = []
+    if seeding is not None:
+        recipe.append(f"- Seeded from `{seeding['teacher']}` ({seeding['teacher_model_type']}) with `ssm-hub convert "
+                      f"--to ssm_hub_hybrid --attention-layers {seeding['attention_layers']}`: attention layers "
+                      f"{seeding['kept_attention_layers']} kept, the others became Mamba-2 layers built from their "
+                      f"weights (V to x, K to B, Q to C, O to out_proj).")
+    if distillation is not None:
+        settings = distillation["settings"]
+        recipe.append("- Distilled with `ssm-hub distill`: " + ", ".join(f"{key} {value}" for key, value in settings.items())
+                      + ".")
+    evaluation = "No evaluation was recorded (no distillation.json)."
+    if distillation is not None:
+        rows = ["| after | teacher perplexity | student perplexity | mean token KL | greedy agreement |",
+                "|---|---|---|---|---|"]
+        for after, result in distillation["evaluations"].items():
+            rows.append(f"| {after} | {result['teacher_perplexity']:.2f} | {result['student_perplexity']:.2f} | "
+                        f"{result['mean_token_kl']:.4f} | {result['greedy_agreement']:.1%} |")
+        tokens = next(iter(distillation["evaluations"].values()))["tokens"]
+        evaluation = f"On {tokens:,} held-out tokens:\n\n" + "\n".join(rows)
+    curves = [f"![training loss, {curve.split('/')[0] if '/' in curve else 'training'}]({curve})"
+              for curve in LOSS_CURVES if (folder / curve).is_file()]
+    template = Template((files("ssm_hub.model_cards") / "ssm_hub_model.md").read_text(encoding="utf-8"))
+    return template.substitute(
+        metadata="\n".join(metadata), title=repo_id.split("/")[-1], summary=summary,
+        recipe="\n".join(recipe) or "Trained with ssm_hub.", evaluation=evaluation,
+        loss_curves="\n\n".join(curves), repo_id=repo_id,
+    )
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, base_model: str | None = None,
+         token: str | None = None) -> str:
+    """Write the card to ``folder``/README.md and upload the folder (module docstring) to ``repo_id``, creating the
+    repo if needed; returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    card = render_model_card(folder, repo_id, base_model)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=list(UPLOADED),
+                               ignore_patterns=["checkpoint-*/**", "*/checkpoint-*/**"],
+                               commit_message="Upload with ssm-hub push")
+    return commit.commit_url
