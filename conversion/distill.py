@@ -14,7 +14,8 @@ Stages (each a Trainer run with its own steps; checkpoints, resume, logging and 
   everything but the MLPs (``freeze_mlp``).
 
 :func:`evaluate_against_teacher` gives what each stage is judged by: held-out perplexity of both models, the mean
-token KL, and how often the student's greedy next token is the teacher's.
+token KL, and how often the student's greedy next token is the teacher's; :func:`generation_samples` puts their
+greedy completions of the held-out documents' openings side by side.
 """
 
 import math
@@ -155,6 +156,31 @@ def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8) -> 
     }
 
 
+@torch.no_grad()
+def generation_samples(teacher, student, tokenizer, prompts: list[str], max_new_tokens: int = 30) -> list[dict]:
+    """Greedy completions of ``prompts`` by teacher and student, side by side."""
+    device = next(student.parameters()).device
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        completions = {}
+        for name, model in (("teacher", teacher), ("student", student)):
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            completions[name] = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        samples.append({"prompt": prompt, **completions})
+    return samples
+
+
+def sample_prompts(documents: list[str], count: int = 3, characters: int = 60) -> list[str]:
+    """The opening words (up to ``characters``, cut at a space) of the first ``count`` documents."""
+    prompts = []
+    for document in documents[:count]:
+        text = " ".join(document.split())[:characters]
+        prompts.append(text.rsplit(" ", 1)[0] if " " in text else text)
+    return prompts
+
+
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
             batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0, freeze_mlp: bool = False,
             bf16: bool = False, seed: int = 0) -> dict:
@@ -168,7 +194,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
     from ssm_hub.training.callbacks import write_loss_curve
-    from ssm_hub.training.data import read_documents, train_and_eval_datasets
+    from ssm_hub.training.data import held_out_count, read_documents, train_and_eval_datasets
 
     for name, steps in (("align_steps", align_steps), ("kl_steps", kl_steps)):
         if steps < 0:
@@ -176,7 +202,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     output = Path(output_dir)
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(student)
-    train_data, eval_data = train_and_eval_datasets(read_documents(data), tokenizer, data)
+    documents = read_documents(data)
+    train_data, eval_data = train_and_eval_datasets(documents, tokenizer, data)
+    prompts = sample_prompts(documents[len(documents) - held_out_count(len(documents), data.eval_fraction):])
     if eval_data is None:
         raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
@@ -187,12 +215,13 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     report = {"teacher": str(teacher), "student": str(student), "settings": dict(
         align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size, learning_rate=learning_rate,
         ce_weight=ce_weight, freeze_mlp=freeze_mlp, seq_len=data.seq_len, bf16=bf16, seed=seed),
-        "evaluations": {}, "train_loss": {}}
+        "evaluations": {}, "samples": {}, "train_loss": {}}
 
     def evaluate(after):
         student_model.eval()
-        report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model.to(
-            next(student_model.parameters()).device), eval_data)
+        teacher_model.to(next(student_model.parameters()).device)
+        report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data)
+        report["samples"][after] = generation_samples(teacher_model, student_model, tokenizer, prompts)
 
     evaluate("seeded")
     for stage, steps in (("align", align_steps), ("kl", kl_steps)):

@@ -41,6 +41,11 @@ def _is_hub_id(name: str) -> bool:
     return True
 
 
+def _cell(text: str) -> str:
+    """Text for one markdown table cell: one line, pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
 def render_model_card(folder: str | Path, repo_id: str, base_model: str | None = None) -> str:
     """The README.md for ``folder`` published as ``repo_id`` (module docstring). ``base_model`` overrides the
     teacher named in seeding.json (a local teacher folder is not a Hub id, so it is left out of the metadata)."""
@@ -83,6 +88,13 @@ def render_model_card(folder: str | Path, repo_id: str, base_model: str | None =
                         f"{result['mean_token_kl']:.4f} | {result['greedy_agreement']:.1%} |")
         tokens = next(iter(distillation["evaluations"].values()))["tokens"]
         evaluation = f"On {tokens:,} held-out tokens:\n\n" + "\n".join(rows)
+        samples = distillation.get("samples", {})
+        if samples:
+            last = list(samples)[-1]
+            evaluation += (f"\n\nGreedy completions of held-out openings ({last}):\n\n"
+                           "| prompt | teacher | student |\n|---|---|---|\n"
+                           + "\n".join(f"| {_cell(s['prompt'])} | {_cell(s['teacher'])} | {_cell(s['student'])} |"
+                                        for s in samples[last]))
     curves = [f"![training loss, {curve.split('/')[0] if '/' in curve else 'training'}]({curve})"
               for curve in LOSS_CURVES if (folder / curve).is_file()]
     template = Template((files("ssm_hub.model_cards") / "ssm_hub_model.md").read_text(encoding="utf-8"))

@@ -113,12 +113,20 @@ class PackedDataset(torch.utils.data.Dataset):
         return row
 
 
+def held_out_count(documents: int, eval_fraction: float) -> int:
+    """How many of the last documents are held out: ``eval_fraction`` of them, at least one when the fraction is
+    above 0 and there are two documents or more."""
+    held_out = int(documents * eval_fraction)
+    if eval_fraction > 0 and held_out == 0:
+        held_out = 1 if documents > 1 else 0
+    return held_out
+
+
 def train_and_eval_datasets(documents: list[str], tokenizer, data: DataSection):
-    """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them."""
+    """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them
+    (:func:`held_out_count`)."""
     token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
-    held_out = int(len(token_lists) * data.eval_fraction)
-    if data.eval_fraction > 0 and held_out == 0:
-        held_out = 1 if len(token_lists) > 1 else 0
+    held_out = held_out_count(len(token_lists), data.eval_fraction)
     train_tokens = token_lists[: len(token_lists) - held_out]
     eval_tokens = token_lists[len(token_lists) - held_out:]
     train = PackedDataset(pack(train_tokens, data.seq_len, tokenizer.eos_token_id))

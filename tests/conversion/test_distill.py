@@ -94,6 +94,9 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     assert list(evaluations) == ["seeded", "after_align", "after_kl"]
     assert evaluations["after_kl"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
     assert evaluations["after_align"]["teacher_perplexity"] == pytest.approx(evaluations["seeded"]["teacher_perplexity"])
+    samples = report["samples"]["after_kl"]
+    assert len(samples) == 3 and all(sample["prompt"] and isinstance(sample["student"], str) for sample in samples)
+    assert [s["teacher"] for s in samples] == [s["teacher"] for s in report["samples"]["seeded"]]  # the same teacher
     align_losses = [loss for _, loss in report["train_loss"]["align"]]
     assert align_losses[-1] < align_losses[0]
     assert (output / "align" / "loss_curve.png").is_file() and (output / "kl" / "checkpoint-12").is_dir()

@@ -50,6 +50,8 @@ def test_model_card_tells_how_the_model_was_made(distilled):
     after_kl = report["evaluations"]["after_kl"]
     assert f"| after_kl | {after_kl['teacher_perplexity']:.2f} | {after_kl['student_perplexity']:.2f} |" in card
     assert "![training loss, align](align/loss_curve.png)" in card
+    first = report["samples"]["after_kl"][0]
+    assert "Greedy completions of held-out openings (after_kl)" in card and " ".join(first["prompt"].split()) in card
     assert 'from_pretrained("me/tiny-hybrid")' in card
     # The teacher here is a local folder, not a Hub id: no base_model unless one is given.
     assert "base_model" not in render_model_card(distilled, "me/tiny-hybrid").split("---")[1]
