@@ -232,7 +232,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             output_dir=str(output / stage), max_steps=steps, per_device_train_batch_size=batch_size,
             learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
             logging_steps=max(1, steps // 20), save_steps=max(1, steps // 2), report_to="none", bf16=bf16,
-            seed=seed, max_grad_norm=1.0,
+            seed=seed, max_grad_norm=1.0, dataloader_pin_memory=torch.cuda.is_available(),
         )
         trainer = DistillationTrainer(model=student_model, teacher=teacher_model, stage=stage,
                                       ce_weight=ce_weight, args=arguments, train_dataset=train_data)

@@ -1,6 +1,6 @@
 """The ``ssm-hub`` command line: thin subcommands that parse arguments, call a library function and print.
 
-    ssm-hub demo                                 # train, save, reload and generate with a small Mamba-2 on CPU
+    ssm-hub demo                                 # a small transformer -> hybrid, distilled, on CPU, no network
     ssm-hub convert state-spaces/mamba-130m-hf ./mamba-130m-ssm-hub
     ssm-hub convert ./mamba-130m-ssm-hub ./mamba-130m-transformers --to mamba --dtype bfloat16
     ssm-hub convert Qwen/Qwen2.5-0.5B ./qwen-hybrid --to ssm_hub_hybrid --attention-layers every:4:3
@@ -66,12 +66,19 @@ def run_convert(args: argparse.Namespace) -> None:
 def add_demo_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train a small Mamba-2 for about a minute on CPU, save, reload and generate (no network)",
-        description="Build a small Mamba-2 through AutoModelForCausalLM, train it on pydoc_data.topics (English text "
-                    "shipped with Python), save it, reload it, check the reload is exact, and generate.",
+        help="turn a small transformer into a hybrid and distil it, on CPU in a few minutes (no network)",
+        description="Train a small Llama teacher on pydoc_data.topics (English text shipped with Python), seed an "
+                    "ssm_hub_hybrid from it (one attention layer in four kept), distil it, evaluate teacher and "
+                    "student on held-out documents, save, reload with AutoModelForCausalLM and generate. "
+                    "--teacher and --data point it at a real model and text.",
     )
-    parser.add_argument("--output", default="ssm-hub-demo", help="folder for the trained checkpoint (default: %(default)s)")
-    parser.add_argument("--seconds", type=float, default=60.0, help="training time budget (default: %(default)s)")
+    parser.add_argument("--output", default="ssm-hub-demo", help="folder for everything written (default: %(default)s)")
+    parser.add_argument("--teacher", help="a Llama-family model (folder or Hub id) instead of training one")
+    parser.add_argument("--data", nargs="+", metavar="FILE", help="text files instead of pydoc_data.topics")
+    parser.add_argument("--teacher-seconds", type=float, default=60.0,
+                        help="training time of the demo's own teacher (default: %(default)s)")
+    parser.add_argument("--align-steps", type=int, default=100, help="(default: %(default)s)")
+    parser.add_argument("--kl-steps", type=int, default=200, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run_demo)
 
@@ -79,9 +86,10 @@ def add_demo_command(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from ssm_hub.demo import run_demo as demo
 
-    if args.seconds <= 0:
-        raise ValueError(f"--seconds must be positive, got {args.seconds}")
-    demo(output_dir=args.output, train_seconds=args.seconds, seed=args.seed)
+    if args.teacher is None and args.teacher_seconds <= 0:
+        raise ValueError(f"--teacher-seconds must be positive, got {args.teacher_seconds}")
+    demo(output_dir=args.output, teacher=args.teacher, data=args.data, teacher_seconds=args.teacher_seconds,
+         align_steps=args.align_steps, kl_steps=args.kl_steps, seed=args.seed)
 
 
 def add_train_command(subparsers) -> None:

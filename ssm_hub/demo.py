@@ -1,9 +1,16 @@
-"""The main job, ``ssm-hub demo``: build a small Mamba-2 through AutoModelForCausalLM, train it for about a
-minute on the CPU on English text that ships with Python (``pydoc_data.topics``), save it, reload it, check the
-reload is exact, generate, and report what happened. No network, no arguments needed.
+"""The main job, ``ssm-hub demo``: turn a transformer into a faster hybrid and check what it kept. With no
+arguments and no network it trains a small Llama teacher for about a minute on the CPU on English text that ships
+with Python (``pydoc_data.topics``), seeds an ssm_hub_hybrid from it (one attention layer in four kept, the others
+become Mamba-2 layers built from their attention weights), distils it (hidden-state alignment, then token KL),
+evaluates teacher and student on held-out documents, saves, reloads the student with AutoModelForCausalLM and
+generates.
 
-    ssm-hub demo                      # ~1 minute, writes ./ssm-hub-demo
-    ssm-hub demo --seconds 10 --output /tmp/demo
+    ssm-hub demo                                   # a few minutes on a laptop CPU, writes ./ssm-hub-demo
+    ssm-hub demo --teacher-seconds 10 --align-steps 20 --kl-steps 40 --output /tmp/demo    # a quick look
+    ssm-hub demo --teacher Qwen/Qwen2.5-0.5B --data notes.txt     # a real teacher and your text
+
+Folders written under the output: teacher/ (when the demo trains one), seeded/ (the student before distillation),
+distilled/ (the student, distillation.json with every evaluation, each stage's checkpoints and loss curve).
 """
 
 import math
@@ -13,97 +20,104 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-import ssm_hub  # noqa: F401  (registers ssm_hub_mamba2 with the Auto classes)
-from ssm_hub.training.data import train_tokenizer
+import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
+from ssm_hub.conversion.distill import distill, evaluate_against_teacher
+from ssm_hub.conversion.seed_from_attention import seed_hybrid
+from ssm_hub.training.config import DataSection
+from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
 
 PROMPT = "The import statement"
+TEACHER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=384, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def load_corpus() -> str:
-    """About 465k characters of Python's own documentation, in English."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def make_blocks(token_ids: list[int], block_size: int) -> torch.Tensor:
-    usable = len(token_ids) // block_size * block_size
-    return torch.tensor(token_ids[:usable]).view(-1, block_size)
-
-
-@torch.no_grad()
-def mean_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
-    model.eval()
-    losses = [model(input_ids=b, labels=b, use_cache=False).loss.item() for b in blocks.split(batch_size)]
-    model.train()
-    return sum(losses) / len(losses)
-
-
-def run_demo(output_dir: str = "ssm-hub-demo", train_seconds: float = 60.0, seed: int = 0, log=print) -> dict:
+def train_teacher(folder: Path, data: DataSection, seconds: float, seed: int, log) -> Path:
+    """A small Llama trained for ``seconds`` on ``data``'s training documents (the held-out ones stay unseen), with a
+    2048-token byte-level BPE trained on the same text; saved with its tokenizer to ``folder``."""
     torch.manual_seed(seed)
-    started = time.perf_counter()
-    text = load_corpus()
-    tokenizer = train_tokenizer(text.split("\n\n"), vocab_size=2048)
-    token_ids = tokenizer(text)["input_ids"]
-    blocks = make_blocks(token_ids, block_size=128)
-    blocks = blocks[torch.randperm(len(blocks))]
-    held_out, train_blocks = blocks[:32], blocks[32:]
-    log(f"corpus: {len(text):,} characters of pydoc_data.topics -> {len(token_ids):,} tokens "
-        f"(byte-level BPE, vocabulary {len(tokenizer)}), {len(train_blocks)} training blocks of 128")
-
-    config = AutoConfig.for_model(
-        "ssm_hub_mamba2", vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, state_size=32,
-        head_dim=32, chunk_size=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    documents = read_documents(data)
+    tokenizer = train_tokenizer(documents, vocab_size=2048)
+    train, held_out = train_and_eval_datasets(documents, tokenizer, data)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TEACHER)
     model = AutoModelForCausalLM.from_config(config)
-    log(f"model: {type(model).__name__} ({config.model_type}), {model.num_parameters():,} parameters, "
-        f"{config.num_hidden_layers} layers x {config.num_heads} heads x {config.head_dim}, state {config.state_size}")
-
+    log(f"teacher: LlamaForCausalLM, {model.num_parameters():,} parameters, {config.num_hidden_layers} layers; "
+        f"{len(train)} training rows of {data.seq_len} tokens from {len(documents)} documents")
     batch_size, peak_lr, warmup = 16, 3e-3, 20
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    loss_before = mean_loss(model, held_out, batch_size)
-    log(f"held-out loss before training: {loss_before:.3f} (perplexity {math.exp(loss_before):.0f})")
     model.train()
-    step, tokens_seen, train_start = 0, 0, time.perf_counter()
-    while time.perf_counter() - train_start < train_seconds:
-        rows = torch.randint(len(train_blocks), (batch_size,))
-        batch = train_blocks[rows]
-        elapsed = (time.perf_counter() - train_start) / train_seconds
-        lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(elapsed, 1.0))))
+    step, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        rows = [train[int(index)] for index in torch.randint(len(train), (batch_size,))]
+        ids = torch.stack([row["input_ids"] for row in rows])
+        positions = torch.stack([row["position_ids"] for row in rows])
+        progress = min((time.perf_counter() - started) / seconds, 1.0)
+        lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += batch.numel()
         if step % 25 == 0:
-            log(f"  step {step:4d}  loss {loss.item():.3f}  lr {lr:.2e}  {time.perf_counter() - train_start:5.1f}s")
-    train_time = time.perf_counter() - train_start
-    loss_after = mean_loss(model, held_out, batch_size)
-    log(f"trained {step} steps, {tokens_seen:,} tokens in {train_time:.0f}s ({tokens_seen / train_time:,.0f} tokens/s)")
-    log(f"held-out loss after training: {loss_after:.3f} (perplexity {math.exp(loss_after):.0f})")
+            log(f"  teacher step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - started:5.1f}s")
+    log(f"teacher trained {step} steps in {time.perf_counter() - started:.0f}s")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
-    output_path = Path(output_dir)
-    model.save_pretrained(output_path)
-    tokenizer.save_pretrained(output_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(output_path).eval()
-    reloaded_tokenizer = AutoTokenizer.from_pretrained(output_path)
-    model.eval()
-    with torch.no_grad():
-        reload_exact = torch.equal(model(held_out[:2]).logits, reloaded(held_out[:2]).logits)
-    log(f"saved to {output_path}/ ({', '.join(sorted(p.name for p in output_path.iterdir()))}); "
-        f"reloaded logits identical: {reload_exact}")
 
-    prompt = reloaded_tokenizer(PROMPT, return_tensors="pt")
-    generated = reloaded.generate(**prompt, max_new_tokens=40, do_sample=False, repetition_penalty=1.2)
-    completion = reloaded_tokenizer.decode(generated[0], skip_special_tokens=True)
-    log(f"greedy generation from the reloaded model:\n  {completion!r}")
+def _kept_layer(teacher: str | Path) -> str:
+    """One attention layer in four, the last of each four (layer 3, 7, ...): every:4:3, or the last layer of a
+    teacher with fewer."""
+    layers = AutoConfig.from_pretrained(teacher).num_hidden_layers
+    return "every:4:3" if layers >= 4 else str(layers - 1)
+
+
+def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data: list[str] | None = None,
+             teacher_seconds: float = 60.0, align_steps: int = 100, kl_steps: int = 200, seed: int = 0,
+             log=print) -> dict:
+    """Run the demo (module docstring); returns {"teacher", "attention_layers", "evaluations", "samples",
+    "reload_exact", "completion", "output_dir"}."""
+    started = time.perf_counter()
+    output = Path(output_dir)
+    data_section = DataSection(files=list(data or []), builtin=None if data else "python_docs", seq_len=128,
+                               eval_fraction=0.05)
+    data_section.check()
+    if teacher is None:
+        teacher = train_teacher(output / "teacher", data_section, teacher_seconds, seed, log)
+    spec = _kept_layer(teacher)
+    seeded = seed_hybrid(teacher, output / "seeded", spec)
+    kinds = AutoConfig.from_pretrained(seeded).mixer_types
+    log(f"seeded an ssm_hub_hybrid from the teacher (--attention-layers {spec}): {kinds}")
+    report = distill(str(teacher), str(seeded), data_section, str(output / "distilled"), align_steps=align_steps,
+                     kl_steps=kl_steps, seed=seed)
+
+    distilled = output / "distilled"
+    student = AutoModelForCausalLM.from_pretrained(distilled).eval()
+    tokenizer = AutoTokenizer.from_pretrained(distilled)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    generated = student.generate(ids, max_new_tokens=30, do_sample=False, repetition_penalty=1.2,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    completion = tokenizer.decode(generated[0], skip_special_tokens=True)
+    # The reloaded student must score the held-out rows exactly as the student did before it was saved.
+    _, held_out = train_and_eval_datasets(read_documents(data_section), tokenizer, data_section)
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    reloaded = evaluate_against_teacher(student, teacher_model, held_out)
+    reload_exact = reloaded["student_perplexity"] == report["evaluations"]["after_kl"]["student_perplexity"]
+
+    log("")
+    log(f"{'after':<12} {'teacher ppl':>11} {'student ppl':>11} {'token KL':>9} {'greedy agreement':>17}")
+    for after, result in report["evaluations"].items():
+        log(f"{after:<12} {result['teacher_perplexity']:>11.2f} {result['student_perplexity']:>11.2f} "
+            f"{result['mean_token_kl']:>9.4f} {result['greedy_agreement']:>17.1%}")
+    for sample in report["samples"]["after_kl"][:2]:
+        log(f"\nprompt:  {sample['prompt']!r}\nteacher: {sample['teacher']!r}\nstudent: {sample['student']!r}")
+    log(f"\nreloaded {type(student).__name__} from {distilled}/ with AutoModelForCausalLM: held-out perplexity "
+        f"{reloaded['student_perplexity']:.2f} (as before saving: {reload_exact}); greedy generation:\n  {completion!r}")
     log(f"done in {time.perf_counter() - started:.0f}s")
-    return {
-        "steps": step, "tokens": tokens_seen, "loss_before": loss_before, "loss_after": loss_after,
-        "reload_exact": reload_exact, "completion": completion, "output_dir": str(output_path),
-    }
+    return {"teacher": str(teacher), "attention_layers": spec, "evaluations": report["evaluations"],
+            "samples": report["samples"], "reload_exact": reload_exact, "completion": completion,
+            "output_dir": str(output)}

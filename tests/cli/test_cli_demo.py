@@ -1,4 +1,5 @@
-"""`ssm-hub demo`, the README's main job, on a short time budget."""
+"""`ssm-hub demo`, the README's main job, on a short budget: a small Llama teacher, a hybrid seeded from it, distilled,
+evaluated, saved, reloaded and generating."""
 
 from transformers import AutoModelForCausalLM
 
@@ -6,18 +7,23 @@ from ssm_hub.cli import main
 from ssm_hub.demo import run_demo
 
 
-def test_demo_trains_saves_reloads_and_generates(tmp_path):
+def test_demo_turns_a_teacher_into_a_distilled_hybrid(tmp_path):
     lines = []
-    result = run_demo(output_dir=str(tmp_path / "demo"), train_seconds=3, log=lines.append)
-    assert result["steps"] > 0 and result["loss_after"] < result["loss_before"]
+    result = run_demo(output_dir=str(tmp_path / "demo"), teacher_seconds=4, align_steps=4, kl_steps=8,
+                      log=lines.append)
+    evaluations = result["evaluations"]
+    assert list(evaluations) == ["seeded", "after_align", "after_kl"]
+    assert evaluations["after_kl"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
     assert result["reload_exact"] is True
     assert result["completion"].startswith("The import statement") and len(result["completion"]) > 25
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "demo")
-    assert type(model).__name__ == "SsmHubMamba2ForCausalLM"
-    assert (tmp_path / "demo" / "model.safetensors").exists() and (tmp_path / "demo" / "tokenizer.json").exists()
-    assert any("held-out loss after training" in line for line in lines)
+    assert result["attention_layers"] == "every:4:3"
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "distilled")
+    assert type(student).__name__ == "SsmHubHybridForCausalLM"
+    assert student.config.mixer_types == ["mamba2", "mamba2", "mamba2", "attention"]
+    assert (tmp_path / "demo" / "teacher" / "model.safetensors").exists()
+    assert any("greedy agreement" in line for line in lines) and any("teacher:" in line for line in lines)
 
 
-def test_demo_rejects_a_non_positive_budget(tmp_path, capsys):
-    assert main(["demo", "--seconds", "0", "--output", str(tmp_path)]) == 1
-    assert "--seconds must be positive" in capsys.readouterr().err
+def test_demo_rejects_a_non_positive_teacher_budget(tmp_path, capsys):
+    assert main(["demo", "--teacher-seconds", "0", "--output", str(tmp_path)]) == 1
+    assert "--teacher-seconds must be positive" in capsys.readouterr().err
