@@ -1,7 +1,7 @@
 """Mamba-2's training step on the kernels (ssm_hub.ops.mamba2_sequence) keeps the scan's output, rebuilds the conv
 output and the normed output in backward, and keeps less than the plain chain of ops, with unchanged outputs and
 gradients: plain, with a padding mask, with packed documents, with out_proj left outside the node (hooked, as a PEFT
-adapter would wrap it) and, on CUDA, under bf16 autocast.
+adapter would wrap it) and, on CUDA, under bf16 autocast; and it traces whole under torch.compile.
 
 Runs the Triton kernels (on the GPU where there is one, else under TRITON_INTERPRET=1).
 """
@@ -117,4 +117,15 @@ def test_training_step_leaves_outputs_and_gradients_unchanged(kernels, setting):
     # The same kernels on the same inputs in the same order: equal up to the last bits of fp32 sums.
     torch.testing.assert_close(out, plain)
     for got, expected in zip(node, _gradients(plain, mixer, hidden)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_training_step_traces_under_torch_compile_without_graph_breaks(kernels):
+    mixer, hidden = _mixer_and_inputs()
+    compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")  # aot_eager: the trace, no codegen
+    out = compiled(hidden)
+    compiled_grads = _gradients(out, mixer, hidden)
+    plain = _plain_chain(mixer, hidden)
+    torch.testing.assert_close(out, plain)
+    for got, expected in zip(compiled_grads, _gradients(plain, mixer, hidden)):
         torch.testing.assert_close(got, expected)
