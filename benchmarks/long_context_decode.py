@@ -23,6 +23,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import ssm_hub
+from ssm_hub.conversion.speed import cache_bytes
 
 RESULTS = Path(__file__).parent / "results"
 WIDTH = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
@@ -40,17 +41,6 @@ def build(name: str, device: str) -> torch.nn.Module:
         )
         model = ssm_hub.SsmHubHybridForCausalLM(config)
     return model.to(device, torch.bfloat16).eval()
-
-
-def cache_bytes(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name, None)
-            total += tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
-        for states in (getattr(layer, "conv_states", {}), getattr(layer, "recurrent_states", {})):
-            total += sum(t.numel() * t.element_size() for t in states.values() if t is not None)
-    return total
 
 
 def step_ms(step, device: str, steps: int) -> tuple[float, str]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
+from ssm_hub.conversion.speed import speed_table
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 
 STAGES = ("align", "kl")
@@ -183,11 +184,12 @@ def sample_prompts(documents: list[str], count: int = 3, characters: int = 60) -
 
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
             batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0, freeze_mlp: bool = False,
-            bf16: bool = False, seed: int = 0) -> dict:
+            bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None) -> dict:
     """Run the stages on ``data`` (an ``ssm_hub.training.config.DataSection``) and write the distilled student
     (with the student folder's tokenizer), ``distillation.json`` (the evaluations after seeding and after each
     stage, and the settings) and each stage's Trainer output under ``output_dir/<stage>``. A stage with 0 steps is
-    skipped. Returns the report."""
+    skipped. ``speed_contexts``: also measure prefill and decode tokens/s and the cache memory of the teacher and
+    the distilled student at these context lengths (ssm_hub.conversion.speed). Returns the report."""
     import json
     from pathlib import Path
 
@@ -241,6 +243,8 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
                                        if "loss" in entry]
         write_loss_curve(trainer.state.log_history, output / stage / "loss_curve.png")
         evaluate(f"after_{stage}")
+    if speed_contexts:
+        report["speed"] = speed_table(teacher_model, student_model, speed_contexts)
     student_model.requires_grad_(True)
     student_model.save_pretrained(output)
     tokenizer.save_pretrained(output)

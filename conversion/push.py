@@ -95,6 +95,15 @@ def render_model_card(folder: str | Path, repo_id: str, base_model: str | None =
                            "| prompt | teacher | student |\n|---|---|---|\n"
                            + "\n".join(f"| {_cell(s['prompt'])} | {_cell(s['teacher'])} | {_cell(s['student'])} |"
                                         for s in samples[last]))
+    if distillation is not None and distillation.get("speed"):
+        rows = ["| context | student decode tokens/s | teacher decode tokens/s | decode speed-up | prefill speed-up | "
+                "student cache / teacher cache |", "|---|---|---|---|---|---|"]
+        for row in distillation["speed"]:
+            rows.append(f"| {row['context']} | {row['student']['decode_tokens_per_second']:,.0f} | "
+                        f"{row['teacher']['decode_tokens_per_second']:,.0f} | {row['decode_speedup']:.2f}x | "
+                        f"{row['prefill_speedup']:.2f}x | {row['cache_ratio']:.2f} |")
+        evaluation += ("\n\nSpeed at batch 1 on transformers' StaticCache, eager, measured where it was distilled:\n\n"
+                       + "\n".join(rows))
     curves = [f"![training loss, {curve.split('/')[0] if '/' in curve else 'training'}]({curve})"
               for curve in LOSS_CURVES if (folder / curve).is_file()]
     template = Template((files("ssm_hub.model_cards") / "ssm_hub_model.md").read_text(encoding="utf-8"))

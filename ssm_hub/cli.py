@@ -158,6 +158,9 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight in the KL stage")
     parser.add_argument("--freeze-mlp", action="store_true", help="keep the MLPs frozen in the KL stage")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on a GPU)")
+    parser.add_argument("--speed-contexts", type=int, nargs="*", default=None, metavar="TOKENS",
+                        help="context lengths at which to time prefill and decode and measure the cache, teacher "
+                             "against student (default: 2048 8192 32768 on a GPU, 512 2048 on the CPU; none: skip)")
     parser.set_defaults(run=run_distill)
 
 
@@ -170,14 +173,24 @@ def run_distill(args: argparse.Namespace) -> int:
     data.check()
     report = distill(args.teacher, args.student, data, args.output, align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                     ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16)
+                     ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16,
+                     speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts)
     if os.environ.get("RANK", "0") == "0":
         print("after            teacher ppl  student ppl  token KL  greedy agreement")
         for after, result in report["evaluations"].items():
             print(f"{after:<16} {result['teacher_perplexity']:>11.2f}  {result['student_perplexity']:>11.2f}  "
                   f"{result['mean_token_kl']:>8.4f}  {result['greedy_agreement']:>16.1%}")
+        for row in report.get("speed", []):
+            print(f"context {row['context']:>6}: student decode {row['decode_speedup']:.2f}x, prefill "
+                  f"{row['prefill_speedup']:.2f}x the teacher's tokens/s, cache {row['cache_ratio']:.2f}x its memory")
         print(f"wrote {args.output}")
     return 0
+
+
+def default_speed_contexts() -> list[int]:
+    import torch
+
+    return [2048, 8192, 32768] if torch.cuda.is_available() else [512, 2048]
 
 
 def add_push_command(subparsers) -> None:

@@ -28,7 +28,7 @@ from ssm_hub.training.data import read_documents, train_and_eval_datasets, train
 
 PROMPT = "The import statement"
 TEACHER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=384, max_position_embeddings=512, tie_word_embeddings=False)
+               intermediate_size=384, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
 def train_teacher(folder: Path, data: DataSection, seconds: float, seed: int, log) -> Path:
@@ -78,9 +78,10 @@ def _kept_layer(teacher: str | Path) -> str:
 
 def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data: list[str] | None = None,
              teacher_seconds: float = 60.0, align_steps: int = 100, kl_steps: int = 200, seed: int = 0,
-             log=print) -> dict:
-    """Run the demo (module docstring); returns {"teacher", "attention_layers", "evaluations", "samples",
-    "reload_exact", "completion", "output_dir"}."""
+             speed_contexts: tuple[int, ...] = (512, 2048), log=print) -> dict:
+    """Run the demo (module docstring), timing teacher and student at ``speed_contexts`` tokens of context at the
+    end; returns {"teacher", "attention_layers", "evaluations", "samples", "speed", "reload_exact", "completion",
+    "output_dir"}."""
     started = time.perf_counter()
     output = Path(output_dir)
     data_section = DataSection(files=list(data or []), builtin=None if data else "python_docs", seq_len=128,
@@ -93,7 +94,7 @@ def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data:
     kinds = AutoConfig.from_pretrained(seeded).mixer_types
     log(f"seeded an ssm_hub_hybrid from the teacher (--attention-layers {spec}): {kinds}")
     report = distill(str(teacher), str(seeded), data_section, str(output / "distilled"), align_steps=align_steps,
-                     kl_steps=kl_steps, seed=seed)
+                     kl_steps=kl_steps, seed=seed, speed_contexts=speed_contexts)
 
     distilled = output / "distilled"
     student = AutoModelForCausalLM.from_pretrained(distilled).eval()
@@ -113,11 +114,14 @@ def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data:
     for after, result in report["evaluations"].items():
         log(f"{after:<12} {result['teacher_perplexity']:>11.2f} {result['student_perplexity']:>11.2f} "
             f"{result['mean_token_kl']:>9.4f} {result['greedy_agreement']:>17.1%}")
+    for row in report.get("speed", []):
+        log(f"context {row['context']:>5}: the student decodes {row['decode_speedup']:.2f}x and prefills "
+            f"{row['prefill_speedup']:.2f}x the teacher's tokens/s, with {row['cache_ratio']:.2f}x its cache memory")
     for sample in report["samples"]["after_kl"][:2]:
         log(f"\nprompt:  {sample['prompt']!r}\nteacher: {sample['teacher']!r}\nstudent: {sample['student']!r}")
     log(f"\nreloaded {type(student).__name__} from {distilled}/ with AutoModelForCausalLM: held-out perplexity "
         f"{reloaded['student_perplexity']:.2f} (as before saving: {reload_exact}); greedy generation:\n  {completion!r}")
     log(f"done in {time.perf_counter() - started:.0f}s")
     return {"teacher": str(teacher), "attention_layers": spec, "evaluations": report["evaluations"],
-            "samples": report["samples"], "reload_exact": reload_exact, "completion": completion,
-            "output_dir": str(output)}
+            "samples": report["samples"], "speed": report.get("speed", []), "reload_exact": reload_exact,
+            "completion": completion, "output_dir": str(output)}

@@ -10,13 +10,14 @@ from ssm_hub.demo import run_demo
 def test_demo_turns_a_teacher_into_a_distilled_hybrid(tmp_path):
     lines = []
     result = run_demo(output_dir=str(tmp_path / "demo"), teacher_seconds=4, align_steps=4, kl_steps=8,
-                      log=lines.append)
+                      speed_contexts=(64,), log=lines.append)
     evaluations = result["evaluations"]
     assert list(evaluations) == ["seeded", "after_align", "after_kl"]
     assert evaluations["after_kl"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
     assert result["reload_exact"] is True
     assert result["completion"].startswith("The import statement") and len(result["completion"]) > 25
     assert result["attention_layers"] == "every:4:3"
+    assert [row["context"] for row in result["speed"]] == [64] and result["speed"][0]["cache_ratio"] < 1
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "distilled")
     assert type(student).__name__ == "SsmHubHybridForCausalLM"
     assert student.config.mixer_types == ["mamba2", "mamba2", "mamba2", "attention"]

@@ -86,7 +86,8 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     output = tmp_path / "distilled"
     status = main(["distill", "--teacher", str(teacher), "--student", str(student), "--output", str(output),
                    "--builtin", "python_docs", "--max-documents", "120", "--seq-len", "64", "--eval-fraction", "0.1",
-                   "--align-steps", "12", "--kl-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3"])
+                   "--align-steps", "12", "--kl-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3",
+                   "--speed-contexts", "64", "128"])
     assert status == 0
     assert "greedy agreement" in capsys.readouterr().out
     report = json.loads((output / "distillation.json").read_text())
@@ -94,6 +95,11 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     assert list(evaluations) == ["seeded", "after_align", "after_kl"]
     assert evaluations["after_kl"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
     assert evaluations["after_align"]["teacher_perplexity"] == pytest.approx(evaluations["seeded"]["teacher_perplexity"])
+    speed = report["speed"]
+    assert [row["context"] for row in speed] == [64, 128]
+    # Two of four layers keep a key/value cache that grows with the context; the SSM layers hold a fixed state.
+    assert speed[1]["cache_ratio"] < speed[0]["cache_ratio"] < 1
+    assert all(row[model]["decode_tokens_per_second"] > 0 for row in speed for model in ("teacher", "student"))
     samples = report["samples"]["after_kl"]
     assert len(samples) == 3 and all(sample["prompt"] and isinstance(sample["student"], str) for sample in samples)
     assert [s["teacher"] for s in samples] == [s["teacher"] for s in report["samples"]["seeded"]]  # the same teacher

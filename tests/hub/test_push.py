@@ -35,7 +35,7 @@ def distilled(tmp_path_factory):
     assert main(["distill", "--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
                  "--output", str(folder / "distilled"), "--builtin", "python_docs", "--max-documents", "40",
                  "--seq-len", "32", "--eval-fraction", "0.2", "--align-steps", "2", "--kl-steps", "2",
-                 "--batch-size", "2"]) == 0
+                 "--batch-size", "2", "--speed-contexts", "32"]) == 0
     return folder / "distilled"
 
 
@@ -50,6 +50,8 @@ def test_model_card_tells_how_the_model_was_made(distilled):
     after_kl = report["evaluations"]["after_kl"]
     assert f"| after_kl | {after_kl['teacher_perplexity']:.2f} | {after_kl['student_perplexity']:.2f} |" in card
     assert "![training loss, align](align/loss_curve.png)" in card
+    speed = report["speed"][0]
+    assert f"| 32 | {speed['student']['decode_tokens_per_second']:,.0f} |" in card
     first = report["samples"]["after_kl"][0]
     assert "Greedy completions of held-out openings (after_kl)" in card and " ".join(first["prompt"].split()) in card
     assert 'from_pretrained("me/tiny-hybrid")' in card
