@@ -5,6 +5,10 @@ transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --o
     trainer = DistillationTrainer(model=student, teacher=teacher, stage="align", args=..., train_dataset=...)
 
 Stages (each a Trainer run with its own steps; checkpoints, resume, logging and multi-GPU are Trainer's):
+- ``orient`` (optional; MOHAWK's matrix orientation): each replaced layer's scan, written as one [T, T] matrix per
+  head (``Mamba2Mixer.mixing_matrix``), fed the teacher's hidden state entering that layer, learns to match the
+  teacher's attention matrix of the same head (:func:`orientation_loss`); only the replaced layers' SSM mixers
+  train. The teacher runs eager attention so that it returns its attention weights.
 - ``align`` (MOHAWK's hidden-state alignment, mmMamba's stage 1): each replaced layer of the student, fed the
   teacher's hidden state entering that layer, learns to give the teacher's hidden state leaving it
   (:func:`hidden_alignment_loss`). Only the replaced layers' SSM mixers train; they train side by side, each on the
@@ -28,7 +32,7 @@ from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 from ssm_hub.conversion.speed import speed_table
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 
-STAGES = ("align", "kl")
+STAGES = ("orient", "align", "kl")
 
 
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,6 +53,14 @@ def hidden_alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tenso
     return torch.stack(losses).mean()
 
 
+def orientation_loss(matrices: list[torch.Tensor], attentions: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers, heads and rows of the batch of the Frobenius distance between each [T, T] mixing matrix and
+    the teacher's attention matrix; float32."""
+    distances = [(matrix.float() - attention.float()).square().sum((-2, -1)).sqrt().mean()
+                 for matrix, attention in zip(matrices, attentions, strict=True)]
+    return torch.stack(distances).mean()
+
+
 def replaced_layers(student) -> list[int]:
     """The student's layers that are SSM mixers (the ones seeded from attention)."""
     return [layer for layer, kind in enumerate(student.config.mixer_types) if kind in ("mamba", "mamba2")]
@@ -58,9 +70,9 @@ def set_trainable(student, stage: str, freeze_mlp: bool = False) -> int:
     """Freeze what ``stage`` does not train (module docstring); returns the number of trainable parameters."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    trainable = set(replaced_layers(student)) if stage == "align" else None
+    trainable = set(replaced_layers(student)) if stage != "kl" else None
     for name, parameter in student.named_parameters():
-        if stage == "align":
+        if stage != "kl":
             parts = name.split(".")
             train = (len(parts) > 3 and parts[:2] == ["model", "layers"] and int(parts[2]) in trainable
                      and parts[3] == "mamba")
@@ -70,14 +82,15 @@ def set_trainable(student, stage: str, freeze_mlp: bool = False) -> int:
     count = sum(p.numel() for p in student.parameters() if p.requires_grad)
     if count == 0:
         raise ValueError(f"stage {stage!r} has nothing to train: the student has no SSM layer"
-                         if stage == "align" else f"stage {stage!r} with freeze_mlp has nothing to train")
+                         if stage != "kl" else f"stage {stage!r} with freeze_mlp has nothing to train")
     return count
 
 
-def teacher_layer_states(teacher, input_ids, position_ids) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = False):
     """(inputs, outputs) of every decoder layer of a transformers teacher (``teacher.model.layers``), captured with
     forward hooks, so the last layer's raw output is there too (``output_hidden_states`` gives it after the final
-    norm)."""
+    norm); with ``attentions``, also each layer's attention weights [B, H, T, T] (the teacher must run eager
+    attention)."""
     inputs, outputs = [], []
 
     def record(module, args, kwargs, output):
@@ -87,10 +100,12 @@ def teacher_layer_states(teacher, input_ids, position_ids) -> tuple[list[torch.T
     handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in teacher.model.layers]
     try:
         with torch.no_grad():
-            teacher(input_ids=input_ids, position_ids=position_ids)
+            result = teacher(input_ids=input_ids, position_ids=position_ids, output_attentions=attentions)
     finally:
         for handle in handles:
             handle.remove()
+    if attentions:
+        return inputs, outputs, list(result.attentions)
     return inputs, outputs
 
 
@@ -104,11 +119,13 @@ class DistillationTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.stage, self.ce_weight = stage, ce_weight
+        if stage == "orient":
+            self.teacher.set_attn_implementation("eager")  # only eager attention returns its weights
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, position_ids = inputs["input_ids"], inputs.get("position_ids")
-        if self.stage == "align":
-            loss = self._alignment(model, input_ids, position_ids)
+        if self.stage in ("orient", "align"):
+            loss = (self._orientation if self.stage == "orient" else self._alignment)(model, input_ids, position_ids)
             return (loss, None) if return_outputs else loss
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids=input_ids, position_ids=position_ids).logits
@@ -118,6 +135,20 @@ class DistillationTrainer(Trainer):
         if self.ce_weight:
             loss = loss + self.ce_weight * outputs.loss
         return (loss, outputs) if return_outputs else loss
+
+    def _orientation(self, model, input_ids, position_ids):
+        student = self.accelerator.unwrap_model(model)
+        teacher_inputs, _, attentions = teacher_layer_states(self.teacher, input_ids, position_ids, attentions=True)
+        seq_idx = resolve_seq_idx(input_ids.shape[0], input_ids.shape[1], position_ids, {})
+        matrices, targets = [], []
+        for layer in replaced_layers(student):
+            block = student.model.layers[layer]
+            if block.mixer_type != "mamba2":
+                raise ValueError(f"matrix orientation needs Mamba-2 layers; layer {layer} is {block.mixer_type!r}")
+            normed = block.input_layernorm(teacher_inputs[layer].to(block.input_layernorm.weight.dtype))
+            matrices.append(block.mamba.mixing_matrix(normed, seq_idx))
+            targets.append(attentions[layer])
+        return orientation_loss(matrices, targets)
 
     def _alignment(self, model, input_ids, position_ids):
         student = self.accelerator.unwrap_model(model)
@@ -183,6 +214,7 @@ def sample_prompts(documents: list[str], count: int = 3, characters: int = 60) -
 
 
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
+            orient_steps: int = 0,
             batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0, freeze_mlp: bool = False,
             bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None) -> dict:
     """Run the stages on ``data`` (an ``ssm_hub.training.config.DataSection``) and write the distilled student
@@ -198,7 +230,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     from ssm_hub.training.callbacks import write_loss_curve
     from ssm_hub.training.data import held_out_count, read_documents, train_and_eval_datasets
 
-    for name, steps in (("align_steps", align_steps), ("kl_steps", kl_steps)):
+    for name, steps in (("orient_steps", orient_steps), ("align_steps", align_steps), ("kl_steps", kl_steps)):
         if steps < 0:
             raise ValueError(f"{name} must be at least 0, got {steps}")
     output = Path(output_dir)
@@ -215,8 +247,8 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         raise ValueError(f"the teacher's vocabulary ({teacher_model.config.vocab_size}) and the student's "
                          f"({student_model.config.vocab_size}) differ: distil a student seeded from this teacher")
     report = {"teacher": str(teacher), "student": str(student), "settings": dict(
-        align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size, learning_rate=learning_rate,
-        ce_weight=ce_weight, freeze_mlp=freeze_mlp, seq_len=data.seq_len, bf16=bf16, seed=seed),
+        orient_steps=orient_steps, align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size,
+        learning_rate=learning_rate, ce_weight=ce_weight, freeze_mlp=freeze_mlp, seq_len=data.seq_len, bf16=bf16, seed=seed),
         "evaluations": {}, "samples": {}, "train_loss": {}}
 
     def evaluate(after):
@@ -226,7 +258,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         report["samples"][after] = generation_samples(teacher_model, student_model, tokenizer, prompts)
 
     evaluate("seeded")
-    for stage, steps in (("align", align_steps), ("kl", kl_steps)):
+    for stage, steps in (("orient", orient_steps), ("align", align_steps), ("kl", kl_steps)):
         if steps == 0:
             continue
         set_trainable(student_model, stage, freeze_mlp)
@@ -238,7 +270,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         )
         trainer = DistillationTrainer(model=student_model, teacher=teacher_model, stage=stage,
                                       ce_weight=ce_weight, args=arguments, train_dataset=train_data)
+        attention = teacher_model.config._attn_implementation
         trainer.train()
+        teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
         report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
                                        if "loss" in entry]
         write_loss_curve(trainer.state.log_history, output / stage / "loss_curve.png")

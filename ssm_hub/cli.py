@@ -134,8 +134,9 @@ def add_distill_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "distill",
         help="distil a student seeded with `ssm-hub convert --to ssm_hub_hybrid` from its teacher",
-        description="Staged distillation through transformers' Trainer: the replaced layers' hidden-state alignment "
-                    "against the frozen teacher (--align-steps), then end-to-end token KL (--kl-steps, plus "
+        description="Staged distillation through transformers' Trainer: optionally the replaced layers' matrix "
+                    "orientation against the teacher's attention matrices (--orient-steps), the replaced layers' "
+                    "hidden-state alignment against the frozen teacher (--align-steps), then end-to-end token KL (--kl-steps, plus "
                     "--ce-weight times the cross-entropy). Writes the distilled student, distillation.json (held-out "
                     "perplexity of both, mean token KL and greedy agreement after seeding and after each stage) and "
                     "each stage's checkpoints and loss curve.",
@@ -151,6 +152,8 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: %(default)s)")
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out (default: %(default)s)")
     parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--orient-steps", type=int, default=0,
+                        help="matrix-orientation steps, before alignment (default: %(default)s, skipped)")
     parser.add_argument("--align-steps", type=int, default=100, help="hidden-state alignment steps (default: %(default)s)")
     parser.add_argument("--kl-steps", type=int, default=200, help="end-to-end KL steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per device and step (default: %(default)s)")
@@ -171,7 +174,8 @@ def run_distill(args: argparse.Namespace) -> int:
     data = DataSection(files=args.data or [], dataset=args.dataset, builtin=args.builtin, seq_len=args.seq_len,
                        eval_fraction=args.eval_fraction, max_documents=args.max_documents)
     data.check()
-    report = distill(args.teacher, args.student, data, args.output, align_steps=args.align_steps,
+    report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
+                     align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                      ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16,
                      speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts)

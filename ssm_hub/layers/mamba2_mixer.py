@@ -16,7 +16,7 @@ from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
-from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_step
+from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
@@ -125,6 +125,19 @@ class Mamba2Mixer(nn.Module):
         out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, self._A(), self.D, self.dt_bias,
                                     self.norm.weight, out_weight, out_bias, padding_mask, seq_idx, sizes)
         return out if plain_out_proj else self.out_proj(out)
+
+    def mixing_matrix(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, H, T, T]: the scan this layer runs on ``hidden_states`` as one matrix per head (before the D skip,
+        the gated norm and out_proj; see ssm_hub.ops.ssd.ssd_mixing_matrix), differentiable, for comparing with an
+        attention layer's matrices (distillation's matrix orientation)."""
+        batch_size, seq_len, _ = hidden_states.shape
+        _, xBC, dt = self.in_proj(hidden_states).split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
+        conv_weight, conv_bias = self._conv_parameters()
+        xBC = causal_conv1d(xBC, conv_weight, conv_bias, activation="silu", seq_idx=seq_idx)
+        _, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
+        groups = (batch_size, seq_len, self.n_groups, self.state_size)
+        return ssd_mixing_matrix(dt, self._A(), B.reshape(groups), C.reshape(groups), dt_bias=self.dt_bias,
+                                 dt_softplus=True, dt_limit=self.time_step_limit, seq_idx=seq_idx)
 
     def _conv_parameters(self):
         return unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")

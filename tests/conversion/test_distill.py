@@ -61,11 +61,13 @@ def test_each_stage_trains_what_it_should(teacher_and_student):
     set_trainable(student, "align")
     trained = {name for name, p in student.named_parameters() if p.requires_grad}
     assert trained and all(name.startswith(("model.layers.0.mamba.", "model.layers.2.mamba.")) for name in trained)
+    set_trainable(student, "orient")
+    assert {name for name, p in student.named_parameters() if p.requires_grad} == trained
     set_trainable(student, "kl", freeze_mlp=True)
     frozen = {name for name, p in student.named_parameters() if not p.requires_grad}
     assert frozen and all(".feed_forward." in name for name in frozen)
     with pytest.raises(ValueError, match="stage must be one of"):
-        set_trainable(student, "orient")
+        set_trainable(student, "distil")
 
 
 def test_teacher_layer_states_include_the_last_layers_raw_output(teacher_and_student):
@@ -86,13 +88,14 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     output = tmp_path / "distilled"
     status = main(["distill", "--teacher", str(teacher), "--student", str(student), "--output", str(output),
                    "--builtin", "python_docs", "--max-documents", "120", "--seq-len", "64", "--eval-fraction", "0.1",
-                   "--align-steps", "12", "--kl-steps", "12", "--batch-size", "4", "--learning-rate", "3e-3",
+                   "--orient-steps", "3", "--align-steps", "12", "--kl-steps", "12", "--batch-size", "4",
+                   "--learning-rate", "3e-3",
                    "--speed-contexts", "64", "128"])
     assert status == 0
     assert "greedy agreement" in capsys.readouterr().out
     report = json.loads((output / "distillation.json").read_text())
     evaluations = report["evaluations"]
-    assert list(evaluations) == ["seeded", "after_align", "after_kl"]
+    assert list(evaluations) == ["seeded", "after_orient", "after_align", "after_kl"]
     assert evaluations["after_kl"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
     assert evaluations["after_align"]["teacher_perplexity"] == pytest.approx(evaluations["seeded"]["teacher_perplexity"])
     speed = report["speed"]
@@ -110,3 +113,27 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     assert distilled.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
     assert (output / "tokenizer.json").is_file()
     assert json.loads((output / "seeding.json").read_text())["attention_layers"] == "every:2:1"
+
+
+def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matrices(teacher_and_student, tmp_path):
+    from transformers import TrainingArguments
+
+    from ssm_hub.conversion.distill import DistillationTrainer
+    from ssm_hub.training.config import DataSection
+    from ssm_hub.training.data import read_documents, train_and_eval_datasets
+    from transformers import AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_and_student[0])
+    student = AutoModelForCausalLM.from_pretrained(teacher_and_student[1])
+    data = DataSection(builtin="python_docs", max_documents=60, seq_len=32, eval_fraction=0.0)
+    train, _ = train_and_eval_datasets(read_documents(data), AutoTokenizer.from_pretrained(teacher_and_student[1]), data)
+    set_trainable(student, "orient")
+    arguments = TrainingArguments(output_dir=str(tmp_path / "orient"), max_steps=15, per_device_train_batch_size=4,
+                                  learning_rate=3e-3, logging_steps=1, report_to="none", save_strategy="no",
+                                  use_cpu=True)
+    trainer = DistillationTrainer(model=student, teacher=teacher, stage="orient", args=arguments, train_dataset=train)
+    batch = {key: torch.stack([train[i][key] for i in range(4)]) for key in ("input_ids", "position_ids", "labels")}
+    before = trainer.compute_loss(student, batch).item()
+    trainer.train()
+    assert trainer.compute_loss(student, batch).item() < before
+    assert teacher.config._attn_implementation == "eager"  # what orientation needs to read attention weights

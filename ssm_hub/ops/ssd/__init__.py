@@ -12,11 +12,13 @@ from ssm_hub.ops.ssd.reference import (
     check_step_inputs,
     document_chunk_layout,
     ssd_chunked_scan_ref,
+    ssd_mixing_matrix,
     ssd_naive_ref,
     ssd_step_ref,
 )
 
-__all__ = ["ssd_chunked_scan", "ssd_step", "scan_documents", "ssd_chunked_scan_ref", "ssd_naive_ref", "ssd_step_ref"]
+__all__ = ["ssd_chunked_scan", "ssd_step", "scan_documents", "ssd_chunked_scan_ref", "ssd_mixing_matrix",
+           "ssd_naive_ref", "ssd_step_ref"]
 
 
 def ssd_chunked_scan(

@@ -175,6 +175,25 @@ def _ssd_chunks(x, dt, A, B, C, chunk_size: int, doc_ids, restarts: dict, final_
     return y.reshape(batch, seqlen, heads, head_dim), finals
 
 
+def ssd_mixing_matrix(dt, A, B, C, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")), seq_idx=None):
+    """The SSD scan as one [B, H, T, T] matrix M per head, ``y = M x + D x`` from a zero state (the Mamba-2 paper's
+    sequence transformation): ``M[t, s] = (C_t . B_s) exp(sum_{s < u <= t} dt_u A) dt_s`` for s <= t in the same
+    document (``seq_idx``), else 0. Quadratic in T: for distillation against attention matrices (MOHAWK's
+    matrix orientation) and tests, on short sequences."""
+    batch, seqlen, groups, _ = B.shape
+    heads = dt.shape[-1]
+    dtype = compute_dtype(dt, A, B, C)
+    dt_f = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)                      # [B, T, H]
+    decay = torch.exp(_segsum((dt_f * A.to(dtype)).transpose(1, 2)))                     # [B, H, T, T]
+    scores = torch.einsum("btgn,bsgn->bgts", C.to(dtype), B.to(dtype))                     # [B, G, T, T]
+    scores = scores.repeat_interleave(heads // groups, dim=1)                              # [B, H, T, T]
+    matrix = scores * decay * dt_f.transpose(1, 2)[:, :, None, :]
+    if seq_idx is not None:
+        same = seq_idx[:, :, None] == seq_idx[:, None, :]
+        matrix = matrix * same[:, None].to(dtype)
+    return matrix
+
+
 def document_chunk_layout(bounds: list[int], chunk_size: int, device) -> tuple[torch.Tensor, list[int], list[int]]:
     """Lay the documents of ``cu_seqlens`` (as a list of bounds) on whole chunks of their own, one after another.
 
