@@ -214,14 +214,16 @@ def sample_prompts(documents: list[str], count: int = 3, characters: int = 60) -
 
 
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
-            orient_steps: int = 0,
-            batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0, freeze_mlp: bool = False,
-            bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None) -> dict:
+            orient_steps: int = 0, batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0,
+            freeze_mlp: bool = False, bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None,
+            resume: bool = False) -> dict:
     """Run the stages on ``data`` (an ``ssm_hub.training.config.DataSection``) and write the distilled student
     (with the student folder's tokenizer), ``distillation.json`` (the evaluations after seeding and after each
     stage, and the settings) and each stage's Trainer output under ``output_dir/<stage>``. A stage with 0 steps is
     skipped. ``speed_contexts``: also measure prefill and decode tokens/s and the cache memory of the teacher and
-    the distilled student at these context lengths (ssm_hub.conversion.speed). Returns the report."""
+    the distilled student at these context lengths (ssm_hub.conversion.speed). ``resume``: each stage continues
+    from its last checkpoint under ``output_dir/<stage>`` where there is one (a finished stage just restores its
+    final weights), so an interrupted run picks up where it stopped. Returns the report."""
     import json
     from pathlib import Path
 
@@ -271,7 +273,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         trainer = DistillationTrainer(model=student_model, teacher=teacher_model, stage=stage,
                                       ce_weight=ce_weight, args=arguments, train_dataset=train_data)
         attention = teacher_model.config._attn_implementation
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume and any((output / stage).glob("checkpoint-*")) or None)
         teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
         report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
                                        if "loss" in entry]

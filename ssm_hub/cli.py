@@ -123,7 +123,10 @@ def run_train(args: argparse.Namespace) -> int:
         return launch(args.accelerate_config, recipe, args.overrides, args.num_processes)
     if args.num_processes is not None:
         raise ValueError("--num-processes needs --accelerate-config")
+    from ssm_hub.training.launch import end_process_group
+
     summary = train(load_recipe(recipe, args.overrides))
+    end_process_group()
     if os.environ.get("RANK", "0") == "0":  # under a distributed launcher, every process has the same summary
         for key, value in summary.items():
             print(f"{key}: {value}")
@@ -161,6 +164,8 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight in the KL stage")
     parser.add_argument("--freeze-mlp", action="store_true", help="keep the MLPs frozen in the KL stage")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on a GPU)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each stage from its last checkpoint in --output (an interrupted run)")
     parser.add_argument("--speed-contexts", type=int, nargs="*", default=None, metavar="TOKENS",
                         help="context lengths at which to time prefill and decode and measure the cache, teacher "
                              "against student (default: 2048 8192 32768 on a GPU, 512 2048 on the CPU; none: skip)")
@@ -170,6 +175,7 @@ def add_distill_command(subparsers) -> None:
 def run_distill(args: argparse.Namespace) -> int:
     from ssm_hub.conversion.distill import distill
     from ssm_hub.training.config import DataSection
+    from ssm_hub.training.launch import end_process_group
 
     data = DataSection(files=args.data or [], dataset=args.dataset, builtin=args.builtin, seq_len=args.seq_len,
                        eval_fraction=args.eval_fraction, max_documents=args.max_documents)
@@ -178,7 +184,9 @@ def run_distill(args: argparse.Namespace) -> int:
                      align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                      ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16,
-                     speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts)
+                     speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts,
+                     resume=args.resume)
+    end_process_group()
     if os.environ.get("RANK", "0") == "0":
         print("after            teacher ppl  student ppl  token KL  greedy agreement")
         for after, result in report["evaluations"].items():

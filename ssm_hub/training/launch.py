@@ -41,3 +41,14 @@ def launch(accelerate_config: str | Path, recipe: str | Path, overrides: list[st
     environment = {**os.environ, "PYTHONSAFEPATH": "1"}
     command = accelerate_command(accelerate_config, recipe, overrides, num_processes)
     return subprocess.run(command, env=environment).returncode
+
+
+def end_process_group() -> None:
+    """At the end of a run under a distributed launcher: wait for every process, then close the process group, so
+    that no process exits while another still holds a connection to it (gloo aborts a process whose peer went away,
+    which made two-process runs fail now and then). Nothing to do in a single process."""
+    import torch.distributed as distributed
+
+    if distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()

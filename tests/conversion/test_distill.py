@@ -137,3 +137,21 @@ def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matr
     trainer.train()
     assert trainer.compute_loss(student, batch).item() < before
     assert teacher.config._attn_implementation == "eager"  # what orientation needs to read attention weights
+
+
+def test_a_resumed_run_restores_each_finished_stage(teacher_and_student, tmp_path):
+    from ssm_hub.conversion.distill import distill
+    from ssm_hub.training.config import DataSection
+
+    teacher, student = teacher_and_student
+    data = DataSection(builtin="python_docs", max_documents=60, seq_len=32, eval_fraction=0.1)
+    settings = dict(align_steps=4, kl_steps=4, batch_size=4)
+    first = distill(str(teacher), str(student), data, str(tmp_path / "run"), learning_rate=3e-3, **settings)
+    # Again with resume and another learning rate: every stage is found finished and its final weights restored;
+    # nothing is retrained, so the other learning rate changes nothing.
+    again = distill(str(teacher), str(student), data, str(tmp_path / "run"), learning_rate=3e-2, resume=True,
+                    **settings)
+    assert again["evaluations"]["after_kl"] == first["evaluations"]["after_kl"]
+    # Without resume that learning rate trains another student.
+    fresh = distill(str(teacher), str(student), data, str(tmp_path / "fresh"), learning_rate=3e-2, **settings)
+    assert fresh["evaluations"]["after_kl"] != first["evaluations"]["after_kl"]
