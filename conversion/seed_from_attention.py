@@ -213,22 +213,34 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
     """The student's state dict from the teacher's (Llama names). Copied tensors are shared, not cloned. Every
     teacher tensor must be used: ValueError naming the ones the student has no place for."""
     weights = dict(teacher_weights)
-    student = {"model.embed_tokens.weight": weights.pop("model.embed_tokens.weight"),
-               "model.final_layernorm.weight": weights.pop("model.norm.weight")}
+
+    def need(tensors: dict, name: str, where: str = "") -> torch.Tensor:
+        if name not in tensors:
+            raise ValueError(f"the teacher has no {where}{name}")
+        return tensors.pop(name)
+
+    embeddings = need(weights, "model.embed_tokens.weight")
+    student = {"model.embed_tokens.weight": embeddings, "model.final_layernorm.weight": need(weights, "model.norm.weight")}
     head = weights.pop("lm_head.weight", None)
     if not config.tie_word_embeddings:
         if head is None:
             raise ValueError("the teacher has no lm_head.weight but does not tie its embeddings")
         student["lm_head.weight"] = head
+    elif head is not None and not torch.equal(head, embeddings):
+        raise ValueError("the teacher's config ties its embeddings, but its lm_head.weight differs from them")
     for layer, mixer in enumerate(config.mixer_types):
         taken = _teacher_layer(weights, model_type, layer, config)
-        prefix = f"model.layers.{layer}."
-        student[prefix + "input_layernorm.weight"] = taken.pop("input_layernorm.weight")
-        student[prefix + "pre_ff_layernorm.weight"] = taken.pop("post_attention_layernorm.weight")
+        prefix = where = f"model.layers.{layer}."
+        student[prefix + "input_layernorm.weight"] = need(taken, "input_layernorm.weight", where)
+        student[prefix + "pre_ff_layernorm.weight"] = need(taken, "post_attention_layernorm.weight", where)
         for name in [n for n in taken if n.startswith("mlp.")]:
             student[prefix + "feed_forward." + name[4:]] = taken.pop(name)
         attention = {name[len("self_attn."):]: taken.pop(name) for name in [n for n in taken if n.startswith("self_attn.")]
                      if name[len("self_attn."):] in ATTENTION_TENSORS}
+        missing = [f"{where}self_attn.{name}.weight" for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+                   if f"{name}.weight" not in attention]
+        if missing:
+            raise ValueError(f"the teacher has no {', '.join(missing)}")
         biases = sorted(name for name in attention if name.endswith(".bias"))
         if biases and not config.attention_bias:
             raise ValueError(f"teacher layer {layer} has attention biases ({', '.join(biases)}) but its config does "

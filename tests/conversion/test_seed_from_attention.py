@@ -157,6 +157,11 @@ def test_unsupported_teachers_and_unplaced_tensors_are_named(tmp_path):
     with pytest.raises(ValueError, match="teacher layer 1 has tensors the student has no place for: self_attn.q_norm"):
         seed_hybrid(tmp_path / "teacher", tmp_path / "out", "none")
     del state["model.layers.1.self_attn.q_norm.weight"]
+    save_file({name: tensor for name, tensor in state.items() if name != "model.layers.3.self_attn.o_proj.weight"},
+              tmp_path / "teacher" / "model.safetensors")
+    for spec in ("all", "none"):  # missing whether the layer is kept or replaced
+        with pytest.raises(ValueError, match="the teacher has no model.layers.3.self_attn.o_proj.weight"):
+            seed_hybrid(tmp_path / "teacher", tmp_path / "out", spec)
     state["model.layers.2.self_attn.v_proj.bias"] = torch.ones(16)  # a bias the config does not announce
     save_file(state, tmp_path / "teacher" / "model.safetensors")
     with pytest.raises(ValueError, match="teacher layer 2 has attention biases \\(v_proj.bias\\)"):
