@@ -117,6 +117,11 @@ class DistillationTrainer(Trainer):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         super().__init__(*args, **kwargs)
+        if stage != "kl" and self.args.world_size > 1:
+            # These stages call the student's layers one by one, past the DDP / FSDP wrapper, whose gradient
+            # synchronisation would then not run: refuse rather than train each process on its own.
+            raise ValueError(f"the {stage!r} stage runs in one process; only the 'kl' stage runs under DDP or FSDP "
+                             f"({self.args.world_size} processes here)")
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.stage, self.ce_weight = stage, ce_weight
         if stage == "orient":

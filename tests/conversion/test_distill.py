@@ -155,3 +155,18 @@ def test_a_resumed_run_restores_each_finished_stage(teacher_and_student, tmp_pat
     # Without resume that learning rate trains another student.
     fresh = distill(str(teacher), str(student), data, str(tmp_path / "fresh"), learning_rate=3e-2, **settings)
     assert fresh["evaluations"]["after_kl"] != first["evaluations"]["after_kl"]
+
+
+def test_layer_by_layer_stages_refuse_several_processes(teacher_and_student, tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    from ssm_hub.conversion.distill import DistillationTrainer
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_and_student[0])
+    student = AutoModelForCausalLM.from_pretrained(teacher_and_student[1])
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    for stage in ("orient", "align"):
+        with pytest.raises(ValueError, match=f"the '{stage}' stage runs in one process"):
+            DistillationTrainer(model=student, teacher=teacher, stage=stage, args=arguments)
+    DistillationTrainer(model=student, teacher=teacher, stage="kl", args=arguments)  # the kl stage may
