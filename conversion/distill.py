@@ -218,6 +218,19 @@ def sample_prompts(documents: list[str], count: int = 3, characters: int = 60) -
     return prompts
 
 
+def report_lines(report: dict) -> list[str]:
+    """The report of :func:`distill` as text: the evaluation after each stage, then the speed at each context."""
+    lines = [f"{'after':<12} {'teacher ppl':>11} {'student ppl':>11} {'token KL':>9} {'greedy agreement':>17}"]
+    for after, result in report["evaluations"].items():
+        lines.append(f"{after:<12} {result['teacher_perplexity']:>11.2f} {result['student_perplexity']:>11.2f} "
+                     f"{result['mean_token_kl']:>9.4f} {result['greedy_agreement']:>17.1%}")
+    for row in report.get("speed", []):
+        lines.append(f"context {row['context']:>5}: the student decodes {row['decode_speedup']:.2f}x and prefills "
+                     f"{row['prefill_speedup']:.2f}x the teacher's tokens/s, with {row['cache_ratio']:.2f}x its "
+                     f"cache memory")
+    return lines
+
+
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
             orient_steps: int = 0, batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0,
             freeze_mlp: bool = False, bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None,

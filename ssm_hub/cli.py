@@ -173,7 +173,7 @@ def add_distill_command(subparsers) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from ssm_hub.conversion.distill import distill
+    from ssm_hub.conversion.distill import distill, report_lines
     from ssm_hub.training.config import DataSection
     from ssm_hub.training.launch import end_process_group
 
@@ -188,13 +188,7 @@ def run_distill(args: argparse.Namespace) -> int:
                      resume=args.resume)
     end_process_group()
     if os.environ.get("RANK", "0") == "0":
-        print("after            teacher ppl  student ppl  token KL  greedy agreement")
-        for after, result in report["evaluations"].items():
-            print(f"{after:<16} {result['teacher_perplexity']:>11.2f}  {result['student_perplexity']:>11.2f}  "
-                  f"{result['mean_token_kl']:>8.4f}  {result['greedy_agreement']:>16.1%}")
-        for row in report.get("speed", []):
-            print(f"context {row['context']:>6}: student decode {row['decode_speedup']:.2f}x, prefill "
-                  f"{row['prefill_speedup']:.2f}x the teacher's tokens/s, cache {row['cache_ratio']:.2f}x its memory")
+        print("\n".join(report_lines(report)))
         print(f"wrote {args.output}")
     return 0
 

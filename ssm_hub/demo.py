@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
-from ssm_hub.conversion.distill import distill, evaluate_against_teacher
+from ssm_hub.conversion.distill import distill, evaluate_against_teacher, report_lines
 from ssm_hub.conversion.seed_from_attention import seed_hybrid
 from ssm_hub.training.config import DataSection
 from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
@@ -110,13 +110,8 @@ def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data:
     reload_exact = reloaded["student_perplexity"] == report["evaluations"]["after_kl"]["student_perplexity"]
 
     log("")
-    log(f"{'after':<12} {'teacher ppl':>11} {'student ppl':>11} {'token KL':>9} {'greedy agreement':>17}")
-    for after, result in report["evaluations"].items():
-        log(f"{after:<12} {result['teacher_perplexity']:>11.2f} {result['student_perplexity']:>11.2f} "
-            f"{result['mean_token_kl']:>9.4f} {result['greedy_agreement']:>17.1%}")
-    for row in report.get("speed", []):
-        log(f"context {row['context']:>5}: the student decodes {row['decode_speedup']:.2f}x and prefills "
-            f"{row['prefill_speedup']:.2f}x the teacher's tokens/s, with {row['cache_ratio']:.2f}x its cache memory")
+    for line in report_lines(report):
+        log(line)
     for sample in report["samples"]["after_kl"][:2]:
         log(f"\nprompt:  {sample['prompt']!r}\nteacher: {sample['teacher']!r}\nstudent: {sample['student']!r}")
     log(f"\nreloaded {type(student).__name__} from {distilled}/ with AutoModelForCausalLM: held-out perplexity "
