@@ -72,3 +72,21 @@ def assert_backend_rules(call, op_name: str, has_kernel: bool, monkeypatch) -> N
     call("torch")
     monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
     call("auto")
+
+
+def assert_decode_step_is_one_graph(model, backend: str, monkeypatch) -> None:
+    """After a 5-token prefill into a StaticCache, one decode step under ``backend`` traces into a single graph
+    with no graph break (what torch.compile of a generate step needs)."""
+    from transformers import StaticCache
+
+    vocab = model.config.vocab_size
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(torch.randint(1, vocab, (1, 5)), cache=cache, use_cache=True)
+        # Decode steps only run step kernels, so forcing triton reaches every kernel a token uses.
+        monkeypatch.setenv("SSM_HUB_BACKEND", backend)
+        explanation = torch._dynamo.explain(lambda token: model(token, cache=cache, use_cache=True).logits)(
+            torch.randint(1, vocab, (1, 1))
+        )
+    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 import ssm_hub
+from conftest import assert_decode_step_is_one_graph
 from ssm_hub.layers.moe import load_balancing_loss
 from test_save_load import REMOTE_CODE_SCRIPT
 
@@ -249,19 +250,8 @@ def test_lora_defaults_cover_attention_and_ssm_projections_and_experts_take_targ
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_static_cache_decode_step_traces_into_one_graph(backend, monkeypatch):
     # Every mixer and feed-forward kind, the MoE in float32 (its experts then run densely under compile).
-    from transformers import StaticCache
-
     from ssm_hub.backend import triton_available
 
     if backend == "triton" and not triton_available():
         pytest.skip("triton is not installed")
-    model = model_for()
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    with torch.no_grad():
-        model(torch.randint(1, 97, (1, 5)), cache=cache, use_cache=True)
-        monkeypatch.setenv("SSM_HUB_BACKEND", backend)
-        explanation = torch._dynamo.explain(lambda token: model(token, cache=cache, use_cache=True).logits)(
-            torch.randint(1, 97, (1, 1))
-        )
-    assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
-    assert explanation.graph_count == 1
+    assert_decode_step_is_one_graph(model_for(), backend, monkeypatch)

@@ -70,19 +70,19 @@ CASES = {
 }
 
 
-@needs_grouped_mm
+@pytest.mark.parametrize("implementation", [pytest.param("grouped_mm", marks=needs_grouped_mm), "dense"])
 @pytest.mark.parametrize("case", CASES)
-def test_grouped_mm_matches_loop_forward_and_every_gradient(case):
+def test_implementation_matches_loop_forward_and_every_gradient(implementation, case):
     inputs = make_inputs(**CASES[case])
     out_loop, grads_loop = forward_and_grads(inputs, "loop")
-    out_grouped, grads_grouped = forward_and_grads(inputs, "grouped_mm")
-    torch.testing.assert_close(out_grouped, out_loop, rtol=1e-5, atol=1e-5)
+    out, grads = forward_and_grads(inputs, implementation)
+    torch.testing.assert_close(out, out_loop, rtol=1e-5, atol=1e-5)
     for name in GRAD_NAMES:
-        torch.testing.assert_close(grads_grouped[name], grads_loop[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads[name], grads_loop[name], rtol=1e-5, atol=1e-5, msg=name)
     if case == "idle_experts":
         for name in ("gate_up_proj", "down_proj"):
-            assert grads_grouped[name][[1, 3, 4]].abs().max() == 0
-            assert grads_grouped[name][[0, 2]].abs().max() > 0
+            assert grads[name][[1, 3, 4]].abs().max() == 0
+            assert grads[name][[0, 2]].abs().max() > 0
 
 
 @needs_grouped_mm
@@ -133,16 +133,6 @@ def test_auto_falls_back_to_the_loop(monkeypatch, case):
 def test_unknown_implementation_names_the_valid_ones():
     with pytest.raises(ValueError, match="implementation.*'auto', 'loop', 'grouped_mm', 'dense'"):
         moe_experts(**make_inputs(), implementation="sparse")
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_dense_matches_loop_forward_and_every_gradient(case):
-    inputs = make_inputs(**CASES[case])
-    out_loop, grads_loop = forward_and_grads(inputs, "loop")
-    out_dense, grads_dense = forward_and_grads(inputs, "dense")
-    torch.testing.assert_close(out_dense, out_loop, rtol=1e-5, atol=1e-5)
-    for name in GRAD_NAMES:
-        torch.testing.assert_close(grads_dense[name], grads_loop[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_auto_under_compile_traces_without_graph_breaks_where_grouped_mm_cannot():
