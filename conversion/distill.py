@@ -261,8 +261,11 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     prompts = sample_prompts(documents[len(documents) - held_out_count(len(documents), data.eval_fraction):])
     if eval_data is None:
         raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
-    student_model = AutoModelForCausalLM.from_pretrained(student)
+    # The student trains in float32 (bf16 comes from --bf16's autocast), whatever dtype its folder stores; both
+    # models go to the training device at once, so that the seeded evaluation runs there too.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
+    student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device)
     if teacher_model.config.vocab_size != student_model.config.vocab_size:
         raise ValueError(f"the teacher's vocabulary ({teacher_model.config.vocab_size}) and the student's "
                          f"({student_model.config.vocab_size}) differ: distil a student seeded from this teacher")
@@ -273,7 +276,6 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
 
     def evaluate(after):
         student_model.eval()
-        teacher_model.to(next(student_model.parameters()).device)
         report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data)
         report["samples"][after] = generation_samples(teacher_model, student_model, tokenizer, prompts)
 
@@ -288,9 +290,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             logging_steps=max(1, steps // 20), save_steps=max(1, steps // 2), report_to="none", bf16=bf16,
             seed=seed, max_grad_norm=1.0, dataloader_pin_memory=torch.cuda.is_available(),
         )
+        attention = teacher_model.config._attn_implementation  # before the orient stage switches it to eager
         trainer = DistillationTrainer(model=student_model, teacher=teacher_model, stage=stage,
                                       ce_weight=ce_weight, args=arguments, train_dataset=train_data)
-        attention = teacher_model.config._attn_implementation
         trainer.train(resume_from_checkpoint=resume and any((output / stage).glob("checkpoint-*")) or None)
         teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
         report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history

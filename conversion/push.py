@@ -16,10 +16,11 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
+from ssm_hub.conversion.distill import STAGES
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 
 DISTILLATION_FILE = "distillation.json"
-LOSS_CURVES = ("align/loss_curve.png", "kl/loss_curve.png", "loss_curve.png")
+LOSS_CURVES = (*(f"{stage}/loss_curve.png" for stage in STAGES), "loss_curve.png")
 UPLOADED = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "README.md", *LOSS_CURVES)
 
 

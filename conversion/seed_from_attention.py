@@ -60,7 +60,6 @@ SEEDING_FILE = "seeding.json"  # what was seeded from what: the model card reads
 # The attention tensors a layer may have, in Llama's names; anything else (Qwen3's q_norm, say) has no place.
 ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
                      for kind in ("weight", "bias")}
-A_INIT_RANGE = (1.0, 16.0)
 
 
 def parse_attention_layers(spec: str, num_layers: int) -> list[int] | tuple[str, int]:
@@ -185,7 +184,7 @@ def _seeded_mamba(attention: dict[str, torch.Tensor], config: SsmHubHybridConfig
     conv = torch.zeros(conv_channels, 1, config.mamba_d_conv, dtype=dtype)
     conv[:, 0, -1] = 1  # the current token's tap: the conv starts as the identity
     ssm = config.ssm_config("mamba2")
-    A = torch.empty(heads).uniform_(*A_INIT_RANGE, generator=generator)
+    A = torch.empty(heads).uniform_(*ssm.A_init_range, generator=generator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
         dt = sample_time_steps(heads, ssm)

@@ -5,7 +5,8 @@ model on transformers' StaticCache.
     rows = speed_table(teacher, student, contexts=[2048, 8192, 32768])
 
 The prompt is prefilled in chunks of at most 4096 tokens (the activations of a 32K prompt stay small), then decode
-steps of one token per row are timed against the filled cache, eagerly (as ``generate`` runs them without
+steps of one token per row are timed against the filled cache (after an untimed warm-up of both on a small
+cache), eagerly (as ``generate`` runs them without
 compilation). The cache's memory is the bytes of every tensor it holds after the prefill (keys and values; conv and
 recurrent states). Timings synchronise the GPU when there is one.
 """
@@ -41,6 +42,11 @@ def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -
     """{"context", "batch", "prefill_tokens_per_second", "decode_tokens_per_second", "cache_bytes"} for ``model``
     (in eval mode) on random token ids."""
     device = next(model.parameters()).device
+    warm_up = StaticCache(config=model.config, max_cache_len=16)  # kernel compilation and allocators, untimed
+    model(input_ids=torch.ones(batch, 8, dtype=torch.long, device=device), cache=warm_up, use_cache=True,
+          logits_to_keep=1)
+    model(input_ids=torch.ones(batch, 1, dtype=torch.long, device=device), cache=warm_up, use_cache=True,
+          logits_to_keep=1)
     cache = StaticCache(config=model.config, max_cache_len=context + decode_steps + 1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
     token = torch.randint(1, model.config.vocab_size, (batch, 1), device=device)
@@ -51,15 +57,14 @@ def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -
     _synchronize(device)
     prefill = time.perf_counter() - started
     memory = cache_bytes(cache)
-    model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)  # one warm-up step
     _synchronize(device)
     started = time.perf_counter()
-    for _ in range(decode_steps - 1):
+    for _ in range(decode_steps):
         model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
     _synchronize(device)
     decode = time.perf_counter() - started
     return {"context": context, "batch": batch, "prefill_tokens_per_second": batch * context / prefill,
-            "decode_tokens_per_second": batch * (decode_steps - 1) / decode, "cache_bytes": memory}
+            "decode_tokens_per_second": batch * decode_steps / decode, "cache_bytes": memory}
 
 
 def speed_table(teacher, student, contexts: list[int], batch: int = 1) -> list[dict]:

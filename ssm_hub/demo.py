@@ -103,16 +103,19 @@ def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data:
     generated = student.generate(ids, max_new_tokens=30, do_sample=False, repetition_penalty=1.2,
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     completion = tokenizer.decode(generated[0], skip_special_tokens=True)
-    # The reloaded student must score the held-out rows exactly as the student did before it was saved.
+    # The reloaded student must score the held-out rows exactly as the student did before it was saved, on the
+    # device distill evaluated it on.
+    last = list(report["evaluations"])[-1]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, held_out = train_and_eval_datasets(read_documents(data_section), tokenizer, data_section)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
-    reloaded = evaluate_against_teacher(student, teacher_model, held_out)
-    reload_exact = reloaded["student_perplexity"] == report["evaluations"]["after_kl"]["student_perplexity"]
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
+    reloaded = evaluate_against_teacher(student.to(device), teacher_model, held_out)
+    reload_exact = reloaded["student_perplexity"] == report["evaluations"][last]["student_perplexity"]
 
     log("")
     for line in report_lines(report):
         log(line)
-    for sample in report["samples"]["after_kl"][:2]:
+    for sample in report["samples"][last][:2]:
         log(f"\nprompt:  {sample['prompt']!r}\nteacher: {sample['teacher']!r}\nstudent: {sample['student']!r}")
     log(f"\nreloaded {type(student).__name__} from {distilled}/ with AutoModelForCausalLM: held-out perplexity "
         f"{reloaded['student_perplexity']:.2f} (as before saving: {reload_exact}); greedy generation:\n  {completion!r}")

@@ -170,3 +170,22 @@ def test_layer_by_layer_stages_refuse_several_processes(teacher_and_student, tmp
         with pytest.raises(ValueError, match=f"the '{stage}' stage runs in one process"):
             DistillationTrainer(model=student, teacher=teacher, stage=stage, args=arguments)
     DistillationTrainer(model=student, teacher=teacher, stage="kl", args=arguments)  # the kl stage may
+
+
+def test_stages_after_orientation_run_the_teacher_with_its_own_attention(teacher_and_student, tmp_path, monkeypatch):
+    from ssm_hub.conversion import distill as distillation
+    from ssm_hub.training.config import DataSection
+
+    seen = []
+    original = distillation.DistillationTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append((self.stage, self.teacher.config._attn_implementation))
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(distillation.DistillationTrainer, "compute_loss", spy)
+    data = DataSection(builtin="python_docs", max_documents=40, seq_len=32, eval_fraction=0.1)
+    report = distillation.distill(str(teacher_and_student[0]), str(teacher_and_student[1]), data, str(tmp_path / "d"),
+                                  orient_steps=1, align_steps=0, kl_steps=1, batch_size=2)
+    assert ("orient", "eager") in seen and ("kl", "sdpa") in seen
+    assert list(report["evaluations"]) == ["seeded", "after_orient", "after_kl"]
