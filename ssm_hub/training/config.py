@@ -30,9 +30,16 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string; recipes mean the number, as YAML 1.2 and Python do."""
+    """Reads scalars as YAML 1.2 does, not 1.1: ``1e-3`` (no dot) is a number, and only true / false are booleans,
+    so ``eval_strategy: no`` and ``train.save_strategy=no`` reach TrainingArguments as the string it expects."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?(?:\d[\d_]*\.\d*|\.\d+)(?:[eE][-+]?\d+)?$"),

@@ -72,6 +72,15 @@ def test_overrides_set_nested_keys_with_yaml_values():
         apply_overrides(raw(), ["model.type.x=1"])
 
 
+def test_yaml_words_yes_no_on_off_stay_strings():
+    """YAML 1.1 would read ``no`` as False, and Trainer's ``eval_strategy=no`` would be rejected as a bool."""
+    recipe = load_recipe(raw=raw(), overrides=["train.eval_strategy=no", "train.save_strategy=no", "train.bf16=true"])
+    assert recipe.train["eval_strategy"] == "no" and recipe.train["save_strategy"] == "no"
+    assert recipe.train["bf16"] is True
+    with pytest.raises(ValueError, match=r"train.bf16 must be of type bool, got 'yes'"):
+        load_recipe(raw=raw(), overrides=["train.bf16=yes"])
+
+
 def test_shipped_recipes_are_found_by_name_and_load():
     for name in ("debug_mamba", "debug_mamba2", "debug_hybrid", "debug_lora", "shakespeare_mamba2",
                  "shakespeare_hybrid", "gpu_mamba2_130m", "gpu_hybrid_moe"):
