@@ -90,7 +90,10 @@ def main():
         raise SystemExit("this benchmark needs a CUDA GPU")
     backend = os.environ.get("SSM_HUB_BACKEND", "auto")
     candidates = CANDIDATES if backend == "torch" else (OURS, WITHOUT_FUSED_NODE, *CANDIDATES[1:])
-    rows = [measure(c, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps) for c in candidates]
+    rows = []
+    for candidate in candidates:
+        rows.append(measure(candidate, args.batch, args.seq_len, args.vocab_size, args.warmup, args.steps))
+        print(json.dumps(rows[-1]), flush=True)  # each row as it comes: a run cut short still shows what it measured
     device = torch.cuda.get_device_name()
     report = {
         "benchmark": "training", "device": device, "torch": torch.__version__,
