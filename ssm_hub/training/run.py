@@ -99,6 +99,19 @@ def _mark_zero3_leaf_modules(model) -> None:
     set_z3_leaf_modules(model, [SparseMoE, MambaMixer, Mamba2Mixer])
 
 
+def _check_eval_batches(eval_data, arguments) -> None:
+    """With dataloader_drop_last, Trainer's evaluation drops the held-out rows that do not fill a batch of every
+    process; if none is filled it evaluates nothing and reports no loss. Said before training, not after it."""
+    if eval_data is None or not arguments.dataloader_drop_last:
+        return
+    rows_per_batch = arguments.per_device_eval_batch_size * arguments.world_size
+    if len(eval_data) < rows_per_batch:
+        raise ValueError(
+            f"train.dataloader_drop_last = true drops every held-out row: {len(eval_data)} rows fill no evaluation "
+            f"batch of train.per_device_eval_batch_size ({arguments.per_device_eval_batch_size}) x "
+            f"{arguments.world_size} process(es); lower train.per_device_eval_batch_size or raise data.eval_fraction")
+
+
 def train(recipe: Recipe) -> dict:
     """Run ``recipe``; returns {"train_loss", "eval_loss" (or None), "steps", "output_dir", "loss_curve"}."""
     from transformers import TrainingArguments, set_seed
@@ -114,6 +127,7 @@ def train(recipe: Recipe) -> dict:
     if eval_data is None and arguments.eval_strategy != "no":
         raise ValueError(f"train.eval_strategy = {arguments.eval_strategy.value!r}, but no document is held out "
                          f"({len(documents)} documents, data.eval_fraction = {recipe.data.eval_fraction})")
+    _check_eval_batches(eval_data, arguments)
     model = build_model(recipe, tokenizer)
     tokens_per_step = (arguments.per_device_train_batch_size * arguments.gradient_accumulation_steps
                        * arguments.world_size * recipe.data.seq_len)

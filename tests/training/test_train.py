@@ -63,6 +63,14 @@ def test_lora_recipe_trains_only_adapters_and_saves_them(tmp_path):
         run("debug_lora", tmp_path, f"model.pretrained={base}", "tokenizer.pretrained=null", "tokenizer.train_bpe=600")
 
 
+def test_an_evaluation_that_drop_last_would_empty_is_refused_before_training(tmp_path):
+    """Trainer would evaluate no batch and report no eval loss; the run must stop before it trains, naming why."""
+    with pytest.raises(ValueError, match=r"dataloader_drop_last = true drops every held-out row: \d+ rows fill no "
+                                         r"evaluation batch of train.per_device_eval_batch_size \(4096\)"):
+        run("debug_mamba2", tmp_path, "train.dataloader_drop_last=true", "train.per_device_eval_batch_size=4096")
+    assert not (tmp_path / "debug_mamba2").exists()
+
+
 def test_cli_runs_a_recipe_and_names_a_bad_key(tmp_path, capsys):
     assert main(["train", "--config", "debug_mamba", f"train.output_dir={tmp_path / 'cli'}", "train.max_steps=2",
                  "train.save_steps=2", "train.eval_steps=2"]) == 0
