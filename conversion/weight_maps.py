@@ -712,6 +712,15 @@ def _cannot(name: str, expected, reason: str) -> ConfigField:
     return ConfigField(name, None, default=expected, supported=_is(expected), reason=reason)
 
 
+def _llama_block_only(target: str) -> tuple[ConfigField, ...]:
+    """The hybrid's GPT-2 block options, which a Llama-style target cannot hold."""
+    return (
+        _cannot("mlp_type", "swiglu", f"{target}'s MLPs are SwiGLU"),
+        _cannot("norm_type", "rms", f"{target}'s norms are RMSNorms"),
+        _cannot("absolute_position_embeddings", False, f"{target} has no absolute position embeddings"),
+    )
+
+
 def _jamba_to_ssm_hub_fields() -> tuple[ConfigField, ...]:
     return (
         *_same_fields(_JAMBA_SHARED_FIELDS, JambaConfig),
@@ -752,6 +761,7 @@ def _ssm_hub_to_jamba_fields() -> tuple[ConfigField, ...]:
         *_dropped(("sliding_window",), "used only by sliding_attention layers, which Jamba cannot hold"),
         *_dropped(("rope_theta", "partial_rotary_factor"), "no positional encoding (use_rope is false)"),
         _cannot("mlp_bias", False, "Jamba's MLPs have no bias"),
+        *_llama_block_only("Jamba"),
         *_dropped(("pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk"),
                   "used only by pkm feed-forwards, which Jamba cannot hold"),
         *_dropped(("mamba_d_head", "mamba_n_heads", "mamba_n_groups", "mamba_chunk_size", "time_step_limit"),
@@ -900,6 +910,7 @@ def _ssm_hub_to_bamba_fields() -> tuple[ConfigField, ...]:
         _cannot("partial_rotary_factor", BAMBA_PARTIAL_ROTARY_FACTOR,
                "BambaConfig rotates half of each head's channels whatever it is given"),
         _cannot("residual_in_fp32", False, "Bamba adds the residuals in the model's dtype"),
+        *_llama_block_only("Bamba"),
         *_dropped(("sliding_window",), "used only by sliding_attention layers, which Bamba cannot hold"),
         *_dropped(("num_experts", "num_experts_per_tok", "moe_intermediate_size", "router_scoring",
                    "norm_topk_prob", "shared_expert_intermediate_size", "shared_expert_gate", "router_aux_loss_coef",

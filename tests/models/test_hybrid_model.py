@@ -31,6 +31,12 @@ def tiny(**overrides):
     return ssm_hub.SsmHubHybridConfig(**{**fields, **overrides})
 
 
+def gpt2_block(**overrides):
+    """The tiny hybrid with GPT-2's block: LayerNorms, learned absolute positions, a plain GELU MLP, biases."""
+    return tiny(norm_type="layer", use_rope=False, absolute_position_embeddings=True, max_position_embeddings=64,
+                mlp_type="plain", hidden_act="gelu_new", mlp_bias=True, attention_bias=True, **overrides)
+
+
 def model_for(config=None):
     return AutoModelForCausalLM.from_config(config or tiny()).eval()
 
@@ -73,9 +79,10 @@ def test_training_step_adds_the_router_losses_and_reaches_every_parameter():
     assert missing == []
 
 
+@pytest.mark.parametrize("config", [tiny, gpt2_block])
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_cached_greedy_generation_equals_recomputation(cache_implementation):
-    model = model_for()
+def test_cached_greedy_generation_equals_recomputation(cache_implementation, config):
+    model = model_for(config())
     prompt = torch.randint(1, 97, (2, 6))
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     if cache_implementation:
@@ -85,8 +92,9 @@ def test_cached_greedy_generation_equals_recomputation(cache_implementation):
     assert torch.equal(generated, greedy_by_recomputation(model, prompt, 8))
 
 
-def test_left_padded_row_generates_its_own_tokens():
-    model = model_for()
+@pytest.mark.parametrize("config", [tiny, gpt2_block])
+def test_left_padded_row_generates_its_own_tokens(config):
+    model = model_for(config())
     long, short = torch.randint(1, 97, (1, 6)), torch.randint(1, 97, (1, 4))
     batch = torch.cat([long, torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1)])
     mask = torch.ones_like(batch)
@@ -153,10 +161,11 @@ def test_unknown_keyword_arguments_are_refused():
         model(torch.randint(1, 97, (1, 5)), output_attentions=True)
 
 
-def test_loads_with_trust_remote_code_without_ssm_hub(tmp_path):
+@pytest.mark.parametrize("config", [tiny, gpt2_block])
+def test_loads_with_trust_remote_code_without_ssm_hub(tmp_path, config):
     # The flat code bundle (hybrid model, attention, MoE, the SSM mixers and their kernels' dispatch) runs where
     # ssm_hub cannot be imported.
-    model = model_for()
+    model = model_for(config())
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     input_ids = torch.randint(1, 97, (2, 9))

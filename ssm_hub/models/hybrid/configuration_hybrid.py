@@ -6,8 +6,12 @@ The stack is described per layer by two explicit lists, which is what the config
 - ``mixer_types``: ``"mamba"`` (Mamba-1), ``"mamba2"``, ``"attention"`` (full causal attention) or
   ``"sliding_attention"`` (causal attention within ``sliding_window`` tokens). Samba- or Hydra-style sparse global
   attention is just a pattern of these.
-- ``ffn_types``: the feed-forward after each mixer: ``"mlp"`` (SwiGLU), ``"moe"``, ``"pkm"`` (product-key memory,
-  ``pkm_*`` fields) or ``"none"``.
+- ``ffn_types``: the feed-forward after each mixer: ``"mlp"`` (SwiGLU, or GPT-2's plain MLP with
+  ``mlp_type="plain"``), ``"moe"``, ``"pkm"`` (product-key memory, ``pkm_*`` fields) or ``"none"``.
+
+Llama-style stacks are the default (RMSNorm, RoPE in the attention layers, SwiGLU). ``norm_type="layer"``,
+``absolute_position_embeddings=True`` with ``use_rope=False``, and ``mlp_type="plain"`` with GPT-2's ``hidden_act``
+give GPT-2's block instead, which is what a student seeded from a GPT-2 teacher uses.
 
 Jamba's period form is accepted instead of the lists: ``attn_layer_period`` / ``attn_layer_offset`` put an
 attention layer wherever ``layer % period == offset`` (the other layers are ``ssm_type``), and
@@ -23,6 +27,8 @@ experts, Bamba's ``mamba_*`` names for the SSM layers. :meth:`ssm_config` turns 
 config (``SsmHubMambaConfig`` / ``SsmHubMamba2Config``) whose mixer classes the SSM layers reuse, so their
 checks and defaults are those of the pure-SSM models.
 """
+
+from transformers.activations import ACT2FN
 
 from ssm_hub.models.config_base import (
     SsmHubConfig,
@@ -46,6 +52,8 @@ CACHE_LAYER_TYPES = {
     "sliding_attention": "sliding_attention",
 }
 ROUTER_SCORINGS = ("softmax", "sigmoid")
+MLP_TYPES = ("swiglu", "plain")
+NORM_TYPES = ("rms", "layer")
 
 
 def _periodic(num_layers: int, period, offset, name: str) -> list[bool]:
@@ -85,10 +93,14 @@ class SsmHubHybridConfig(SsmHubConfig):
     partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of each head rotate (Bamba: 0.5)
     max_position_embeddings: int = 262144
     sliding_window: int | None = None
-    # Dense feed-forward (SwiGLU).
+    # Dense feed-forward: "swiglu" (Llama's gate / up / down projections, SiLU) or "plain" (GPT-2's: up, then
+    # hidden_act, then down).
+    mlp_type: str = "swiglu"
     intermediate_size: int = 4096
     hidden_act: str = "silu"
     mlp_bias: bool = False
+    # Learned absolute position embeddings (GPT-2's), max_position_embeddings of them, added to the token embeddings.
+    absolute_position_embeddings: bool = False
     # Mixture of experts (Jamba's and Qwen-MoE's names).
     num_experts: int = 16
     num_experts_per_tok: int = 2
@@ -122,6 +134,7 @@ class SsmHubHybridConfig(SsmHubConfig):
     time_step_floor: float = 1e-4
     time_step_limit: list[float] | tuple[float, ...] = (0.0, float("inf"))
     # Shared.
+    norm_type: str = "rms"  # the blocks' and the final norm: "rms" (RMSNorm) or "layer" (LayerNorm with a bias, GPT-2)
     layer_norm_epsilon: float = 1e-5
     residual_in_fp32: bool = True
     initializer_range: float = 0.02
@@ -193,7 +206,18 @@ class SsmHubHybridConfig(SsmHubConfig):
                              "mamba_expand", "mamba_d_head", "mamba_n_groups", "mamba_chunk_size")
         require_int_at_least(self, "mamba_d_conv", 2)
         require_positive_float(self, "layer_norm_epsilon", "rope_theta")
-        require_choice(self, "hidden_act", ("silu",))
+        require_choice(self, "mlp_type", MLP_TYPES)
+        require_choice(self, "norm_type", NORM_TYPES)
+        if self.mlp_type == "swiglu":
+            require_choice(self, "hidden_act", ("silu",))
+        elif self.hidden_act not in ACT2FN:
+            raise ValueError(f"{name}.hidden_act must be one of transformers' activations ({sorted(ACT2FN)}), "
+                             f"got {self.hidden_act!r}")
+        if not isinstance(self.absolute_position_embeddings, bool):
+            raise ValueError(f"{name}.absolute_position_embeddings must be a bool, "
+                             f"got {self.absolute_position_embeddings!r}")
+        if self.absolute_position_embeddings:
+            require_positive_int(self, "max_position_embeddings")
         if any(mixer in ATTENTION_MIXERS for mixer in self.mixer_types):
             require_positive_int(self, "num_attention_heads", "num_key_value_heads")
             if self.num_attention_heads % self.num_key_value_heads != 0:

@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention
 from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
 from ssm_hub.layers.mamba_mixer import MambaMixer
-from ssm_hub.layers.mlp import SwiGLUMLP
+from ssm_hub.layers.mlp import PlainMLP, SwiGLUMLP
 from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
 from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
@@ -108,6 +108,13 @@ class HybridCausalLMOutput(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
+def _norm(config: SsmHubHybridConfig) -> nn.Module:
+    """The blocks' and the final norm: RMSNorm, or LayerNorm with a bias (``norm_type="layer"``, GPT-2)."""
+    if config.norm_type == "layer":
+        return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+    return RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+
 class HybridBlock(GradientCheckpointingLayer):
     """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP, MoE or PKM)."""
 
@@ -117,7 +124,7 @@ class HybridBlock(GradientCheckpointingLayer):
         self.layer_type = CACHE_LAYER_TYPES[self.mixer_type]
         self.ffn_type = config.ffn_types[layer_idx]
         self.residual_in_fp32 = config.residual_in_fp32
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.input_layernorm = _norm(config)
         if self.mixer_type in ATTENTION_MIXERS:
             self.self_attn = SelfAttention(
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
@@ -129,8 +136,11 @@ class HybridBlock(GradientCheckpointingLayer):
         else:
             self.mamba = SSM_MIXER_CLASSES[self.mixer_type](config.ssm_config(self.mixer_type), layer_idx=layer_idx)
         if self.ffn_type != "none":
-            self.pre_ff_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        if self.ffn_type == "mlp":
+            self.pre_ff_layernorm = _norm(config)
+        if self.ffn_type == "mlp" and config.mlp_type == "plain":
+            self.feed_forward = PlainMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                                         bias=config.mlp_bias)
+        elif self.ffn_type == "mlp":
             self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         elif self.ffn_type == "pkm":
             self.feed_forward = ProductKeyMemory(
@@ -194,6 +204,9 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, (RMSNorm, GatedRMSNorm)):
             init.ones_(module.weight)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, MoEExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
@@ -242,13 +255,15 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
 
 
 class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
-    """Embeddings -> hybrid blocks -> final RMSNorm."""
+    """Embeddings (plus absolute position embeddings, if the config has them) -> hybrid blocks -> final norm."""
 
     def __init__(self, config: SsmHubHybridConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) \
+            if config.absolute_position_embeddings else None
         self.layers = nn.ModuleList([HybridBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
-        self.final_layernorm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.final_layernorm = _norm(config)
         self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
         self.rotary_emb = RotaryEmbedding(
             config.attention_head_dim, rope_theta=config.rope_theta, partial_rotary_factor=config.partial_rotary_factor
@@ -284,7 +299,8 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         attention_mask: 2-D padding mask [batch, seq_len] (attention masks are built from it), or the masks by cache
             layer kind ("full_attention", "sliding_attention", "linear_attention": the SSM layers' 2-D padding
             mask) as transformers' generate precomputes them.
-        position_ids: positions for RoPE; a restart at 0 inside a row also starts a new document (packed rows).
+        position_ids: positions for RoPE or the absolute position embeddings; a restart at 0 inside a row also starts
+            a new document (packed rows).
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
         kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), and
         flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``.
@@ -309,7 +325,8 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
-        if use_cache and cache is None:
+        new_cache = use_cache and cache is None
+        if new_cache:
             cache = DynamicCache(config=config)
         if not use_cache:
             cache = None
@@ -328,8 +345,17 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             # transformers' masks find them and keep the attention layers inside each document.
             position_ids = positions_within_documents(seq_idx)
         if position_ids is None:
+            if self.embed_positions is not None and not self.has_attention and use_cache and not new_cache:
+                # Only attention layers' caches know how many tokens came before.
+                raise ValueError("a model with absolute position embeddings and no attention layer needs position_ids "
+                                 "when it continues from a cache (generate passes them)")
             past = cache.get_seq_length() if cache is not None and self.has_attention else 0
+            if self.embed_positions is not None and past + seq_len > config.max_position_embeddings:
+                raise ValueError(f"positions up to {past + seq_len - 1} exceed the model's "
+                                 f"max_position_embeddings ({config.max_position_embeddings}) absolute positions")
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past)[None]
+        if self.embed_positions is not None:
+            inputs_embeds = inputs_embeds + self.embed_positions(position_ids)
         attention_masks, position_embeddings = None, None
         attention_kwargs = {name: kwargs[name] for name in ATTENTION_KWARGS if kwargs.get(name) is not None}
         if self.has_attention:
