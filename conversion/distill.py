@@ -4,7 +4,9 @@ transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --o
     from ssm_hub.conversion.distill import DistillationTrainer, hidden_alignment_loss, token_kl
     trainer = DistillationTrainer(model=student, teacher=teacher, stage="align", args=..., train_dataset=...)
 
-Stages (each a Trainer run with its own steps; checkpoints, resume, logging and multi-GPU are Trainer's):
+Stages (each a Trainer run with its own steps; checkpoints, resume, logging and multi-GPU are Trainer's; with
+several processes, ``ssm-hub distill ... --accelerate-config ddp --num-processes N``, each process trains on its
+share of every batch and the gradients are averaged, in every stage):
 - ``orient`` (optional; MOHAWK's matrix orientation): each replaced layer's scan, written as one [T, T] matrix per
   head (``Mamba2Mixer.mixing_matrix``), fed the teacher's hidden state entering that layer, learns to match the
   teacher's attention matrix of the same head (:func:`orientation_loss`); only the replaced layers' SSM mixers
@@ -46,10 +48,15 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: t
 
 
 def hidden_alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of the mean squared error between each layer's output and its target, each divided by the
-    target's mean square, so that layers with larger activations do not dominate; float32."""
-    losses = [F.mse_loss(out.float(), target.float()) / target.float().square().mean().clamp_min(1e-12)
-              for out, target in zip(outputs, targets, strict=True)]
+    """Mean over layers and rows of the batch of the mean squared error between a layer's output and its target
+    [B, T, D], divided by the target's mean square in that row, so that neither layers nor rows with larger
+    activations dominate; float32. A mean over rows, so processes that split a batch average to the whole batch's
+    loss."""
+    losses = []
+    for out, target in zip(outputs, targets, strict=True):
+        target = target.float()
+        squared_error = (out.float() - target).square().flatten(1).mean(1)
+        losses.append(squared_error / target.square().flatten(1).mean(1).clamp_min(1e-12))
     return torch.stack(losses).mean()
 
 
@@ -86,8 +93,18 @@ def set_trainable(student, stage: str, freeze_mlp: bool = False) -> int:
     return count
 
 
+def teacher_decoder_layers(teacher) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM: ``model.layers`` (Llama family) or ``transformer.h`` (GPT-2)."""
+    base = teacher.base_model
+    for name in ("layers", "h"):
+        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            return getattr(base, name)
+    raise ValueError(f"cannot find the decoder layers of {type(teacher).__name__} (looked for "
+                     f"{teacher.base_model_prefix}.layers and {teacher.base_model_prefix}.h)")
+
+
 def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = False):
-    """(inputs, outputs) of every decoder layer of a transformers teacher (``teacher.model.layers``), captured with
+    """(inputs, outputs) of every decoder layer of a transformers teacher (:func:`teacher_decoder_layers`), captured with
     forward hooks, so the last layer's raw output is there too (``output_hidden_states`` gives it after the final
     norm); with ``attentions``, also each layer's attention weights [B, H, T, T] (the teacher must run eager
     attention)."""
@@ -97,7 +114,7 @@ def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = Fa
         inputs.append(args[0] if args else kwargs["hidden_states"])
         outputs.append(output[0] if isinstance(output, tuple) else output)
 
-    handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in teacher.model.layers]
+    handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in teacher_decoder_layers(teacher)]
     try:
         with torch.no_grad():
             result = teacher(input_ids=input_ids, position_ids=position_ids, output_attentions=attentions)
@@ -109,19 +126,56 @@ def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = Fa
     return inputs, outputs
 
 
+class ReplacedLayers(torch.nn.Module):
+    """The student's replaced (SSM) blocks as one module, the model that the ``orient`` and ``align`` stages train:
+    Trainer wraps it (DDP, FSDP) and calls it, so that these layers' gradients are averaged across processes as any
+    model's are. It holds the student's own blocks, not copies."""
+
+    _no_split_modules = ["HybridBlock"]  # FSDP wraps each block, as for the whole student
+
+    def __init__(self, student):
+        super().__init__()
+        self.layers = replaced_layers(student)
+        if not self.layers:
+            raise ValueError("the student has no SSM layer: nothing to orient or align")
+        self.blocks = torch.nn.ModuleList(student.model.layers[layer] for layer in self.layers)
+
+    def forward(self, layer_inputs: list[torch.Tensor], seq_idx: torch.Tensor | None = None,
+                mixing_matrices: bool = False) -> list[torch.Tensor]:
+        """For each replaced layer, fed ``layer_inputs[layer]`` (the teacher's hidden state entering it): the
+        block's output, or with ``mixing_matrices`` its scan's [B, H, T, T] mixing matrices."""
+        results = []
+        for layer, block in zip(self.layers, self.blocks):
+            hidden = layer_inputs[layer]
+            if not mixing_matrices:
+                results.append(block(hidden, seq_idx=seq_idx)[0])
+                continue
+            if block.mixer_type != "mamba2":
+                raise ValueError(f"matrix orientation needs Mamba-2 layers; layer {layer} is {block.mixer_type!r}")
+            normed = block.input_layernorm(hidden.to(block.input_layernorm.weight.dtype))
+            results.append(block.mamba.mixing_matrix(normed, seq_idx))
+        return results
+
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss is the stage's (module docstring) against a frozen ``teacher``, which it moves to the
-    training device. ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage."""
+    training device. ``model`` is the student for the ``kl`` stage and its :class:`ReplacedLayers` for the others.
+    ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage."""
 
     def __init__(self, *args, teacher, stage: str, ce_weight: float = 0.0, **kwargs):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        model = kwargs.get("model", args[0] if args else None)
+        if (stage == "kl") == isinstance(model, ReplacedLayers):
+            raise ValueError(f"the {stage!r} stage trains " + ("the whole student" if stage == "kl" else
+                             "ReplacedLayers(student): the replaced layers, called one by one"))
         super().__init__(*args, **kwargs)
-        if stage != "kl" and self.args.world_size > 1:
-            # These stages call the student's layers one by one, past the DDP / FSDP wrapper, whose gradient
-            # synchronisation would then not run: refuse rather than train each process on its own.
-            raise ValueError(f"the {stage!r} stage runs in one process; only the 'kl' stage runs under DDP or FSDP "
-                             f"({self.args.world_size} processes here)")
+        # The columns compute_loss reads: Trainer would otherwise keep only those that the model's forward names
+        # (ReplacedLayers.forward names none of them).
+        self._signature_columns = ["input_ids", "position_ids", "labels"]
+        # compute_loss returns a mean over this process's tokens; Trainer must not rescale it as it does a loss
+        # summed and divided by the tokens of all processes (num_items_in_batch).
+        self.model_accepts_loss_kwargs = False
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.stage, self.ce_weight = stage, ce_weight
         if stage == "orient":
@@ -142,25 +196,17 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _orientation(self, model, input_ids, position_ids):
-        student = self.accelerator.unwrap_model(model)
         teacher_inputs, _, attentions = teacher_layer_states(self.teacher, input_ids, position_ids, attentions=True)
         seq_idx = resolve_seq_idx(input_ids.shape[0], input_ids.shape[1], position_ids, {})
-        matrices, targets = [], []
-        for layer in replaced_layers(student):
-            block = student.model.layers[layer]
-            if block.mixer_type != "mamba2":
-                raise ValueError(f"matrix orientation needs Mamba-2 layers; layer {layer} is {block.mixer_type!r}")
-            normed = block.input_layernorm(teacher_inputs[layer].to(block.input_layernorm.weight.dtype))
-            matrices.append(block.mamba.mixing_matrix(normed, seq_idx))
-            targets.append(attentions[layer])
-        return orientation_loss(matrices, targets)
+        matrices = model(teacher_inputs, seq_idx=seq_idx, mixing_matrices=True)
+        layers = self.accelerator.unwrap_model(model).layers
+        return orientation_loss(matrices, [attentions[layer] for layer in layers])
 
     def _alignment(self, model, input_ids, position_ids):
-        student = self.accelerator.unwrap_model(model)
         teacher_inputs, teacher_outputs = teacher_layer_states(self.teacher, input_ids, position_ids)
         seq_idx = resolve_seq_idx(input_ids.shape[0], input_ids.shape[1], position_ids, {})
-        layers = replaced_layers(student)
-        outputs = [student.model.layers[layer](teacher_inputs[layer], seq_idx=seq_idx)[0] for layer in layers]
+        outputs = model(teacher_inputs, seq_idx=seq_idx)
+        layers = self.accelerator.unwrap_model(model).layers
         return hidden_alignment_loss(outputs, [teacher_outputs[layer] for layer in layers])
 
 
@@ -241,10 +287,13 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     skipped. ``speed_contexts``: also measure prefill and decode tokens/s and the cache memory of the teacher and
     the distilled student at these context lengths (ssm_hub.conversion.speed). ``resume``: each stage continues
     from its last checkpoint under ``output_dir/<stage>`` where there is one (a finished stage just restores its
-    final weights), so an interrupted run picks up where it stopped. Returns the report."""
+    final weights), so an interrupted run picks up where it stopped. Under a distributed launcher every process
+    trains; the first alone evaluates, times and writes (the others wait), and every process returns the same
+    settings but only the first the evaluations. Returns the report."""
     import json
     from pathlib import Path
 
+    from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
     from ssm_hub.training.callbacks import write_loss_curve
@@ -262,8 +311,12 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     if eval_data is None:
         raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
     # The student trains in float32 (bf16 comes from --bf16's autocast), whatever dtype its folder stores; both
-    # models go to the training device at once, so that the seeded evaluation runs there too.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # models go to this process's training device at once, so that the seeded evaluation runs there too.
+    # TrainingArguments sets up the processes (the device, the process group) as the stages' Trainers see them;
+    # without a GPU, several processes (gloo) need use_cpu.
+    use_cpu = not torch.cuda.is_available()
+    device = TrainingArguments(output_dir=str(output), report_to="none", bf16=bf16, use_cpu=use_cpu).device
+    processes = PartialState()
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device)
     if teacher_model.config.vocab_size != student_model.config.vocab_size:
@@ -275,9 +328,11 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         "evaluations": {}, "samples": {}, "train_loss": {}}
 
     def evaluate(after):
-        student_model.eval()
-        report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data)
-        report["samples"][after] = generation_samples(teacher_model, student_model, tokenizer, prompts)
+        if processes.is_main_process:
+            student_model.eval()
+            report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data)
+            report["samples"][after] = generation_samples(teacher_model, student_model, tokenizer, prompts)
+        processes.wait_for_everyone()
 
     evaluate("seeded")
     for stage, steps in (("orient", orient_steps), ("align", align_steps), ("kl", kl_steps)):
@@ -288,24 +343,30 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             output_dir=str(output / stage), max_steps=steps, per_device_train_batch_size=batch_size,
             learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
             logging_steps=max(1, steps // 20), save_steps=max(1, steps // 2), report_to="none", bf16=bf16,
-            seed=seed, max_grad_norm=1.0, dataloader_pin_memory=torch.cuda.is_available(),
+            seed=seed, max_grad_norm=1.0, dataloader_pin_memory=not use_cpu, use_cpu=use_cpu,
+            # A scan's mixing matrix leaves D, the gated norm and out_proj out of the orient stage's loss.
+            ddp_find_unused_parameters=stage == "orient",
         )
         attention = teacher_model.config._attn_implementation  # before the orient stage switches it to eager
-        trainer = DistillationTrainer(model=student_model, teacher=teacher_model, stage=stage,
-                                      ce_weight=ce_weight, args=arguments, train_dataset=train_data)
+        trainer = DistillationTrainer(model=student_model if stage == "kl" else ReplacedLayers(student_model),
+                                      teacher=teacher_model, stage=stage, ce_weight=ce_weight, args=arguments,
+                                      train_dataset=train_data)
         trainer.train(resume_from_checkpoint=resume and any((output / stage).glob("checkpoint-*")) or None)
         teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
         report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
                                        if "loss" in entry]
-        write_loss_curve(trainer.state.log_history, output / stage / "loss_curve.png")
+        if processes.is_main_process:
+            write_loss_curve(trainer.state.log_history, output / stage / "loss_curve.png")
         evaluate(f"after_{stage}")
-    if speed_contexts:
-        report["speed"] = speed_table(teacher_model, student_model, speed_contexts)
     student_model.requires_grad_(True)
-    student_model.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    seeding = Path(student) / SEEDING_FILE
-    if seeding.is_file():  # the model card tells how the student was seeded
-        (output / SEEDING_FILE).write_bytes(seeding.read_bytes())
-    (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
+    if processes.is_main_process:
+        if speed_contexts:
+            report["speed"] = speed_table(teacher_model, student_model, speed_contexts)
+        student_model.save_pretrained(output)
+        tokenizer.save_pretrained(output)
+        seeding = Path(student) / SEEDING_FILE
+        if seeding.is_file():  # the model card tells how the student was seeded
+            (output / SEEDING_FILE).write_bytes(seeding.read_bytes())
+        (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
+    processes.wait_for_everyone()
     return report

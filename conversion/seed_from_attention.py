@@ -7,7 +7,9 @@ Mamba-2 layers built from their weights (as in Mamba-in-the-Llama and mmMamba); 
 or from a shell: ``ssm-hub convert TEACHER OUT --to ssm_hub_hybrid --attention-layers SPEC``.
 
 Teachers: transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Phi3ForCausalLM (its fused
-qkv_proj and gate_up_proj are split), with default RoPE and SwiGLU MLPs. Weights are read from safetensors only.
+qkv_proj and gate_up_proj are split), with default RoPE and SwiGLU MLPs; and GPT2LMHeadModel through its own map
+(its Conv1D weights transposed, its fused c_attn split): the student then has GPT-2's block (LayerNorms, learned
+absolute positions, a plain MLP with GPT-2's activation, biases everywhere). Weights are read from safetensors only.
 
 SPEC (:func:`parse_attention_layers`): ``all`` keeps every attention layer (the student then computes the teacher's
 logits exactly: the sanity check), ``none`` replaces them all, ``every:K[:OFFSET]`` keeps the layers with
@@ -55,6 +57,7 @@ SUPPORTED_TEACHERS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
 }
 SEEDING_FILE = "seeding.json"  # what was seeded from what: the model card reads it
 # The attention tensors a layer may have, in Llama's names; anything else (Qwen3's q_norm, say) has no place.
@@ -106,6 +109,8 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
     if model_type not in SUPPORTED_TEACHERS:
         raise ValueError(f"cannot seed from a teacher of model_type {model_type!r}: supported teachers are "
                          + ", ".join(f"{name} ({model_type})" for model_type, name in SUPPORTED_TEACHERS.items()))
+    if model_type == "gpt2":
+        return _gpt2_student_config(teacher, attention_layers)
     hidden, layers = teacher["hidden_size"], teacher["num_hidden_layers"]
     heads = teacher["num_attention_heads"]
     kv_heads = teacher.get("num_key_value_heads") or heads
@@ -147,6 +152,78 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
         pad_token_id=teacher.get("pad_token_id"), bos_token_id=teacher.get("bos_token_id"),
         eos_token_id=teacher.get("eos_token_id"),
     )
+
+
+def teacher_layer_count(teacher: dict) -> int:
+    """The number of layers of ``teacher`` (its config.json as a dict): GPT-2 calls it n_layer."""
+    return teacher["n_layer"] if teacher.get("model_type") == "gpt2" else teacher["num_hidden_layers"]
+
+
+def _gpt2_student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridConfig:
+    """GPT-2's block in the hybrid: LayerNorms, learned absolute positions (no RoPE), a plain MLP, biases
+    everywhere; heads are full multi-head (no GQA)."""
+    if teacher.get("scale_attn_by_inverse_layer_idx"):
+        raise ValueError("gpt2 teacher with scale_attn_by_inverse_layer_idx: ssm_hub_hybrid's attention scales "
+                         "scores by 1 / sqrt(head_dim) only, so its logits would not match the teacher's")
+    if not teacher.get("scale_attn_weights", True):
+        raise ValueError("gpt2 teacher with scale_attn_weights = false: ssm_hub_hybrid's attention always scales "
+                         "scores by 1 / sqrt(head_dim)")
+    hidden, layers, heads = teacher["n_embd"], teacher["n_layer"], teacher["n_head"]
+    if hidden % heads:
+        raise ValueError(f"gpt2 teacher: n_embd ({hidden}) must be divisible by n_head ({heads})")
+    head_dim = hidden // heads
+    return SsmHubHybridConfig(
+        vocab_size=teacher["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
+        mixer_types=["attention" if layer in attention_layers else "mamba2" for layer in range(layers)],
+        ffn_types=["mlp"] * layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
+        attention_bias=True, use_rope=False, absolute_position_embeddings=True,
+        max_position_embeddings=teacher["n_positions"], mlp_type="plain",
+        hidden_act=teacher.get("activation_function", "gelu_new"), mlp_bias=True,
+        intermediate_size=teacher.get("n_inner") or 4 * hidden, norm_type="layer",
+        mamba_d_state=head_dim, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_expand=1, mamba_proj_bias=True,
+        layer_norm_epsilon=teacher.get("layer_norm_epsilon", 1e-5), residual_in_fp32=False,
+        initializer_range=teacher.get("initializer_range", 0.02),
+        tie_word_embeddings=bool(teacher.get("tie_word_embeddings", True)),
+        pad_token_id=teacher.get("pad_token_id"), bos_token_id=teacher.get("bos_token_id"),
+        eos_token_id=teacher.get("eos_token_id"),
+    )
+
+
+def _llama_names_from_gpt2(weights: dict[str, torch.Tensor], config: SsmHubHybridConfig) -> dict[str, torch.Tensor]:
+    """GPT-2's tensors in Llama's names: its Conv1D weights ([in, out]) transposed to Linear's [out, in], the fused
+    c_attn split into q / k / v. The causal-mask buffers that older checkpoints store (attn.bias, attn.masked_bias)
+    are not weights and are dropped."""
+    renamed = {}
+    fused_qkv = {}
+    for name, tensor in weights.items():
+        name = name.removeprefix("transformer.")
+        parts = name.split(".")
+        if parts[0] == "h" and len(parts) == 4 and parts[2] == "attn" and parts[3] in ("bias", "masked_bias"):
+            continue
+        if parts[0] != "h":
+            top = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight",
+                   "ln_f.weight": "model.norm.weight", "ln_f.bias": "model.norm.bias"}
+            renamed[top.get(name, name)] = tensor
+            continue
+        layer, inner = parts[1], ".".join(parts[2:])
+        prefix = f"model.layers.{layer}."
+        if inner.startswith("attn.c_attn."):
+            fused_qkv[(prefix, parts[-1])] = tensor
+            continue
+        linear = {"attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+        norms = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}
+        module, kind = ".".join(parts[2:-1]), parts[-1]
+        if module in linear:
+            renamed[f"{prefix}{linear[module]}.{kind}"] = tensor.t().contiguous() if kind == "weight" else tensor
+        elif module in norms:
+            renamed[f"{prefix}{norms[module]}.{kind}"] = tensor
+        else:
+            renamed[name] = tensor  # no place in the student: student_weights names it
+    for (prefix, kind), tensor in fused_qkv.items():
+        parts = (tensor.t() if kind == "weight" else tensor).split(config.hidden_size)
+        for projection, part in zip(("q_proj", "k_proj", "v_proj"), parts):
+            renamed[f"{prefix}self_attn.{projection}.{kind}"] = part.contiguous()
+    return renamed
 
 
 def _teacher_layer(weights: dict, model_type: str, layer: int, config: SsmHubHybridConfig) -> dict[str, torch.Tensor]:
@@ -211,7 +288,7 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
                     seed: int = 0) -> dict[str, torch.Tensor]:
     """The student's state dict from the teacher's (Llama names). Copied tensors are shared, not cloned. Every
     teacher tensor must be used: ValueError naming the ones the student has no place for."""
-    weights = dict(teacher_weights)
+    weights = _llama_names_from_gpt2(teacher_weights, config) if model_type == "gpt2" else dict(teacher_weights)
 
     def need(tensors: dict, name: str, where: str = "") -> torch.Tensor:
         if name not in tensors:
@@ -220,6 +297,11 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
 
     embeddings = need(weights, "model.embed_tokens.weight")
     student = {"model.embed_tokens.weight": embeddings, "model.final_layernorm.weight": need(weights, "model.norm.weight")}
+    norm_kinds = ("weight", "bias") if config.norm_type == "layer" else ("weight",)
+    if config.norm_type == "layer":
+        student["model.final_layernorm.bias"] = need(weights, "model.norm.bias")
+    if config.absolute_position_embeddings:
+        student["model.embed_positions.weight"] = need(weights, "model.embed_positions.weight")
     head = weights.pop("lm_head.weight", None)
     if not config.tie_word_embeddings:
         if head is None:
@@ -227,11 +309,14 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
         student["lm_head.weight"] = head
     elif head is not None and not torch.equal(head, embeddings):
         raise ValueError("the teacher's config ties its embeddings, but its lm_head.weight differs from them")
+    else:
+        student["lm_head.weight"] = embeddings  # tied: the model's state dict names the head too
     for layer, mixer in enumerate(config.mixer_types):
         taken = _teacher_layer(weights, model_type, layer, config)
         prefix = where = f"model.layers.{layer}."
-        student[prefix + "input_layernorm.weight"] = need(taken, "input_layernorm.weight", where)
-        student[prefix + "pre_ff_layernorm.weight"] = need(taken, "post_attention_layernorm.weight", where)
+        for kind in norm_kinds:
+            student[f"{prefix}input_layernorm.{kind}"] = need(taken, f"input_layernorm.{kind}", where)
+            student[f"{prefix}pre_ff_layernorm.{kind}"] = need(taken, f"post_attention_layernorm.{kind}", where)
         for name in [n for n in taken if n.startswith("mlp.")]:
             student[prefix + "feed_forward." + name[4:]] = taken.pop(name)
         attention = {name[len("self_attn."):]: taken.pop(name) for name in [n for n in taken if n.startswith("self_attn.")]
@@ -294,7 +379,7 @@ def probe_layer_importance(teacher_weights: dict[str, torch.Tensor], teacher: di
     """For each layer, the mean per-token KL(teacher || student) on ``ids`` when that layer alone becomes a seeded
     Mamba-2 layer: how much the model loses without that attention layer. (The all-attention student computes the
     teacher's logits, so it stands in for the teacher.)"""
-    layers = teacher["num_hidden_layers"]
+    layers = teacher_layer_count(teacher)
 
     def log_probs(kept):
         config = student_config(teacher, kept)
@@ -319,7 +404,7 @@ def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: s
     source_dir, output_dir = source_and_output(teacher, output_dir)
     config_dict = read_config(source_dir)
     student_config(config_dict, [])  # an unsupported teacher fails here, before its weights are read
-    layers = config_dict["num_hidden_layers"]
+    layers = teacher_layer_count(config_dict)
     kept = parse_attention_layers(attention_layers, layers)
     weights = read_weights(source_dir, teacher, cast_to)
     scores = None

@@ -42,25 +42,32 @@ def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -
     """{"context", "batch", "prefill_tokens_per_second", "decode_tokens_per_second", "cache_bytes"} for ``model``
     (in eval mode) on random token ids."""
     device = next(model.parameters()).device
+
+    def positions(start: int, length: int) -> torch.Tensor:
+        # Given, not left to the cache: a model without attention layers cannot read them from its cache.
+        return torch.arange(start, start + length, device=device)[None].expand(batch, -1)
+
     warm_up = StaticCache(config=model.config, max_cache_len=16)  # kernel compilation and allocators, untimed
     model(input_ids=torch.ones(batch, 8, dtype=torch.long, device=device), cache=warm_up, use_cache=True,
-          logits_to_keep=1)
+          position_ids=positions(0, 8), logits_to_keep=1)
     model(input_ids=torch.ones(batch, 1, dtype=torch.long, device=device), cache=warm_up, use_cache=True,
-          logits_to_keep=1)
+          position_ids=positions(8, 1), logits_to_keep=1)
     cache = StaticCache(config=model.config, max_cache_len=context + decode_steps + 1)
     prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
     token = torch.randint(1, model.config.vocab_size, (batch, 1), device=device)
     _synchronize(device)
     started = time.perf_counter()
-    for chunk in prompt.split(PREFILL_CHUNK, dim=1):
-        model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1)
+    for start, chunk in zip(range(0, context, PREFILL_CHUNK), prompt.split(PREFILL_CHUNK, dim=1)):
+        model(input_ids=chunk, cache=cache, use_cache=True, position_ids=positions(start, chunk.shape[1]),
+              logits_to_keep=1)
     _synchronize(device)
     prefill = time.perf_counter() - started
     memory = cache_bytes(cache)
     _synchronize(device)
     started = time.perf_counter()
-    for _ in range(decode_steps):
-        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+    for step in range(decode_steps):
+        model(input_ids=token, cache=cache, use_cache=True, position_ids=positions(context + step, 1),
+              logits_to_keep=1)
     _synchronize(device)
     decode = time.perf_counter() - started
     return {"context": context, "batch": batch, "prefill_tokens_per_second": batch * context / prefill,

@@ -104,11 +104,32 @@ def add_train_command(subparsers) -> None:
                         help="a recipe YAML file, or the name of one shipped with ssm_hub (e.g. debug_mamba2)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted recipe keys with YAML values, e.g. train.max_steps=20 model.config.hidden_size=64")
-    parser.add_argument("--accelerate-config", default=None, metavar="NAME_OR_FILE",
-                        help="launch through accelerate with this config: ddp, fsdp2, zero3 (shipped) or a file")
-    parser.add_argument("--num-processes", type=int, default=None,
-                        help="with --accelerate-config: processes (GPUs) to launch (default: the config's)")
+    add_launch_flags(parser)
     parser.set_defaults(run=run_train)
+
+
+LAUNCH_FLAGS = ("--accelerate-config", "--num-processes")
+
+
+def add_launch_flags(parser) -> None:
+    parser.add_argument(LAUNCH_FLAGS[0], default=None, metavar="NAME_OR_FILE",
+                        help="launch through accelerate with this config: ddp, fsdp2, zero3 (shipped) or a file")
+    parser.add_argument(LAUNCH_FLAGS[1], type=int, default=None,
+                        help="with --accelerate-config: processes (GPUs) to launch (default: the config's)")
+
+
+def without_launch_flags(arguments: list[str]) -> list[str]:
+    """The command-line arguments less --accelerate-config and --num-processes (with their values): what each
+    launched process runs."""
+    kept, skip_value = [], False
+    for argument in arguments:
+        if skip_value:
+            skip_value = False
+        elif argument in LAUNCH_FLAGS:
+            skip_value = True
+        elif not argument.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
+            kept.append(argument)
+    return kept
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -120,7 +141,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.accelerate_config is not None:
         from ssm_hub.training.launch import launch
 
-        return launch(args.accelerate_config, recipe, args.overrides, args.num_processes)
+        return launch(args.accelerate_config, ["train", "--config", str(recipe), *args.overrides], args.num_processes)
     if args.num_processes is not None:
         raise ValueError("--num-processes needs --accelerate-config")
     from ssm_hub.training.launch import end_process_group
@@ -136,6 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
 def add_distill_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "distill",
+        allow_abbrev=False,  # the launch flags are taken out of the arguments by their full names
         help="distil a student seeded with `ssm-hub convert --to ssm_hub_hybrid` from its teacher",
         description="Staged distillation through transformers' Trainer: optionally the replaced layers' matrix "
                     "orientation against the teacher's attention matrices (--orient-steps), the replaced layers' "
@@ -169,6 +191,7 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--speed-contexts", type=int, nargs="*", default=None, metavar="TOKENS",
                         help="context lengths at which to time prefill and decode and measure the cache, teacher "
                              "against student (default: 2048 8192 32768 on a GPU, 512 2048 on the CPU; none: skip)")
+    add_launch_flags(parser)
     parser.set_defaults(run=run_distill)
 
 
@@ -180,6 +203,12 @@ def run_distill(args: argparse.Namespace) -> int:
     data = DataSection(files=args.data or [], dataset=args.dataset, builtin=args.builtin, seq_len=args.seq_len,
                        eval_fraction=args.eval_fraction, max_documents=args.max_documents)
     data.check()
+    if args.accelerate_config is not None:
+        from ssm_hub.training.launch import launch
+
+        return launch(args.accelerate_config, without_launch_flags(args.cli_arguments), args.num_processes)
+    if args.num_processes is not None:
+        raise ValueError("--num-processes needs --accelerate-config")
     report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
                      align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -242,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     are) print their message instead of a traceback.
     """
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.cli_arguments = argv  # what a launch through accelerate runs again in each process
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2

@@ -83,8 +83,10 @@ def train_tokenizer(documents: list[str], vocab_size: int):
 
 def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None) -> dict[str, torch.Tensor]:
     """Concatenate the tokenized documents (each followed by ``eos_token_id`` when given) and cut rows of
-    ``seq_len``: {"input_ids", "position_ids"} [rows, seq_len], positions counting from 0 in each document (a
-    document cut across rows goes on counting). The tail shorter than a row is dropped."""
+    ``seq_len``: {"input_ids", "position_ids"} [rows, seq_len], positions counting from 0 in each document and in
+    the part of a document that a row carries on (each row is a model call of its own, whose state starts empty;
+    restarting there also keeps absolute positions, GPT-2's, below seq_len). The tail shorter than a row is
+    dropped."""
     ids, positions = [], []
     for tokens in token_lists:
         tokens = list(tokens) + ([eos_token_id] if eos_token_id is not None else [])
@@ -95,6 +97,8 @@ def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None) -
         raise ValueError(f"the data holds {len(ids)} tokens, fewer than one row of data.seq_len = {seq_len}")
     ids = torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
     positions = torch.tensor(positions[: rows * seq_len]).view(rows, seq_len)
+    carried_on = (positions == 0).cumsum(dim=1) == 0  # a row's tokens before its first document start
+    positions = torch.where(carried_on, positions - positions[:, :1], positions)
     return {"input_ids": ids, "position_ids": positions}
 
 

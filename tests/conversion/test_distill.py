@@ -2,6 +2,9 @@
 and ``ssm-hub distill`` end to end on a tiny Llama teacher and a student seeded from it, on CPU."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -29,12 +32,16 @@ def test_token_kl_is_the_mean_kl_of_the_next_token_distributions():
     assert token_kl(teacher, teacher).abs() < 1e-6
 
 
-def test_hidden_alignment_loss_is_scale_free_per_layer():
+def test_hidden_alignment_loss_is_scale_free_per_layer_and_row():
     target = [torch.randn(2, 4, 8), 100 * torch.randn(2, 4, 8)]
-    off = [target[0] + 0.1, target[1] + 10]  # the same relative error in both layers
+    target[0][1] *= 50  # one row of much larger activations
+    off = [target[0] + 0.1, target[1] + 10]
     loss = hidden_alignment_loss(off, target)
-    relative = [F.mse_loss(o, t) / t.square().mean() for o, t in zip(off, target)]
+    relative = [F.mse_loss(o[row], t[row]) / t[row].square().mean() for o, t in zip(off, target) for row in range(2)]
     torch.testing.assert_close(loss, torch.stack(relative).mean())
+    # A mean over rows: two halves of the batch average to the whole batch's loss.
+    halves = [hidden_alignment_loss([o[rows] for o in off], [t[rows] for t in target]) for rows in ([0], [1])]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, loss)
     assert hidden_alignment_loss(target, target) == 0
 
 
@@ -118,7 +125,7 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
 def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matrices(teacher_and_student, tmp_path):
     from transformers import TrainingArguments
 
-    from ssm_hub.conversion.distill import DistillationTrainer
+    from ssm_hub.conversion.distill import DistillationTrainer, ReplacedLayers
     from ssm_hub.training.config import DataSection
     from ssm_hub.training.data import read_documents, train_and_eval_datasets
     from transformers import AutoTokenizer
@@ -131,11 +138,14 @@ def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matr
     arguments = TrainingArguments(output_dir=str(tmp_path / "orient"), max_steps=15, per_device_train_batch_size=4,
                                   learning_rate=3e-3, logging_steps=1, report_to="none", save_strategy="no",
                                   use_cpu=True)
-    trainer = DistillationTrainer(model=student, teacher=teacher, stage="orient", args=arguments, train_dataset=train)
+    with pytest.raises(ValueError, match="the 'orient' stage trains ReplacedLayers"):
+        DistillationTrainer(model=student, teacher=teacher, stage="orient", args=arguments, train_dataset=train)
+    layers = ReplacedLayers(student)
+    trainer = DistillationTrainer(model=layers, teacher=teacher, stage="orient", args=arguments, train_dataset=train)
     batch = {key: torch.stack([train[i][key] for i in range(4)]) for key in ("input_ids", "position_ids", "labels")}
-    before = trainer.compute_loss(student, batch).item()
+    before = trainer.compute_loss(layers, batch).item()
     trainer.train()
-    assert trainer.compute_loss(student, batch).item() < before
+    assert trainer.compute_loss(layers, batch).item() < before
     assert teacher.config._attn_implementation == "eager"  # what orientation needs to read attention weights
 
 
@@ -157,21 +167,6 @@ def test_a_resumed_run_restores_each_finished_stage(teacher_and_student, tmp_pat
     assert fresh["evaluations"]["after_kl"] != first["evaluations"]["after_kl"]
 
 
-def test_layer_by_layer_stages_refuse_several_processes(teacher_and_student, tmp_path, monkeypatch):
-    from transformers import TrainingArguments
-
-    from ssm_hub.conversion.distill import DistillationTrainer
-
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_and_student[0])
-    student = AutoModelForCausalLM.from_pretrained(teacher_and_student[1])
-    arguments = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
-    for stage in ("orient", "align"):
-        with pytest.raises(ValueError, match=f"the '{stage}' stage runs in one process"):
-            DistillationTrainer(model=student, teacher=teacher, stage=stage, args=arguments)
-    DistillationTrainer(model=student, teacher=teacher, stage="kl", args=arguments)  # the kl stage may
-
-
 def test_stages_after_orientation_run_the_teacher_with_its_own_attention(teacher_and_student, tmp_path, monkeypatch):
     from ssm_hub.conversion import distill as distillation
     from ssm_hub.training.config import DataSection
@@ -189,3 +184,68 @@ def test_stages_after_orientation_run_the_teacher_with_its_own_attention(teacher
                                   orient_steps=1, align_steps=0, kl_steps=1, batch_size=2)
     assert ("orient", "eager") in seen and ("kl", "sdpa") in seen
     assert list(report["evaluations"]) == ["seeded", "after_orient", "after_kl"]
+
+
+def test_distill_takes_a_gpt2_teacher_and_an_ssm_only_student(tmp_path):
+    """GPT-2's layers are found under transformer.h; a student with no attention layer runs every stage, generates
+    and is timed with its absolute positions given."""
+    from pydoc_data.topics import topics
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ssm_hub.training.data import train_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=300, n_positions=128,
+                               bos_token_id=None, eos_token_id=None)).save_pretrained(tmp_path / "teacher")
+    train_tokenizer([topics[key] for key in sorted(topics)][:200], 300).save_pretrained(tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "none")
+    output = tmp_path / "distilled"
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+                 "--output", str(output), "--builtin", "python_docs", "--max-documents", "60", "--seq-len", "64",
+                 "--eval-fraction", "0.1", "--orient-steps", "2", "--align-steps", "2", "--kl-steps", "2",
+                 "--batch-size", "2", "--speed-contexts", "32"]) == 0
+    report = json.loads((output / "distillation.json").read_text())
+    assert list(report["evaluations"]) == ["seeded", "after_orient", "after_align", "after_kl"]
+    assert report["speed"][0]["student"]["decode_tokens_per_second"] > 0
+    assert all(isinstance(sample["student"], str) for sample in report["samples"]["after_kl"])
+    assert AutoModelForCausalLM.from_pretrained(output).config.mixer_types == ["mamba2", "mamba2"]
+
+
+def test_two_processes_distil_like_one_with_the_same_global_batch(teacher_and_student, tmp_path):
+    """Two processes (gloo on CPU): every stage, the replaced layers' ones included, trains on each process's half
+    of the batch with averaged gradients, so the losses are one process's with the whole batch."""
+    teacher, student = teacher_and_student
+    arguments = ["--teacher", str(teacher), "--student", str(student), "--builtin", "python_docs", "--max-documents",
+                 "60", "--seq-len", "32", "--eval-fraction", "0.1", "--orient-steps", "2", "--align-steps", "3",
+                 "--kl-steps", "3", "--learning-rate", "3e-3", "--speed-contexts"]
+    assert main(["distill", *arguments, "--output", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ssm_hub.cli", "distill", *arguments, "--output", str(tmp_path / "two"), "--batch-size", "2"]
+    launched = subprocess.run(command, env={**os.environ, "PYTHONSAFEPATH": "1"}, capture_output=True, text=True)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("greedy agreement") == 1  # the report is printed by the first process only
+    reports = {name: json.loads((tmp_path / name / "distillation.json").read_text()) for name in ("one", "two")}
+    for stage in ("orient", "align", "kl"):
+        losses = {name: [loss for _, loss in report["train_loss"][stage]] for name, report in reports.items()}
+        assert len(losses["two"]) == {"orient": 2, "align": 3, "kl": 3}[stage]
+        torch.testing.assert_close(losses["two"], losses["one"], rtol=0, atol=1e-4)
+    assert reports["two"]["evaluations"]["after_kl"]["mean_token_kl"] == pytest.approx(
+        reports["one"]["evaluations"]["after_kl"]["mean_token_kl"], abs=1e-4)
+
+
+def test_distill_relaunches_itself_through_accelerate(teacher_and_student, tmp_path, capsys):
+    from ssm_hub.cli import without_launch_flags
+
+    assert without_launch_flags(["distill", "--accelerate-config", "ddp", "--teacher", "t", "--num-processes=2",
+                                 "--output", "o"]) == ["distill", "--teacher", "t", "--output", "o"]
+    teacher, student = teacher_and_student
+    arguments = ["distill", "--teacher", str(teacher), "--student", str(student), "--builtin", "python_docs",
+                 "--max-documents", "40", "--seq-len", "32", "--align-steps", "1", "--kl-steps", "1",
+                 "--speed-contexts", "--output", str(tmp_path / "launched")]
+    assert main([*arguments, "--num-processes", "2"]) == 1
+    assert "--num-processes needs --accelerate-config" in capsys.readouterr().err
+    config = tmp_path / "cpu.yaml"  # one CPU process: the launch path itself, end to end
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                      "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
+    assert main([*arguments, "--accelerate-config", str(config)]) == 0
+    assert (tmp_path / "launched" / "distillation.json").is_file()

@@ -1,5 +1,5 @@
-"""Seeding an ssm_hub_hybrid from a Llama-family teacher (ssm_hub.conversion.seed_from_attention): ``all`` gives the
-teacher's logits; replaced layers are Mamba-2 layers built from the attention weights; every SPEC form; auto:N keeps
+"""Seeding an ssm_hub_hybrid from a Llama-family or GPT-2 teacher (ssm_hub.conversion.seed_from_attention): ``all``
+gives the teacher's logits; replaced layers are Mamba-2 layers built from the attention weights; every SPEC form; auto:N keeps
 the layers its probe ranks highest; bad teachers and specs are named. Tiny random teachers built here."""
 
 import json
@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -28,6 +30,8 @@ TEACHERS = {
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=5)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, pad_token_id=0)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, n_inner=48, vocab_size=300,
+                                               n_positions=64, bos_token_id=None, eos_token_id=None)),
 }
 
 
@@ -88,6 +92,55 @@ def test_a_replaced_layer_is_a_mamba2_layer_built_from_the_attention_weights(tmp
         assert torch.isfinite(student(ids).logits).all()
 
 
+def test_a_gpt2_teacher_seeds_through_its_own_map(tmp_path):
+    """Conv1D weights transposed and c_attn split; an older checkpoint's names (no "transformer." prefix, the causal
+    mask stored as attn.bias) read the same; the SSM-only student generates with absolute positions as it computes
+    without a cache."""
+    teacher = _teacher("gpt2", tmp_path / "teacher")
+    from safetensors.torch import save_file
+
+    old_style = {name.removeprefix("transformer."): tensor.contiguous() for name, tensor in teacher.state_dict().items()
+                 if name != "lm_head.weight"}
+    for layer in range(4):
+        old_style[f"h.{layer}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+    save_file(old_style, tmp_path / "teacher" / "model.safetensors")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "every:2:1")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    config = student.config
+    assert (config.norm_type, config.mlp_type, config.absolute_position_embeddings, config.use_rope) == \
+        ("layer", "plain", True, False)
+    attention = teacher.transformer.h[2].attn
+    q, k, v = attention.c_attn.weight.t().split(32)
+    mamba = student.model.layers[2].mamba
+    z, x, B, C, dt = mamba.in_proj.weight.split([32, 32, 32, 32, 4])
+    torch.testing.assert_close(x, v)
+    torch.testing.assert_close(B, k)
+    torch.testing.assert_close(C, q)
+    torch.testing.assert_close(mamba.in_proj.bias[96:128], attention.c_attn.bias[:32])  # C's bias is q's
+    torch.testing.assert_close(mamba.out_proj.weight, attention.c_proj.weight.t())
+    torch.testing.assert_close(mamba.out_proj.bias, attention.c_proj.bias)
+    torch.testing.assert_close(student.model.layers[1].self_attn.v_proj.bias, teacher.transformer.h[1].attn.c_attn.bias[64:])
+    torch.testing.assert_close(student.model.layers[2].feed_forward.up_proj.weight,
+                               teacher.transformer.h[2].mlp.c_fc.weight.t())
+    torch.testing.assert_close(student.model.embed_positions.weight, teacher.transformer.wpe.weight)
+    torch.testing.assert_close(student.model.layers[0].input_layernorm.bias, teacher.transformer.h[0].ln_1.bias)
+
+    seed_hybrid(tmp_path / "teacher", tmp_path / "ssm_only", "none")
+    ssm_only = AutoModelForCausalLM.from_pretrained(tmp_path / "ssm_only").eval()
+    prompt = torch.randint(0, 300, (1, 5))
+    with torch.no_grad():
+        generated = ssm_only.generate(prompt, max_new_tokens=6, do_sample=False)
+        ids = prompt
+        for _ in range(6):  # greedy without a cache: the whole sequence, positions from 0
+            ids = torch.cat([ids, ssm_only(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+    with pytest.raises(ValueError, match="exceed the model's max_position_embeddings \\(64\\)"):
+        ssm_only(torch.zeros(1, 65, dtype=torch.long))
+    cache_out = ssm_only(prompt, use_cache=True)
+    with pytest.raises(ValueError, match="absolute position embeddings and no attention layer needs position_ids"):
+        ssm_only(prompt[:, :1], cache=cache_out.cache, use_cache=True)
+
+
 def test_seeding_is_reproducible_layer_by_layer(tmp_path):
     _teacher("llama", tmp_path / "teacher")
     seed_hybrid(tmp_path / "teacher", tmp_path / "none", "none")
@@ -143,11 +196,12 @@ def test_auto_without_a_tokenizer_says_what_it_needs(tmp_path):
 
 
 def test_unsupported_teachers_and_unplaced_tensors_are_named(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import OPTConfig, OPTForCausalLM
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="model_type 'gpt2'.*LlamaForCausalLM \\(llama\\).*Phi3ForCausalLM"):
-        seed_hybrid(tmp_path / "gpt2", tmp_path / "out", "all")
+    OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
+                             word_embed_proj_dim=32, vocab_size=100)).save_pretrained(tmp_path / "opt")
+    with pytest.raises(ValueError, match="model_type 'opt'.*LlamaForCausalLM \\(llama\\).*GPT2LMHeadModel \\(gpt2\\)"):
+        seed_hybrid(tmp_path / "opt", tmp_path / "out", "all")
     teacher = _teacher("llama", tmp_path / "teacher")
     state = {name: tensor.contiguous() for name, tensor in teacher.state_dict().items()}
     state["model.layers.1.self_attn.q_norm.weight"] = torch.ones(8)  # as Qwen3 has: no place in the student

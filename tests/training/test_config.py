@@ -106,11 +106,11 @@ def test_accelerate_configs_ship_and_build_the_launch_command(tmp_path):
              for name in ("ddp", "fsdp2", "zero3")}
     assert {name: str(kind).split(".")[-1] for name, kind in kinds.items()} == {
         "ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}
-    command = accelerate_command("fsdp2", "r.yaml", ["train.max_steps=3"], num_processes=2)
+    command = accelerate_command("fsdp2", ["train", "--config", "r.yaml", "train.max_steps=3"], num_processes=2)
     assert command[1:5] == ["-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("fsdp2"))]
     assert command[5:] == ["--num_processes", "2", "-m", "ssm_hub.cli", "train", "--config", "r.yaml",
                            "train.max_steps=3"]
     with pytest.raises(ValueError, match=r"no shipped accelerate config of that name \(shipped: \['ddp', 'fsdp2', 'zero3'\]\)"):
         accelerate_config_path("fsdp1")
     with pytest.raises(ValueError, match="--num-processes must be at least 1"):
-        accelerate_command("ddp", "r.yaml", [], num_processes=0)
+        accelerate_command("ddp", ["train", "--config", "r.yaml"], num_processes=0)

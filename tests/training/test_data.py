@@ -9,11 +9,12 @@ from ssm_hub.training.config import DataSection
 from ssm_hub.training.data import PackedDataset, pack, read_documents
 
 
-def test_pack_restarts_positions_at_every_document_and_appends_eos():
-    packed = pack([[5, 6, 7], [8, 9], [10, 11, 12, 13]], seq_len=4, eos_token_id=0)
-    # stream: 5 6 7 0 | 8 9 0 10 | 11 12 13 0
-    torch.testing.assert_close(packed["input_ids"], torch.tensor([[5, 6, 7, 0], [8, 9, 0, 10], [11, 12, 13, 0]]))
-    torch.testing.assert_close(packed["position_ids"], torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [1, 2, 3, 4]]))
+def test_pack_restarts_positions_at_every_document_and_row_and_appends_eos():
+    packed = pack([[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16]], seq_len=4, eos_token_id=0)
+    # stream: 5 6 7 0 | 8 9 0 10 | 11 12 13 14 | 15 16 0 (dropped); the last document goes on across two rows
+    torch.testing.assert_close(packed["input_ids"], torch.tensor([[5, 6, 7, 0], [8, 9, 0, 10], [11, 12, 13, 14]]))
+    # A row that carries a document on counts from 0 too: it is a model call of its own.
+    torch.testing.assert_close(packed["position_ids"], torch.tensor([[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]))
     row = PackedDataset(packed)[1]
     assert torch.equal(row["labels"], row["input_ids"]) and set(row) == {"input_ids", "position_ids", "labels"}
 
