@@ -73,10 +73,14 @@ class ModelSection:
 class TokenizerSection:
     pretrained: str | None = None  # a folder or Hub id
     train_bpe: int | None = None  # vocabulary size of a byte-level BPE trained on the training text
+    characters: bool = False  # one token per character of the training text (character-level models)
 
     def check(self) -> None:
-        if (self.pretrained is None) == (self.train_bpe is None):
-            raise ValueError("tokenizer: give exactly one of tokenizer.pretrained or tokenizer.train_bpe")
+        given = [name for name, value in (("pretrained", self.pretrained), ("train_bpe", self.train_bpe),
+                                          ("characters", self.characters or None)) if value is not None]
+        if len(given) != 1:
+            raise ValueError("tokenizer: give exactly one of tokenizer.pretrained, tokenizer.train_bpe or "
+                             f"tokenizer.characters: true (given: {given or 'none'})")
         if self.train_bpe is not None and self.train_bpe < 260:
             raise ValueError(f"tokenizer.train_bpe must be at least 260 (256 bytes + merges), got {self.train_bpe}")
 

@@ -63,22 +63,44 @@ def _file_documents(path: Path, text_field: str) -> list[str]:
     raise ValueError(f"data.files: {path} is neither .txt, .json nor .jsonl")
 
 
-def train_tokenizer(documents: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on ``documents`` in a few seconds (no download); its one special token
-    ``<|endoftext|>`` is BOS, EOS and pad."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+END_OF_TEXT = "<|endoftext|>"  # the one special token of the tokenizers built here: BOS, EOS and pad
+
+
+def _with_end_of_text(tokenizer):
     from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                   pad_token=END_OF_TEXT)
+
+
+def train_tokenizer(documents: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``documents`` in a few seconds (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(documents, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    return _with_end_of_text(tokenizer)
+
+
+def character_tokenizer(documents: list[str]):
+    """One token per character that ``documents`` hold (sorted; token 0 is the special token), as the usual
+    character-level Shakespeare models have. A character the documents do not hold is an error when encoded, not
+    silently replaced."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    characters = sorted(set("".join(documents)))
+    if not characters:
+        raise ValueError("tokenizer.characters: the training documents hold no character")
+    vocabulary = {END_OF_TEXT: 0, **{character: index for index, character in enumerate(characters, start=1)}}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tokenizer.decoder = decoders.Fuse()  # joined back without separators
+    return _with_end_of_text(tokenizer)
 
 
 def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None) -> dict[str, torch.Tensor]:

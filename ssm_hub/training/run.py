@@ -3,8 +3,9 @@
     from ssm_hub.training import load_recipe, train
     train(load_recipe("recipes/debug_mamba2.yaml", ["train.max_steps=5"]))
 
-It builds the tokenizer (pretrained, or a byte-level BPE trained on the data), the model (a new one of any
-registered ssm_hub model_type, or a pretrained one, optionally with LoRA through PEFT), packs the data, and runs
+It builds the tokenizer (pretrained, a byte-level BPE trained on the data, or one token per character), the model
+(a new one of any registered model_type, ssm_hub's or transformers', or a pretrained one, optionally with LoRA
+through PEFT), packs the data, and runs
 Trainer with the recipe's TrainingArguments: checkpoints, ``resume_from_checkpoint``, evaluation and logging are
 Trainer's. Logs carry tokens/s (and peak memory on CUDA); ``loss_curve.png`` is written next to the checkpoints.
 At the end the model (adapters only for LoRA), the tokenizer and ``trainer_state.json`` (the log history) are
@@ -18,7 +19,7 @@ import torch
 
 from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback, write_loss_curve
 from ssm_hub.training.config import Recipe
-from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
+from ssm_hub.training.data import character_tokenizer, read_documents, train_and_eval_datasets, train_tokenizer
 
 
 def build_tokenizer(recipe: Recipe, documents: list[str]):
@@ -26,6 +27,8 @@ def build_tokenizer(recipe: Recipe, documents: list[str]):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer.pretrained)
+    elif recipe.tokenizer.characters:
+        tokenizer = character_tokenizer(documents)
     else:
         tokenizer = train_tokenizer(documents, recipe.tokenizer.train_bpe)
     if tokenizer.pad_token is None:

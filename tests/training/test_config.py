@@ -31,6 +31,7 @@ def test_a_valid_recipe_loads_with_typed_sections():
     (dict(data={"builtin": "python_docs", "seq_len": "long"}), r"data.seq_len must be of type int, got 'long'"),
     (dict(data={"builtin": "python_docs", "seq_len": True}), r"data.seq_len must be of type int, got True"),
     (dict(tokenizer={"train_bpe": 300, "pretrained": "gpt2"}), "exactly one of tokenizer.pretrained"),
+    (dict(tokenizer={"train_bpe": 300, "characters": True}), r"given: \['train_bpe', 'characters'\]"),
     (dict(data={"files": ["a.txt"], "builtin": "python_docs"}), "exactly one of data.files, data.dataset"),
     (dict(data={"builtin": "wikipedia"}), "data.builtin must be one of"),
     (dict(model={"pretrained": "x", "config": {"a": 1}}), "with model.pretrained it would be ignored"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssm_hub.training.config import DataSection
-from ssm_hub.training.data import PackedDataset, pack, read_documents
+from ssm_hub.training.data import PackedDataset, character_tokenizer, pack, read_documents
 
 
 def test_pack_restarts_positions_at_every_document_and_row_and_appends_eos():
@@ -48,3 +48,18 @@ def test_bad_files_are_named(tmp_path):
     (tmp_path / "c.csv").write_text("a,b")
     with pytest.raises(ValueError, match="neither .txt, .json nor .jsonl"):
         read_documents(DataSection(files=[str(tmp_path / "c.csv")]))
+
+
+def test_character_tokenizer_has_one_token_per_character_and_round_trips(tmp_path):
+    from transformers import AutoTokenizer
+
+    documents = ["First Citizen:\nBefore we proceed any further, hear me speak.", "All:\nSpeak, speak."]
+    tokenizer = character_tokenizer(documents)
+    assert len(tokenizer) == len(set("".join(documents))) + 1 and tokenizer.eos_token_id == 0
+    text = "Speak,\nhear me."
+    ids = tokenizer(text).input_ids
+    assert len(ids) == len(text) and tokenizer.decode(ids) == text
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
+    with pytest.raises(Exception, match="UNK"):  # a character the documents never held is not silently replaced
+        tokenizer("Q").input_ids

@@ -107,3 +107,22 @@ def test_two_process_ddp_on_cpu_matches_one_process_with_the_same_global_batch(t
               for name, folder in (("one", tmp_path / "one" / "debug_mamba2"), ("two", output))}
     assert len(losses["two"]) == 4
     torch.testing.assert_close(losses["two"], losses["one"], rtol=0, atol=1e-4)
+
+
+def test_a_character_level_transformers_llama_trains_from_a_recipe(tmp_path):
+    """The teachers of the distillation checks: a transformers model type, one token per character."""
+    recipe = load_recipe(raw={
+        "model": {"type": "llama", "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                              "intermediate_size": 64, "max_position_embeddings": 64}},
+        "tokenizer": {"characters": True},
+        "data": {"builtin": "python_docs", "seq_len": 64, "max_documents": 40},
+        "train": {"output_dir": str(tmp_path / "char"), "max_steps": 2, "per_device_train_batch_size": 4,
+                  "report_to": "none", "use_cpu": True, "eval_strategy": "no"},
+    })
+    summary = train(recipe)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "char")
+    assert model.config.model_type == "llama" and summary["steps"] == 2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "char")
+    assert len(tokenizer) == model.config.vocab_size < 200  # characters, not a BPE
