@@ -15,8 +15,8 @@ SPEC (:func:`parse_attention_layers`): ``all`` keeps every attention layer (the 
 logits exactly: the sanity check), ``none`` replaces them all, ``every:K[:OFFSET]`` keeps the layers with
 ``layer % K == OFFSET`` (OFFSET 0 if left out), ``3,7,11`` keeps those, and ``auto:N`` keeps the N layers whose
 replacement alone costs most: the KL divergence from the teacher's next-token distribution on a probe text
-(:func:`probe_layer_importance`). The output folder's ``seeding.json`` records the teacher, SPEC, the kept layers
-and, for auto:N, the probe's scores.
+(:func:`probe_layer_importance`; ``auto:0`` and N = all layers need no probe). The output folder's ``seeding.json``
+records the teacher, SPEC, the kept layers and, for a probed auto:N, the probe's scores.
 
 A replaced layer, with H query heads and Hkv key/value heads of size P, becomes a Mamba-2 layer with H heads of size
 P, H groups and state size P, so that its scan is a linear attention with one key and one query per head (both
@@ -76,6 +76,8 @@ def parse_attention_layers(spec: str, num_layers: int) -> list[int] | tuple[str,
         count = _int(text[5:], spec, "auto:N")
         if not 0 <= count <= num_layers:
             raise ValueError(f"--attention-layers {spec!r}: N must be in [0, {num_layers}] (the teacher's layers)")
+        if count in (0, num_layers):  # none or all: nothing to rank, so no probe
+            return list(range(count))
         return ("auto", count)
     if text.startswith("every:"):
         parts = text[6:].split(":")

@@ -154,7 +154,7 @@ def test_seeding_is_reproducible_layer_by_layer(tmp_path):
 
 @pytest.mark.parametrize("spec, kept", [
     ("all", [0, 1, 2, 3, 4, 5]), ("none", []), ("every:3", [0, 3]), ("every:2:1", [1, 3, 5]), ("5, 1", [1, 5]),
-    ("auto:2", ("auto", 2)),
+    ("auto:2", ("auto", 2)), ("auto:0", []), ("auto:6", [0, 1, 2, 3, 4, 5]),  # nothing to rank: no probe
 ])
 def test_attention_layer_specs(spec, kept):
     assert parse_attention_layers(spec, 6) == kept
