@@ -6,7 +6,8 @@ transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --o
 
 Stages (each a Trainer run with its own steps; checkpoints, resume, logging and multi-GPU are Trainer's; with
 several processes, ``ssm-hub distill ... --accelerate-config ddp --num-processes N``, each process trains on its
-share of every batch and the gradients are averaged, in every stage):
+share of every batch and the gradients are averaged, in every stage; FSDP and DeepSpeed are refused, as they shard
+the student in place):
 - ``orient`` (optional; MOHAWK's matrix orientation): each replaced layer's scan, written as one [T, T] matrix per
   head (``Mamba2Mixer.mixing_matrix``), fed the teacher's hidden state entering that layer, learns to match the
   teacher's attention matrix of the same head (:func:`orientation_loss`); only the replaced layers' SSM mixers
@@ -170,6 +171,10 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"the {stage!r} stage trains " + ("the whole student" if stage == "kl" else
                              "ReplacedLayers(student): the replaced layers, called one by one"))
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            # They shard the student's parameters in place, and the evaluations and stages that follow need it whole.
+            raise ValueError("distillation runs data-parallel (accelerate config ddp), not under FSDP or DeepSpeed, "
+                             "which shard the student that the next stage and the evaluations need whole")
         # The columns compute_loss reads: Trainer would otherwise keep only those that the model's forward names
         # (ReplacedLayers.forward names none of them).
         self._signature_columns = ["input_ids", "position_ids", "labels"]

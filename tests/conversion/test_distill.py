@@ -249,3 +249,23 @@ def test_distill_relaunches_itself_through_accelerate(teacher_and_student, tmp_p
                       "num_machines: 1\nmachine_rank: 0\nmixed_precision: 'no'\nuse_cpu: true\n")
     assert main([*arguments, "--accelerate-config", str(config)]) == 0
     assert (tmp_path / "launched" / "distillation.json").is_file()
+
+
+def test_sharding_engines_are_refused(teacher_and_student, tmp_path, monkeypatch):
+    """FSDP shards the student in place; the evaluations between stages need it whole, so distillation refuses it."""
+    from transformers import Trainer, TrainingArguments
+
+    from ssm_hub.conversion.distill import DistillationTrainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def as_under_fsdp(self):
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", as_under_fsdp)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_and_student[0])
+    student = AutoModelForCausalLM.from_pretrained(teacher_and_student[1])
+    arguments = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="distillation runs data-parallel \\(accelerate config ddp\\)"):
+        DistillationTrainer(model=student, teacher=teacher, stage="kl", args=arguments)
