@@ -1,8 +1,9 @@
 """Staged distillation of a seeded student (ssm_hub.conversion.seed_from_attention) from its teacher, through
 transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --output DIR``.
 
-    from ssm_hub.conversion.distill import DistillationTrainer, hidden_alignment_loss, token_kl
-    trainer = DistillationTrainer(model=student, teacher=teacher, stage="align", args=..., train_dataset=...)
+    from ssm_hub.conversion.distill import DistillationTrainer, ReplacedLayers, hidden_alignment_loss, token_kl
+    trainer = DistillationTrainer(model=ReplacedLayers(student), teacher=teacher, stage="align", args=...,
+                                  train_dataset=...)
 
 Stages (each a Trainer run with its own steps; checkpoints, resume, logging and multi-GPU are Trainer's; with
 several processes, ``ssm-hub distill ... --accelerate-config ddp --num-processes N``, each process trains on its
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
-from ssm_hub.conversion.speed import speed_table
+from ssm_hub.conversion.speed import longest_context, speed_table
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 
 STAGES = ("orient", "align", "kl")
@@ -275,6 +276,9 @@ def report_lines(report: dict) -> list[str]:
     for after, result in report["evaluations"].items():
         lines.append(f"{after:<12} {result['teacher_perplexity']:>11.2f} {result['student_perplexity']:>11.2f} "
                      f"{result['mean_token_kl']:>9.4f} {result['greedy_agreement']:>17.1%}")
+    if "speed_skipped" in report:
+        skipped = report["speed_skipped"]
+        lines.append(f"not timed at context {', '.join(map(str, skipped['contexts']))}: {skipped['why']}")
     for row in report.get("speed", []):
         lines.append(f"context {row['context']:>5}: the student decodes {row['decode_speedup']:.2f}x and prefills "
                      f"{row['prefill_speedup']:.2f}x the teacher's tokens/s, with {row['cache_ratio']:.2f}x its "
@@ -365,13 +369,20 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         evaluate(f"after_{stage}")
     student_model.requires_grad_(True)
     if processes.is_main_process:
-        if speed_contexts:
-            report["speed"] = speed_table(teacher_model, student_model, speed_contexts)
         student_model.save_pretrained(output)
         tokenizer.save_pretrained(output)
         seeding = Path(student) / SEEDING_FILE
         if seeding.is_file():  # the model card tells how the student was seeded
             (output / SEEDING_FILE).write_bytes(seeding.read_bytes())
+        if speed_contexts:
+            longest = longest_context(teacher_model, student_model)
+            timed = [context for context in speed_contexts if longest is None or context <= longest]
+            if len(timed) < len(speed_contexts):
+                report["speed_skipped"] = {
+                    "contexts": [context for context in speed_contexts if context not in timed],
+                    "why": f"a model has learned absolute positions, and the timing decodes 16 tokens past the "
+                           f"context: at most {longest} tokens of context"}
+            report["speed"] = speed_table(teacher_model, student_model, timed)
         (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
     processes.wait_for_everyone()
     return report

@@ -74,6 +74,15 @@ def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -
             "decode_tokens_per_second": batch * decode_steps / decode, "cache_bytes": memory}
 
 
+def longest_context(*models, decode_steps: int = 16) -> int | None:
+    """The longest context :func:`measure_speed` can time on all of ``models``: learned absolute positions (GPT-2's,
+    or an ssm_hub hybrid's ``absolute_position_embeddings``) end at ``max_position_embeddings``, and the decode steps
+    go past the context; None where no model has such a limit (RoPE and SSM layers have none)."""
+    limits = [model.config.max_position_embeddings - decode_steps for model in models
+              if getattr(model.config, "absolute_position_embeddings", False) or model.config.model_type == "gpt2"]
+    return min(limits) if limits else None
+
+
 def speed_table(teacher, student, contexts: list[int], batch: int = 1) -> list[dict]:
     """One row per context: the teacher's and the student's measurements and the student's ratios to the teacher
     (``decode_speedup``, ``prefill_speedup``, ``cache_ratio``)."""

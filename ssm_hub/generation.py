@@ -51,6 +51,9 @@ def _reject_unsupported(model, logits_processor, stopping_criteria, generation_c
         raise ValueError(f"cuda_graph_greedy supports only the max-length and EOS stops, not {others}")
     if model.config.is_encoder_decoder:
         raise ValueError("cuda_graph_greedy is for decoder-only models")
+    if getattr(model.config, "absolute_position_embeddings", False):
+        raise ValueError("cuda_graph_greedy replays a position-independent step, and this model adds absolute "
+                         "position embeddings: decode through generate(cache_implementation='static')")
 
 
 def _check_cache(cache) -> None:

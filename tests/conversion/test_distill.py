@@ -203,8 +203,11 @@ def test_distill_takes_a_gpt2_teacher_and_an_ssm_only_student(tmp_path):
     assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
                  "--output", str(output), "--builtin", "python_docs", "--max-documents", "60", "--seq-len", "64",
                  "--eval-fraction", "0.1", "--orient-steps", "2", "--align-steps", "2", "--kl-steps", "2",
-                 "--batch-size", "2", "--speed-contexts", "32"]) == 0
+                 "--batch-size", "2", "--speed-contexts", "32", "120"]) == 0
     report = json.loads((output / "distillation.json").read_text())
+    # 120 tokens and 16 decode steps would run past the 128 learned positions: not timed, and the report says so.
+    assert [row["context"] for row in report["speed"]] == [32] and report["speed_skipped"]["contexts"] == [120]
+    assert "at most 112 tokens of context" in report["speed_skipped"]["why"]
     assert list(report["evaluations"]) == ["seeded", "after_orient", "after_align", "after_kl"]
     assert report["speed"][0]["student"]["decode_tokens_per_second"] > 0
     assert all(isinstance(sample["student"], str) for sample in report["samples"]["after_kl"])

@@ -136,9 +136,18 @@ def test_a_gpt2_teacher_seeds_through_its_own_map(tmp_path):
     assert torch.equal(generated, ids)
     with pytest.raises(ValueError, match="exceed the model's max_position_embeddings \\(64\\)"):
         ssm_only(torch.zeros(1, 65, dtype=torch.long))
-    cache_out = ssm_only(prompt, use_cache=True)
+    from transformers import DynamicCache
+
+    import ssm_hub
+
+    fresh = DynamicCache(config=ssm_only.config)  # a first prefill into a cache of one's own needs no positions
+    with torch.no_grad():
+        torch.testing.assert_close(ssm_only(prompt, cache=fresh, use_cache=True).logits, ssm_only(prompt).logits)
     with pytest.raises(ValueError, match="absolute position embeddings and no attention layer needs position_ids"):
-        ssm_only(prompt[:, :1], cache=cache_out.cache, use_cache=True)
+        ssm_only(prompt[:, :1], cache=fresh, use_cache=True)
+    with pytest.raises(ValueError, match="cuda_graph_greedy replays a position-independent step, and this model adds"):
+        ssm_only.generate(prompt, max_new_tokens=2, cache_implementation="static",
+                          custom_generate=ssm_hub.cuda_graph_greedy)
 
 
 def test_seeding_is_reproducible_layer_by_layer(tmp_path):

@@ -325,8 +325,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         batch_size, seq_len = inputs_embeds.shape[:2]
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
-        new_cache = use_cache and cache is None
-        if new_cache:
+        if use_cache and cache is None:
             cache = DynamicCache(config=config)
         if not use_cache:
             cache = None
@@ -345,7 +344,8 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             # transformers' masks find them and keep the attention layers inside each document.
             position_ids = positions_within_documents(seq_idx)
         if position_ids is None:
-            if self.embed_positions is not None and not self.has_attention and use_cache and not new_cache:
+            if self.embed_positions is not None and not self.has_attention and cache is not None \
+                    and cache.has_previous_state():
                 # Only attention layers' caches know how many tokens came before.
                 raise ValueError("a model with absolute position embeddings and no attention layer needs position_ids "
                                  "when it continues from a cache (generate passes them)")
