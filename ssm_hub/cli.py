@@ -155,6 +155,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_distill_command(subparsers) -> None:
+    from ssm_hub.training.config import BUILTIN_DATA
+
     parser = subparsers.add_parser(
         "distill",
         allow_abbrev=False,  # the launch flags are taken out of the arguments by their full names
@@ -173,7 +175,8 @@ def add_distill_command(subparsers) -> None:
     source.add_argument("--data", nargs="+", metavar="FILE", help="text (.txt, documents split at blank lines) or "
                         ".json/.jsonl files")
     source.add_argument("--dataset", help="a datasets name (Hub or local), its 'text' column")
-    source.add_argument("--builtin", choices=("python_docs",), help="text that ships with Python")
+    source.add_argument("--builtin", choices=BUILTIN_DATA,
+                        help="text that ships with Python, or the associative-recall task (ssm_hub.training.mqar)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: %(default)s)")
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out (default: %(default)s)")
     parser.add_argument("--max-documents", type=int, default=None)

@@ -3,7 +3,7 @@
     model:     {type: ssm_hub_mamba2, config: {hidden_size: 64, ...}}   # from scratch, or
                {pretrained: path-or-hub-id}                             # fine-tune
     tokenizer: {pretrained: path-or-hub-id} or {train_bpe: 512}         # a byte-level BPE trained on the data
-    data:      {files: [a.txt, b.jsonl]} or {dataset: name, split: train} or {builtin: python_docs};
+    data:      {files: [a.txt, b.jsonl]} or {dataset: name, split: train} or {builtin: python_docs | mqar};
                seq_len, text_field, eval_fraction, max_documents
     train:     TrainingArguments fields (output_dir, max_steps, learning_rate, ...)
     lora:      LoraConfig fields, optional (LoRA fine-tuning)
@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-BUILTIN_DATA = ("python_docs",)
+BUILTIN_DATA = ("python_docs", "mqar")  # text that ships with Python; ssm_hub.training.mqar's recall task
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 

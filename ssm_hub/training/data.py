@@ -22,6 +22,10 @@ def read_documents(data: DataSection) -> list[str]:
         from pydoc_data.topics import topics
 
         documents = [topics[key] for key in sorted(topics)]
+    elif data.builtin == "mqar":
+        from ssm_hub.training.mqar import BUILTIN_DOCUMENTS, mqar_documents
+
+        documents = mqar_documents(data.max_documents or BUILTIN_DOCUMENTS)
     elif data.dataset is not None:
         import datasets
 

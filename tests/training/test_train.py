@@ -115,7 +115,7 @@ def test_a_character_level_transformers_llama_trains_from_a_recipe(tmp_path):
         "model": {"type": "llama", "config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                               "intermediate_size": 64, "max_position_embeddings": 64}},
         "tokenizer": {"characters": True},
-        "data": {"builtin": "python_docs", "seq_len": 64, "max_documents": 40},
+        "data": {"builtin": "mqar", "seq_len": 64, "max_documents": 40},  # the recall task's text
         "train": {"output_dir": str(tmp_path / "char"), "max_steps": 2, "per_device_train_batch_size": 4,
                   "report_to": "none", "use_cpu": True, "eval_strategy": "no"},
     })
@@ -126,3 +126,6 @@ def test_a_character_level_transformers_llama_trains_from_a_recipe(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "char")
     assert len(tokenizer) == model.config.vocab_size < 200  # characters, not a BPE
+    from ssm_hub.training.mqar import mqar_documents, recall_accuracy
+
+    assert 0 <= recall_accuracy(model, tokenizer, mqar_documents(8, seed=1)) <= 1
