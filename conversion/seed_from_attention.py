@@ -138,21 +138,31 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
     unknown = sorted(set(kinds) - set(attention_kind))
     if unknown:
         raise ValueError(f"{model_type} teacher with layer_types {unknown}: only full and sliding attention seed")
-    return SsmHubHybridConfig(
-        vocab_size=teacher["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
-        mixer_types=[attention_kind[kinds[layer]] if layer in attention_layers else "mamba2" for layer in range(layers)],
-        ffn_types=["mlp"] * layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+    mixers = [attention_kind[kinds[layer]] if layer in attention_layers else "mamba2" for layer in range(layers)]
+    return _student_config(
+        teacher, hidden, heads, kv_heads, head_dim, mixers, tie_default=False,
         attention_bias=bias, rope_theta=rope.get("rope_theta", teacher.get("rope_theta", 10000.0)),
         partial_rotary_factor=rope.get("partial_rotary_factor", teacher.get("partial_rotary_factor", 1.0)),
         max_position_embeddings=teacher.get("max_position_embeddings", 4096),
         sliding_window=window if "sliding_attention" in kinds else None,
         intermediate_size=teacher["intermediate_size"], mlp_bias=bool(teacher.get("mlp_bias", False)),
+        mamba_proj_bias=bias, layer_norm_epsilon=teacher.get("rms_norm_eps", 1e-6),
+    )
+
+
+def _student_config(teacher: dict, hidden: int, heads: int, kv_heads: int, head_dim: int, mixers: list[str],
+                    tie_default: bool, **block) -> SsmHubHybridConfig:
+    """The fields every student shares (the teacher's sizes and token ids; each seeded Mamba-2 layer with a head
+    and a group per query head and the head dim as its state size, module docstring), plus the ``block`` fields of
+    the teacher's family."""
+    return SsmHubHybridConfig(
+        vocab_size=teacher["vocab_size"], hidden_size=hidden, num_hidden_layers=len(mixers), mixer_types=mixers,
+        ffn_types=["mlp"] * len(mixers), num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         mamba_d_state=head_dim, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_expand=heads * head_dim // hidden,
-        mamba_proj_bias=bias, layer_norm_epsilon=teacher.get("rms_norm_eps", 1e-6), residual_in_fp32=False,
-        initializer_range=teacher.get("initializer_range", 0.02),
-        tie_word_embeddings=bool(teacher.get("tie_word_embeddings", False)),
+        residual_in_fp32=False, initializer_range=teacher.get("initializer_range", 0.02),
+        tie_word_embeddings=bool(teacher.get("tie_word_embeddings", tie_default)),
         pad_token_id=teacher.get("pad_token_id"), bos_token_id=teacher.get("bos_token_id"),
-        eos_token_id=teacher.get("eos_token_id"),
+        eos_token_id=teacher.get("eos_token_id"), **block,
     )
 
 
@@ -174,20 +184,14 @@ def _gpt2_student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHy
     if hidden % heads:
         raise ValueError(f"gpt2 teacher: n_embd ({hidden}) must be divisible by n_head ({heads})")
     head_dim = hidden // heads
-    return SsmHubHybridConfig(
-        vocab_size=teacher["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
-        mixer_types=["attention" if layer in attention_layers else "mamba2" for layer in range(layers)],
-        ffn_types=["mlp"] * layers, num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
+    mixers = ["attention" if layer in attention_layers else "mamba2" for layer in range(layers)]
+    return _student_config(
+        teacher, hidden, heads, heads, head_dim, mixers, tie_default=True,
         attention_bias=True, use_rope=False, absolute_position_embeddings=True,
         max_position_embeddings=teacher["n_positions"], mlp_type="plain",
         hidden_act=teacher.get("activation_function", "gelu_new"), mlp_bias=True,
-        intermediate_size=teacher.get("n_inner") or 4 * hidden, norm_type="layer",
-        mamba_d_state=head_dim, mamba_d_head=head_dim, mamba_n_groups=heads, mamba_expand=1, mamba_proj_bias=True,
-        layer_norm_epsilon=teacher.get("layer_norm_epsilon", 1e-5), residual_in_fp32=False,
-        initializer_range=teacher.get("initializer_range", 0.02),
-        tie_word_embeddings=bool(teacher.get("tie_word_embeddings", True)),
-        pad_token_id=teacher.get("pad_token_id"), bos_token_id=teacher.get("bos_token_id"),
-        eos_token_id=teacher.get("eos_token_id"),
+        intermediate_size=teacher.get("n_inner") or 4 * hidden, norm_type="layer", mamba_proj_bias=True,
+        layer_norm_epsilon=teacher.get("layer_norm_epsilon", 1e-5),
     )
 
 
