@@ -106,13 +106,13 @@ def evaluate(models: dict[str, Path], teacher: Path, data, recall: bool, device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ssm_hub.conversion.distill import evaluate_against_teacher
-    from ssm_hub.training.data import held_out_count, read_documents, train_and_eval_datasets
+    from ssm_hub.training.data import read_documents, split_held_out, train_and_eval_datasets
     from ssm_hub.training.mqar import recall_accuracy
 
     documents = read_documents(data)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     _, held_out = train_and_eval_datasets(documents, tokenizer, data)
-    held_out_documents = documents[len(documents) - held_out_count(len(documents), data.eval_fraction):]
+    held_out_documents = split_held_out(documents, data.eval_fraction)[1]
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
     results = {"teacher": {}}
     for name, folder in models.items():

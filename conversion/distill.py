@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
-from ssm_hub.conversion.speed import longest_context, speed_table
+from ssm_hub.conversion.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 
 STAGES = ("orient", "align", "kl")
@@ -306,7 +306,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
     from ssm_hub.training.callbacks import write_loss_curve
-    from ssm_hub.training.data import held_out_count, read_documents, train_and_eval_datasets
+    from ssm_hub.training.data import read_documents, split_held_out, train_and_eval_datasets
 
     for name, steps in (("orient_steps", orient_steps), ("align_steps", align_steps), ("kl_steps", kl_steps)):
         if steps < 0:
@@ -316,9 +316,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     tokenizer = AutoTokenizer.from_pretrained(student)
     documents = read_documents(data)
     train_data, eval_data = train_and_eval_datasets(documents, tokenizer, data)
-    prompts = sample_prompts(documents[len(documents) - held_out_count(len(documents), data.eval_fraction):])
     if eval_data is None:
         raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
+    prompts = sample_prompts(split_held_out(documents, data.eval_fraction)[1])
     # The student trains in float32 (bf16 comes from --bf16's autocast), whatever dtype its folder stores; both
     # models go to this process's training device at once, so that the seeded evaluation runs there too.
     # TrainingArguments sets up the processes (the device, the process group) as the stages' Trainers see them;
@@ -380,8 +380,8 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             if len(timed) < len(speed_contexts):
                 report["speed_skipped"] = {
                     "contexts": [context for context in speed_contexts if context not in timed],
-                    "why": f"a model has learned absolute positions, and the timing decodes 16 tokens past the "
-                           f"context: at most {longest} tokens of context"}
+                    "why": f"a model has learned absolute positions, and the timing decodes {DECODE_STEPS} tokens "
+                           f"past the context: at most {longest} tokens of context"}
             report["speed"] = speed_table(teacher_model, student_model, timed)
         (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
     processes.wait_for_everyone()

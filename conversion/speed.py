@@ -17,6 +17,7 @@ import torch
 from transformers import StaticCache
 
 PREFILL_CHUNK = 4096
+DECODE_STEPS = 16  # timed decode steps after the prompt, each one token past the context
 
 
 def cache_bytes(cache) -> int:
@@ -38,7 +39,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -> dict:
+def measure_speed(model, context: int, batch: int = 1, decode_steps: int = DECODE_STEPS) -> dict:
     """{"context", "batch", "prefill_tokens_per_second", "decode_tokens_per_second", "cache_bytes"} for ``model``
     (in eval mode) on random token ids."""
     device = next(model.parameters()).device
@@ -63,7 +64,6 @@ def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -
     _synchronize(device)
     prefill = time.perf_counter() - started
     memory = cache_bytes(cache)
-    _synchronize(device)
     started = time.perf_counter()
     for step in range(decode_steps):
         model(input_ids=token, cache=cache, use_cache=True, position_ids=positions(context + step, 1),
@@ -74,7 +74,7 @@ def measure_speed(model, context: int, batch: int = 1, decode_steps: int = 16) -
             "decode_tokens_per_second": batch * decode_steps / decode, "cache_bytes": memory}
 
 
-def longest_context(*models, decode_steps: int = 16) -> int | None:
+def longest_context(*models, decode_steps: int = DECODE_STEPS) -> int | None:
     """The longest context :func:`measure_speed` can time on all of ``models``: learned absolute positions (GPT-2's,
     or an ssm_hub hybrid's ``absolute_position_embeddings``) end at ``max_position_embeddings``, and the decode steps
     go past the context; None where no model has such a limit (RoPE and SSM layers have none)."""

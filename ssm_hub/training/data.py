@@ -143,24 +143,22 @@ class PackedDataset(torch.utils.data.Dataset):
         return row
 
 
-def held_out_count(documents: int, eval_fraction: float) -> int:
-    """How many of the last documents are held out: ``eval_fraction`` of them, at least one when the fraction is
-    above 0 and there are two documents or more."""
-    held_out = int(documents * eval_fraction)
+def split_held_out(documents: list, eval_fraction: float) -> tuple[list, list]:
+    """(kept for training, held out): the last ``eval_fraction`` of ``documents`` (texts or their token lists) are
+    held out, at least one when the fraction is above 0 and there are two documents or more."""
+    held_out = int(len(documents) * eval_fraction)
     if eval_fraction > 0 and held_out == 0:
-        held_out = 1 if documents > 1 else 0
-    return held_out
+        held_out = 1 if len(documents) > 1 else 0
+    return documents[: len(documents) - held_out], documents[len(documents) - held_out:]
 
 
 def train_and_eval_datasets(documents: list[str], tokenizer, data: DataSection):
     """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them
-    (:func:`held_out_count`)."""
+    (:func:`split_held_out`)."""
     token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
-    held_out = held_out_count(len(token_lists), data.eval_fraction)
-    train_tokens = token_lists[: len(token_lists) - held_out]
-    eval_tokens = token_lists[len(token_lists) - held_out:]
+    train_tokens, eval_tokens = split_held_out(token_lists, data.eval_fraction)
     train = PackedDataset(pack(train_tokens, data.seq_len, tokenizer.eos_token_id))
-    if not held_out:
+    if not eval_tokens:
         return train, None
     try:
         evaluation = PackedDataset(pack(eval_tokens, data.seq_len, tokenizer.eos_token_id))
