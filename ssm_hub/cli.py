@@ -23,11 +23,11 @@ def add_convert_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="convert a Mamba / Mamba-2 / Jamba / Bamba checkpoint to ssm_hub or transformers, or seed an "
-             "ssm_hub_hybrid from a Llama-family transformer",
+             "ssm_hub_hybrid from a Llama-family or GPT-2 transformer",
         description="Convert a Mamba / Mamba-2 / hybrid checkpoint between transformers' native format (Mamba, "
                     "Mamba2, Jamba, Bamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format; or, with --to "
-                    "ssm_hub_hybrid --attention-layers SPEC, seed an ssm_hub_hybrid from a Llama, Mistral, Qwen2 "
-                    "or Phi-3 model, its replaced attention layers becoming Mamba-2 layers built from their "
+                    "ssm_hub_hybrid --attention-layers SPEC, seed an ssm_hub_hybrid from a Llama, Mistral, Qwen2, "
+                    "Phi-3 or GPT-2 model, its replaced attention layers becoming Mamba-2 layers built from their "
                     "weights. Reads safetensors only.",
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
@@ -118,6 +118,18 @@ def add_launch_flags(parser) -> None:
                         help="with --accelerate-config: processes (GPUs) to launch (default: the config's)")
 
 
+def relaunched(args: argparse.Namespace, cli_arguments: list[str]) -> int | None:
+    """With --accelerate-config, run ``ssm-hub CLI_ARGUMENTS`` in the processes accelerate launches and return their
+    exit status; None when the command is to run here."""
+    if args.accelerate_config is not None:
+        from ssm_hub.training.launch import launch
+
+        return launch(args.accelerate_config, cli_arguments, args.num_processes)
+    if args.num_processes is not None:
+        raise ValueError("--num-processes needs --accelerate-config")
+    return None
+
+
 def without_launch_flags(arguments: list[str]) -> list[str]:
     """The command-line arguments less --accelerate-config and --num-processes (with their values): what each
     launched process runs."""
@@ -138,12 +150,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     recipe = recipe_path(args.config)
     load_recipe(recipe, args.overrides)  # a bad key fails here, before any process is launched
-    if args.accelerate_config is not None:
-        from ssm_hub.training.launch import launch
-
-        return launch(args.accelerate_config, ["train", "--config", str(recipe), *args.overrides], args.num_processes)
-    if args.num_processes is not None:
-        raise ValueError("--num-processes needs --accelerate-config")
+    status = relaunched(args, ["train", "--config", str(recipe), *args.overrides])
+    if status is not None:
+        return status
     from ssm_hub.training.launch import end_process_group
 
     summary = train(load_recipe(recipe, args.overrides))
@@ -206,12 +215,9 @@ def run_distill(args: argparse.Namespace) -> int:
     data = DataSection(files=args.data or [], dataset=args.dataset, builtin=args.builtin, seq_len=args.seq_len,
                        eval_fraction=args.eval_fraction, max_documents=args.max_documents)
     data.check()
-    if args.accelerate_config is not None:
-        from ssm_hub.training.launch import launch
-
-        return launch(args.accelerate_config, without_launch_flags(args.cli_arguments), args.num_processes)
-    if args.num_processes is not None:
-        raise ValueError("--num-processes needs --accelerate-config")
+    status = relaunched(args, without_launch_flags(args.cli_arguments))
+    if status is not None:
+        return status
     report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
                      align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
