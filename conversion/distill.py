@@ -219,7 +219,8 @@ class DistillationTrainer(Trainer):
 @torch.no_grad()
 def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8) -> dict:
     """Held-out perplexity of teacher and student, mean token KL(teacher || student) and greedy next-token agreement
-    over ``dataset`` (rows of input_ids and position_ids)."""
+    over ``dataset`` (rows of input_ids, position_ids and labels), at the tokens that carry the loss: those whose
+    label is not -100 (every token but where the data masks the loss, as the recall task does)."""
     device = next(student.parameters()).device
     totals = dict(teacher_nll=0.0, student_nll=0.0, kl=0.0, agree=0.0)
     tokens = 0
@@ -227,15 +228,16 @@ def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8) -> 
         rows = [dataset[index] for index in range(begin, min(begin + batch_size, len(dataset)))]
         input_ids = torch.stack([row["input_ids"] for row in rows]).to(device)
         position_ids = torch.stack([row["position_ids"] for row in rows]).to(device)
-        teacher_logits = teacher(input_ids=input_ids, position_ids=position_ids).logits[:, :-1].float()
-        student_logits = student(input_ids=input_ids, position_ids=position_ids).logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        count = targets.numel()
+        targets = torch.stack([row["labels"] for row in rows]).to(device)[:, 1:]
+        counted = targets != -100
+        teacher_logits = teacher(input_ids=input_ids, position_ids=position_ids).logits[:, :-1][counted].float()
+        student_logits = student(input_ids=input_ids, position_ids=position_ids).logits[:, :-1][counted].float()
+        targets = targets[counted]
         for name, logits in (("teacher_nll", teacher_logits), ("student_nll", student_logits)):
-            totals[name] += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
-        totals["kl"] += token_kl(teacher_logits, student_logits).item() * count
+            totals[name] += F.cross_entropy(logits, targets, reduction="sum").item()
+        totals["kl"] += token_kl(teacher_logits, student_logits).item() * targets.numel()
         totals["agree"] += (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().item()
-        tokens += count
+        tokens += targets.numel()
     return {
         "teacher_perplexity": math.exp(totals["teacher_nll"] / tokens),
         "student_perplexity": math.exp(totals["student_nll"] / tokens),

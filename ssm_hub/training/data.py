@@ -3,8 +3,9 @@ into fixed-length rows whose position_ids restart at every document.
 
 Packing never lets one document's state leak into the next: ssm_hub's SSM layers reset their state where
 position_ids restart (and the hybrids' attention layers build per-document masks from them), so a packed row
-trains like its documents run one by one. The loss still covers every token; a document's first token is
-predicted from the end of the previous one, as in standard packing.
+trains like its documents run one by one. The loss covers every token (a document's first token is predicted from
+the end of the previous one, as in standard packing), except for ``data.builtin: mqar``, whose loss is on the
+queried values alone (ssm_hub.training.mqar.answer_mask): the rows' ``labels`` are -100 elsewhere.
 """
 
 import json
@@ -107,17 +108,23 @@ def character_tokenizer(documents: list[str]):
     return _with_end_of_text(tokenizer)
 
 
-def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None) -> dict[str, torch.Tensor]:
+def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None,
+         loss_masks: list[list[bool]] | None = None) -> dict[str, torch.Tensor]:
     """Concatenate the tokenized documents (each followed by ``eos_token_id`` when given) and cut rows of
     ``seq_len``: {"input_ids", "position_ids"} [rows, seq_len], positions counting from 0 in each document and in
     the part of a document that a row carries on (each row is a model call of its own, whose state starts empty;
     restarting there also keeps absolute positions, GPT-2's, below seq_len). The tail shorter than a row is
-    dropped."""
-    ids, positions = [], []
-    for tokens in token_lists:
-        tokens = list(tokens) + ([eos_token_id] if eos_token_id is not None else [])
-        ids += tokens
-        positions += range(len(tokens))
+    dropped. ``loss_masks`` (one flag per token of each document) adds "labels": the input_ids where the flag is
+    True, -100 elsewhere and at the end-of-text tokens."""
+    if loss_masks is not None and [len(mask) for mask in loss_masks] != [len(tokens) for tokens in token_lists]:
+        raise ValueError("pack: loss_masks must hold one flag per token of each document")
+    ids, positions, counted = [], [], []
+    for index, tokens in enumerate(token_lists):
+        end = [eos_token_id] if eos_token_id is not None else []
+        ids += list(tokens) + end
+        positions += range(len(tokens) + len(end))
+        if loss_masks is not None:
+            counted += list(loss_masks[index]) + [False] * len(end)
     rows = len(ids) // seq_len
     if rows == 0:
         raise ValueError(f"the data holds {len(ids)} tokens, fewer than one row of data.seq_len = {seq_len}")
@@ -125,11 +132,15 @@ def pack(token_lists: list[list[int]], seq_len: int, eos_token_id: int | None) -
     positions = torch.tensor(positions[: rows * seq_len]).view(rows, seq_len)
     carried_on = (positions == 0).cumsum(dim=1) == 0  # a row's tokens before its first document start
     positions = torch.where(carried_on, positions - positions[:, :1], positions)
-    return {"input_ids": ids, "position_ids": positions}
+    packed = {"input_ids": ids, "position_ids": positions}
+    if loss_masks is not None:
+        counted = torch.tensor(counted[: rows * seq_len]).view(rows, seq_len)
+        packed["labels"] = torch.where(counted, ids, torch.full_like(ids, -100))
+    return packed
 
 
 class PackedDataset(torch.utils.data.Dataset):
-    """Rows of :func:`pack`; each item also has ``labels`` (= input_ids: the models shift them)."""
+    """Rows of :func:`pack`; each item has ``labels``: pack's, or else the input_ids (the models shift them)."""
 
     def __init__(self, packed: dict[str, torch.Tensor]):
         self.packed = packed
@@ -139,7 +150,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = {name: tensor[index] for name, tensor in self.packed.items()}
-        row["labels"] = row["input_ids"]
+        row.setdefault("labels", row["input_ids"])
         return row
 
 
@@ -156,13 +167,25 @@ def train_and_eval_datasets(documents: list[str], tokenizer, data: DataSection):
     """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them
     (:func:`split_held_out`)."""
     token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    masks = _loss_masks(documents, token_lists) if data.builtin == "mqar" else None
     train_tokens, eval_tokens = split_held_out(token_lists, data.eval_fraction)
-    train = PackedDataset(pack(train_tokens, data.seq_len, tokenizer.eos_token_id))
+    train_masks, eval_masks = split_held_out(masks, data.eval_fraction) if masks else (None, None)
+    train = PackedDataset(pack(train_tokens, data.seq_len, tokenizer.eos_token_id, train_masks))
     if not eval_tokens:
         return train, None
     try:
-        evaluation = PackedDataset(pack(eval_tokens, data.seq_len, tokenizer.eos_token_id))
+        evaluation = PackedDataset(pack(eval_tokens, data.seq_len, tokenizer.eos_token_id, eval_masks))
     except ValueError as error:
         raise ValueError(f"the held-out documents (the last data.eval_fraction = {data.eval_fraction} of them): "
                          f"{error}; raise eval_fraction or set it to 0") from None
     return train, evaluation
+
+
+def _loss_masks(documents: list[str], token_lists: list[list[int]]) -> list[list[bool]]:
+    """The MQAR documents' answer masks (ssm_hub.training.mqar.answer_mask), which need one token per character."""
+    from ssm_hub.training.mqar import answer_mask
+
+    if any(len(tokens) != len(document) for tokens, document in zip(token_lists, documents)):
+        raise ValueError("data.builtin: mqar puts the loss on the queried values, which needs one token per "
+                         "character: set tokenizer.characters: true")
+    return [answer_mask(document) for document in documents]

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ssm_hub.cli import main
 from ssm_hub.conversion.distill import (
+    evaluate_against_teacher,
     hidden_alignment_loss,
     replaced_layers,
     set_trainable,
@@ -43,6 +44,28 @@ def test_hidden_alignment_loss_is_scale_free_per_layer_and_row():
     halves = [hidden_alignment_loss([o[rows] for o in off], [t[rows] for t in target]) for rows in ([0], [1])]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, loss)
     assert hidden_alignment_loss(target, target) == 0
+
+
+def test_evaluation_counts_only_the_tokens_that_carry_the_loss(teacher_and_student):
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_and_student[0]).eval()
+    student = AutoModelForCausalLM.from_pretrained(teacher_and_student[1]).eval()
+    ids = torch.randint(0, 300, (3, 16))
+    positions = torch.arange(16).expand(3, 16)
+    labels = torch.full_like(ids, -100)
+    labels[:, 5] = ids[:, 5]  # one counted target per row: predicted from position 4
+    rows = [dict(input_ids=i, position_ids=p, labels=l) for i, p, l in zip(ids, positions, labels)]
+    scores = evaluate_against_teacher(student, teacher, rows)
+    with torch.no_grad():
+        teacher_logits, student_logits = teacher(ids).logits[:, 4], student(ids).logits[:, 4]
+    assert scores["tokens"] == 3
+    torch.testing.assert_close(scores["student_perplexity"],
+                               F.cross_entropy(student_logits, ids[:, 5]).exp().item(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(scores["teacher_perplexity"],
+                               F.cross_entropy(teacher_logits, ids[:, 5]).exp().item(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(scores["mean_token_kl"], token_kl(teacher_logits, student_logits).item(),
+                               rtol=1e-5, atol=1e-7)
+    every = evaluate_against_teacher(student, teacher, [dict(row, labels=row["input_ids"]) for row in rows])
+    assert every["tokens"] == 3 * 15 and every["student_perplexity"] != scores["student_perplexity"]
 
 
 @pytest.fixture

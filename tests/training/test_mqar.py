@@ -1,12 +1,12 @@
-"""The associative-recall task (ssm_hub.training.mqar): its documents, the builtin data source, and the recall
-score, checked with a model that knows the answers and one that does not."""
+"""The associative-recall task (ssm_hub.training.mqar): its documents, the builtin data source whose loss is on the
+queried values alone, and the recall score, checked with a model that knows the answers and one that does not."""
 
 import pytest
 import torch
 
 from ssm_hub.training.config import DataSection
-from ssm_hub.training.data import character_tokenizer, read_documents
-from ssm_hub.training.mqar import KEYS, QUERY_MARK, VALUES, mqar_documents, recall_accuracy
+from ssm_hub.training.data import character_tokenizer, pack, read_documents, train_and_eval_datasets
+from ssm_hub.training.mqar import KEYS, QUERY_MARK, VALUES, answer_mask, mqar_documents, recall_accuracy
 
 
 def test_documents_hold_distinct_keys_and_queries_that_repeat_their_pairs():
@@ -50,3 +50,33 @@ def test_recall_accuracy_scores_only_the_queried_values():
     assert recall_accuracy(always_seven, tokenizer, documents) == pytest.approx(expected)
     with pytest.raises(ValueError, match="one layout"):
         recall_accuracy(always_seven, tokenizer, documents[:2] + mqar_documents(1, pairs=5, queries=5))
+
+
+def test_the_builtin_data_puts_the_loss_on_the_queried_values_alone():
+    assert answer_mask("a1b2:b2") == [False] * 6 + [True]
+    with pytest.raises(ValueError, match="not an MQAR document"):
+        answer_mask("a1b2b2")
+    data = DataSection(builtin="mqar", max_documents=30, seq_len=64, eval_fraction=0.2)
+    documents = read_documents(data)
+    tokenizer = character_tokenizer(documents)
+    train, held_out = train_and_eval_datasets(documents, tokenizer, data)
+    for dataset, texts in ((train, documents[:24]), (held_out, documents[24:])):
+        counted = torch.cat([row["labels"] for row in dataset]) != -100
+        ids = torch.cat([row["input_ids"] for row in dataset])[counted]
+        answers = "".join(text.split(QUERY_MARK)[1][1::2] for text in texts)
+        # every counted token is a queried value, in order (the packed tail that does not fill a row is dropped)
+        assert 0 < len(ids) <= len(answers) and tokenizer.decode(ids) == answers[:len(ids)]
+    with pytest.raises(ValueError, match="one token per character"):
+        train_and_eval_datasets(documents, _WholeDocumentTokenizer(tokenizer), data)
+    with pytest.raises(ValueError, match="one flag per token"):
+        pack([[1, 2, 3]], 2, 0, loss_masks=[[True, False]])
+
+
+class _WholeDocumentTokenizer:
+    """Encodes each document as one token: not a character tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def __call__(self, documents, add_special_tokens):
+        return {"input_ids": [[1] for _ in documents]}
