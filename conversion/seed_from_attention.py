@@ -33,6 +33,12 @@ works use these sizes) and its gated norm normalises each head:
   projection (normal, std initializer_range; both works draw them at random) and the gated norm's weight is one.
 RoPE has no counterpart in the scan and is dropped for the replaced layers (neither work applies it to B or C). The
 random draws are seeded per layer, so a layer seeds the same way in the probe and in the written model.
+
+``mixer_init="fresh"`` (``--mixer-init fresh``) instead starts each replaced layer's Mamba-2 mixer as a new
+ssm_hub_hybrid's (its ``_init_weights``: out_proj small, so the layer starts close to a skip) and keeps everything
+else from the teacher; the attention weights of those layers go unused. On the character-level Shakespeare check
+(benchmarks/distillation_quality.py, H100, one run) such a pure-SSM student distilled to a held-out perplexity of
+4.874 against the attention-seeded one's 5.071, at the same settings and budget.
 """
 
 import json
@@ -50,7 +56,7 @@ from ssm_hub.conversion.checkpoint import (
 )
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
-from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
+from ssm_hub.models.hybrid.modeling_hybrid import SSM_MIXER_CLASSES, SsmHubHybridForCausalLM
 
 SUPPORTED_TEACHERS = {
     "llama": "LlamaForCausalLM",
@@ -60,6 +66,7 @@ SUPPORTED_TEACHERS = {
     "gpt2": "GPT2LMHeadModel",
 }
 SEEDING_FILE = "seeding.json"  # what was seeded from what: the model card reads it
+MIXER_INITS = ("attention", "fresh")
 # The attention tensors a layer may have, in Llama's names; anything else (Qwen3's q_norm, say) has no place.
 ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
                      for kind in ("weight", "bias")}
@@ -247,6 +254,18 @@ def _teacher_layer(weights: dict, model_type: str, layer: int, config: SsmHubHyb
     return take
 
 
+def _fresh_mamba(config: SsmHubHybridConfig, layer: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A new ssm_hub_hybrid's Mamba-2 mixer tensors for ``layer`` (its own initialisation), seeded per layer."""
+    with torch.device("meta"):
+        initialiser = SsmHubHybridForCausalLM(config)  # only its _init_weights, which reads the config
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed * 1_000_003 + layer)
+        mixer = SSM_MIXER_CLASSES["mamba2"](config.ssm_config("mamba2"), layer_idx=layer)
+        for module in reversed(list(mixer.modules())):  # children first, as transformers initialises a model
+            initialiser._init_weights(module)
+    return {name: tensor.detach().to(dtype) for name, tensor in mixer.state_dict().items()}
+
+
 def _seeded_mamba(attention: dict[str, torch.Tensor], config: SsmHubHybridConfig, layer: int,
                   seed: int) -> dict[str, torch.Tensor]:
     """The Mamba-2 layer's tensors (names under ``mamba.``) seeded from one attention layer's (module docstring)."""
@@ -291,9 +310,12 @@ def _seeded_mamba(attention: dict[str, torch.Tensor], config: SsmHubHybridConfig
 
 
 def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, config: SsmHubHybridConfig,
-                    seed: int = 0) -> dict[str, torch.Tensor]:
-    """The student's state dict from the teacher's (Llama names). Copied tensors are shared, not cloned. Every
-    teacher tensor must be used: ValueError naming the ones the student has no place for."""
+                    seed: int = 0, mixer_init: str = "attention") -> dict[str, torch.Tensor]:
+    """The student's state dict from the teacher's (Llama names), the replaced layers' mixers seeded from their
+    attention or fresh (``mixer_init``, module docstring). Copied tensors are shared, not cloned. Every teacher
+    tensor must have a place: ValueError naming the ones the student has none for."""
+    if mixer_init not in MIXER_INITS:
+        raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
     weights = _llama_names_from_gpt2(teacher_weights, config) if model_type == "gpt2" else dict(teacher_weights)
 
     def need(tensors: dict, name: str, where: str = "") -> torch.Tensor:
@@ -336,8 +358,9 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
             raise ValueError(f"teacher layer {layer} has attention biases ({', '.join(biases)}) but its config does "
                              f"not say attention_bias")
         if mixer == "mamba2":
-            student.update({prefix + "mamba." + name: tensor
-                            for name, tensor in _seeded_mamba(attention, config, layer, seed).items()})
+            mamba = (_seeded_mamba(attention, config, layer, seed) if mixer_init == "attention"
+                     else _fresh_mamba(config, layer, seed, attention["o_proj.weight"].dtype))
+            student.update({prefix + "mamba." + name: tensor for name, tensor in mamba.items()})
         else:
             for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 student[f"{prefix}self_attn.{projection}.weight"] = attention.pop(f"{projection}.weight")
@@ -381,15 +404,15 @@ def probe_ids(tokenizer_folder: Path, sequences: int = 8, length: int = 128) -> 
 
 @torch.no_grad()
 def probe_layer_importance(teacher_weights: dict[str, torch.Tensor], teacher: dict, ids: torch.Tensor,
-                           seed: int = 0) -> dict[int, float]:
-    """For each layer, the mean per-token KL(teacher || student) on ``ids`` when that layer alone becomes a seeded
-    Mamba-2 layer: how much the model loses without that attention layer. (The all-attention student computes the
+                           seed: int = 0, mixer_init: str = "attention") -> dict[int, float]:
+    """For each layer, the mean per-token KL(teacher || student) on ``ids`` when that layer alone becomes a Mamba-2
+    layer initialised as ``mixer_init`` says: how much the model loses without that attention layer. (The all-attention student computes the
     teacher's logits, so it stands in for the teacher.)"""
     layers = teacher_layer_count(teacher)
 
     def log_probs(kept):
         config = student_config(teacher, kept)
-        model = _model(config, student_weights(teacher_weights, teacher["model_type"], config, seed))
+        model = _model(config, student_weights(teacher_weights, teacher["model_type"], config, seed, mixer_init))
         return torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
 
     reference = log_probs(list(range(layers)))
@@ -402,10 +425,13 @@ def probe_layer_importance(teacher_weights: dict[str, torch.Tensor], teacher: di
 
 
 def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: str = "all",
-                dtype: str | torch.dtype | None = None, seed: int = 0) -> Path:
+                dtype: str | torch.dtype | None = None, seed: int = 0, mixer_init: str = "attention") -> Path:
     """Write an ssm_hub_hybrid seeded from ``teacher`` (a local folder or a Hub model id) to ``output_dir``,
-    keeping the attention layers ``attention_layers`` names (module docstring); the teacher's tokenizer and
-    generation files are copied and ``seeding.json`` records the seeding. Returns the output folder."""
+    keeping the attention layers ``attention_layers`` names, the others' mixers seeded from attention or fresh
+    (``mixer_init``; module docstring); the teacher's tokenizer and generation files are copied and
+    ``seeding.json`` records the seeding. Returns the output folder."""
+    if mixer_init not in MIXER_INITS:
+        raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
     cast_to = parse_dtype(dtype)
     source_dir, output_dir = source_and_output(teacher, output_dir)
     config_dict = read_config(source_dir)
@@ -415,16 +441,18 @@ def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: s
     weights = read_weights(source_dir, teacher, cast_to)
     scores = None
     if isinstance(kept, tuple):
-        scores = probe_layer_importance(weights, config_dict, probe_ids(source_dir), seed)
+        scores = probe_layer_importance(weights, config_dict, probe_ids(source_dir), seed, mixer_init)
         kept = sorted(sorted(scores, key=lambda layer: -scores[layer])[: kept[1]])
     config = student_config(config_dict, kept)
     save_weights(SsmHubHybridForCausalLM, config,
-                 student_weights(weights, config_dict["model_type"], config, seed), output_dir)
+                 student_weights(weights, config_dict["model_type"], config, seed, mixer_init), output_dir)
     copy_tokenizer_files(source_dir, output_dir)
     record = {"teacher": str(teacher), "teacher_model_type": config_dict["model_type"],
-              "attention_layers": str(attention_layers), "kept_attention_layers": kept, "seed": seed}
+              "attention_layers": str(attention_layers), "kept_attention_layers": kept, "mixer_init": mixer_init,
+              "seed": seed}
     if scores is not None:
         record["probe"] = {"what": "mean per-token KL(teacher || student) on 8 x 128 tokens of pydoc's topics when "
-                                   "the layer alone becomes a seeded Mamba-2 layer", "scores": scores}
+                                   "the layer alone becomes a Mamba-2 layer initialised as mixer_init says",
+                           "scores": scores}
     (output_dir / SEEDING_FILE).write_text(json.dumps(record, indent=1) + "\n")
     return output_dir

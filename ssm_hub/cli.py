@@ -41,6 +41,10 @@ def add_convert_command(subparsers) -> None:
                         help="with --to ssm_hub_hybrid: the attention layers to keep: all, none, every:K[:OFFSET], "
                              "a list such as 3,7,11, or auto:N (the N whose replacement alone costs most on a "
                              "probe text; scores written to the output folder)")
+    parser.add_argument("--mixer-init", choices=("attention", "fresh"), default=None,
+                        help="with --to ssm_hub_hybrid: seed the new Mamba-2 mixers from the attention weights they "
+                             "replace (attention, the default) or start them as a new model's (fresh), keeping "
+                             "the teacher's other weights")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast floating-point weights to this dtype (default: keep the stored dtypes)")
     parser.set_defaults(run=run_convert)
@@ -50,10 +54,13 @@ def run_convert(args: argparse.Namespace) -> None:
     if (args.to == "ssm_hub_hybrid") != (args.attention_layers is not None):
         raise ValueError("--to ssm_hub_hybrid and --attention-layers go together: seeding a hybrid from a "
                          "transformer needs both")
+    if args.mixer_init is not None and args.to != "ssm_hub_hybrid":
+        raise ValueError("--mixer-init applies to seeding an ssm_hub_hybrid (--to ssm_hub_hybrid) only")
     if args.to == "ssm_hub_hybrid":
         from ssm_hub.conversion.seed_from_attention import seed_hybrid
 
-        output = seed_hybrid(args.source, args.output, args.attention_layers, dtype=args.dtype)
+        output = seed_hybrid(args.source, args.output, args.attention_layers, dtype=args.dtype,
+                             mixer_init=args.mixer_init or "attention")
     else:
         from ssm_hub.conversion.checkpoint import convert_checkpoint
 

@@ -240,3 +240,31 @@ def test_cli_seeds_a_hybrid_and_needs_both_flags(tmp_path, capsys):
     assert kinds == ["sliding_attention", "mamba2", "sliding_attention", "mamba2"]
     assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--attention-layers", "all"]) == 1
     assert "--to ssm_hub_hybrid and --attention-layers go together" in capsys.readouterr().err
+
+
+def test_fresh_mixers_start_as_a_new_models_and_keep_everything_else(tmp_path, capsys):
+    teacher = _teacher("llama", tmp_path / "teacher")
+    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "fresh"), "--to", "ssm_hub_hybrid",
+                 "--attention-layers", "0", "--mixer-init", "fresh"]) == 0
+    seed_hybrid(tmp_path / "teacher", tmp_path / "seeded", "0")
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "fresh").eval()
+    seeded = AutoModelForCausalLM.from_pretrained(tmp_path / "seeded").eval()
+    assert json.loads((tmp_path / "fresh" / SEEDING_FILE).read_text())["mixer_init"] == "fresh"
+    for name, tensor in fresh.state_dict().items():
+        if ".mamba." not in name:  # the kept attention layer, MLPs, norms, embeddings and head: the teacher's
+            assert torch.equal(tensor, seeded.state_dict()[name]), name
+    for layer in (1, 2, 3):
+        mamba, attention = fresh.model.layers[layer].mamba, teacher.model.layers[layer].self_attn
+        # ssm_hub_hybrid's own initialisation: out_proj N(0, 0.02) scaled by 1/sqrt(layers), not the teacher's O
+        assert abs(mamba.out_proj.weight.std().item() - 0.02 / 2) < 0.004
+        assert not torch.equal(mamba.out_proj.weight, attention.o_proj.weight)
+        assert (mamba.D == 1).all() and (mamba.conv1d.weight != 0).all()
+    again = AutoModelForCausalLM.from_pretrained(
+        seed_hybrid(tmp_path / "teacher", tmp_path / "again", "0", mixer_init="fresh"))
+    assert torch.equal(again.model.layers[2].mamba.in_proj.weight, fresh.model.layers[2].mamba.in_proj.weight)
+    assert not torch.equal(fresh.model.layers[1].mamba.in_proj.weight, fresh.model.layers[2].mamba.in_proj.weight)
+    with pytest.raises(ValueError, match="mixer_init must be one of"):
+        seed_hybrid(tmp_path / "teacher", tmp_path / "bad", "0", mixer_init="zeros")
+    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--to", "mamba2",
+                 "--mixer-init", "fresh"]) == 1
+    assert "--mixer-init applies to seeding an ssm_hub_hybrid" in capsys.readouterr().err
