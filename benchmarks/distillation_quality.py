@@ -75,15 +75,18 @@ TASKS = {
 }
 
 
-def run_together(jobs: list[tuple[list[str], Path]]) -> None:
-    """Run the (command, log file) jobs at once (they are independent, and each leaves most of a GPU idle); exit
-    with the end of the log of the first that fails."""
-    processes = []
-    for command, log in jobs:
+def run_together(jobs: list[tuple[list[str], Path, Path]]) -> None:
+    """Run the (command, log file, file it writes last) jobs whose last file is missing, all at once (they are
+    independent, and each leaves most of a GPU idle); exit with the end of the log of the first that fails."""
+    started = []
+    for command, log, written in jobs:
+        if written.is_file():
+            continue
         print("running", " ".join(command[2:5]), "->", log.name, flush=True)
-        processes.append(subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                          env={**os.environ, "PYTHONSAFEPATH": "1"}))
-    for process, (_, log) in zip(processes, jobs):
+        with open(log, "w") as output:  # the child keeps its own copy of the handle
+            started.append((subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                             env={**os.environ, "PYTHONSAFEPATH": "1"}), log))
+    for process, log in started:
         if process.wait() != 0:
             raise SystemExit(f"failed ({process.returncode}); the end of {log}:\n" + log.read_text()[-3000:])
 
@@ -151,18 +154,20 @@ def run_task(task: Task, data_file: Path | None, runs: Path, quick: bool, device
     teacher_recipe = load_recipe(recipe_path(task.teacher_recipe), teacher_overrides)
     teacher_steps, rows = teacher_recipe.train["max_steps"], teacher_recipe.train["per_device_train_batch_size"]
     data, budget_steps = teacher_recipe.data, int(BUDGET_FRACTION * teacher_steps)
-    if not (folders["teacher"] / "model.safetensors").is_file():
-        run_together([(cli("train", "--config", task.teacher_recipe, *teacher_overrides), runs / "teacher.log")])
+    run_together([(cli("train", "--config", task.teacher_recipe, *teacher_overrides), runs / "teacher.log",
+                   folders["teacher"] / "model.safetensors")])
     scratch_overrides = [*shared, *(task.quick_scratch if quick else ()), f"train.max_steps={budget_steps}",
                          f"train.output_dir={folders['scratch_mamba2']}"]
     layers = teacher_recipe.model.config["num_hidden_layers"]
     if layers % 4:
         raise ValueError(f"{task.name}: 25% attention needs a multiple of 4 layers; the teacher has {layers}")
-    jobs = [(cli("train", "--config", task.scratch_recipe, *scratch_overrides), runs / "scratch_mamba2.log")]
-    jobs += [(cli("convert", str(folders["teacher"]), str(folders[name]), "--to", "ssm_hub_hybrid", "--attention-layers",
-                  spec, "--mixer-init", mixer_init), runs / f"{name}.log") for name, spec, mixer_init in SEEDED]
-    run_together([job for job, name in zip(jobs, ("scratch_mamba2", *(seeded for seeded, _, _ in SEEDED)))
-                  if not (folders[name] / "model.safetensors").is_file()])
+    run_together([
+        (cli("train", "--config", task.scratch_recipe, *scratch_overrides), runs / "scratch_mamba2.log",
+         folders["scratch_mamba2"] / "model.safetensors"),
+        *((cli("convert", str(folders["teacher"]), str(folders[name]), "--to", "ssm_hub_hybrid", "--attention-layers",
+               spec, "--mixer-init", mixer_init), runs / f"{name}.log", folders[name] / "model.safetensors")
+          for name, spec, mixer_init in SEEDED),
+    ])
     if not (folders["random_ssm"] / "model.safetensors").is_file():
         random_student(folders["seeded_ssm"], folders["random_ssm"])
 
@@ -172,18 +177,18 @@ def run_task(task: Task, data_file: Path | None, runs: Path, quick: bool, device
     if torch.cuda.is_available() and not quick:
         distill_flags.append("--bf16")
     jobs = [(cli("distill", "--teacher", str(folders["teacher"]), "--student", str(folders[student]), "--output",
-                 str(folders[output]), *distill_flags), runs / f"{output}.log")
+                 str(folders[output]), *distill_flags), runs / f"{output}.log", folders[output] / "distillation.json")
             for student, output in (("seeded_hybrid_25", "distilled_hybrid_25"), ("seeded_ssm", "distilled_ssm"),
-                                    ("seeded_fresh_ssm", "distilled_fresh_ssm"), ("random_ssm", "distilled_random_ssm"))
-            if not (folders[output] / "distillation.json").is_file()]
+                                    ("seeded_fresh_ssm", "distilled_fresh_ssm"),
+                                    ("random_ssm", "distilled_random_ssm"))]
     scratch_ssm_overrides = [
         *shared, f"train.max_steps={budget_steps}", f"train.output_dir={folders['scratch_ssm']}",
         f"model.pretrained={folders['random_ssm']}", "model.type=null", "model.config={}",
         f"tokenizer.pretrained={folders['random_ssm']}", "tokenizer.characters=false",
         *([f"train.eval_steps={budget_steps}", f"train.save_steps={budget_steps}"] if quick else []),
     ]
-    if not (folders["scratch_ssm"] / "model.safetensors").is_file():
-        jobs.append((cli("train", "--config", task.scratch_recipe, *scratch_ssm_overrides), runs / "scratch_ssm.log"))
+    jobs.append((cli("train", "--config", task.scratch_recipe, *scratch_ssm_overrides), runs / "scratch_ssm.log",
+                 folders["scratch_ssm"] / "model.safetensors"))
     run_together(jobs)
 
     recall = task.name == "mqar"

@@ -254,10 +254,11 @@ def _teacher_layer(weights: dict, model_type: str, layer: int, config: SsmHubHyb
     return take
 
 
-def _fresh_mamba(config: SsmHubHybridConfig, layer: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A new ssm_hub_hybrid's Mamba-2 mixer tensors for ``layer`` (its own initialisation), seeded per layer."""
-    with torch.device("meta"):
-        initialiser = SsmHubHybridForCausalLM(config)  # only its _init_weights, which reads the config
+def _fresh_mamba(initialiser: SsmHubHybridForCausalLM, layer: int, seed: int,
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A new ssm_hub_hybrid's Mamba-2 mixer tensors for ``layer``, as ``initialiser._init_weights`` draws them,
+    seeded per layer."""
+    config = initialiser.config
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed * 1_000_003 + layer)
         mixer = SSM_MIXER_CLASSES["mamba2"](config.ssm_config("mamba2"), layer_idx=layer)
@@ -316,6 +317,9 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
     tensor must have a place: ValueError naming the ones the student has none for."""
     if mixer_init not in MIXER_INITS:
         raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
+    if mixer_init == "fresh":
+        with torch.device("meta"):
+            initialiser = SsmHubHybridForCausalLM(config)  # for its _init_weights alone, which reads the config
     weights = _llama_names_from_gpt2(teacher_weights, config) if model_type == "gpt2" else dict(teacher_weights)
 
     def need(tensors: dict, name: str, where: str = "") -> torch.Tensor:
@@ -359,7 +363,7 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
                              f"not say attention_bias")
         if mixer == "mamba2":
             mamba = (_seeded_mamba(attention, config, layer, seed) if mixer_init == "attention"
-                     else _fresh_mamba(config, layer, seed, attention["o_proj.weight"].dtype))
+                     else _fresh_mamba(initialiser, layer, seed, attention["o_proj.weight"].dtype))
             student.update({prefix + "mamba." + name: tensor for name, tensor in mamba.items()})
         else:
             for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -406,8 +410,8 @@ def probe_ids(tokenizer_folder: Path, sequences: int = 8, length: int = 128) -> 
 def probe_layer_importance(teacher_weights: dict[str, torch.Tensor], teacher: dict, ids: torch.Tensor,
                            seed: int = 0, mixer_init: str = "attention") -> dict[int, float]:
     """For each layer, the mean per-token KL(teacher || student) on ``ids`` when that layer alone becomes a Mamba-2
-    layer initialised as ``mixer_init`` says: how much the model loses without that attention layer. (The all-attention student computes the
-    teacher's logits, so it stands in for the teacher.)"""
+    layer initialised as ``mixer_init`` says: how much the model loses without that attention layer. (The
+    all-attention student computes the teacher's logits, so it stands in for the teacher.)"""
     layers = teacher_layer_count(teacher)
 
     def log_probs(kept):
