@@ -205,6 +205,8 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight in the KL stage")
     parser.add_argument("--freeze-mlp", action="store_true", help="keep the MLPs frozen in the KL stage")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on a GPU)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the seed of the data order and of anything drawn at random (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue each stage from its last checkpoint in --output (an interrupted run)")
     parser.add_argument("--speed-contexts", type=int, nargs="*", default=None, metavar="TOKENS",
@@ -229,7 +231,7 @@ def run_distill(args: argparse.Namespace) -> int:
                      align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                      ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16,
-                     speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts,
+                     seed=args.seed, speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts,
                      resume=args.resume)
     end_process_group()
     if os.environ.get("RANK", "0") == "0":

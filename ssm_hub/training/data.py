@@ -163,10 +163,27 @@ def split_held_out(documents: list, eval_fraction: float) -> tuple[list, list]:
     return documents[: len(documents) - held_out], documents[len(documents) - held_out:]
 
 
+def tokenize_documents(tokenizer, documents: list[str]) -> list[list[int]]:
+    """The token ids of each document, without special tokens. A vocabulary without an unknown token (the
+    character-level tokenizer's: it knows the characters of the text it was built from) cannot encode a character
+    it lacks; that is said by naming the characters, where the tokenizers library raises a bare Exception."""
+    try:
+        return tokenizer(documents, add_special_tokens=False)["input_ids"]
+    except Exception as error:
+        if "Missing [UNK]" not in str(error):
+            raise
+        vocabulary = tokenizer.get_vocab()
+        unknown = sorted({character for document in documents for character in document} - set(vocabulary))
+        raise ValueError(f"the tokenizer has no token for {len(unknown)} character(s) of the data, {unknown[:20]!r}, "
+                         "and no unknown token: a character-level tokenizer knows only the characters of the text "
+                         "it was built from; use data made of those characters, or a tokenizer built on this data"
+                         ) from None
+
+
 def train_and_eval_datasets(documents: list[str], tokenizer, data: DataSection):
     """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them
     (:func:`split_held_out`)."""
-    token_lists = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    token_lists = tokenize_documents(tokenizer, documents)
     masks = _loss_masks(documents, token_lists) if data.builtin == "mqar" else None
     train_tokens, eval_tokens = split_held_out(token_lists, data.eval_fraction)
     train_masks, eval_masks = split_held_out(masks, data.eval_fraction) if masks else (None, None)

@@ -190,6 +190,23 @@ def test_a_resumed_run_restores_each_finished_stage(teacher_and_student, tmp_pat
     assert fresh["evaluations"]["after_kl"] != first["evaluations"]["after_kl"]
 
 
+def test_the_seed_flag_reaches_the_run(teacher_and_student, tmp_path):
+    """--seed sets the data order and whatever is drawn at random: the same seed twice gives the same student,
+    another seed another one."""
+    teacher, student = teacher_and_student
+    arguments = ["distill", "--teacher", str(teacher), "--student", str(student), "--builtin", "python_docs",
+                 "--max-documents", "60", "--seq-len", "32", "--eval-fraction", "0.1", "--align-steps", "2",
+                 "--kl-steps", "2", "--batch-size", "4", "--speed-contexts"]
+
+    def after_kl(name: str, seed: str) -> dict:
+        assert main([*arguments, "--seed", seed, "--output", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "distillation.json").read_text())["evaluations"]["after_kl"]
+
+    first = after_kl("first", "1")
+    assert after_kl("again", "1") == first
+    assert after_kl("other", "2") != first
+
+
 def test_stages_after_orientation_run_the_teacher_with_its_own_attention(teacher_and_student, tmp_path, monkeypatch):
     from ssm_hub.conversion import distill as distillation
     from ssm_hub.training.config import DataSection

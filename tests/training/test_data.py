@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssm_hub.training.config import DataSection
-from ssm_hub.training.data import PackedDataset, character_tokenizer, pack, read_documents
+from ssm_hub.training.data import PackedDataset, character_tokenizer, pack, read_documents, train_and_eval_datasets
 
 
 def test_pack_restarts_positions_at_every_document_and_row_and_appends_eos():
@@ -63,3 +63,7 @@ def test_character_tokenizer_has_one_token_per_character_and_round_trips(tmp_pat
     assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == ids
     with pytest.raises(Exception, match="UNK"):  # a character the documents never held is not silently replaced
         tokenizer("Q").input_ids
+    # Where the data is tokenized for training or distillation, the characters it lacks are named.
+    data = DataSection(seq_len=4, eval_fraction=0)
+    with pytest.raises(ValueError, match=r"no token for 2 character\(s\) of the data, \['Q', 'x'\]"):
+        train_and_eval_datasets(["Speak, Quixote."], tokenizer, data)
