@@ -2,6 +2,11 @@
 
 Parameter names match transformers' Mamba2Mixer, so native checkpoints map one to one. All recurrence math is in
 ``ssm_hub.ops``; this module only projects, splits and reshapes, and talks to transformers' cache.
+
+With ``modalities`` > 1 (Mixture-of-Mamba) every modality after the first has its own in_proj (which also gives
+dt) and out_proj, in ``modality_in_proj`` / ``modality_out_proj``; the conv, A, D, dt_bias and the norm stay
+shared. Tokens are routed by a fixed modality mask (ssm_hub.layers.modality_routing); modality 0 uses
+``in_proj`` / ``out_proj`` themselves, so a text-only checkpoint loads into the text path unchanged.
 """
 
 import torch
@@ -10,6 +15,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ssm_hub.backend import resolve_backend
+from ssm_hub.layers.modality_routing import ModalityRouting, route_by_modality
 from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
@@ -20,7 +26,7 @@ from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
 
 class Mamba2Mixer(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, modalities: int = 1):
         super().__init__()
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
@@ -48,6 +54,14 @@ class Mamba2Mixer(nn.Module):
             norm_before_gate=config.norm_before_gate,
         )
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+        self.modality_in_proj = self.modality_out_proj = None
+        if modalities > 1:
+            self.modality_in_proj = nn.ModuleList(
+                nn.Linear(self.hidden_size, self.in_proj.out_features, bias=config.use_bias)
+                for _ in range(modalities - 1))
+            self.modality_out_proj = nn.ModuleList(
+                nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+                for _ in range(modalities - 1))
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:
@@ -64,14 +78,16 @@ class Mamba2Mixer(nn.Module):
         cache=None,
         padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        modality: ModalityRouting | None = None,
     ) -> torch.Tensor:
+        """``modality``: which projections each token takes (only with ``modalities`` > 1; None: modality 0)."""
         batch_size, seq_len, _ = hidden_states.shape
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
-        gate, xBC, dt = self.in_proj(hidden_states).split(
-            [self.intermediate_size, self.conv_dim, self.num_heads], dim=-1
-        )
+        projected = self.in_proj(hidden_states) if self.modality_in_proj is None else route_by_modality(
+            [self.in_proj, *self.modality_in_proj], hidden_states, modality)
+        gate, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)
 
@@ -87,14 +103,15 @@ class Mamba2Mixer(nn.Module):
                 B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),
                 in_place=True, **self._scan_kwargs(),
             )
-            return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, hidden_states.dtype)
+            return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, hidden_states.dtype, modality)
 
         if cache is None and torch.is_grad_enabled() and self._sequence_on_kernels(hidden_states):
             # Training on the kernels: one autograd node that keeps the scan's output but rebuilds the conv output
             # and the normed output in backward (see ssm_hub.ops.mamba2_sequence).
-            return self._sequence_for_training(gate, xBC, dt, padding_mask, seq_idx, hidden_states.dtype)
+            return self._sequence_for_training(gate, xBC, dt, padding_mask, seq_idx, hidden_states.dtype, modality)
         out, conv_state, ssm_state = self._sequence(
-            gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, cache is not None, hidden_states.dtype
+            gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, cache is not None, hidden_states.dtype,
+            modality,
         )
         if cache is not None:
             # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
@@ -110,7 +127,7 @@ class Mamba2Mixer(nn.Module):
                               ("gated_rms_norm", {"has_triton_kernel": group_size <= MAX_GROUP_SIZE}))
         )
 
-    def _sequence_for_training(self, gate, xBC, dt, padding_mask, seq_idx, out_dtype):
+    def _sequence_for_training(self, gate, xBC, dt, padding_mask, seq_idx, out_dtype, modality=None):
         conv_weight, conv_bias = self._conv_parameters()
         sizes = Mamba2Sizes(
             self.intermediate_size, self.n_groups, self.state_size, self.num_heads, self.head_dim, self.chunk_size,
@@ -118,13 +135,14 @@ class Mamba2Mixer(nn.Module):
             out_dtype,
         )
         # out_proj goes into the node (so its input need not be kept) unless something wraps or hooks it, such as
-        # a PEFT adapter: then it runs as itself on the node's normed output.
+        # a PEFT adapter, or tokens are routed to per-modality out_projs: then it runs as itself on the node's
+        # normed output.
         plain_out_proj = (type(self.out_proj) is nn.Linear and not self.out_proj._forward_hooks
-                          and not self.out_proj._forward_pre_hooks)
+                          and not self.out_proj._forward_pre_hooks and self.modality_out_proj is None)
         out_weight, out_bias = (self.out_proj.weight, self.out_proj.bias) if plain_out_proj else (None, None)
         out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, self._A(), self.D, self.dt_bias,
                                     self.norm.weight, out_weight, out_bias, padding_mask, seq_idx, sizes)
-        return out if plain_out_proj else self.out_proj(out)
+        return out if plain_out_proj else self._project_out(out, modality)
 
     def mixing_matrix(self, hidden_states: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """[B, H, T, T]: the scan this layer runs on ``hidden_states`` as one matrix per head (before the D skip,
@@ -148,7 +166,8 @@ class Mamba2Mixer(nn.Module):
     def _scan_kwargs(self) -> dict:
         return dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
 
-    def _sequence(self, gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, out_dtype):
+    def _sequence(self, gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, out_dtype,
+                  modality=None):
         """conv -> chunked scan -> gated norm -> out_proj over a sequence: (output, final conv state or None,
         final SSM state or None)."""
         batch_size, seq_len, _ = xBC.shape
@@ -170,7 +189,12 @@ class Mamba2Mixer(nn.Module):
         )
         y, ssm_state = scan_out if want_states else (scan_out, None)
         y = y.reshape(batch_size, seq_len, self.intermediate_size)
-        return self._output(y, gate, out_dtype), conv_state, ssm_state
+        return self._output(y, gate, out_dtype, modality), conv_state, ssm_state
 
-    def _output(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.out_proj(self.norm(y, gate).to(dtype))
+    def _output(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype, modality=None) -> torch.Tensor:
+        return self._project_out(self.norm(y, gate).to(dtype), modality)
+
+    def _project_out(self, normed: torch.Tensor, modality: ModalityRouting | None) -> torch.Tensor:
+        if self.modality_out_proj is None:
+            return self.out_proj(normed)
+        return route_by_modality([self.out_proj, *self.modality_out_proj], normed, modality)

@@ -34,6 +34,7 @@ from transformers.utils import ModelOutput
 from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention
 from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
 from ssm_hub.layers.mamba_mixer import MambaMixer
+from ssm_hub.layers.modality_routing import ModalityRouting, route_by_modality
 from ssm_hub.layers.mlp import PlainMLP, SwiGLUMLP
 from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
 from ssm_hub.layers.pkm import ProductKeyMemory
@@ -108,6 +109,18 @@ class HybridCausalLMOutput(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass(frozen=True)
+class ModalityLayout:
+    """Which parts of each block get one copy per modality (ssm_hub_multimodal's Mixture-of-Mamba): the Mamba-2
+    mixers' in_proj and out_proj, the dense MLPs, the two norms. The first modality (text) uses the block's own
+    modules; the others their copies in ``modality_*``."""
+
+    count: int
+    mixers: bool
+    mlps: bool
+    norms: bool
+
+
 def _norm(config: SsmHubHybridConfig) -> nn.Module:
     """The blocks' and the final norm: RMSNorm, or LayerNorm with a bias (``norm_type="layer"``, GPT-2)."""
     if config.norm_type == "layer":
@@ -115,10 +128,35 @@ def _norm(config: SsmHubHybridConfig) -> nn.Module:
     return RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
 
-class HybridBlock(GradientCheckpointingLayer):
-    """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP, MoE or PKM)."""
+def _feed_forward(config: SsmHubHybridConfig, ffn_type: str) -> nn.Module:
+    if ffn_type == "mlp" and config.mlp_type == "plain":
+        return PlainMLP(config.hidden_size, config.intermediate_size, config.hidden_act, bias=config.mlp_bias)
+    if ffn_type == "mlp":
+        return SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+    if ffn_type == "pkm":
+        return ProductKeyMemory(
+            config.hidden_size, config.pkm_num_keys, config.pkm_heads, config.pkm_key_dim, config.pkm_topk
+        )
+    return SparseMoE(
+        config.hidden_size, config.num_experts, config.num_experts_per_tok,
+        config.moe_intermediate_size or config.intermediate_size, scoring=config.router_scoring,
+        norm_topk_prob=config.norm_topk_prob,
+        shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
+        shared_expert_gate=config.shared_expert_gate,
+    )
 
-    def __init__(self, config: SsmHubHybridConfig, layer_idx: int):
+
+def _token_wise(module: nn.Module, per_modality: nn.ModuleList | None, x: torch.Tensor,
+                modality: ModalityRouting | None) -> torch.Tensor:
+    """``module`` on every token, or with per-modality copies each token through its modality's."""
+    return module(x) if per_modality is None else route_by_modality([module, *per_modality], x, modality)
+
+
+class HybridBlock(GradientCheckpointingLayer):
+    """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP, MoE or PKM).
+    ``modalities`` gives the parts that ssm_hub_multimodal's Mixture-of-Mamba copies per modality."""
+
+    def __init__(self, config: SsmHubHybridConfig, layer_idx: int, modalities: ModalityLayout | None = None):
         super().__init__()
         self.mixer_type = config.mixer_types[layer_idx]
         self.layer_type = CACHE_LAYER_TYPES[self.mixer_type]
@@ -133,46 +171,43 @@ class HybridBlock(GradientCheckpointingLayer):
                 sliding_window=config.sliding_window if self.mixer_type == "sliding_attention" else None,
                 layer_idx=layer_idx, attn_implementation=config._attn_implementation or "sdpa",
             )
+        elif self.mixer_type == "mamba2" and modalities is not None and modalities.mixers:
+            self.mamba = Mamba2Mixer(config.ssm_config("mamba2"), layer_idx=layer_idx, modalities=modalities.count)
         else:
             self.mamba = SSM_MIXER_CLASSES[self.mixer_type](config.ssm_config(self.mixer_type), layer_idx=layer_idx)
         if self.ffn_type != "none":
             self.pre_ff_layernorm = _norm(config)
-        if self.ffn_type == "mlp" and config.mlp_type == "plain":
-            self.feed_forward = PlainMLP(config.hidden_size, config.intermediate_size, config.hidden_act,
-                                         bias=config.mlp_bias)
-        elif self.ffn_type == "mlp":
-            self.feed_forward = SwiGLUMLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        elif self.ffn_type == "pkm":
-            self.feed_forward = ProductKeyMemory(
-                config.hidden_size, config.pkm_num_keys, config.pkm_heads, config.pkm_key_dim, config.pkm_topk
-            )
-        elif self.ffn_type == "moe":
-            self.feed_forward = SparseMoE(
-                config.hidden_size, config.num_experts, config.num_experts_per_tok,
-                config.moe_intermediate_size or config.intermediate_size, scoring=config.router_scoring,
-                norm_topk_prob=config.norm_topk_prob,
-                shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
-                shared_expert_gate=config.shared_expert_gate,
-            )
+            self.feed_forward = _feed_forward(config, self.ffn_type)
+        others = range(modalities.count - 1) if modalities is not None else range(0)
+        norms = modalities is not None and modalities.norms
+        self.modality_input_layernorm = nn.ModuleList(_norm(config) for _ in others) if norms else None
+        self.modality_pre_ff_layernorm = nn.ModuleList(_norm(config) for _ in others) \
+            if norms and self.ffn_type != "none" else None
+        self.modality_feed_forward = nn.ModuleList(_feed_forward(config, "mlp") for _ in others) \
+            if modalities is not None and modalities.mlps and self.ffn_type == "mlp" else None
 
     def forward(self, hidden_states, cache=None, padding_mask=None, seq_idx=None, attention_masks=None,
-                position_embeddings=None, attention_kwargs=None):
+                position_embeddings=None, attention_kwargs=None, modality: ModalityRouting | None = None):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = self.input_layernorm(hidden_states.to(self.input_layernorm.weight.dtype))
+        normed = _token_wise(self.input_layernorm, self.modality_input_layernorm,
+                             hidden_states.to(self.input_layernorm.weight.dtype), modality)
         if self.mixer_type in ATTENTION_MIXERS:
             mixed = self.self_attn(normed, position_embeddings=position_embeddings,
                                    attention_mask=attention_masks[self.layer_type], cache=cache, **attention_kwargs)
+        elif self.mixer_type == "mamba2":
+            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
         else:
             mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
         hidden_states = residual + mixed
         router_logits = None
         if self.ffn_type != "none":
             residual = hidden_states
-            normed = self.pre_ff_layernorm(hidden_states.to(self.pre_ff_layernorm.weight.dtype))
+            normed = _token_wise(self.pre_ff_layernorm, self.modality_pre_ff_layernorm,
+                                 hidden_states.to(self.pre_ff_layernorm.weight.dtype), modality)
             if self.ffn_type == "moe":
                 fed, router_logits = self.feed_forward(normed)
             else:
-                fed = self.feed_forward(normed)
+                fed = _token_wise(self.feed_forward, self.modality_feed_forward, normed, modality)
             hidden_states = residual + fed
         return hidden_states, router_logits
 
@@ -221,9 +256,10 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
         if isinstance(module, (MambaMixer, Mamba2Mixer)):
             kind = "mamba" if isinstance(module, MambaMixer) else "mamba2"
             module.init_ssm_parameters(self.config.ssm_config(kind))
-            out_weight = module.out_proj.weight
-            if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
-                out_weight /= math.sqrt(self.config.num_hidden_layers)
+            out_projections = [module.out_proj, *(getattr(module, "modality_out_proj", None) or ())]
+            for out_weight in (projection.weight for projection in out_projections):
+                if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
+                    out_weight /= math.sqrt(self.config.num_hidden_layers)
 
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """transformers' switch (it updates ``config._attn_implementation``), passed on to the attention layers,
@@ -255,14 +291,16 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
 
 
 class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
-    """Embeddings (plus absolute position embeddings, if the config has them) -> hybrid blocks -> final norm."""
+    """Embeddings (plus absolute position embeddings, if the config has them) -> hybrid blocks -> final norm.
+    ``modalities``: the parts of each block copied per modality (ssm_hub_multimodal's backbone); None for text."""
 
-    def __init__(self, config: SsmHubHybridConfig):
+    def __init__(self, config: SsmHubHybridConfig, modalities: ModalityLayout | None = None):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) \
             if config.absolute_position_embeddings else None
-        self.layers = nn.ModuleList([HybridBlock(config, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([HybridBlock(config, layer_idx=i, modalities=modalities)
+                                     for i in range(config.num_hidden_layers)])
         self.final_layernorm = _norm(config)
         self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
         self.rotary_emb = RotaryEmbedding(
@@ -293,6 +331,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
+        modality: ModalityRouting | None = None,
         **kwargs,
     ) -> HybridModelOutput | tuple:
         r"""
@@ -302,6 +341,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         position_ids: positions for RoPE or the absolute position embeddings; a restart at 0 inside a row also starts
             a new document (packed rows).
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
+        modality: each token's modality, for the blocks' per-modality parts (ssm_hub_multimodal); None: text.
         kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), and
         flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``.
         """
@@ -374,7 +414,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             hidden_states, router_logits = block(
                 hidden_states, cache=cache, padding_mask=ssm_padding_mask, seq_idx=seq_idx,
                 attention_masks=attention_masks, position_embeddings=position_embeddings,
-                attention_kwargs=attention_kwargs,
+                attention_kwargs=attention_kwargs, modality=modality,
             )
             if output_router_logits and router_logits is not None:
                 all_router_logits += (router_logits,)
