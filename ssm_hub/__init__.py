@@ -1,8 +1,9 @@
 """ssm_hub: state-space models (Mamba, Mamba-2) and SSM / attention / MoE hybrids as first-class transformers models.
 
 ``import ssm_hub`` registers the model types ``ssm_hub_mamba``, ``ssm_hub_mamba2`` and ``ssm_hub_hybrid`` with
-AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForSequenceClassification, and gives PEFT default LoRA
-targets for them.
+AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForSequenceClassification, the vision-language
+``ssm_hub_multimodal`` with AutoConfig, AutoModel, AutoModelForImageTextToText and AutoModelForCausalLM, and gives
+PEFT default LoRA targets for them.
 """
 
 from ssm_hub import auto  # noqa: F401  (registration happens on import)
@@ -25,6 +26,11 @@ from ssm_hub.models.mamba2.modeling_mamba2 import (
     SsmHubMamba2ForSequenceClassification,
     SsmHubMamba2Model,
 )
+from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalConfig
+from ssm_hub.models.multimodal.modeling_multimodal import (
+    SsmHubMultimodalForConditionalGeneration,
+    SsmHubMultimodalModel,
+)
 
 __version__ = "0.1.0"
 
@@ -42,4 +48,7 @@ __all__ = [
     "SsmHubHybridModel",
     "SsmHubHybridForCausalLM",
     "SsmHubHybridForSequenceClassification",
+    "SsmHubMultimodalConfig",
+    "SsmHubMultimodalModel",
+    "SsmHubMultimodalForConditionalGeneration",
 ]

@@ -6,7 +6,7 @@ Registration never uses ``exist_ok=True``: a clash with another model type must 
 """
 
 import transformers
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
 
 from ssm_hub.models.hybrid import modeling_hybrid
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
@@ -14,11 +14,16 @@ from ssm_hub.models.mamba import modeling_mamba
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2 import modeling_mamba2
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
+from ssm_hub.models.multimodal import modeling_multimodal
+from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalConfig
+from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
+from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
 
 ARCHITECTURES = (
     (SsmHubMambaConfig, modeling_mamba),
     (SsmHubMamba2Config, modeling_mamba2),
     (SsmHubHybridConfig, modeling_hybrid),
+    (SsmHubMultimodalConfig, modeling_multimodal),
 )
 
 # LoRA targets used when a LoraConfig names none: every projection of the mixer. conv1d is left out (a depthwise
@@ -29,6 +34,9 @@ PEFT_TARGET_MODULES = {
     # Attention and SSM projections; PEFT matches the names that exist in a given layout. The experts' fused 3-D
     # weights are parameters, not modules: target them with LoraConfig(target_parameters=[...]).
     SsmHubHybridConfig.model_type: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj", "out_proj"],
+    # The hybrid's, plus the image tokens' own Mamba-2 projections under Mixture-of-Mamba (modality 1 of 2).
+    SsmHubMultimodalConfig.model_type: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj",
+                                        "out_proj", "modality_in_proj.0", "modality_out_proj.0"],
 }
 
 
@@ -40,6 +48,10 @@ def _register_transformers() -> None:
             model_class = getattr(modeling_module, class_name)
             getattr(transformers, auto_class_name).register(config_class, model_class)
             model_class.register_for_auto_class(auto_class_name)
+    # The vision-language model's processors; the image processor needs no torchvision (its PIL backend only).
+    AutoImageProcessor.register(SsmHubMultimodalConfig,
+                                image_processor_classes={"pil": SsmHubMultimodalImageProcessor})
+    AutoProcessor.register(SsmHubMultimodalConfig, SsmHubMultimodalProcessor)
 
 
 def _register_peft() -> None:
