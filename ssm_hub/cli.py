@@ -32,11 +32,13 @@ def add_convert_command(subparsers) -> None:
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
     parser.add_argument("output", help="the folder to write the converted checkpoint to")
-    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2", "jamba", "bamba", "ssm_hub_hybrid"),
+    parser.add_argument("--to", choices=("ssm_hub", "mamba", "mamba2", "jamba", "bamba", "ssm_hub_hybrid",
+                                         "ssm_hub_multimodal"),
                         default="ssm_hub",
                         help="ssm_hub (default), transformers' native MambaForCausalLM (mamba) / Mamba2ForCausalLM "
-                             "(mamba2) / JambaForCausalLM (jamba) / BambaForCausalLM (bamba), or ssm_hub_hybrid "
-                             "seeded from a transformer (with --attention-layers)")
+                             "(mamba2) / JambaForCausalLM (jamba) / BambaForCausalLM (bamba), ssm_hub_hybrid "
+                             "seeded from a transformer (with --attention-layers), or ssm_hub_multimodal: an "
+                             "ssm_hub_hybrid given a fresh patch embedding and a processor")
     parser.add_argument("--attention-layers", metavar="SPEC",
                         help="with --to ssm_hub_hybrid: the attention layers to keep: all, none, every:K[:OFFSET], "
                              "a list such as 3,7,11, or auto:N (the N whose replacement alone costs most on a "
@@ -45,6 +47,17 @@ def add_convert_command(subparsers) -> None:
                         help="with --to ssm_hub_hybrid: seed the new Mamba-2 mixers from the attention weights they "
                              "replace (attention, the default) or start them as a new model's (fresh), keeping "
                              "the teacher's other weights")
+    images = parser.add_argument_group("with --to ssm_hub_multimodal")
+    images.add_argument("--patch-size", type=int, default=16, help="pixels per patch side (default: %(default)s)")
+    images.add_argument("--merge-size", type=int, default=1,
+                        help="patches per token side: merge-size x merge-size patches become one token "
+                             "(default: %(default)s)")
+    images.add_argument("--max-image-size", type=int, default=512,
+                        help="the processor resizes images to this longest side (default: %(default)s)")
+    images.add_argument("--mixture-of-mamba", action="store_true",
+                        help="image tokens get their own Mamba-2 in_proj and out_proj (copies of the text ones)")
+    images.add_argument("--modality-mlps", action="store_true", help="and their own MLPs")
+    images.add_argument("--modality-norms", action="store_true", help="and their own norms")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast floating-point weights to this dtype (default: keep the stored dtypes)")
     parser.set_defaults(run=run_convert)
@@ -56,7 +69,20 @@ def run_convert(args: argparse.Namespace) -> None:
                          "transformer needs both")
     if args.mixer_init is not None and args.to != "ssm_hub_hybrid":
         raise ValueError("--mixer-init applies to seeding an ssm_hub_hybrid (--to ssm_hub_hybrid) only")
-    if args.to == "ssm_hub_hybrid":
+    image_flags = {"--patch-size": args.patch_size != 16, "--merge-size": args.merge_size != 1,
+                   "--max-image-size": args.max_image_size != 512, "--mixture-of-mamba": args.mixture_of_mamba,
+                   "--modality-mlps": args.modality_mlps, "--modality-norms": args.modality_norms}
+    given = [flag for flag, set_ in image_flags.items() if set_]
+    if given and args.to != "ssm_hub_multimodal":
+        raise ValueError(f"{', '.join(given)} apply to --to ssm_hub_multimodal only")
+    if args.to == "ssm_hub_multimodal":
+        from ssm_hub.conversion.extend_with_images import extend_with_images
+
+        output = extend_with_images(args.source, args.output, patch_size=args.patch_size, merge_size=args.merge_size,
+                                    max_image_size=args.max_image_size, mixture_of_mamba=args.mixture_of_mamba,
+                                    modality_mlps=args.modality_mlps, modality_norms=args.modality_norms,
+                                    dtype=args.dtype)
+    elif args.to == "ssm_hub_hybrid":
         from ssm_hub.conversion.seed_from_attention import seed_hybrid
 
         output = seed_hybrid(args.source, args.output, args.attention_layers, dtype=args.dtype,
