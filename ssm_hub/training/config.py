@@ -25,7 +25,9 @@ from typing import Any
 
 import yaml
 
-BUILTIN_DATA = ("python_docs", "mqar")  # text that ships with Python; ssm_hub.training.mqar's recall task
+# text that ships with Python; ssm_hub.training.mqar's recall task; ssm_hub.training.shapes' captioned scenes (for
+# ssm_hub_multimodal models: max_documents scenes, eval_fraction of that many more held out)
+BUILTIN_DATA = ("python_docs", "mqar", "shapes")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -36,7 +36,9 @@ def build_tokenizer(recipe: Recipe, documents: list[str]):
     return tokenizer
 
 
-def build_model(recipe: Recipe, tokenizer):
+def build_model(recipe: Recipe, tokenizer, image_tokens: dict | None = None):
+    """The recipe's model; ``image_tokens`` ({"image_token_id", "image_row_end_token_id"}, the processor's) go into
+    a new multimodal model's config beside the tokenizer's ids."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
@@ -50,7 +52,7 @@ def build_model(recipe: Recipe, tokenizer):
                              f"has {rows} rows: use the model's own tokenizer (tokenizer.pretrained)")
     else:
         special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **(image_tokens or {}))
         clashing = sorted(set(special) & set(recipe.model.config))
         if clashing:
             raise ValueError(f"model.config sets {clashing}, which come from the tokenizer; remove them")
@@ -124,6 +126,8 @@ def train(recipe: Recipe) -> dict:
     except (TypeError, ValueError) as error:
         raise ValueError(f"train: {error}") from None
     set_seed(arguments.seed)  # before the model is built, so that its initialisation is reproducible too
+    if recipe.data.builtin == "shapes":
+        return _train_image_text(recipe, arguments)
     documents = read_documents(recipe.data)
     tokenizer = build_tokenizer(recipe, documents)
     train_data, eval_data = train_and_eval_datasets(documents, tokenizer, recipe.data)
@@ -138,8 +142,14 @@ def train(recipe: Recipe) -> dict:
         model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
         throughput=ThroughputCallback(tokens_per_step),
     )
+    return _train_and_save(trainer, arguments, tokenizer, eval_data is not None)
+
+
+def _train_and_save(trainer, arguments, processing, evaluate: bool) -> dict:
+    """Train, evaluate, save the model, the trainer state, ``processing`` (tokenizer or processor) and the loss
+    curve; the summary ``train`` returns."""
     result = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_data is not None else None
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
     if trainer.is_fsdp_enabled:
         # Checkpoints may be sharded; the final model is written whole, loadable with from_pretrained.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -147,7 +157,7 @@ def train(recipe: Recipe) -> dict:
     trainer.save_state()  # trainer_state.json: the whole log history (losses, tokens/s, memory) beside the model
     loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(arguments.output_dir)
+        processing.save_pretrained(arguments.output_dir)
         write_loss_curve(trainer.state.log_history, loss_curve)  # now with the final evaluation
     return {
         "train_loss": result.training_loss, "eval_loss": eval_loss,
@@ -155,3 +165,40 @@ def train(recipe: Recipe) -> dict:
         "steps": result.global_step, "output_dir": arguments.output_dir,
         "loss_curve": str(loss_curve) if loss_curve.is_file() else None,
     }
+
+
+def _train_image_text(recipe: Recipe, arguments) -> dict:
+    """``data.builtin: shapes``: captioned scenes (ssm_hub.training.shapes) for an ssm_hub_multimodal model; the
+    processor comes from the model config's patch_size / merge_size, the loss is on the captions, and the summary
+    adds the exact-match caption accuracy on the held-out scenes."""
+    from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
+    from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
+    from ssm_hub.training.shapes import BUILTIN_SCENES, SCENE_SIZE, ImageTextCollator, ShapeScenes, caption_accuracy
+
+    if recipe.model.type != "ssm_hub_multimodal" or recipe.model.pretrained is not None:
+        raise ValueError(f"data.builtin: shapes trains a new ssm_hub_multimodal model; model.type is "
+                         f"{recipe.model.type!r}" + (", model.pretrained is set" if recipe.model.pretrained else ""))
+    data = recipe.data
+    scenes = ShapeScenes(data.max_documents or BUILTIN_SCENES, seed=0)
+    held_out = ShapeScenes(max(1, int(len(scenes) * data.eval_fraction)), seed=1) if data.eval_fraction else None
+    if held_out is None and arguments.eval_strategy != "no":
+        raise ValueError(f"train.eval_strategy = {arguments.eval_strategy.value!r}, but data.eval_fraction is 0")
+    tokenizer = build_tokenizer(recipe, scenes.captions())
+    image_processor = SsmHubMultimodalImageProcessor(
+        patch_size=recipe.model.config.get("patch_size", 16), merge_size=recipe.model.config.get("merge_size", 1),
+        max_image_size=SCENE_SIZE)
+    processor = SsmHubMultimodalProcessor(image_processor, tokenizer)
+    model = build_model(recipe, processor.tokenizer, dict(image_token_id=processor.image_token_id,
+                                                         image_row_end_token_id=processor.image_row_end_token_id))
+    collator = ImageTextCollator(processor)
+    arguments.remove_unused_columns = False  # the rows are images and captions, which the collator turns into inputs
+    tokens_per_step = (arguments.per_device_train_batch_size * arguments.gradient_accumulation_steps
+                       * arguments.world_size * collator([scenes[0]])["input_ids"].shape[1])
+    trainer = _recipe_trainer_class()(
+        model=model, args=arguments, train_dataset=scenes, eval_dataset=held_out, data_collator=collator,
+        throughput=ThroughputCallback(tokens_per_step),
+    )
+    summary = _train_and_save(trainer, arguments, processor, held_out is not None)
+    if held_out is not None and trainer.is_world_process_zero():
+        summary["caption_accuracy"] = caption_accuracy(trainer.model.eval(), processor, held_out)
+    return summary
