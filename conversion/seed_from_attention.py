@@ -6,8 +6,9 @@ Mamba-2 layers built from their weights (as in Mamba-in-the-Llama and mmMamba); 
 
 or from a shell: ``ssm-hub convert TEACHER OUT --to ssm_hub_hybrid --attention-layers SPEC``.
 
-Teachers: transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Phi3ForCausalLM (its fused
-qkv_proj and gate_up_proj are split), with default RoPE and SwiGLU MLPs; and GPT2LMHeadModel through its own map
+Teachers: transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (its per-head
+RMSNorms on queries and keys come along: ``attention_qk_norm``) and Phi3ForCausalLM (its fused qkv_proj and
+gate_up_proj are split), with default RoPE and SwiGLU MLPs; and GPT2LMHeadModel through its own map
 (its Conv1D weights transposed, its fused c_attn split): the student then has GPT-2's block (LayerNorms, learned
 absolute positions, a plain MLP with GPT-2's activation, biases everywhere). Weights are read from safetensors only.
 
@@ -31,7 +32,9 @@ works use these sizes) and its gated norm normalises each head:
   Mamba-in-the-Llama draw it;
 - D starts at zero (mmMamba leaves it out: attention has no skip path); the gate's rows (z) are drawn like any
   projection (normal, std initializer_range; both works draw them at random) and the gated norm's weight is one.
-RoPE has no counterpart in the scan and is dropped for the replaced layers (neither work applies it to B or C). The
+RoPE has no counterpart in the scan and is dropped for the replaced layers (neither work applies it to B or C).
+Qwen3's per-head query and key norms cannot be carried over whole either: their weights scale C's and B's rows
+(each head-dim channel as the norm scales it), and the division by each token's root mean square is dropped. The
 random draws are seeded per layer, so a layer seeds the same way in the probe and in the written model.
 
 ``mixer_init="fresh"`` (``--mixer-init fresh``) instead starts each replaced layer's Mamba-2 mixer as a new
@@ -62,14 +65,17 @@ SUPPORTED_TEACHERS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 SEEDING_FILE = "seeding.json"  # what was seeded from what: the model card reads it
 MIXER_INITS = ("attention", "fresh")
-# The attention tensors a layer may have, in Llama's names; anything else (Qwen3's q_norm, say) has no place.
+# The attention tensors a layer may have, in Llama's names, and with attention_qk_norm Qwen3's per-head norms;
+# anything else has no place.
 ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
                      for kind in ("weight", "bias")}
+QK_NORM_TENSORS = {"q_norm.weight", "k_norm.weight"}
 
 
 def parse_attention_layers(spec: str, num_layers: int) -> list[int] | tuple[str, int]:
@@ -154,6 +160,7 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
         sliding_window=window if "sliding_attention" in kinds else None,
         intermediate_size=teacher["intermediate_size"], mlp_bias=bool(teacher.get("mlp_bias", False)),
         mamba_proj_bias=bias, layer_norm_epsilon=teacher.get("rms_norm_eps", 1e-6),
+        attention_qk_norm=model_type == "qwen3",
     )
 
 
@@ -279,10 +286,19 @@ def _seeded_mamba(attention: dict[str, torch.Tensor], config: SsmHubHybridConfig
         grouped = tensor.reshape(kv_heads, head_dim, *tensor.shape[1:])
         return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(inner, *tensor.shape[1:])
 
+    def scaled_by_norm(name, tensor, rows_per_head):  # a per-head norm's weight folded into the rows it scales
+        if f"{name}.weight" not in attention:
+            return tensor
+        scale = attention[f"{name}.weight"]
+        return (tensor.reshape(rows_per_head, head_dim, *tensor.shape[1:])
+                * scale.reshape(1, head_dim, *([1] * (tensor.ndim - 1)))).reshape(tensor.shape)
+
+    query = scaled_by_norm("q_norm", attention["q_proj.weight"], heads)
+    key = scaled_by_norm("k_norm", attention["k_proj.weight"], kv_heads)
     gate = torch.randn(inner, config.hidden_size, generator=generator) * config.initializer_range
     dt_rows = torch.zeros(heads, config.hidden_size)
     in_proj = torch.cat([gate.to(dtype), per_query_head(attention["v_proj.weight"]),
-                         per_query_head(attention["k_proj.weight"]), attention["q_proj.weight"], dt_rows.to(dtype)])
+                         per_query_head(key), query, dt_rows.to(dtype)])
     conv_channels = inner + 2 * heads * head_dim
     conv = torch.zeros(conv_channels, 1, config.mamba_d_conv, dtype=dtype)
     conv[:, 0, -1] = 1  # the current token's tap: the conv starts as the identity
@@ -303,7 +319,8 @@ def _seeded_mamba(attention: dict[str, torch.Tensor], config: SsmHubHybridConfig
 
         seeded["in_proj.bias"] = torch.cat([
             torch.zeros(inner, dtype=dtype), per_query_head(bias("v_proj.bias", kv_heads * head_dim)),
-            per_query_head(bias("k_proj.bias", kv_heads * head_dim)), bias("q_proj.bias", inner),
+            per_query_head(scaled_by_norm("k_norm", bias("k_proj.bias", kv_heads * head_dim), kv_heads)),
+            scaled_by_norm("q_norm", bias("q_proj.bias", inner), heads),
             torch.zeros(heads, dtype=dtype),
         ])
         seeded["out_proj.bias"] = bias("o_proj.bias", config.hidden_size)
@@ -351,10 +368,11 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
             student[f"{prefix}pre_ff_layernorm.{kind}"] = need(taken, f"post_attention_layernorm.{kind}", where)
         for name in [n for n in taken if n.startswith("mlp.")]:
             student[prefix + "feed_forward." + name[4:]] = taken.pop(name)
+        placed = ATTENTION_TENSORS | (QK_NORM_TENSORS if config.attention_qk_norm else set())
         attention = {name[len("self_attn."):]: taken.pop(name) for name in [n for n in taken if n.startswith("self_attn.")]
-                     if name[len("self_attn."):] in ATTENTION_TENSORS}
+                     if name[len("self_attn."):] in placed}
         missing = [f"{where}self_attn.{name}.weight" for name in ("q_proj", "k_proj", "v_proj", "o_proj")
-                   if f"{name}.weight" not in attention]
+                   + (("q_norm", "k_norm") if config.attention_qk_norm else ()) if f"{name}.weight" not in attention]
         if missing:
             raise ValueError(f"the teacher has no {', '.join(missing)}")
         biases = sorted(name for name in attention if name.endswith(".bias"))
@@ -372,6 +390,9 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
                     rows = student[f"{prefix}self_attn.{projection}.weight"].shape[0]
                     student[f"{prefix}self_attn.{projection}.bias"] = attention.pop(
                         f"{projection}.bias", torch.zeros(rows, dtype=student[prefix + "input_layernorm.weight"].dtype))
+            if config.attention_qk_norm:
+                for norm in ("q_norm", "k_norm"):
+                    student[f"{prefix}self_attn.{norm}.weight"] = attention.pop(f"{norm}.weight")
         if taken:
             raise ValueError(f"teacher layer {layer} has tensors the student has no place for: "
                              + ", ".join(sorted(taken)))

@@ -27,7 +27,7 @@ def add_convert_command(subparsers) -> None:
         description="Convert a Mamba / Mamba-2 / hybrid checkpoint between transformers' native format (Mamba, "
                     "Mamba2, Jamba, Bamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format; or, with --to "
                     "ssm_hub_hybrid --attention-layers SPEC, seed an ssm_hub_hybrid from a Llama, Mistral, Qwen2, "
-                    "Phi-3 or GPT-2 model, its replaced attention layers becoming Mamba-2 layers built from their "
+                    "Qwen3, Phi-3 or GPT-2 model, its replaced attention layers becoming Mamba-2 layers built from their "
                     "weights. Reads safetensors only.",
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ssm_hub.layers.norms import RMSNorm
+
+QK_NORMS = ("rms", "layer")
+
 
 def _require_positive_int(owner: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -118,7 +122,8 @@ def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
 
 class SelfAttention(nn.Module):
     """Causal multi-head / grouped-query self-attention with Llama's parameter names (``q_proj``, ``k_proj``,
-    ``v_proj``, ``o_proj``), optional RoPE and optional sliding window.
+    ``v_proj``, ``o_proj``), optional RoPE and optional sliding window. ``qk_norm`` ("rms", Qwen3's; "layer",
+    Persimmon's) normalises each head's queries and keys over the head dim before RoPE (``q_norm``, ``k_norm``).
 
     ``attn_implementation`` is an attribute the model may set (e.g. from ``config._attn_implementation``); it is
     ``"eager"`` or a key of transformers' ``ALL_ATTENTION_FUNCTIONS``. Attention functions read ``is_causal``,
@@ -131,7 +136,8 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
                  head_dim: int | None = None, attention_bias: bool = False, attention_dropout: float = 0.0,
                  use_rope: bool = True, rope_theta: float = 10000.0, sliding_window: int | None = None,
-                 layer_idx: int = 0, attn_implementation: str = "sdpa"):
+                 layer_idx: int = 0, attn_implementation: str = "sdpa", qk_norm: str | None = None,
+                 qk_norm_eps: float = 1e-6):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads),
                             ("num_key_value_heads", num_key_value_heads)):
@@ -153,6 +159,8 @@ class SelfAttention(nn.Module):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
             raise ValueError(f"SelfAttention: layer_idx must be a non-negative int, got {layer_idx!r}")
         self._check_implementation(attn_implementation)
+        if qk_norm is not None and qk_norm not in QK_NORMS:
+            raise ValueError(f"SelfAttention: qk_norm must be None or one of {QK_NORMS}, got {qk_norm!r}")
 
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
@@ -172,6 +180,11 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
         self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
         self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=attention_bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm == "rms":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps), RMSNorm(head_dim, eps=qk_norm_eps)
+        elif qk_norm == "layer":
+            self.q_norm, self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps), nn.LayerNorm(head_dim, eps=qk_norm_eps)
 
     @staticmethod
     def _check_implementation(attn_implementation) -> None:
@@ -194,8 +207,11 @@ class SelfAttention(nn.Module):
         Ignored when ``use_rope=False``. ``cache``: a transformers ``Cache`` (updated in place at ``layer_idx``).
         """
         batch, length, _ = hidden_states.shape
-        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
 
         if self.use_rope:

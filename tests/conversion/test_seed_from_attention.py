@@ -18,6 +18,8 @@ from transformers import (
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from ssm_hub.cli import main
@@ -29,6 +31,8 @@ TEACHERS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**SIZES)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**SIZES, sliding_window=5)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SIZES)),
+    # head_dim 16 with hidden 32 and 4 heads: Qwen3's heads need not tile the hidden size.
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, pad_token_id=0)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, n_inner=48, vocab_size=300,
                                                n_positions=64, bos_token_id=None, eos_token_id=None)),
@@ -38,9 +42,9 @@ TEACHERS = {
 def _teacher(name, folder, seed=0):
     torch.manual_seed(seed)
     model = TEACHERS[name]().eval()
-    with torch.no_grad():  # random biases too (Qwen2's q/k/v), so that copying them is checked
+    with torch.no_grad():  # random biases and norm weights too, so that copying them is checked
         for parameter_name, parameter in model.named_parameters():
-            if parameter_name.endswith(".bias"):
+            if parameter_name.endswith(".bias") or "norm" in parameter_name:
                 parameter.normal_()
     model.save_pretrained(folder)
     return model
@@ -90,6 +94,24 @@ def test_a_replaced_layer_is_a_mamba2_layer_built_from_the_attention_weights(tmp
     ids = torch.randint(0, SIZES["vocab_size"], (2, 12))
     with torch.no_grad():
         assert torch.isfinite(student(ids).logits).all()
+
+
+def test_a_qwen3_teachers_query_and_key_norms_are_kept_or_folded_into_the_seeded_rows(tmp_path):
+    teacher = _teacher("qwen3", tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "every:2:1")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert student.config.attention_qk_norm and student.config.head_dim == 16
+    kept, replaced = student.model.layers[1].self_attn, student.model.layers[0].mamba
+    torch.testing.assert_close(kept.q_norm.weight, teacher.model.layers[1].self_attn.q_norm.weight)
+    torch.testing.assert_close(kept.k_norm.weight, teacher.model.layers[1].self_attn.k_norm.weight)
+    attention = teacher.model.layers[0].self_attn
+    heads, head_dim = 4, 16
+    inner = heads * head_dim
+    _, _, B, C, _ = replaced.in_proj.weight.split([inner, inner, inner, inner, heads])
+    query = attention.q_proj.weight.view(heads, head_dim, -1) * attention.q_norm.weight[None, :, None]
+    key = attention.k_proj.weight.view(2, head_dim, -1) * attention.k_norm.weight[None, :, None]
+    torch.testing.assert_close(C, query.reshape(inner, -1))
+    torch.testing.assert_close(B, key.repeat_interleave(2, dim=0).reshape(inner, -1))
 
 
 def test_a_gpt2_teacher_seeds_through_its_own_map(tmp_path):
@@ -213,7 +235,7 @@ def test_unsupported_teachers_and_unplaced_tensors_are_named(tmp_path):
         seed_hybrid(tmp_path / "opt", tmp_path / "out", "all")
     teacher = _teacher("llama", tmp_path / "teacher")
     state = {name: tensor.contiguous() for name, tensor in teacher.state_dict().items()}
-    state["model.layers.1.self_attn.q_norm.weight"] = torch.ones(8)  # as Qwen3 has: no place in the student
+    state["model.layers.1.self_attn.q_norm.weight"] = torch.ones(8)  # Qwen3's, but a Llama student has no place
     from safetensors.torch import save_file
 
     save_file(state, tmp_path / "teacher" / "model.safetensors")

@@ -169,6 +169,40 @@ def test_without_rope_matches_jamba_attention():
     torch.testing.assert_close(ours(x, attention_mask=mask), theirs(x, mask)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_layer_norm_on_queries_and_keys_matches_persimmon():
+    """Persimmon's (Fuyu's decoder's) attention: fused q/k/v per head, a LayerNorm on each head's queries and keys,
+    half the head dim rotary, biases."""
+    from transformers.models.persimmon.configuration_persimmon import PersimmonConfig
+    from transformers.models.persimmon.modeling_persimmon import PersimmonAttention, PersimmonRotaryEmbedding
+
+    config = PersimmonConfig(hidden_size=H, num_attention_heads=HEADS, qk_layernorm=True, vocab_size=16,
+                             num_hidden_layers=1, intermediate_size=64)
+    config._attn_implementation = "eager"
+    theirs = PersimmonAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(0.0, 0.3)
+    ours = SelfAttention(H, HEADS, HEADS, attention_bias=True, attn_implementation="eager", qk_norm="layer",
+                         qk_norm_eps=config.layer_norm_eps).eval()
+    head_dim = H // HEADS
+    q, k, v = theirs.query_key_value.weight.view(HEADS, 3, head_dim, H).unbind(1)
+    qb, kb, vb = theirs.query_key_value.bias.view(HEADS, 3, head_dim).unbind(1)
+    ours.load_state_dict({
+        "q_proj.weight": q.reshape(H, H), "k_proj.weight": k.reshape(H, H), "v_proj.weight": v.reshape(H, H),
+        "q_proj.bias": qb.reshape(H), "k_proj.bias": kb.reshape(H), "v_proj.bias": vb.reshape(H),
+        "o_proj.weight": theirs.dense.weight, "o_proj.bias": theirs.dense.bias,
+        "q_norm.weight": theirs.q_layernorm.weight, "q_norm.bias": theirs.q_layernorm.bias,
+        "k_norm.weight": theirs.k_layernorm.weight, "k_norm.bias": theirs.k_layernorm.bias}, strict=True)
+    x = torch.randn(2, 6, H)
+    positions = torch.arange(6)[None].expand(2, -1)
+    mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, cache=None)
+    rotary = RotaryEmbedding(head_dim, config.rope_parameters["rope_theta"],
+                             partial_rotary_factor=config.rope_parameters["partial_rotary_factor"])
+    expected = theirs(x, mask, position_embeddings=PersimmonRotaryEmbedding(config)(x, positions))[0]
+    torch.testing.assert_close(ours(x, position_embeddings=rotary(positions), attention_mask=mask), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_the_attention_interface_gets_what_transformers_attention_functions_read(monkeypatch):
     seen = {}
 
@@ -218,6 +252,7 @@ def test_eager_dropout_only_in_training_and_boolean_masks_work():
     (dict(layer_idx=-1), "layer_idx"),
     (dict(attn_implementation="flash_attention_9"), "attn_implementation"),
     (dict(rope_theta=0.0), "rope_theta"),
+    (dict(qk_norm="batch"), "qk_norm"),
 ])
 def test_self_attention_refuses_bad_arguments(kwargs, name):
     arguments = dict(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS) | kwargs

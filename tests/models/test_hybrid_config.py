@@ -76,6 +76,7 @@ def test_ssm_layers_get_the_pure_ssm_configs():
         (dict(hidden_act="gelu_new"), "hidden_act must be one of"),  # SwiGLU is SiLU's
         (dict(mlp_type="plain", hidden_act="wiggle"), r"hidden_act must be one of transformers' activations"),
         (dict(absolute_position_embeddings="yes"), "absolute_position_embeddings must be a bool"),
+        (dict(attention_qk_norm="rms"), "attention_qk_norm must be a bool"),
         (dict(absolute_position_embeddings=True, max_position_embeddings=0), "max_position_embeddings must be a pos"),
         # 1024 * 2 inner channels are not heads of 48: the pure-SSM config's check, named for the hybrid's fields.
         (dict(mamba_d_head=48), r"the mamba2 layers' fields \(mamba_\*, time_step_\*\) .*head_dim \(48\)"),

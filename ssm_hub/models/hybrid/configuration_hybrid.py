@@ -90,6 +90,8 @@ class SsmHubHybridConfig(SsmHubConfig):
     attention_dropout: float = 0.0
     use_rope: bool = True
     rope_theta: float = 10000.0
+    # Qwen3's / Persimmon's per-head norm (of norm_type) on queries and keys before RoPE.
+    attention_qk_norm: bool = False
     partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of each head rotate (Bamba: 0.5)
     max_position_embeddings: int = 262144
     sliding_window: int | None = None
@@ -218,6 +220,8 @@ class SsmHubHybridConfig(SsmHubConfig):
                              f"got {self.absolute_position_embeddings!r}")
         if self.absolute_position_embeddings:
             require_positive_int(self, "max_position_embeddings")
+        if not isinstance(self.attention_qk_norm, bool):
+            raise ValueError(f"{name}.attention_qk_norm must be a bool, got {self.attention_qk_norm!r}")
         if any(mixer in ATTENTION_MIXERS for mixer in self.mixer_types):
             require_positive_int(self, "num_attention_heads", "num_key_value_heads")
             if self.num_attention_heads % self.num_key_value_heads != 0:

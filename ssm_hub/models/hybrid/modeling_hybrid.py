@@ -170,6 +170,7 @@ class HybridBlock(GradientCheckpointingLayer):
                 attention_dropout=config.attention_dropout, use_rope=config.use_rope, rope_theta=config.rope_theta,
                 sliding_window=config.sliding_window if self.mixer_type == "sliding_attention" else None,
                 layer_idx=layer_idx, attn_implementation=config._attn_implementation or "sdpa",
+                qk_norm=config.norm_type if config.attention_qk_norm else None, qk_norm_eps=config.layer_norm_epsilon,
             )
         elif self.mixer_type == "mamba2" and modalities is not None and modalities.mixers:
             self.mamba = Mamba2Mixer(config.ssm_config("mamba2"), layer_idx=layer_idx, modalities=modalities.count)
