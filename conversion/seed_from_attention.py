@@ -8,7 +8,9 @@ or from a shell: ``ssm-hub convert TEACHER OUT --to ssm_hub_hybrid --attention-l
 
 Teachers: transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (its per-head
 RMSNorms on queries and keys come along: ``attention_qk_norm``) and Phi3ForCausalLM (its fused qkv_proj and
-gate_up_proj are split), with default RoPE and SwiGLU MLPs; and GPT2LMHeadModel through its own map
+gate_up_proj are split), with default RoPE and SwiGLU MLPs; PersimmonForCausalLM (Fuyu's decoder: its fused
+per-head query_key_value split, LayerNorms on queries and keys, a plain relu^2 MLP, biases everywhere; FuyuForCausalLM
+seeds an ssm_hub_multimodal through ssm_hub.conversion.seed_from_fuyu); and GPT2LMHeadModel through its own map
 (its Conv1D weights transposed, its fused c_attn split): the student then has GPT-2's block (LayerNorms, learned
 absolute positions, a plain MLP with GPT-2's activation, biases everywhere). Weights are read from safetensors only.
 
@@ -33,8 +35,9 @@ works use these sizes) and its gated norm normalises each head:
 - D starts at zero (mmMamba leaves it out: attention has no skip path); the gate's rows (z) are drawn like any
   projection (normal, std initializer_range; both works draw them at random) and the gated norm's weight is one.
 RoPE has no counterpart in the scan and is dropped for the replaced layers (neither work applies it to B or C).
-Qwen3's per-head query and key norms cannot be carried over whole either: their weights scale C's and B's rows
-(each head-dim channel as the norm scales it), and the division by each token's root mean square is dropped. The
+Qwen3's and Persimmon's per-head query and key norms cannot be carried over whole either: their weights scale C's
+and B's rows (each head-dim channel as the norm scales it), and the normalisation of each token (and a LayerNorm's
+bias) is dropped. The
 random draws are seeded per layer, so a layer seeds the same way in the probe and in the written model.
 
 ``mixer_init="fresh"`` (``--mixer-init fresh``) instead starts each replaced layer's Mamba-2 mixer as a new
@@ -67,6 +70,7 @@ SUPPORTED_TEACHERS = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "persimmon": "PersimmonForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 SEEDING_FILE = "seeding.json"  # what was seeded from what: the model card reads it
@@ -75,7 +79,7 @@ MIXER_INITS = ("attention", "fresh")
 # anything else has no place.
 ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
                      for kind in ("weight", "bias")}
-QK_NORM_TENSORS = {"q_norm.weight", "k_norm.weight"}
+QK_NORM_TENSORS = {f"{norm}.{kind}" for norm in ("q_norm", "k_norm") for kind in ("weight", "bias")}
 
 
 def parse_attention_layers(spec: str, num_layers: int) -> list[int] | tuple[str, int]:
@@ -126,6 +130,8 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
                          + ", ".join(f"{name} ({model_type})" for model_type, name in SUPPORTED_TEACHERS.items()))
     if model_type == "gpt2":
         return _gpt2_student_config(teacher, attention_layers)
+    if model_type == "persimmon":
+        return _persimmon_student_config(teacher, attention_layers)
     hidden, layers = teacher["hidden_size"], teacher["num_hidden_layers"]
     heads = teacher["num_attention_heads"]
     kv_heads = teacher.get("num_key_value_heads") or heads
@@ -207,6 +213,58 @@ def _gpt2_student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHy
         intermediate_size=teacher.get("n_inner") or 4 * hidden, norm_type="layer", mamba_proj_bias=True,
         layer_norm_epsilon=teacher.get("layer_norm_epsilon", 1e-5),
     )
+
+
+def _persimmon_student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridConfig:
+    """Persimmon's block in the hybrid: LayerNorms, per-head LayerNorms on queries and keys, partial RoPE, a plain
+    MLP (relu^2), biases everywhere; full multi-head attention."""
+    hidden, layers, heads = teacher["hidden_size"], teacher["num_hidden_layers"], teacher["num_attention_heads"]
+    if hidden % heads:
+        raise ValueError(f"persimmon teacher: hidden_size ({hidden}) must be divisible by num_attention_heads "
+                         f"({heads})")
+    rope = teacher.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or teacher.get("rope_scaling"):
+        raise ValueError(f"persimmon teacher with rope_type {rope.get('rope_type')!r}: ssm_hub_hybrid's attention "
+                         "has the default RoPE only, so its logits would not match the teacher's")
+    mixers = ["attention" if layer in attention_layers else "mamba2" for layer in range(layers)]
+    return _student_config(
+        teacher, hidden, heads, heads, hidden // heads, mixers, tie_default=False,
+        attention_bias=True, rope_theta=rope.get("rope_theta", teacher.get("rope_theta", 25000.0)),
+        partial_rotary_factor=rope.get("partial_rotary_factor", teacher.get("partial_rotary_factor", 0.5)),
+        max_position_embeddings=teacher.get("max_position_embeddings", 16384), mlp_type="plain",
+        hidden_act=teacher.get("hidden_act", "relu2"), mlp_bias=True, intermediate_size=teacher["intermediate_size"],
+        norm_type="layer", mamba_proj_bias=True, layer_norm_epsilon=teacher.get("layer_norm_eps", 1e-5),
+        attention_qk_norm=bool(teacher.get("qk_layernorm", True)),
+    )
+
+
+def _llama_names_from_persimmon(weights: dict[str, torch.Tensor], config: SsmHubHybridConfig
+                                ) -> dict[str, torch.Tensor]:
+    """Persimmon's tensors in Llama's names: query_key_value, laid out [head, (q, k, v), head dim], split into
+    q / k / v; dense -> o_proj; q/k_layernorm -> q/k_norm; dense_h_to_4h / dense_4h_to_h -> up / down_proj;
+    final_layernorm -> norm."""
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    renamed = {}
+    names = {"self_attn.dense": "self_attn.o_proj", "self_attn.q_layernorm": "self_attn.q_norm",
+             "self_attn.k_layernorm": "self_attn.k_norm", "mlp.dense_h_to_4h": "mlp.up_proj",
+             "mlp.dense_4h_to_h": "mlp.down_proj"}
+    for name, tensor in weights.items():
+        if name.startswith("model.final_layernorm."):
+            renamed["model.norm." + name.rsplit(".", 1)[1]] = tensor
+            continue
+        parts = name.split(".")
+        if not (name.startswith("model.layers.") and len(parts) > 4):
+            renamed[name] = tensor
+            continue
+        prefix, module, kind = ".".join(parts[:3]) + ".", ".".join(parts[3:-1]), parts[-1]
+        if module == "self_attn.query_key_value":
+            per_head = tensor.reshape(heads, 3, head_dim, *tensor.shape[1:])
+            for index, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+                renamed[f"{prefix}self_attn.{projection}.{kind}"] = \
+                    per_head[:, index].reshape(heads * head_dim, *tensor.shape[1:]).contiguous()
+        else:
+            renamed[f"{prefix}{names.get(module, module)}.{kind}"] = tensor
+    return renamed
 
 
 def _llama_names_from_gpt2(weights: dict[str, torch.Tensor], config: SsmHubHybridConfig) -> dict[str, torch.Tensor]:
@@ -337,7 +395,8 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
     if mixer_init == "fresh":
         with torch.device("meta"):
             initialiser = SsmHubHybridForCausalLM(config)  # for its _init_weights alone, which reads the config
-    weights = _llama_names_from_gpt2(teacher_weights, config) if model_type == "gpt2" else dict(teacher_weights)
+    renaming = {"gpt2": _llama_names_from_gpt2, "persimmon": _llama_names_from_persimmon}
+    weights = renaming[model_type](teacher_weights, config) if model_type in renaming else dict(teacher_weights)
 
     def need(tensors: dict, name: str, where: str = "") -> torch.Tensor:
         if name not in tensors:
@@ -373,6 +432,8 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
                      if name[len("self_attn."):] in placed}
         missing = [f"{where}self_attn.{name}.weight" for name in ("q_proj", "k_proj", "v_proj", "o_proj")
                    + (("q_norm", "k_norm") if config.attention_qk_norm else ()) if f"{name}.weight" not in attention]
+        missing += [f"{where}self_attn.{norm}.bias" for norm in ("q_norm", "k_norm")
+                    if config.attention_qk_norm and config.norm_type == "layer" and f"{norm}.bias" not in attention]
         if missing:
             raise ValueError(f"the teacher has no {', '.join(missing)}")
         biases = sorted(name for name in attention if name.endswith(".bias"))
@@ -392,7 +453,8 @@ def student_weights(teacher_weights: dict[str, torch.Tensor], model_type: str, c
                         f"{projection}.bias", torch.zeros(rows, dtype=student[prefix + "input_layernorm.weight"].dtype))
             if config.attention_qk_norm:
                 for norm in ("q_norm", "k_norm"):
-                    student[f"{prefix}self_attn.{norm}.weight"] = attention.pop(f"{norm}.weight")
+                    for kind in norm_kinds:
+                        student[f"{prefix}self_attn.{norm}.{kind}"] = attention.pop(f"{norm}.{kind}")
         if taken:
             raise ValueError(f"teacher layer {layer} has tensors the student has no place for: "
                              + ", ".join(sorted(taken)))
@@ -455,29 +517,32 @@ def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: s
     keeping the attention layers ``attention_layers`` names, the others' mixers seeded from attention or fresh
     (``mixer_init``; module docstring); the teacher's tokenizer and generation files are copied and
     ``seeding.json`` records the seeding. Returns the output folder."""
-    if mixer_init not in MIXER_INITS:
-        raise ValueError(f"mixer_init must be one of {MIXER_INITS}, got {mixer_init!r}")
-    cast_to = parse_dtype(dtype)
     source_dir, output_dir = source_and_output(teacher, output_dir)
     config_dict = read_config(source_dir)
     student_config(config_dict, [])  # an unsupported teacher fails here, before its weights are read
-    layers = teacher_layer_count(config_dict)
-    kept = parse_attention_layers(attention_layers, layers)
-    weights = read_weights(source_dir, teacher, cast_to)
+    weights = read_weights(source_dir, teacher, parse_dtype(dtype))
+    config, seeded, record = seeded_student(config_dict, weights, source_dir, attention_layers, seed, mixer_init)
+    save_weights(SsmHubHybridForCausalLM, config, seeded, output_dir)
+    copy_tokenizer_files(source_dir, output_dir)
+    (output_dir / SEEDING_FILE).write_text(json.dumps({"teacher": str(teacher), **record}, indent=1) + "\n")
+    return output_dir
+
+
+def seeded_student(teacher: dict, weights: dict[str, torch.Tensor], source_dir: Path, attention_layers: str,
+                   seed: int, mixer_init: str) -> tuple[SsmHubHybridConfig, dict[str, torch.Tensor], dict]:
+    """(the student's config, its weights, what seeding.json records) for ``teacher`` (its config.json as a dict)
+    with ``weights`` (its safetensors), ``attention_layers`` a SPEC; ``auto:N`` probes with the tokenizer in
+    ``source_dir``."""
+    kept = parse_attention_layers(attention_layers, teacher_layer_count(teacher))
     scores = None
     if isinstance(kept, tuple):
-        scores = probe_layer_importance(weights, config_dict, probe_ids(source_dir), seed, mixer_init)
+        scores = probe_layer_importance(weights, teacher, probe_ids(source_dir), seed, mixer_init)
         kept = sorted(sorted(scores, key=lambda layer: -scores[layer])[: kept[1]])
-    config = student_config(config_dict, kept)
-    save_weights(SsmHubHybridForCausalLM, config,
-                 student_weights(weights, config_dict["model_type"], config, seed, mixer_init), output_dir)
-    copy_tokenizer_files(source_dir, output_dir)
-    record = {"teacher": str(teacher), "teacher_model_type": config_dict["model_type"],
-              "attention_layers": str(attention_layers), "kept_attention_layers": kept, "mixer_init": mixer_init,
-              "seed": seed}
+    config = student_config(teacher, kept)
+    record = {"teacher_model_type": teacher["model_type"], "attention_layers": str(attention_layers),
+              "kept_attention_layers": kept, "mixer_init": mixer_init, "seed": seed}
     if scores is not None:
         record["probe"] = {"what": "mean per-token KL(teacher || student) on 8 x 128 tokens of pydoc's topics when "
                                    "the layer alone becomes a Mamba-2 layer initialised as mixer_init says",
                            "scores": scores}
-    (output_dir / SEEDING_FILE).write_text(json.dumps(record, indent=1) + "\n")
-    return output_dir
+    return config, student_weights(weights, teacher["model_type"], config, seed, mixer_init), record

@@ -718,6 +718,7 @@ def _llama_block_only(target: str) -> tuple[ConfigField, ...]:
         _cannot("mlp_type", "swiglu", f"{target}'s MLPs are SwiGLU"),
         _cannot("norm_type", "rms", f"{target}'s norms are RMSNorms"),
         _cannot("absolute_position_embeddings", False, f"{target} has no absolute position embeddings"),
+        _cannot("attention_qk_norm", False, f"{target}'s attention has no query / key norms"),
     )
 
 

@@ -27,8 +27,9 @@ def add_convert_command(subparsers) -> None:
         description="Convert a Mamba / Mamba-2 / hybrid checkpoint between transformers' native format (Mamba, "
                     "Mamba2, Jamba, Bamba), mamba_ssm's MambaLMHeadModel and ssm_hub's format; or, with --to "
                     "ssm_hub_hybrid --attention-layers SPEC, seed an ssm_hub_hybrid from a Llama, Mistral, Qwen2, "
-                    "Qwen3, Phi-3 or GPT-2 model, its replaced attention layers becoming Mamba-2 layers built from their "
-                    "weights. Reads safetensors only.",
+                    "Qwen3, Phi-3, Persimmon or GPT-2 model, its replaced attention layers becoming Mamba-2 layers "
+                    "built from their weights (--to ssm_hub_multimodal: an ssm_hub_multimodal from Fuyu likewise, "
+                    "or without --attention-layers a hybrid given a patch embedding). Reads safetensors only.",
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
     parser.add_argument("output", help="the folder to write the converted checkpoint to")
@@ -37,23 +38,24 @@ def add_convert_command(subparsers) -> None:
                         default="ssm_hub",
                         help="ssm_hub (default), transformers' native MambaForCausalLM (mamba) / Mamba2ForCausalLM "
                              "(mamba2) / JambaForCausalLM (jamba) / BambaForCausalLM (bamba), ssm_hub_hybrid "
-                             "seeded from a transformer (with --attention-layers), or ssm_hub_multimodal: an "
-                             "ssm_hub_hybrid given a fresh patch embedding and a processor")
+                             "seeded from a transformer (with --attention-layers), or ssm_hub_multimodal: seeded "
+                             "from Fuyu (with --attention-layers) or an ssm_hub_hybrid given a fresh patch "
+                             "embedding and a processor (without)")
     parser.add_argument("--attention-layers", metavar="SPEC",
-                        help="with --to ssm_hub_hybrid: the attention layers to keep: all, none, every:K[:OFFSET], "
+                        help="with --to ssm_hub_hybrid (or ssm_hub_multimodal from Fuyu): the attention layers to "
+                             "keep: all, none, every:K[:OFFSET], "
                              "a list such as 3,7,11, or auto:N (the N whose replacement alone costs most on a "
                              "probe text; scores written to the output folder)")
     parser.add_argument("--mixer-init", choices=("attention", "fresh"), default=None,
                         help="with --to ssm_hub_hybrid: seed the new Mamba-2 mixers from the attention weights they "
                              "replace (attention, the default) or start them as a new model's (fresh), keeping "
                              "the teacher's other weights")
-    images = parser.add_argument_group("with --to ssm_hub_multimodal")
-    images.add_argument("--patch-size", type=int, default=16, help="pixels per patch side (default: %(default)s)")
-    images.add_argument("--merge-size", type=int, default=1,
-                        help="patches per token side: merge-size x merge-size patches become one token "
-                             "(default: %(default)s)")
-    images.add_argument("--max-image-size", type=int, default=512,
-                        help="the processor resizes images to this longest side (default: %(default)s)")
+    images = parser.add_argument_group("with --to ssm_hub_multimodal, extending a hybrid")
+    images.add_argument("--patch-size", type=int, default=None, help="pixels per patch side (default: 16)")
+    images.add_argument("--merge-size", type=int, default=None,
+                        help="patches per token side: merge-size x merge-size patches become one token (default: 1)")
+    images.add_argument("--max-image-size", type=int, default=None,
+                        help="the processor resizes images to this longest side (default: 512)")
     images.add_argument("--mixture-of-mamba", action="store_true",
                         help="image tokens get their own Mamba-2 in_proj and out_proj (copies of the text ones)")
     images.add_argument("--modality-mlps", action="store_true", help="and their own MLPs")
@@ -64,22 +66,33 @@ def add_convert_command(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    if (args.to == "ssm_hub_hybrid") != (args.attention_layers is not None):
+    seeding = args.attention_layers is not None
+    if args.to == "ssm_hub_hybrid" and not seeding:
         raise ValueError("--to ssm_hub_hybrid and --attention-layers go together: seeding a hybrid from a "
                          "transformer needs both")
-    if args.mixer_init is not None and args.to != "ssm_hub_hybrid":
-        raise ValueError("--mixer-init applies to seeding an ssm_hub_hybrid (--to ssm_hub_hybrid) only")
-    image_flags = {"--patch-size": args.patch_size != 16, "--merge-size": args.merge_size != 1,
-                   "--max-image-size": args.max_image_size != 512, "--mixture-of-mamba": args.mixture_of_mamba,
-                   "--modality-mlps": args.modality_mlps, "--modality-norms": args.modality_norms}
-    given = [flag for flag, set_ in image_flags.items() if set_]
-    if given and args.to != "ssm_hub_multimodal":
-        raise ValueError(f"{', '.join(given)} apply to --to ssm_hub_multimodal only")
-    if args.to == "ssm_hub_multimodal":
+    if seeding and args.to not in ("ssm_hub_hybrid", "ssm_hub_multimodal"):
+        raise ValueError("--attention-layers seeds an ssm_hub_hybrid (--to ssm_hub_hybrid) or, from Fuyu, an "
+                         "ssm_hub_multimodal (--to ssm_hub_multimodal)")
+    if args.mixer_init is not None and not seeding:
+        raise ValueError("--mixer-init applies to seeding from a transformer (with --attention-layers) only")
+    image_flags = {"--patch-size": args.patch_size, "--merge-size": args.merge_size,
+                   "--max-image-size": args.max_image_size, "--mixture-of-mamba": args.mixture_of_mamba or None,
+                   "--modality-mlps": args.modality_mlps or None, "--modality-norms": args.modality_norms or None}
+    given = [flag for flag, value in image_flags.items() if value is not None]
+    if given and (args.to != "ssm_hub_multimodal" or seeding):
+        raise ValueError(f"{', '.join(given)} apply to extending a hybrid with images (--to ssm_hub_multimodal "
+                         "without --attention-layers) only")
+    if args.to == "ssm_hub_multimodal" and seeding:
+        from ssm_hub.conversion.seed_from_fuyu import seed_multimodal
+
+        output = seed_multimodal(args.source, args.output, args.attention_layers, dtype=args.dtype,
+                                 mixer_init=args.mixer_init or "attention")
+    elif args.to == "ssm_hub_multimodal":
         from ssm_hub.conversion.extend_with_images import extend_with_images
 
-        output = extend_with_images(args.source, args.output, patch_size=args.patch_size, merge_size=args.merge_size,
-                                    max_image_size=args.max_image_size, mixture_of_mamba=args.mixture_of_mamba,
+        sizes = {name: value for name, value in (("patch_size", args.patch_size), ("merge_size", args.merge_size),
+                                                  ("max_image_size", args.max_image_size)) if value is not None}
+        output = extend_with_images(args.source, args.output, **sizes, mixture_of_mamba=args.mixture_of_mamba,
                                     modality_mlps=args.modality_mlps, modality_norms=args.modality_norms,
                                     dtype=args.dtype)
     elif args.to == "ssm_hub_hybrid":

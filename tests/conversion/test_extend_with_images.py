@@ -56,9 +56,35 @@ def test_the_extended_model_keeps_the_text_path_and_sees_images(text_model, tmp_
 
 def test_only_a_hybrid_is_extended_and_the_image_flags_need_the_target(text_model, tmp_path, capsys):
     assert main(["convert", str(text_model), str(tmp_path / "out"), "--mixture-of-mamba"]) != 0
-    assert "--mixture-of-mamba apply to --to ssm_hub_multimodal only" in capsys.readouterr().err
+    assert "--mixture-of-mamba apply to extending a hybrid with images" in capsys.readouterr().err
     mamba2 = tmp_path / "mamba2"
     AutoModelForCausalLM.from_config(ssm_hub.SsmHubMamba2Config(
         vocab_size=16, hidden_size=32, num_hidden_layers=1, state_size=8, head_dim=16)).save_pretrained(mamba2)
     assert main(["convert", str(mamba2), str(tmp_path / "vl"), "--to", "ssm_hub_multimodal"]) != 0
     assert "takes an ssm_hub_hybrid checkpoint, got model_type 'ssm_hub_mamba2'" in capsys.readouterr().err
+
+
+def test_a_padded_vocabulary_gets_trained_rows_for_the_image_tokens_and_stored_dtypes_stay(text_model, tmp_path):
+    """A table with spare rows (padded vocabularies) keeps its size, but the image tokens' rows are filled rather than
+    left untrained; each tensor keeps its stored dtype (here bf16 with A_log kept in float32)."""
+    from safetensors.torch import load_file, save_file
+
+    padded = tmp_path / "padded"
+    config = AutoModelForCausalLM.from_pretrained(text_model).config
+    config.vocab_size = len(WORDS) + 4
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(padded)
+    state = load_file(padded / "model.safetensors")
+    state["model.layers.0.mamba.A_log"] = state["model.layers.0.mamba.A_log"].float()
+    save_file(state, padded / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (padded / name).write_bytes((text_model / name).read_bytes())
+    assert main(["convert", str(padded), str(tmp_path / "vl"), "--to", "ssm_hub_multimodal"]) == 0
+    weights = load_file(tmp_path / "vl" / "model.safetensors")
+    table = weights["model.language_model.embed_tokens.weight"]
+    assert table.shape[0] == len(WORDS) + 4 and table.dtype == torch.bfloat16
+    expected = state["model.embed_tokens.weight"][:len(WORDS)].float().mean(0).to(torch.bfloat16)
+    assert torch.equal(table[len(WORDS)], expected) and torch.equal(table[len(WORDS) + 1], expected)
+    assert weights["model.language_model.layers.0.mamba.A_log"].dtype == torch.float32
+    assert weights["model.patch_embed.proj.weight"].dtype == torch.bfloat16

@@ -14,6 +14,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PersimmonConfig,
+    PersimmonForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
@@ -34,6 +36,7 @@ TEACHERS = {
     # head_dim 16 with hidden 32 and 4 heads: Qwen3's heads need not tile the hidden size.
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SIZES, head_dim=16)),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**SIZES, pad_token_id=0)),
+    "persimmon": lambda: PersimmonForCausalLM(PersimmonConfig(**{**SIZES, "num_key_value_heads": None})),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, n_inner=48, vocab_size=300,
                                                n_positions=64, bos_token_id=None, eos_token_id=None)),
 }
@@ -261,7 +264,7 @@ def test_cli_seeds_a_hybrid_and_needs_both_flags(tmp_path, capsys):
     kinds = AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.mixer_types
     assert kinds == ["sliding_attention", "mamba2", "sliding_attention", "mamba2"]
     assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--attention-layers", "all"]) == 1
-    assert "--to ssm_hub_hybrid and --attention-layers go together" in capsys.readouterr().err
+    assert "--attention-layers seeds an ssm_hub_hybrid (--to ssm_hub_hybrid)" in capsys.readouterr().err
 
 
 def test_fresh_mixers_start_as_a_new_models_and_keep_everything_else(tmp_path, capsys):
@@ -289,4 +292,4 @@ def test_fresh_mixers_start_as_a_new_models_and_keep_everything_else(tmp_path, c
         seed_hybrid(tmp_path / "teacher", tmp_path / "bad", "0", mixer_init="zeros")
     assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--to", "mamba2",
                  "--mixer-init", "fresh"]) == 1
-    assert "--mixer-init applies to seeding an ssm_hub_hybrid" in capsys.readouterr().err
+    assert "--mixer-init applies to seeding from a transformer" in capsys.readouterr().err

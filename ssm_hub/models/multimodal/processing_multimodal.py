@@ -68,16 +68,19 @@ class SsmHubMultimodalProcessor(ProcessorMixin):
 
     Args:
         image_processor: an SsmHubMultimodalImageProcessor.
-        tokenizer: any transformers tokenizer; ``<image>`` and ``<image_row_end>`` are added to it (as special
-            tokens) when it lacks them.
-        chat_template: a Jinja chat template; default DEFAULT_CHAT_TEMPLATE (see there).
+        tokenizer: any transformers tokenizer; ``image_token`` and ``image_row_end_token`` are added to it (as
+            special tokens) when it lacks them.
+        chat_template: a Jinja chat template; default DEFAULT_CHAT_TEMPLATE (see there), with ``image_token`` for
+            its image slots.
+        image_token, image_row_end_token: the placeholder / patch token and the row-end token (a model converted
+            from Fuyu uses Fuyu's, "|SPEAKER|" and "|NEWLINE|").
     """
 
-    image_token = "<image>"
-    image_row_end_token = "<image_row_end>"
-
-    def __init__(self, image_processor, tokenizer, chat_template: str | None = None):
-        chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, image_token: str = "<image>",
+                 image_row_end_token: str = "<image_row_end>"):
+        if chat_template is None:
+            chat_template = DEFAULT_CHAT_TEMPLATE.replace("<image>", image_token)
+        self.image_token, self.image_row_end_token = image_token, image_row_end_token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         added = tokenizer.get_added_vocab()
         missing = [token for token in (self.image_token, self.image_row_end_token) if token not in added]
