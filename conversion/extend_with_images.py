@@ -7,11 +7,12 @@ patch embedding, and its tokenizer a processor with the image tokens.
 or from a shell: ``ssm-hub convert my-hybrid my-hybrid-vl --to ssm_hub_multimodal [--patch-size 16] [--merge-size 1]
 [--mixture-of-mamba] [--modality-mlps] [--modality-norms]``.
 
-Every weight of the text model is kept, so on text the new model computes what the old one did (its logits gain
-the two new tokens' columns). What is new:
-- the patch embedding, initialised as a new model's;
-- the embedding rows of ``<image>`` and ``<image_row_end>`` where the tokenizer lacked them: the mean of the
-  existing rows (so the tied LM head does not start by favouring them);
+Every weight of the text model is kept, in its stored dtype, so on text the new model computes what the old one did
+(its logits gain the new tokens' columns where the table grows). What is new:
+- the patch embedding, initialised as a new model's (in the embeddings' dtype);
+- the embedding rows (and untied LM-head rows) of ``<image>`` and ``<image_row_end>`` where the tokenizer lacked
+  them: the mean of the rows of the tokens it had, also where the table already had spare rows for them (padded
+  vocabularies), so that no untrained row is read;
 - with Mixture-of-Mamba, the image tokens' own projections, MLPs and norms: copies of the text ones, so the image
   path starts as the text path and training makes it its own.
 The output folder holds the model, its code and the processor (AutoProcessor loads it).
@@ -45,6 +46,7 @@ def extend_with_images(source: str | Path, output_dir: str | Path, patch_size: i
         raise ValueError(f"{source}: extending with images takes an {SsmHubHybridConfig.model_type} checkpoint, got "
                          f"model_type {text_config.get('model_type')!r}")
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    known_tokens = len(tokenizer)
     processor = SsmHubMultimodalProcessor(
         SsmHubMultimodalImageProcessor(patch_size=patch_size, merge_size=merge_size, max_image_size=max_image_size),
         tokenizer)
@@ -59,24 +61,28 @@ def extend_with_images(source: str | Path, output_dir: str | Path, patch_size: i
     model = SsmHubMultimodalForConditionalGeneration(config)  # the patch embedding starts as a new model's
     renamed = {(BACKBONE + "language_model." + name[len(BACKBONE):] if name.startswith(BACKBONE) else name): tensor
                for name, tensor in weights.items()}
+    added = list(range(known_tokens, len(processor.tokenizer)))
     for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        if name in renamed and config.vocab_size > old_rows:
+        if name in renamed and added:
             table = renamed[name]
-            mean = table.float().mean(dim=0, keepdim=True).to(table.dtype)
-            renamed[name] = torch.cat([table, mean.expand(config.vocab_size - old_rows, -1)])
+            mean = table[:known_tokens].float().mean(dim=0).to(table.dtype)
+            table = torch.cat([table, table.new_zeros(config.vocab_size - old_rows, table.shape[1])])
+            table[added] = mean
+            renamed[name] = table
     state = model.state_dict()
     for name in state:
         for copy in MODALITY_COPIES:
             if copy in name:
                 renamed[name] = renamed[name.replace(copy, copy.removeprefix("modality_").removesuffix(".0"))].clone()
-    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    # assign: every loaded tensor keeps its stored dtype (some checkpoints keep A_log and D in float32).
+    missing, unexpected = model.load_state_dict(renamed, strict=False, assign=True)
     tied = {key for key in missing if key == "lm_head.weight" and config.tie_word_embeddings}
     new = {key for key in missing if key.startswith("model.patch_embed.")}
     if unexpected or set(missing) - tied - new:
         raise ValueError(f"{source}: the checkpoint does not fit its own config: missing "
                          f"{sorted(set(missing) - tied - new)}, unexpected {sorted(unexpected)}")
     model.tie_weights()
-    model.to(parse_dtype(dtype) or weights[next(iter(weights))].dtype)
+    model.model.patch_embed.to(model.get_input_embeddings().weight.dtype)
     model.config.dtype = model.get_input_embeddings().weight.dtype
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)

@@ -4,8 +4,8 @@ its own modality, with no learned router.
     routing = ModalityRouting.from_ids(modality_ids, count=2)      # once per forward: [B, T], 0 = text, 1 = image
     out = route_by_modality([text_proj, image_proj], x, routing)   # x [B, T, D] -> [B, T, D_out]
 
-Which modalities occur, and where, is read on the host once per forward (:meth:`ModalityRouting.from_ids`), so the
-layers route without synchronising again. When only one modality occurs, its module runs on the whole tensor as it
+Which modalities occur, and where, is found once per forward (:meth:`ModalityRouting.from_ids`: the counts and each
+modality's token indices, read on the host), so the layers route without synchronising again. When only one modality occurs, its module runs on the whole tensor as it
 is, so a model whose tokens are all text computes exactly what the plain model computes.
 """
 
@@ -47,9 +47,9 @@ def route_by_modality(modules: list[nn.Module] | nn.ModuleList, x: torch.Tensor,
         return modules[routing.single_modality](x)
     flat = x.reshape(-1, x.shape[-1])
     out = None
-    for modality, indices in routing.token_indices:
+    for modality, indices in routing.token_indices:  # together they cover every token once
         part = modules[modality](flat.index_select(0, indices))
         if out is None:
-            out = part.new_zeros(flat.shape[0], part.shape[-1])
-        out = out.index_copy(0, indices, part)
+            out = part.new_empty(flat.shape[0], part.shape[-1])
+        out.index_copy_(0, indices, part.to(out.dtype))
     return out.reshape(*x.shape[:-1], out.shape[-1])

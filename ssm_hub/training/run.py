@@ -170,7 +170,9 @@ def _train_and_save(trainer, arguments, processing, evaluate: bool) -> dict:
 def _train_image_text(recipe: Recipe, arguments) -> dict:
     """``data.builtin: shapes``: captioned scenes (ssm_hub.training.shapes) for an ssm_hub_multimodal model; the
     processor comes from the model config's patch_size / merge_size, the loss is on the captions, and the summary
-    adds the exact-match caption accuracy on the held-out scenes."""
+    adds the exact-match caption accuracy on the held-out scenes (captions never trained on). Each row is one scene
+    and its caption, padded to the batch's longest: data.seq_len does not apply."""
+    from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalConfig
     from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
     from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
     from ssm_hub.training.shapes import BUILTIN_SCENES, SCENE_SIZE, ImageTextCollator, ShapeScenes, caption_accuracy
@@ -179,14 +181,17 @@ def _train_image_text(recipe: Recipe, arguments) -> dict:
         raise ValueError(f"data.builtin: shapes trains a new ssm_hub_multimodal model; model.type is "
                          f"{recipe.model.type!r}" + (", model.pretrained is set" if recipe.model.pretrained else ""))
     data = recipe.data
-    scenes = ShapeScenes(data.max_documents or BUILTIN_SCENES, seed=0)
-    held_out = ShapeScenes(max(1, int(len(scenes) * data.eval_fraction)), seed=1) if data.eval_fraction else None
+    scenes = ShapeScenes(data.max_documents or BUILTIN_SCENES, seed=0, split="train")
+    held_out = ShapeScenes(max(1, int(len(scenes) * data.eval_fraction)), seed=1, split="held_out") \
+        if data.eval_fraction else None
     if held_out is None and arguments.eval_strategy != "no":
         raise ValueError(f"train.eval_strategy = {arguments.eval_strategy.value!r}, but data.eval_fraction is 0")
+    _check_eval_batches(held_out, arguments)
     tokenizer = build_tokenizer(recipe, scenes.captions())
+    defaults = SsmHubMultimodalConfig()
     image_processor = SsmHubMultimodalImageProcessor(
-        patch_size=recipe.model.config.get("patch_size", 16), merge_size=recipe.model.config.get("merge_size", 1),
-        max_image_size=SCENE_SIZE)
+        patch_size=recipe.model.config.get("patch_size", defaults.patch_size),
+        merge_size=recipe.model.config.get("merge_size", defaults.merge_size), max_image_size=SCENE_SIZE)
     processor = SsmHubMultimodalProcessor(image_processor, tokenizer)
     model = build_model(recipe, processor.tokenizer, dict(image_token_id=processor.image_token_id,
                                                          image_row_end_token_id=processor.image_row_end_token_id))

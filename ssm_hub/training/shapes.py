@@ -3,15 +3,20 @@ shows that it sees (``data.builtin: shapes``, the ``shapes_*`` recipes).
 
     from ssm_hub.training.shapes import ShapeScenes, caption_accuracy
     scenes = ShapeScenes(1000, seed=1)          # scenes[i] -> {"image": PIL image, "text": caption}
-    accuracy = caption_accuracy(model, processor, ShapeScenes(200, seed=2))
+    accuracy = caption_accuracy(model, processor, ShapeScenes(200, seed=2, split="held_out"))
 
 A scene is a white square of ``size`` pixels cut into a 2 x 2 grid; one to three cells hold a shape (circle,
 square or triangle) in one of four colours, its size and place inside the cell jittered. The caption names them in
 reading order with their cell: "red circle top left, blue square bottom right". Getting it exactly right needs
 colour, shape and position, none of which the text gives away. Scene ``i`` of a seed is the same on every call, so
-training and held-out scenes are fixed by their seeds without storing any.
+scenes are fixed by their seeds without storing any.
+
+The captions are split too (:func:`caption_split`: one in twenty, by a hash of the caption, is held out): training
+scenes never show a held-out combination, so accuracy on held-out scenes measures captions the model has never
+seen, composed from parts it has.
 """
 
+import hashlib
 import random
 
 import PIL.Image
@@ -26,7 +31,17 @@ SCENE_SIZE = 32
 BUILTIN_SCENES = 20000  # data.builtin: shapes without data.max_documents
 
 
+SPLITS = ("train", "held_out")
+HELD_OUT_SHARE = 20  # one caption in this many is held out
+
+
+def caption_split(caption: str) -> str:
+    """"held_out" for one caption in HELD_OUT_SHARE (by a stable hash), "train" for the others."""
+    return "held_out" if int(hashlib.sha256(caption.encode()).hexdigest(), 16) % HELD_OUT_SHARE == 0 else "train"
+
+
 def draw_scene(rng: random.Random, size: int, max_shapes: int) -> tuple[PIL.Image.Image, str]:
+    """One scene drawn with ``rng``: (the image, its caption)."""
     image = PIL.Image.new("RGB", (size, size), "white")
     draw = PIL.ImageDraw.Draw(image)
     half = size // 2
@@ -50,16 +65,19 @@ def draw_scene(rng: random.Random, size: int, max_shapes: int) -> tuple[PIL.Imag
 
 
 class ShapeScenes(torch.utils.data.Dataset):
-    """``count`` scenes of ``seed``: item i is {"image", "text"}, drawn when asked."""
+    """``count`` scenes of ``seed`` whose captions are in ``split``: item i is {"image", "text"}, drawn when asked
+    (the first draw for i whose caption is in the split)."""
 
-    def __init__(self, count: int, seed: int = 0, size: int = SCENE_SIZE, max_shapes: int = 3):
+    def __init__(self, count: int, seed: int = 0, size: int = SCENE_SIZE, max_shapes: int = 3, split: str = "train"):
         if count < 1:
             raise ValueError(f"ShapeScenes: count must be at least 1, got {count}")
         if size < 16 or size % 2:
             raise ValueError(f"ShapeScenes: size must be an even number of pixels >= 16, got {size}")
         if not 1 <= max_shapes <= len(CELLS):
             raise ValueError(f"ShapeScenes: max_shapes must be in [1, {len(CELLS)}], got {max_shapes}")
-        self.count, self.seed, self.size, self.max_shapes = count, seed, size, max_shapes
+        if split not in SPLITS:
+            raise ValueError(f"ShapeScenes: split must be one of {SPLITS}, got {split!r}")
+        self.count, self.seed, self.size, self.max_shapes, self.split = count, seed, size, max_shapes, split
 
     def __len__(self) -> int:
         return self.count
@@ -67,10 +85,15 @@ class ShapeScenes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.count:
             raise IndexError(f"scene {index} of {self.count}")
-        image, caption = draw_scene(random.Random(f"{self.seed}:{index}"), self.size, self.max_shapes)
-        return {"image": image, "text": caption}
+        attempt = 0
+        while True:
+            image, caption = draw_scene(random.Random(f"{self.seed}:{index}:{attempt}"), self.size, self.max_shapes)
+            if caption_split(caption) == self.split:
+                return {"image": image, "text": caption}
+            attempt += 1
 
     def captions(self) -> list[str]:
+        """Every scene's caption, in order."""
         return [self[index]["text"] for index in range(self.count)]
 
 

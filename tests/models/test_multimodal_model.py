@@ -185,8 +185,7 @@ def test_beam_search_repeats_each_rows_own_images():
     assert len(rows[0]) == len(rows[1])
     input_ids = torch.tensor(rows)
     pixels, sizes = padded([a, b, c])
-    order = model._image_order_for_repeated_rows(input_ids, pixels, sizes, repeats=2)
-    assert order.tolist() == [0, 1, 0, 1, 2, 2]
+    assert model.model.images_of_rows(input_ids, pixels, sizes) == [[0, 1], [2]]
     beams = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, output_logits=True,
                  return_dict_in_generate=True, **GENERATE)
     with torch.no_grad():
@@ -255,8 +254,15 @@ def test_lora_defaults_include_the_image_tokens_own_projections():
 def test_bad_inputs_are_named():
     model = model_for()
     input_ids = torch.tensor([[5, *image_tokens(8, 8), 7]])
-    with pytest.raises(ValueError, match="input_ids hold 4 image tokens .* give 2 patch tokens"):
+    with pytest.raises(ValueError, match="input_ids hold 4 image tokens \\(id 62\\) but the 3 image\\(s\\) give 6"):
+        model(input_ids, pixel_values=torch.randn(3, 3, 4, 8))
+    with pytest.raises(ValueError, match="row 0 of input_ids does not hold whole images: .* \\[4\\] image tokens"):
         model(input_ids, pixel_values=torch.randn(1, 3, 4, 8))
+    # The same total, but the first row's placeholders would take one and a half images: refused, not split.
+    two_rows = torch.tensor([[5, *image_tokens(4, 12), 7], [5, *image_tokens(4, 4), *image_tokens(4, 4), 7]])
+    pixels, sizes = padded([torch.randn(3, 4, 8), torch.randn(3, 4, 8), torch.randn(3, 4, 4)])
+    with pytest.raises(ValueError, match="row 0 of input_ids does not hold whole images"):
+        model(two_rows, pixel_values=pixels, image_sizes=sizes)
     with pytest.raises(ValueError, match="hold 4 image tokens \\(id 62\\) but no pixel_values"):
         model(input_ids)
     with pytest.raises(ValueError, match="multiples of patch_size \\* merge_size = 4"):
@@ -307,3 +313,22 @@ def test_processor_and_model_end_to_end_through_the_auto_classes(tmp_path):
                              padding_side="left")
     with torch.no_grad():
         assert torch.equal(reloaded.generate(**again, **kwargs), generated)
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("triton"), reason="triton is not installed")
+def test_the_kernels_training_path_routes_like_the_torch_path(monkeypatch):
+    """With Mixture-of-Mamba the Mamba-2 training node leaves out_proj out and the tokens go through their own
+    out_proj; on the kernels (Triton's interpreter here) loss and gradients match the torch path's."""
+    model = model_for(mixture(mixer_types=["mamba2", "mamba2", "attention"], hidden_size=32, mamba_d_head=16)).train()
+    input_ids = torch.tensor([[5, 6, *image_tokens(8, 8), 7, 8, 9, 10]])
+    image = torch.randn(1, 3, 8, 8)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("SSM_HUB_BACKEND", backend)
+        model.zero_grad()
+        loss = model(input_ids, pixel_values=image, labels=input_ids).loss
+        loss.backward()
+        results[backend] = (loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()})
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results["torch"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)

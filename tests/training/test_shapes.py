@@ -39,6 +39,12 @@ def test_captions_name_the_colour_in_each_named_cell_and_scenes_repeat_by_seed()
                 assert not colours, (index, cell)
 
 
+def test_held_out_scenes_have_captions_no_training_scene_has():
+    training = set(ShapeScenes(2000, seed=0).captions())
+    held_out = ShapeScenes(100, seed=1, split="held_out").captions()
+    assert len(set(held_out)) > 50 and not set(held_out) & training
+
+
 def test_the_collator_puts_the_loss_on_the_caption_and_its_end_only():
     scenes = ShapeScenes(3, seed=0)
     processor = processor_for(scenes)

@@ -44,6 +44,7 @@ class SsmHubMultimodalConfig(SsmHubHybridConfig):
 
     @property
     def routes_modalities(self) -> bool:
+        """Whether any part of the blocks is copied per modality (image tokens routed apart from text)."""
         return self.mixture_of_mamba or self.modality_mlps or self.modality_norms
 
     def check(self) -> None:

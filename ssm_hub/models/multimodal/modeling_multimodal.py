@@ -17,6 +17,9 @@ token. The backbone is the hybrid stack (ssm_hub.models.hybrid) under ``model.la
 ``mixture_of_mamba`` / ``modality_mlps`` / ``modality_norms`` its blocks route image tokens (placeholders and row
 ends) through their own projections, MLPs and norms. Generation prefills image and text together, then decodes
 text through transformers' cache (generate passes the images at the prefill only).
+
+A batch without images leaves the patch embedding (and the image tokens' own modules) without gradients; under
+DDP, training on data that mixes such batches in needs ``train.ddp_find_unused_parameters: true``.
 """
 
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from ssm_hub.models.hybrid.modeling_hybrid import ModalityLayout, SsmHubHybridMo
 from ssm_hub.models.multimodal.configuration_multimodal import MODALITIES, SsmHubMultimodalConfig
 from ssm_hub.models.ssm_lm import LOSS_KWARGS, lm_head_logits_and_loss
 
-TEXT, IMAGE = (MODALITIES.index(name) for name in ("text", "image"))
+IMAGE = MODALITIES.index("image")
 
 
 @dataclass
@@ -96,14 +99,8 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
                 raise ValueError(f"input_ids hold {int(placeholders.sum())} image tokens (id {config.image_token_id})"
                                  " but no pixel_values were given")
             return embeddings, None
-        patches = self.patch_embed(pixel_values, image_sizes)
-        expected = int(placeholders.sum())
-        if patches.shape[0] != expected:
-            grids = self.patch_embed.token_grid(image_sizes) if image_sizes is not None else None
-            raise ValueError(f"input_ids hold {expected} image tokens (id {config.image_token_id}) but the "
-                             f"{pixel_values.shape[0]} image(s) give {patches.shape[0]} patch tokens"
-                             + (f" (token grids, rows x cols: {grids})" if grids else "")
-                             + "; build the inputs with the model's processor")
+        patches = self.patch_embed(pixel_values, image_sizes)  # checks the image sizes first
+        self.images_of_rows(input_ids, pixel_values, image_sizes)  # each row's placeholders take whole images
         embeddings = embeddings.masked_scatter(placeholders[..., None], patches.to(embeddings.dtype))
         if not config.routes_modalities:
             return embeddings, None
@@ -111,6 +108,33 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         if config.image_row_end_token_id is not None:
             image_tokens = image_tokens | (input_ids == config.image_row_end_token_id)
         return embeddings, ModalityRouting.from_ids(image_tokens.long() * IMAGE, len(MODALITIES))
+
+    def images_of_rows(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor,
+                       image_sizes: torch.Tensor | None) -> list[list[int]]:
+        """The indices of the images each row of ``input_ids`` holds, in order: the images fill the rows'
+        placeholders one after the other, and a row must end on a whole image (ValueError naming the counts)."""
+        if image_sizes is None:
+            image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0])
+        grids = self.patch_embed.token_grid(image_sizes)
+        tokens_per_image = [rows * cols for rows, cols in grids]
+        tokens_per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
+        rows, image = [], 0
+        for row, wanted in enumerate(tokens_per_row):
+            first = image
+            while wanted > 0 and image < len(tokens_per_image):
+                wanted -= tokens_per_image[image]
+                image += 1
+            if wanted != 0:
+                raise ValueError(
+                    f"row {row} of input_ids does not hold whole images: the rows hold {tokens_per_row} image tokens "
+                    f"(id {self.config.image_token_id}) and the {len(grids)} image(s) give {tokens_per_image} "
+                    f"(token grids, rows x cols: {grids}); build the inputs with the model's processor")
+            rows.append(list(range(first, image)))
+        if image != len(tokens_per_image):
+            raise ValueError(f"input_ids hold {sum(tokens_per_row)} image tokens (id {self.config.image_token_id}) "
+                             f"but the {len(grids)} image(s) give {sum(tokens_per_image)}; build the inputs with "
+                             "the model's processor")
+        return rows
 
     def forward(
         self,
@@ -212,7 +236,11 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
         with the row they belong to instead (beam search, num_return_sequences)."""
         pixel_values, image_sizes = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_sizes", None)
         if pixel_values is not None and expand_size > 1:
-            order = self._image_order_for_repeated_rows(input_ids, pixel_values, image_sizes, expand_size)
+            if input_ids is None:
+                raise ValueError("generating from images needs input_ids (the placeholders say where the images go)")
+            order = torch.tensor([index for images in self.model.images_of_rows(input_ids, pixel_values, image_sizes)
+                                  for _ in range(expand_size) for index in images],
+                                 dtype=torch.long, device=pixel_values.device)
             pixel_values = pixel_values[order]
             image_sizes = image_sizes[order] if image_sizes is not None else None
         expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
@@ -222,28 +250,6 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
             if image_sizes is not None:
                 model_kwargs["image_sizes"] = image_sizes
         return expanded_ids, model_kwargs
-
-    def _image_order_for_repeated_rows(self, input_ids, pixel_values, image_sizes, repeats: int) -> torch.Tensor:
-        """Indices into the images that follow the rows repeated ``repeats`` times each (row 0, row 0, ...)."""
-        if input_ids is None:
-            raise ValueError("generating from images needs input_ids (the placeholders say where the images go)")
-        if image_sizes is None:
-            image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0])
-        tokens_per_image = [rows * cols for rows, cols in self.model.patch_embed.token_grid(image_sizes)]
-        tokens_per_row = (input_ids == self.config.image_token_id).sum(dim=1).tolist()
-        images_of_row, image = [], 0
-        for row, wanted in enumerate(tokens_per_row):
-            first = image
-            while wanted > 0 and image < len(tokens_per_image):
-                wanted -= tokens_per_image[image]
-                image += 1
-            if wanted != 0:
-                raise ValueError(f"row {row}'s image tokens do not match whole images (token grids "
-                                 f"{self.model.patch_embed.token_grid(image_sizes)}); build the inputs with the "
-                                 "model's processor")
-            images_of_row.append(list(range(first, image)))
-        return torch.tensor([index for images in images_of_row for _ in range(repeats) for index in images],
-                            dtype=torch.long, device=pixel_values.device)
 
 
 # Auto classes these models answer to; ssm_hub.auto registers them and checkpoints carry them as auto_map.
