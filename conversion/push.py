@@ -7,8 +7,9 @@ The card (model_cards/ssm_hub_model.md) is rendered from what the folder holds: 
 its layer layout), seeding.json (the teacher and the kept attention layers, written by ``ssm-hub convert --to
 ssm_hub_hybrid``) and distillation.json (the settings and the evaluation after each stage, written by ``ssm-hub
 distill``), with the stages' loss curves. Its metadata names the teacher as ``base_model`` when the teacher is a
-Hub id. The upload holds the model, its code, the tokenizer, the card, the JSON reports and the loss curves, never
-the Trainer checkpoints. huggingface_hub honours HF_ENDPOINT and HF_TOKEN.
+Hub id; an ssm_hub_multimodal model's card says image-text-to-text and shows the processor in use. The upload holds
+the model, its code, the tokenizer (and processor), the card, the JSON reports and the loss curves, never the
+Trainer checkpoints. huggingface_hub honours HF_ENDPOINT and HF_TOKEN.
 """
 
 import json
@@ -22,6 +23,22 @@ from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 DISTILLATION_FILE = "distillation.json"
 LOSS_CURVES = (*(f"{stage}/loss_curve.png" for stage in STAGES), "loss_curve.png")
 UPLOADED = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "README.md", *LOSS_CURVES)
+TEXT_USAGE = """import ssm_hub  # registers the ssm_hub model types; without it, pass trust_remote_code=True
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("$repo_id")
+tokenizer = AutoTokenizer.from_pretrained("$repo_id")
+print(tokenizer.decode(model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)[0]))"""
+IMAGE_USAGE = """import ssm_hub  # registers the model type and its processor
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("$repo_id")
+processor = AutoProcessor.from_pretrained("$repo_id")
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=prompt, images=Image.open("image.png"), return_tensors="pt")
+print(processor.decode(model.generate(**inputs, max_new_tokens=30)[0, inputs["input_ids"].shape[1]:]))"""
 
 
 def _read(folder: Path, name: str) -> dict | None:
@@ -56,24 +73,31 @@ def render_model_card(folder: str | Path, repo_id: str, base_model: str | None =
         raise ValueError(f"{folder} holds no ssm_hub model (config.json with an ssm_hub_* model_type)")
     seeding, distillation = _read(folder, SEEDING_FILE), _read(folder, DISTILLATION_FILE)
     teacher = base_model or (seeding or {}).get("teacher")
-    metadata = ["library_name: transformers", "pipeline_tag: text-generation", "tags:",
+    model_type = config["model_type"]
+    multimodal = model_type == "ssm_hub_multimodal"
+    pipeline = "image-text-to-text" if multimodal else "text-generation"
+    metadata = ["library_name: transformers", f"pipeline_tag: {pipeline}", "tags:",
                 "- ssm_hub", f"- {config['model_type']}", "- state-space-model"]
     if distillation is not None:
         metadata.append("- distillation")
     if teacher and (base_model or _is_hub_id(teacher)):
         metadata.insert(0, f"base_model: {teacher}")
-    model_type = config["model_type"]
     layout = ""
-    if model_type == "ssm_hub_hybrid":
-        kinds = config.get("mixer_types", [])
+    if "mixer_types" in config:
+        kinds = config["mixer_types"]
         attention = [layer for layer, kind in enumerate(kinds) if "attention" in kind]
         layout = (f" It has {len(kinds)} layers: {len(attention)} attention "
                   f"({', '.join(map(str, attention)) or 'none'}) and {len(kinds) - len(attention)} SSM layers.")
+    if multimodal:
+        routed = "own" if config.get("mixture_of_mamba") else "shared"
+        layout += (f" Images enter as {config['patch_size']}-pixel patches through a linear patch embedding (no vision "
+                   f"encoder), each row of patches closed by a row-end token; image tokens take {routed} Mamba-2 "
+                   "projections (Mixture-of-Mamba when own).")
     summary = f"An ssm_hub `{model_type}` model.{layout}"
     recipe = []
     if seeding is not None:
         recipe.append(f"- Seeded from `{seeding['teacher']}` ({seeding['teacher_model_type']}) with `ssm-hub convert "
-                      f"--to ssm_hub_hybrid --attention-layers {seeding['attention_layers']}`: attention layers "
+                      f"--to {model_type} --attention-layers {seeding['attention_layers']}`: attention layers "
                       f"{seeding['kept_attention_layers']} kept, the others became Mamba-2 layers built from their "
                       f"weights (V to x, K to B, Q to C, O to out_proj).")
     if distillation is not None:
@@ -111,7 +135,8 @@ def render_model_card(folder: str | Path, repo_id: str, base_model: str | None =
     return template.substitute(
         metadata="\n".join(metadata), title=repo_id.split("/")[-1], summary=summary,
         recipe="\n".join(recipe) or "Trained with ssm_hub.", evaluation=evaluation,
-        loss_curves="\n\n".join(curves), repo_id=repo_id,
+        loss_curves="\n\n".join(curves),
+        usage=Template(IMAGE_USAGE if multimodal else TEXT_USAGE).substitute(repo_id=repo_id),
     )
 
 

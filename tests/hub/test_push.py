@@ -59,6 +59,20 @@ def test_model_card_tells_how_the_model_was_made(distilled):
     assert "base_model" not in render_model_card(distilled, "me/tiny-hybrid").split("---")[1]
 
 
+def test_a_multimodal_models_card_says_image_text_to_text_and_shows_the_processor(tmp_path):
+    import ssm_hub
+
+    ssm_hub.SsmHubMultimodalForConditionalGeneration(ssm_hub.SsmHubMultimodalConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, mixer_types=["mamba2", "attention"],
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, mamba_d_head=16, patch_size=8,
+        image_token_id=14, image_row_end_token_id=15, mixture_of_mamba=True)).save_pretrained(tmp_path)
+    card = render_model_card(tmp_path, "me/tiny-vl")
+    assert "pipeline_tag: image-text-to-text" in card.split("---")[1]
+    assert "1 attention (1) and 1 SSM layers" in card and "8-pixel patches" in card and "take own Mamba-2" in card
+    assert 'AutoModelForImageTextToText.from_pretrained("me/tiny-vl")' in card
+    assert 'AutoProcessor.from_pretrained("me/tiny-vl")' in card and "AutoTokenizer" not in card
+
+
 def test_a_folder_without_an_ssm_hub_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="holds no ssm_hub model"):
