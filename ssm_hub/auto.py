@@ -34,9 +34,10 @@ PEFT_TARGET_MODULES = {
     # Attention and SSM projections; PEFT matches the names that exist in a given layout. The experts' fused 3-D
     # weights are parameters, not modules: target them with LoraConfig(target_parameters=[...]).
     SsmHubHybridConfig.model_type: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj", "out_proj"],
-    # The hybrid's, plus the image tokens' own Mamba-2 projections under Mixture-of-Mamba (modality 1 of 2).
+    # The hybrid's, plus the image tokens' own SSM projections under Mixture-of-Mamba (modality 1 of 2).
     SsmHubMultimodalConfig.model_type: ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj",
-                                        "out_proj", "modality_in_proj.0", "modality_out_proj.0"],
+                                        "out_proj", *(f"modality_{name}.0" for name in
+                                                      ("in_proj", "x_proj", "dt_proj", "out_proj"))],
 }
 
 

@@ -5,6 +5,10 @@ Parameter names match transformers' MambaMixer, so native checkpoints map one to
 module (bias included) rather than read as a tensor, so a LoRA adapter on it takes effect. With
 ``config.inner_layernorms`` the low-rank dt, B and C go through RMSNorms (``dt_layernorm``, ``b_layernorm``,
 ``c_layernorm``) before use, as in Jamba.
+
+With ``modalities`` > 1 (Mixture-of-Mamba) every modality after the first has its own in_proj, x_proj, dt_proj (bias
+included) and out_proj, in ``modality_*``; the conv, A and D stay shared. Tokens are routed by a fixed modality mask
+(ssm_hub.layers.modality_routing); modality 0 uses the plain projections.
 """
 
 import torch
@@ -12,6 +16,7 @@ from torch import nn
 
 from transformers import initialization as init
 
+from ssm_hub.layers.modality_routing import ModalityRouting, route_by_modality
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
@@ -20,7 +25,7 @@ from ssm_hub.ops.selective_scan import selective_scan, selective_scan_step
 
 
 class MambaMixer(nn.Module):
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_idx: int, modalities: int = 1):
         super().__init__()
         self.layer_idx = layer_idx
         self.hidden_size = config.hidden_size
@@ -45,6 +50,12 @@ class MambaMixer(nn.Module):
             self.dt_layernorm = RMSNorm(self.time_step_rank, eps=eps)
             self.b_layernorm = RMSNorm(self.state_size, eps=eps)
             self.c_layernorm = RMSNorm(self.state_size, eps=eps)
+        self.routed = ("in_proj", "x_proj", "dt_proj", "out_proj") if modalities > 1 else ()
+        for name in self.routed:
+            plain = getattr(self, name)
+            setattr(self, f"modality_{name}", nn.ModuleList(
+                nn.Linear(plain.in_features, plain.out_features, bias=plain.bias is not None)
+                for _ in range(modalities - 1)))
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:
@@ -55,18 +66,26 @@ class MambaMixer(nn.Module):
         init.copy_(self.A_log, torch.log(A))
         init.ones_(self.D)
         dt_init_std = self.time_step_rank**-0.5 * config.time_step_scale
-        if config.time_step_init_scheme == "constant":
-            init.constant_(self.dt_proj.weight, dt_init_std)
-        else:
-            init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
-        init.copy_(self.dt_proj.bias, inverse_softplus(sample_time_steps(self.intermediate_size, config)))
+        for dt_proj in (self.dt_proj, *(getattr(self, "modality_dt_proj", None) or ())):
+            if config.time_step_init_scheme == "constant":
+                init.constant_(dt_proj.weight, dt_init_std)
+            else:
+                init.uniform_(dt_proj.weight, -dt_init_std, dt_init_std)
+            init.copy_(dt_proj.bias, inverse_softplus(sample_time_steps(self.intermediate_size, config)))
 
-    def _selection(self, x: torch.Tensor):
+    def _project(self, name: str, x: torch.Tensor, modality: ModalityRouting | None) -> torch.Tensor:
+        """Projection ``name`` of x, each token through its modality's copy when the projections are routed."""
+        if name not in self.routed:
+            return getattr(self, name)(x)
+        return route_by_modality([getattr(self, name), *getattr(self, f"modality_{name}")], x, modality)
+
+    def _selection(self, x: torch.Tensor, modality: ModalityRouting | None = None):
         """Input-dependent dt, B, C from the conv output x (any leading shape)."""
-        dt_low_rank, B, C = self.x_proj(x).split([self.time_step_rank, self.state_size, self.state_size], dim=-1)
+        dt_low_rank, B, C = self._project("x_proj", x, modality).split(
+            [self.time_step_rank, self.state_size, self.state_size], dim=-1)
         if self.inner_layernorms:
             dt_low_rank, B, C = self.dt_layernorm(dt_low_rank), self.b_layernorm(B), self.c_layernorm(C)
-        return self.dt_proj(dt_low_rank), B, C
+        return self._project("dt_proj", dt_low_rank, modality), B, C
 
     def forward(
         self,
@@ -74,12 +93,14 @@ class MambaMixer(nn.Module):
         cache=None,
         padding_mask: torch.Tensor | None = None,
         seq_idx: torch.Tensor | None = None,
+        modality: ModalityRouting | None = None,
     ) -> torch.Tensor:
+        """``modality``: which projections each token takes (only with ``modalities`` > 1; None: modality 0)."""
         seq_len = hidden_states.shape[1]
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
-        x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)
+        x, gate = self._project("in_proj", hidden_states, modality).chunk(2, dim=-1)
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
 
@@ -87,18 +108,19 @@ class MambaMixer(nn.Module):
             # Decode: one token against the cached conv window and recurrent state, both updated in place.
             conv_weight, conv_bias = self._conv_parameters()
             x, _ = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True)
-            dt, B, C = self._selection(x)
+            dt, B, C = self._selection(x, modality)
             y, _ = selective_scan_step(
                 ssm_state, x, dt, self._A(), B, C, D=self.D, z=gate[:, 0], delta_softplus=True, in_place=True
             )
-            return self.out_proj(y[:, None].to(hidden_states.dtype))
+            return self._project("out_proj", y[:, None].to(hidden_states.dtype), modality)
 
-        y, conv_state, ssm_state = self._sequence(x, gate, padding_mask, seq_idx, conv_state, ssm_state, cache is not None)
+        y, conv_state, ssm_state = self._sequence(x, gate, padding_mask, seq_idx, conv_state, ssm_state, cache is not None,
+                                                  modality)
         if cache is not None:
             # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
             cache.update_recurrent_state(ssm_state, self.layer_idx)
-        return self.out_proj(y.to(hidden_states.dtype))
+        return self._project("out_proj", y.to(hidden_states.dtype), modality)
 
     def _conv_parameters(self):
         return unwrapped_conv_parameters(self.conv1d, f"layer {self.layer_idx} mixer.conv1d")
@@ -106,7 +128,7 @@ class MambaMixer(nn.Module):
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())
 
-    def _sequence(self, x, gate, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool):
+    def _sequence(self, x, gate, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, modality=None):
         """conv -> dt, B, C -> selective scan (gated) over a sequence: (y, final conv state or None, final SSM state
         or None)."""
         conv_weight, conv_bias = self._conv_parameters()
@@ -117,7 +139,7 @@ class MambaMixer(nn.Module):
         x, conv_state = conv_out if want_states else (conv_out, None)
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
-        dt, B, C = self._selection(x)
+        dt, B, C = self._selection(x, modality)
         scan_out = selective_scan(
             x, dt, self._A(), B, C, D=self.D, z=gate, delta_softplus=True, initial_state=ssm_state, seq_idx=seq_idx,
             return_final_state=want_states,

@@ -105,6 +105,14 @@ def test_images_take_the_place_of_their_placeholders_in_order():
     assert routing.ids[0].tolist() == [0, 1, 1, 1, 1, 0, 1, 1, 1, 0]  # placeholders and row ends are image
 
 
+def test_the_image_tokens_own_selection_starts_as_mambas():
+    mamba = model_for(mixture(mixer_types=["mamba", "attention", "mamba2"])).model.language_model.layers[0].mamba
+    own, shared = mamba.modality_dt_proj[0], mamba.dt_proj
+    # dt's bias is softplus^-1 of steps in [time_step_min, time_step_max], as for the shared dt_proj, not zero.
+    steps = torch.nn.functional.softplus(own.bias)
+    assert steps.min() >= 0.9e-3 and steps.max() <= 0.11 and not torch.equal(own.bias, shared.bias)
+
+
 def test_the_text_after_an_image_sees_it_and_the_text_before_does_not():
     model = model_for()
     input_ids = torch.tensor([[5, 6, *image_tokens(8, 8), 7, 8]])
@@ -117,9 +125,13 @@ def test_the_text_after_an_image_sees_it_and_the_text_before_does_not():
     assert (first[:, -1] - second[:, -1]).abs().max() > 1e-4
 
 
-def test_with_one_modality_the_mixture_is_exactly_the_plain_model():
-    plain = model_for(tiny())
-    routed = model_for(mixture())
+LAYOUTS = [["mamba2", "attention", "mamba2"], ["mamba", "attention", "mamba2"]]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["mamba2", "mamba1"])
+def test_with_one_modality_the_mixture_is_exactly_the_plain_model(layout):
+    plain = model_for(tiny(mixer_types=layout))
+    routed = model_for(mixture(mixer_types=layout))
     missing, unexpected = routed.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == [] and missing and all(".modality_" in name for name in missing)
     input_ids = torch.randint(1, 60, (2, 11))
@@ -129,20 +141,24 @@ def test_with_one_modality_the_mixture_is_exactly_the_plain_model():
                            plain.generate(input_ids, max_new_tokens=5, **GENERATE))
 
 
-def test_image_tokens_take_their_own_projections_and_text_only_inputs_do_not():
-    model = model_for()
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["mamba2", "mamba1"])
+def test_image_tokens_take_their_own_projections_and_text_only_inputs_do_not(layout):
+    model = model_for(mixture(mixer_types=layout))
     input_ids = torch.tensor([[5, 6, *image_tokens(8, 8), 7, 8]])
     text_only = torch.randint(1, 60, (1, 9))
     image = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         before, before_text = model(input_ids, pixel_values=image).logits, model(text_only).logits
-        for layer in model.model.language_model.layers:
-            if layer.mixer_type == "mamba2":
-                layer.mamba.modality_in_proj[0].weight.mul_(1.5)
+        first = model.model.language_model.layers[0].mamba  # the layout's first kind of SSM layer alone
+        if layout[0] == "mamba2":
+            first.modality_in_proj[0].weight.mul_(1.5)
+        else:  # the selection only: Mamba-1's x_proj and dt_proj are the image tokens' own too
+            first.modality_x_proj[0].weight.mul_(1.5)
+            first.modality_dt_proj[0].bias.add_(0.5)
         after, after_text = model(input_ids, pixel_values=image).logits, model(text_only).logits
     assert torch.equal(before_text, after_text)
     torch.testing.assert_close(before[:, :2], after[:, :2], rtol=0, atol=0)  # text before the image
-    assert (before[:, -1] - after[:, -1]).abs().max() > 1e-4
+    assert not torch.equal(before[:, -1], after[:, -1])  # deterministic: any difference is the image path's
 
 
 @pytest.mark.parametrize("config", [tiny, mixture])
@@ -272,7 +288,6 @@ def test_bad_inputs_are_named():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(mixture_of_mamba=True, mixer_types=["mamba", "attention", "mamba2"]), "Mamba-1 layers"),
     (dict(modality_mlps=True, ffn_types=["mlp", "moe", "mlp"]), "MoE or PKM"),
     (dict(image_token_id=64), "image_token_id must be a token id in \\[0, vocab_size = 64\\)"),
     (dict(image_row_end_token_id=IMAGE), "must differ"),

@@ -111,8 +111,9 @@ class HybridCausalLMOutput(ModelOutput):
 
 @dataclass(frozen=True)
 class ModalityLayout:
-    """Which parts of each block get one copy per modality (ssm_hub_multimodal's Mixture-of-Mamba): the Mamba-2
-    mixers' in_proj and out_proj, the dense MLPs, the two norms. The first modality (text) uses the block's own
+    """Which parts of each block get one copy per modality (ssm_hub_multimodal's Mixture-of-Mamba): the SSM mixers'
+    projections (Mamba-2: in_proj, out_proj; Mamba-1: in_proj, x_proj, dt_proj, out_proj), the dense MLPs, the two
+    norms. The first modality (text) uses the block's own
     modules; the others their copies in ``modality_*``."""
 
     count: int
@@ -172,10 +173,10 @@ class HybridBlock(GradientCheckpointingLayer):
                 layer_idx=layer_idx, attn_implementation=config._attn_implementation or "sdpa",
                 qk_norm=config.norm_type if config.attention_qk_norm else None, qk_norm_eps=config.layer_norm_epsilon,
             )
-        elif self.mixer_type == "mamba2" and modalities is not None and modalities.mixers:
-            self.mamba = Mamba2Mixer(config.ssm_config("mamba2"), layer_idx=layer_idx, modalities=modalities.count)
         else:
-            self.mamba = SSM_MIXER_CLASSES[self.mixer_type](config.ssm_config(self.mixer_type), layer_idx=layer_idx)
+            copies = modalities.count if modalities is not None and modalities.mixers else 1
+            self.mamba = SSM_MIXER_CLASSES[self.mixer_type](config.ssm_config(self.mixer_type), layer_idx=layer_idx,
+                                                            modalities=copies)
         if self.ffn_type != "none":
             self.pre_ff_layernorm = _norm(config)
             self.feed_forward = _feed_forward(config, self.ffn_type)
@@ -195,10 +196,8 @@ class HybridBlock(GradientCheckpointingLayer):
         if self.mixer_type in ATTENTION_MIXERS:
             mixed = self.self_attn(normed, position_embeddings=position_embeddings,
                                    attention_mask=attention_masks[self.layer_type], cache=cache, **attention_kwargs)
-        elif self.mixer_type == "mamba2":
-            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
         else:
-            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
+            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
         hidden_states = residual + mixed
         router_logits = None
         if self.ffn_type != "none":

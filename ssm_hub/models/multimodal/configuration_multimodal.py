@@ -13,8 +13,9 @@ patch embeddings in place of the placeholders. The row-end token is how a 1-D sc
 no maximum grid (a learned 2-D position table would), works for any image shape, and is what Fuyu, the model this
 one converts from, does.
 
-Mixture-of-Mamba (Liang et al.): ``mixture_of_mamba`` gives the image tokens their own in_proj (which in Mamba-2
-also gives dt) and out_proj in every Mamba-2 layer; conv, A, D and the gated norm stay shared. ``modality_mlps``
+Mixture-of-Mamba (Liang et al.): ``mixture_of_mamba`` gives the image tokens their own projections in every SSM
+layer: in_proj (which in Mamba-2 also gives dt) and out_proj, and in Mamba-1 x_proj and dt_proj too; conv, A, D (and
+Mamba-2's gated norm) stay shared. ``modality_mlps``
 and ``modality_norms`` also give them their own dense MLPs and norms. Tokens are routed by the fixed modality mask
 (image placeholders and row ends are image, everything else text), with no learned router.
 """
@@ -63,9 +64,6 @@ class SsmHubMultimodalConfig(SsmHubHybridConfig):
         if self.image_token_id is not None and self.image_token_id == self.image_row_end_token_id:
             raise ValueError(f"{name}: image_token_id and image_row_end_token_id must differ, both are "
                              f"{self.image_token_id}")
-        if self.mixture_of_mamba and "mamba" in self.mixer_types:
-            raise ValueError(f"{name}.mixture_of_mamba gives each modality its own projections in the Mamba-2 "
-                             f"layers; the layout has Mamba-1 layers ({self.mixer_types}): use mamba2 mixers")
         if self.modality_mlps and any(ffn in ("moe", "pkm") for ffn in self.ffn_types):
             raise ValueError(f"{name}.modality_mlps copies the dense MLPs per modality; the layout has MoE or PKM "
                              f"feed-forwards ({self.ffn_types}), which would stay shared: use mlp layers")
