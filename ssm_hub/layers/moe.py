@@ -9,7 +9,6 @@ a rename: the router's ``weight`` [E, H] (Jamba names the router ``router``, Mix
 """
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
