@@ -24,6 +24,12 @@ the student in place):
 :func:`evaluate_against_teacher` gives what each stage is judged by: held-out perplexity of both models, the mean
 token KL, and how often the student's greedy next token is the teacher's; :func:`generation_samples` puts their
 greedy completions of the held-out documents' openings side by side.
+
+Image-text data (``--builtin shapes``: captioned scenes, ssm_hub.training.shapes) distils an ssm_hub_multimodal
+student (seeded from Fuyu by ``ssm-hub convert``) from its teacher, mmMamba's way: the same stages, each model fed
+the images as it takes them (Fuyu the flattened patches, :func:`teacher_images`), the student's replaced layers
+reached under ``model.language_model`` and routed by modality where the student has Mixture-of-Mamba, padding kept
+out of the losses, and the evaluations over the caption tokens.
 """
 
 import math
@@ -34,6 +40,7 @@ from transformers import Trainer
 
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 from ssm_hub.conversion.speed import DECODE_STEPS, longest_context, speed_table
+from ssm_hub.layers.patch_embedding import image_patches
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 
 STAGES = ("orient", "align", "kl")
@@ -49,16 +56,20 @@ def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: t
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
 
-def hidden_alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> torch.Tensor:
+def hidden_alignment_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor],
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over layers and rows of the batch of the mean squared error between a layer's output and its target
     [B, T, D], divided by the target's mean square in that row, so that neither layers nor rows with larger
-    activations dominate; float32. A mean over rows, so processes that split a batch average to the whole batch's
-    loss."""
+    activations dominate; float32; over the tokens where ``mask`` [B, T] is 1 (padding left out). A mean over rows,
+    so processes that split a batch average to the whole batch's loss."""
     losses = []
     for out, target in zip(outputs, targets, strict=True):
         target = target.float()
-        squared_error = (out.float() - target).square().flatten(1).mean(1)
-        losses.append(squared_error / target.square().flatten(1).mean(1).clamp_min(1e-12))
+        weight = torch.ones(target.shape[:2], device=target.device) if mask is None else mask.float()
+        tokens = weight.sum(1).clamp_min(1) * target.shape[-1]
+        squared_error = ((out.float() - target).square() * weight[..., None]).flatten(1).sum(1) / tokens
+        scale = (target.square() * weight[..., None]).flatten(1).sum(1) / tokens
+        losses.append(squared_error / scale.clamp_min(1e-12))
     return torch.stack(losses).mean()
 
 
@@ -75,18 +86,20 @@ def replaced_layers(student) -> list[int]:
     return [layer for layer, kind in enumerate(student.config.mixer_types) if kind in ("mamba", "mamba2")]
 
 
+def student_blocks(student) -> torch.nn.ModuleList:
+    """The student's blocks: ``model.layers``, or an ssm_hub_multimodal's ``model.language_model.layers``."""
+    base = student.model
+    return getattr(base, "language_model", base).layers
+
+
 def set_trainable(student, stage: str, freeze_mlp: bool = False) -> int:
     """Freeze what ``stage`` does not train (module docstring); returns the number of trainable parameters."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    trainable = set(replaced_layers(student)) if stage != "kl" else None
+    blocks = student_blocks(student)
+    mixers = {id(p) for layer in replaced_layers(student) for p in blocks[layer].mamba.parameters()}
     for name, parameter in student.named_parameters():
-        if stage != "kl":
-            parts = name.split(".")
-            train = (len(parts) > 3 and parts[:2] == ["model", "layers"] and int(parts[2]) in trainable
-                     and parts[3] == "mamba")
-        else:
-            train = not (freeze_mlp and ".feed_forward." in name)
+        train = id(parameter) in mixers if stage != "kl" else not (freeze_mlp and ".feed_forward." in name)
         parameter.requires_grad_(train)
     count = sum(p.numel() for p in student.parameters() if p.requires_grad)
     if count == 0:
@@ -96,20 +109,21 @@ def set_trainable(student, stage: str, freeze_mlp: bool = False) -> int:
 
 
 def teacher_decoder_layers(teacher) -> torch.nn.ModuleList:
-    """The decoder layers of a transformers causal LM: ``model.layers`` (Llama family) or ``transformer.h`` (GPT-2)."""
-    base = teacher.base_model
-    for name in ("layers", "h"):
-        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
-            return getattr(base, name)
+    """The decoder layers of a transformers causal LM: ``model.layers`` (Llama family), ``transformer.h`` (GPT-2) or
+    ``model.language_model.layers`` (Fuyu, ssm_hub_multimodal)."""
+    for base in (teacher.base_model, getattr(teacher.base_model, "language_model", None)):
+        for name in ("layers", "h"):
+            if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+                return getattr(base, name)
     raise ValueError(f"cannot find the decoder layers of {type(teacher).__name__} (looked for "
                      f"{teacher.base_model_prefix}.layers and {teacher.base_model_prefix}.h)")
 
 
-def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = False):
+def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = False, **other_inputs):
     """(inputs, outputs) of every decoder layer of a transformers teacher (:func:`teacher_decoder_layers`), captured with
     forward hooks, so the last layer's raw output is there too (``output_hidden_states`` gives it after the final
     norm); with ``attentions``, also each layer's attention weights [B, H, T, T] (the teacher must run eager
-    attention)."""
+    attention). ``other_inputs``: the teacher's other inputs (attention_mask, images)."""
     inputs, outputs = [], []
 
     def record(module, args, kwargs, output):
@@ -119,7 +133,8 @@ def teacher_layer_states(teacher, input_ids, position_ids, attentions: bool = Fa
     handles = [layer.register_forward_hook(record, with_kwargs=True) for layer in teacher_decoder_layers(teacher)]
     try:
         with torch.no_grad():
-            result = teacher(input_ids=input_ids, position_ids=position_ids, output_attentions=attentions)
+            result = teacher(input_ids=input_ids, position_ids=position_ids, output_attentions=attentions,
+                             **other_inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -140,17 +155,22 @@ class ReplacedLayers(torch.nn.Module):
         self.layers = replaced_layers(student)
         if not self.layers:
             raise ValueError("the student has no SSM layer: nothing to orient or align")
-        self.blocks = torch.nn.ModuleList(student.model.layers[layer] for layer in self.layers)
+        self.blocks = torch.nn.ModuleList(student_blocks(student)[layer] for layer in self.layers)
+        # The tokens' modality routing, for a student whose blocks have per-modality parts (ssm_hub_multimodal).
+        self.modality_routing = getattr(student.model, "modality_routing", lambda input_ids: None)
 
     def forward(self, layer_inputs: list[torch.Tensor], seq_idx: torch.Tensor | None = None,
-                mixing_matrices: bool = False) -> list[torch.Tensor]:
+                mixing_matrices: bool = False, padding_mask: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         """For each replaced layer, fed ``layer_inputs[layer]`` (the teacher's hidden state entering it): the
-        block's output, or with ``mixing_matrices`` its scan's [B, H, T, T] mixing matrices."""
+        block's output, or with ``mixing_matrices`` its scan's [B, H, T, T] mixing matrices. ``padding_mask``
+        [B, T]: 1 at real tokens; ``input_ids``: for the modality routing of a multimodal student."""
+        modality = self.modality_routing(input_ids) if input_ids is not None else None
         results = []
         for layer, block in zip(self.layers, self.blocks):
             hidden = layer_inputs[layer]
             if not mixing_matrices:
-                results.append(block(hidden, seq_idx=seq_idx)[0])
+                results.append(block(hidden, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)[0])
                 continue
             if block.mixer_type != "mamba2":
                 raise ValueError(f"matrix orientation needs Mamba-2 layers; layer {layer} is {block.mixer_type!r}")
@@ -178,7 +198,8 @@ class DistillationTrainer(Trainer):
                              "which shard the student that the next stage and the evaluations need whole")
         # The columns compute_loss reads: Trainer would otherwise keep only those that the model's forward names
         # (ReplacedLayers.forward names none of them).
-        self._signature_columns = ["input_ids", "position_ids", "labels"]
+        self._signature_columns = ["input_ids", "position_ids", "labels", "attention_mask", "pixel_values",
+                                   "image_sizes"]
         # compute_loss returns a mean over this process's tokens; Trainer must not rescale it as it does a loss
         # summed and divided by the tokens of all processes (num_items_in_batch).
         self.model_accepts_loss_kwargs = False
@@ -190,48 +211,93 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, position_ids = inputs["input_ids"], inputs.get("position_ids")
         if self.stage in ("orient", "align"):
-            loss = (self._orientation if self.stage == "orient" else self._alignment)(model, input_ids, position_ids)
+            loss = (self._orientation if self.stage == "orient" else self._alignment)(model, inputs)
             return (loss, None) if return_outputs else loss
+        mask = inputs.get("attention_mask")
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, position_ids=position_ids).logits
-        outputs = model(input_ids=input_ids, position_ids=position_ids,
+            teacher_logits = self.teacher(input_ids=input_ids, position_ids=position_ids,
+                                          **teacher_inputs(self.teacher, inputs)).logits
+        outputs = model(input_ids=input_ids, position_ids=position_ids, **student_inputs(inputs),
                         labels=inputs["labels"] if self.ce_weight else None)
-        loss = token_kl(teacher_logits, outputs.logits)
+        loss = token_kl(teacher_logits, outputs.logits, mask)
         if self.ce_weight:
             loss = loss + self.ce_weight * outputs.loss
         return (loss, outputs) if return_outputs else loss
 
-    def _orientation(self, model, input_ids, position_ids):
-        teacher_inputs, _, attentions = teacher_layer_states(self.teacher, input_ids, position_ids, attentions=True)
+    def _orientation(self, model, inputs):
+        input_ids, position_ids = inputs["input_ids"], inputs.get("position_ids")
+        if "pixel_values" in inputs:
+            raise ValueError("matrix orientation takes text data; distil image-text data with --orient-steps 0")
+        layer_inputs, _, attentions = teacher_layer_states(self.teacher, input_ids, position_ids, attentions=True)
         seq_idx = resolve_seq_idx(input_ids.shape[0], input_ids.shape[1], position_ids, {})
-        matrices = model(teacher_inputs, seq_idx=seq_idx, mixing_matrices=True)
+        matrices = model(layer_inputs, seq_idx=seq_idx, mixing_matrices=True)
         layers = self.accelerator.unwrap_model(model).layers
         return orientation_loss(matrices, [attentions[layer] for layer in layers])
 
-    def _alignment(self, model, input_ids, position_ids):
-        teacher_inputs, teacher_outputs = teacher_layer_states(self.teacher, input_ids, position_ids)
+    def _alignment(self, model, inputs):
+        input_ids, position_ids = inputs["input_ids"], inputs.get("position_ids")
+        layer_inputs, layer_outputs = teacher_layer_states(self.teacher, input_ids, position_ids,
+                                                           **teacher_inputs(self.teacher, inputs))
         seq_idx = resolve_seq_idx(input_ids.shape[0], input_ids.shape[1], position_ids, {})
-        outputs = model(teacher_inputs, seq_idx=seq_idx)
+        mask = inputs.get("attention_mask")
+        outputs = model(layer_inputs, seq_idx=seq_idx, padding_mask=mask, input_ids=input_ids)
         layers = self.accelerator.unwrap_model(model).layers
-        return hidden_alignment_loss(outputs, [teacher_outputs[layer] for layer in layers])
+        return hidden_alignment_loss(outputs, [layer_outputs[layer] for layer in layers], mask)
+
+
+def student_inputs(batch: dict) -> dict:
+    """What the student takes from a batch besides input_ids, position_ids and labels: the padding mask and the
+    images (pixel_values, image_sizes)."""
+    return {name: batch[name] for name in ("attention_mask", "pixel_values", "image_sizes") if name in batch}
+
+
+def teacher_images(teacher, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> torch.Tensor:
+    """The batch's images as the teacher takes them: for Fuyu, every image's patches flattened in its (row, column,
+    channel) order, one after the other [1, patches, p * p * C], which its forward scatters over the image tokens
+    in order; other teachers (an ssm_hub_multimodal) take pixel_values as they are."""
+    if teacher.config.model_type != "fuyu":
+        return pixel_values
+    if image_sizes is None:
+        image_sizes = torch.tensor([list(pixel_values.shape[-2:])] * pixel_values.shape[0])
+    patches = [image_patches(pixel_values[index, :, :height, :width], teacher.config.patch_size).flatten(0, 1)
+               for index, (height, width) in enumerate(image_sizes.tolist())]
+    return torch.cat(patches)[None]
+
+
+def teacher_inputs(teacher, batch: dict) -> dict:
+    """What the teacher takes from a batch besides input_ids and position_ids (:func:`student_inputs`, with the
+    images in the teacher's own form)."""
+    inputs = {name: batch[name] for name in ("attention_mask",) if name in batch}
+    if "pixel_values" in batch:
+        inputs["pixel_values"] = teacher_images(teacher, batch["pixel_values"], batch.get("image_sizes"))
+        if teacher.config.model_type != "fuyu" and "image_sizes" in batch:
+            inputs["image_sizes"] = batch["image_sizes"]
+    return inputs
 
 
 @torch.no_grad()
-def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8) -> dict:
+def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8, collate=None) -> dict:
     """Held-out perplexity of teacher and student, mean token KL(teacher || student) and greedy next-token agreement
-    over ``dataset`` (rows of input_ids, position_ids and labels), at the tokens that carry the loss: those whose
-    label is not -100 (every token but where the data masks the loss, as the recall task does)."""
+    over ``dataset`` (rows of input_ids, position_ids and labels; or rows that ``collate`` turns into batches, as
+    image-text scenes), at the tokens that carry the loss: those whose label is not -100 (every token but where the
+    data masks the loss, as the recall task and the captions do)."""
     device = next(student.parameters()).device
     totals = dict(teacher_nll=0.0, student_nll=0.0, kl=0.0, agree=0.0)
     tokens = 0
     for begin in range(0, len(dataset), batch_size):
         rows = [dataset[index] for index in range(begin, min(begin + batch_size, len(dataset)))]
-        input_ids = torch.stack([row["input_ids"] for row in rows]).to(device)
-        position_ids = torch.stack([row["position_ids"] for row in rows]).to(device)
-        targets = torch.stack([row["labels"] for row in rows]).to(device)[:, 1:]
+        if collate is None:
+            batch = {name: torch.stack([row[name] for row in rows]) for name in ("input_ids", "position_ids", "labels")}
+        else:
+            batch = collate(rows)
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        input_ids, position_ids = batch["input_ids"], batch.get("position_ids")
+        targets = batch["labels"][:, 1:]
         counted = targets != -100
-        teacher_logits = teacher(input_ids=input_ids, position_ids=position_ids).logits[:, :-1][counted].float()
-        student_logits = student(input_ids=input_ids, position_ids=position_ids).logits[:, :-1][counted].float()
+        teacher_logits = teacher(input_ids=input_ids, position_ids=position_ids,
+                                 **teacher_inputs(teacher, batch)).logits[:, :-1][counted].float()
+        student_logits = student(input_ids=input_ids, position_ids=position_ids,
+                                 **student_inputs(batch)).logits[:, :-1][counted].float()
         targets = targets[counted]
         for name, logits in (("teacher_nll", teacher_logits), ("student_nll", student_logits)):
             totals[name] += F.cross_entropy(logits, targets, reduction="sum").item()
@@ -315,12 +381,25 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             raise ValueError(f"{name} must be at least 0, got {steps}")
     output = Path(output_dir)
     set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(student)
-    documents = read_documents(data)
-    train_data, eval_data = train_and_eval_datasets(documents, tokenizer, data)
-    if eval_data is None:
+    image_text = data.builtin == "shapes"
+    if data.eval_fraction <= 0:
         raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
-    prompts = sample_prompts(split_held_out(documents, data.eval_fraction)[1])
+    if image_text:
+        from transformers import AutoProcessor
+
+        from ssm_hub.training.shapes import BUILTIN_SCENES, ImageTextCollator, ShapeScenes
+
+        if orient_steps:
+            raise ValueError("matrix orientation takes text data; distil image-text data with --orient-steps 0")
+        processing = AutoProcessor.from_pretrained(student)  # the tokenizer and the image processor
+        train_data = ShapeScenes(data.max_documents or BUILTIN_SCENES, seed=0)
+        eval_data = ShapeScenes(max(1, int(len(train_data) * data.eval_fraction)), seed=1, split="held_out")
+        collate, prompts = ImageTextCollator(processing), []
+    else:
+        processing = AutoTokenizer.from_pretrained(student)
+        documents = read_documents(data)
+        train_data, eval_data = train_and_eval_datasets(documents, processing, data)
+        collate, prompts = None, sample_prompts(split_held_out(documents, data.eval_fraction)[1])
     # The student trains in float32 (bf16 comes from --bf16's autocast), whatever dtype its folder stores; both
     # models go to this process's training device at once, so that the seeded evaluation runs there too.
     # TrainingArguments sets up the processes (the device, the process group) as the stages' Trainers see them;
@@ -330,8 +409,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     processes = PartialState()
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device)
-    if teacher_model.config.vocab_size != student_model.config.vocab_size:
-        raise ValueError(f"the teacher's vocabulary ({teacher_model.config.vocab_size}) and the student's "
+    teacher_vocabulary = teacher_model.config.get_text_config().vocab_size  # Fuyu's is its decoder's
+    if teacher_vocabulary != student_model.config.vocab_size:
+        raise ValueError(f"the teacher's vocabulary ({teacher_vocabulary}) and the student's "
                          f"({student_model.config.vocab_size}) differ: distil a student seeded from this teacher")
     report = {"teacher": str(teacher), "student": str(student), "settings": dict(
         orient_steps=orient_steps, align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size,
@@ -341,8 +421,10 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     def evaluate(after):
         if processes.is_main_process:
             student_model.eval()
-            report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data)
-            report["samples"][after] = generation_samples(teacher_model, student_model, tokenizer, prompts)
+            report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data,
+                                                                    collate=collate)
+            if prompts:
+                report["samples"][after] = generation_samples(teacher_model, student_model, processing, prompts)
         processes.wait_for_everyone()
 
     evaluate("seeded")
@@ -357,11 +439,13 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             seed=seed, max_grad_norm=1.0, dataloader_pin_memory=not use_cpu, use_cpu=use_cpu,
             # A scan's mixing matrix leaves D, the gated norm and out_proj out of the orient stage's loss.
             ddp_find_unused_parameters=stage == "orient",
+            # Image-text rows are scenes and captions, which the collator turns into the models' inputs.
+            remove_unused_columns=not image_text,
         )
         attention = teacher_model.config._attn_implementation  # before the orient stage switches it to eager
         trainer = DistillationTrainer(model=student_model if stage == "kl" else ReplacedLayers(student_model),
                                       teacher=teacher_model, stage=stage, ce_weight=ce_weight, args=arguments,
-                                      train_dataset=train_data)
+                                      train_dataset=train_data, data_collator=collate)
         trainer.train(resume_from_checkpoint=resume and any((output / stage).glob("checkpoint-*")) or None)
         teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
         report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
@@ -372,7 +456,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     student_model.requires_grad_(True)
     if processes.is_main_process:
         student_model.save_pretrained(output)
-        tokenizer.save_pretrained(output)
+        processing.save_pretrained(output)
         seeding = Path(student) / SEEDING_FILE
         if seeding.is_file():  # the model card tells how the student was seeded
             (output / SEEDING_FILE).write_bytes(seeding.read_bytes())

@@ -231,7 +231,9 @@ def add_distill_command(subparsers) -> None:
                         ".json/.jsonl files")
     source.add_argument("--dataset", help="a datasets name (Hub or local), its 'text' column")
     source.add_argument("--builtin", choices=BUILTIN_DATA,
-                        help="text that ships with Python, or the associative-recall task (ssm_hub.training.mqar)")
+                        help="text that ships with Python, the associative-recall task (ssm_hub.training.mqar), or "
+                             "captioned shapes (ssm_hub.training.shapes: image-text, for an ssm_hub_multimodal "
+                             "student)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: %(default)s)")
     parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out (default: %(default)s)")
     parser.add_argument("--max-documents", type=int, default=None)

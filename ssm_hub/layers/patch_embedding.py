@@ -15,6 +15,15 @@ import torch
 from torch import nn
 
 
+def image_patches(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """One image [C, H, W] (sides multiples of ``patch_size``) -> its patches [H / p, W / p, p * p * C], each flattened
+    as (row, column, channel): Fuyu's order."""
+    channels, height, width = image.shape
+    rows, cols = height // patch_size, width // patch_size
+    return image.reshape(channels, rows, patch_size, cols, patch_size).permute(1, 3, 2, 4, 0).reshape(
+        rows, cols, patch_size * patch_size * channels)
+
+
 class PatchEmbedding(nn.Module):
     def __init__(self, num_channels: int, patch_size: int, merge_size: int, hidden_size: int):
         super().__init__()
@@ -56,11 +65,9 @@ class PatchEmbedding(nn.Module):
                           for index, (height, width) in enumerate(sizes)])
 
     def _embed_one(self, image: torch.Tensor) -> torch.Tensor:
-        channels, height, width = image.shape
-        p, m = self.patch_size, self.merge_size
-        rows, cols = height // p, width // p
-        patches = image.reshape(channels, rows, p, cols, p).permute(1, 3, 2, 4, 0).reshape(rows, cols, p * p * channels)
-        embedded = self.proj(patches.to(self.proj.weight.dtype))  # [rows, cols, hidden]
+        m = self.merge_size
+        embedded = self.proj(image_patches(image, self.patch_size).to(self.proj.weight.dtype))  # [rows, cols, hidden]
+        rows, cols = embedded.shape[:2]
         if self.merge is None:
             return embedded.reshape(rows * cols, -1)
         blocks = embedded.reshape(rows // m, m, cols // m, m, -1).permute(0, 2, 1, 3, 4)

@@ -26,7 +26,6 @@ import torch
 COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (225, 190, 30)}
 SHAPES = ("circle", "square", "triangle")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
-PROMPT = "<image>"  # the text before the caption: the image alone
 SCENE_SIZE = 32
 BUILTIN_SCENES = 20000  # data.builtin: shapes without data.max_documents
 
@@ -98,15 +97,16 @@ class ShapeScenes(torch.utils.data.Dataset):
 
 
 class ImageTextCollator:
-    """Batches of {"image", "text"} for training: ``PROMPT + text + eos`` through the processor, with labels on the
-    text and the end of text only (the image tokens, row ends and padding are -100)."""
+    """Batches of {"image", "text"} for training: the image (the processor's image token) then the text and the end
+    of text, through the processor, with labels on the text and its end only (the image tokens, row ends and padding
+    are -100)."""
 
     def __init__(self, processor):
         self.processor = processor
 
     def __call__(self, rows: list[dict]) -> dict:
         tokenizer = self.processor.tokenizer
-        batch = self.processor(text=[PROMPT + row["text"] + tokenizer.eos_token for row in rows],
+        batch = self.processor(text=[self.processor.image_token + row["text"] + tokenizer.eos_token for row in rows],
                                images=[[row["image"]] for row in rows], padding=True, return_tensors="pt")
         labels = batch["input_ids"].clone()
         ignored = (batch["attention_mask"] == 0) | (labels == self.processor.image_token_id) \
@@ -124,7 +124,8 @@ def caption_accuracy(model, processor, scenes, batch_size: int = 64) -> float:
     correct = 0
     for begin in range(0, len(scenes), batch_size):
         rows = [scenes[index] for index in range(begin, min(begin + batch_size, len(scenes)))]
-        inputs = processor(text=[PROMPT] * len(rows), images=[[row["image"]] for row in rows], return_tensors="pt")
+        inputs = processor(text=[processor.image_token] * len(rows), images=[[row["image"]] for row in rows],
+                           return_tensors="pt")
         inputs = {name: tensor.to(device) for name, tensor in inputs.items()}
         generated = model.generate(**inputs, max_new_tokens=longest + 1, do_sample=False,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -44,6 +44,15 @@ def test_hidden_alignment_loss_is_scale_free_per_layer_and_row():
     halves = [hidden_alignment_loss([o[rows] for o in off], [t[rows] for t in target]) for rows in ([0], [1])]
     torch.testing.assert_close((halves[0] + halves[1]) / 2, loss)
     assert hidden_alignment_loss(target, target) == 0
+    # Padding is left out: with the last position of each row masked, what stands there changes nothing, and the
+    # loss is that of the rows cut before it.
+    mask = torch.ones(2, 4)
+    mask[:, -1] = 0
+    garbled = [o.clone() for o in off]
+    for o in garbled:
+        o[:, -1] = 1e6
+    cut = hidden_alignment_loss([o[:, :-1] for o in off], [t[:, :-1] for t in target])
+    torch.testing.assert_close(hidden_alignment_loss(garbled, target, mask), cut)
 
 
 def test_evaluation_counts_only_the_tokens_that_carry_the_loss(teacher_and_student):

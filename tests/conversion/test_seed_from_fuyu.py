@@ -3,6 +3,7 @@ becomes an ssm_hub_multimodal whose ``all`` computes Fuyu's logits on images and
 Mamba-2 layers, and which loads with its processor through the Auto classes."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -96,3 +97,33 @@ def test_only_fuyu_seeds_a_multimodal_student(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--to", "ssm_hub_multimodal",
                  "--attention-layers", "all"]) == 1
     assert "takes a FuyuForCausalLM (model_type 'fuyu'), got model_type 'llama'" in capsys.readouterr().err
+
+
+def test_a_student_seeded_from_fuyu_distils_on_captioned_scenes(fuyu, tmp_path):
+    """mmMamba's stages on image-text data: alignment of the replaced layers on Fuyu's hidden states (images
+    included), then KL; the evaluations count the caption tokens; the student and its processor are saved."""
+    folder, _ = fuyu
+    seed_multimodal(folder, tmp_path / "student", "every:2:1")
+    output = tmp_path / "distilled"
+    assert main(["distill", "--teacher", str(folder), "--student", str(tmp_path / "student"), "--output",
+                 str(output), "--builtin", "shapes", "--max-documents", "48", "--eval-fraction", "0.25",
+                 "--align-steps", "6", "--kl-steps", "6", "--batch-size", "4", "--learning-rate", "3e-3",
+                 "--speed-contexts"]) == 0
+    report = json.loads((output / "distillation.json").read_text())
+    evaluations = report["evaluations"]
+    assert list(evaluations) == ["seeded", "after_align", "after_kl"]
+    # Alignment brings the student towards the teacher. (The tiny random teacher's next-token distributions are
+    # nearly flat, so the seeded KL is already small and the KL stage's few Adam steps mostly move in its noise.)
+    assert evaluations["after_align"]["mean_token_kl"] < evaluations["seeded"]["mean_token_kl"]
+    align = [loss for _, loss in report["train_loss"]["align"]]
+    assert align[-1] < align[0] and all(math.isfinite(loss) for _, loss in report["train_loss"]["kl"])
+    # Counted: the held-out captions' tokens and their ends (12 scenes), no image, row-end or padding token.
+    from ssm_hub.training.shapes import ShapeScenes
+
+    processor = AutoProcessor.from_pretrained(output)
+    captions = ShapeScenes(12, seed=1, split="held_out").captions()
+    expected = sum(len(processor.tokenizer(caption, add_special_tokens=False).input_ids) + 1 for caption in captions)
+    assert evaluations["seeded"]["tokens"] == expected  # the first, predicted from the image's last row end
+    student = AutoModelForImageTextToText.from_pretrained(output)
+    assert student.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
+    assert AutoProcessor.from_pretrained(output).image_token == "|SPEAKER|"

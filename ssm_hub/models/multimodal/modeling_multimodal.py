@@ -102,12 +102,18 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         patches = self.patch_embed(pixel_values, image_sizes)  # checks the image sizes first
         self.images_of_rows(input_ids, pixel_values, image_sizes)  # each row's placeholders take whole images
         embeddings = embeddings.masked_scatter(placeholders[..., None], patches.to(embeddings.dtype))
+        return embeddings, self.modality_routing(input_ids)
+
+    def modality_routing(self, input_ids: torch.LongTensor) -> ModalityRouting | None:
+        """Which tokens of ``input_ids`` (holding images) take the image path: the placeholders and the row ends;
+        None where the blocks have nothing per modality."""
+        config = self.config
         if not config.routes_modalities:
-            return embeddings, None
-        image_tokens = placeholders
+            return None
+        image_tokens = input_ids == config.image_token_id
         if config.image_row_end_token_id is not None:
             image_tokens = image_tokens | (input_ids == config.image_row_end_token_id)
-        return embeddings, ModalityRouting.from_ids(image_tokens.long() * IMAGE, len(MODALITIES))
+        return ModalityRouting.from_ids(image_tokens.long() * IMAGE, len(MODALITIES))
 
     def images_of_rows(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor,
                        image_sizes: torch.Tensor | None) -> list[list[int]]:
