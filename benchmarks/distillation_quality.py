@@ -210,7 +210,8 @@ def run_task(task: Task, data_file: Path | None, runs: Path, quick: bool, device
     perplexity = {name: result["perplexity"] for name, result in scores.items()}
     checks = [
         *((f"{hybrid} (25% attention) within 2% of the teacher's perplexity",
-           perplexity[hybrid] / perplexity["teacher"] - 1, "<= 0.02", perplexity[hybrid] <= 1.02 * perplexity["teacher"])
+           perplexity[hybrid] / perplexity["teacher"] - 1, "<= 0.02",
+           perplexity[hybrid] <= 1.02 * perplexity["teacher"])
           for hybrid in HYBRIDS),
         *((f"{student} at least 3% better in perplexity than the same SSM from scratch",
            1 - perplexity[student] / perplexity["scratch_ssm"], ">= 0.03",

@@ -387,13 +387,12 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     if image_text:
         from transformers import AutoProcessor
 
-        from ssm_hub.training.shapes import BUILTIN_SCENES, ImageTextCollator, ShapeScenes
+        from ssm_hub.training.shapes import ImageTextCollator, train_and_held_out_scenes
 
         if orient_steps:
             raise ValueError("matrix orientation takes text data; distil image-text data with --orient-steps 0")
         processing = AutoProcessor.from_pretrained(student)  # the tokenizer and the image processor
-        train_data = ShapeScenes(data.max_documents or BUILTIN_SCENES, seed=0)
-        eval_data = ShapeScenes(max(1, int(len(train_data) * data.eval_fraction)), seed=1, split="held_out")
+        train_data, eval_data = train_and_held_out_scenes(data.max_documents, data.eval_fraction)
         collate, prompts = ImageTextCollator(processing), []
     else:
         processing = AutoTokenizer.from_pretrained(student)

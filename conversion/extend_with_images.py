@@ -29,9 +29,23 @@ from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimod
 from ssm_hub.models.multimodal.modeling_multimodal import SsmHubMultimodalForConditionalGeneration
 from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
 
-BACKBONE = "model."  # the hybrid's prefix; the multimodal model keeps the hybrid under model.language_model.
+# A hybrid's config.json fields that are not the architecture's.
+NOT_ARCHITECTURE = ("model_type", "architectures", "auto_map", "transformers_version", "dtype")
 MODALITY_COPIES = ("modality_in_proj.0", "modality_out_proj.0", "modality_input_layernorm.0",
                    "modality_pre_ff_layernorm.0", "modality_feed_forward.0")
+
+
+def multimodal_config(hybrid_fields: dict, **image_fields) -> SsmHubMultimodalConfig:
+    """The ssm_hub_multimodal config over a hybrid's (its config.json fields; ``image_fields`` override)."""
+    fields = {name: value for name, value in hybrid_fields.items() if name not in NOT_ARCHITECTURE}
+    return SsmHubMultimodalConfig(**{**fields, **image_fields})
+
+
+def under_language_model(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A hybrid's tensors named for the multimodal model, which keeps the hybrid's ``model.`` under
+    ``model.language_model.`` (the LM head stays where it is)."""
+    return {(f"model.language_model.{name[len('model.'):]}" if name.startswith("model.") else name): tensor
+            for name, tensor in weights.items()}
 
 
 def extend_with_images(source: str | Path, output_dir: str | Path, patch_size: int = 16, merge_size: int = 1,
@@ -51,16 +65,13 @@ def extend_with_images(source: str | Path, output_dir: str | Path, patch_size: i
         SsmHubMultimodalImageProcessor(patch_size=patch_size, merge_size=merge_size, max_image_size=max_image_size),
         tokenizer)
     weights = read_weights(source_dir, source, parse_dtype(dtype))
-    fields = {name: value for name, value in text_config.items()
-              if name not in ("model_type", "architectures", "auto_map", "transformers_version", "dtype")}
-    old_rows = fields["vocab_size"]
-    config = SsmHubMultimodalConfig(
-        **{**fields, "vocab_size": max(old_rows, len(tokenizer))}, patch_size=patch_size, merge_size=merge_size,
+    old_rows = text_config["vocab_size"]
+    config = multimodal_config(
+        text_config, vocab_size=max(old_rows, len(tokenizer)), patch_size=patch_size, merge_size=merge_size,
         image_token_id=processor.image_token_id, image_row_end_token_id=processor.image_row_end_token_id,
         mixture_of_mamba=mixture_of_mamba, modality_mlps=modality_mlps, modality_norms=modality_norms)
     model = SsmHubMultimodalForConditionalGeneration(config)  # the patch embedding starts as a new model's
-    renamed = {(BACKBONE + "language_model." + name[len(BACKBONE):] if name.startswith(BACKBONE) else name): tensor
-               for name, tensor in weights.items()}
+    renamed = under_language_model(weights)
     added = list(range(known_tokens, len(processor.tokenizer)))
     for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         if name in renamed and added:

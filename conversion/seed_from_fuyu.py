@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ssm_hub.conversion.checkpoint import parse_dtype, read_config, read_weights, save_weights, source_and_output
+from ssm_hub.conversion.extend_with_images import multimodal_config, under_language_model
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE, seeded_student
-from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalConfig
 from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
 from ssm_hub.models.multimodal.modeling_multimodal import SsmHubMultimodalForConditionalGeneration
 from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
@@ -33,7 +33,6 @@ NEWLINE_TOKEN = "|NEWLINE|"  # Fuyu's row end
 LANGUAGE_MODEL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                            ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
 PATCH_PROJECTION_PREFIXES = ("model.vision_embed_tokens.", "vision_embed_tokens.")
-CONFIG_FIELDS_NOT_COPIED = ("model_type", "architectures", "auto_map", "transformers_version", "dtype")
 
 
 def split_fuyu_weights(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -77,12 +76,10 @@ def seed_multimodal(teacher: str | Path, output_dir: str | Path, attention_layer
     decoder_config = {**fuyu["text_config"], "model_type": "persimmon"}
     decoder, patch = split_fuyu_weights(read_weights(source_dir, teacher, parse_dtype(dtype)))
     config, seeded, record = seeded_student(decoder_config, decoder, source_dir, attention_layers, seed, mixer_init)
-    fields = {name: value for name, value in config.to_dict().items() if name not in CONFIG_FIELDS_NOT_COPIED}
-    multimodal = SsmHubMultimodalConfig(
-        **fields, patch_size=fuyu["patch_size"], num_channels=fuyu.get("num_channels", 3),
+    multimodal = multimodal_config(
+        config.to_dict(), patch_size=fuyu["patch_size"], num_channels=fuyu.get("num_channels", 3),
         image_token_id=fuyu["image_token_id"], image_row_end_token_id=newline)
-    weights = {("model.language_model." + name[len("model."):] if name.startswith("model.") else name): tensor
-               for name, tensor in seeded.items()}
+    weights = under_language_model(seeded)
     weights.update({f"model.patch_embed.proj.{kind}": tensor for kind, tensor in patch.items()})
     save_weights(SsmHubMultimodalForConditionalGeneration, multimodal, weights, output_dir)
     image_processor = SsmHubMultimodalImageProcessor(patch_size=fuyu["patch_size"], image_mean=[0.5] * 3,

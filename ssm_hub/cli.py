@@ -272,7 +272,8 @@ def run_distill(args: argparse.Namespace) -> int:
                      align_steps=args.align_steps,
                      kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                      ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16,
-                     seed=args.seed, speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts,
+                     seed=args.seed,
+                     speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts,
                      resume=args.resume)
     end_process_group()
     if os.environ.get("RANK", "0") == "0":

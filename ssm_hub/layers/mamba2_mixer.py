@@ -15,7 +15,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ssm_hub.backend import resolve_backend
-from ssm_hub.layers.modality_routing import ModalityRouting, route_by_modality
+from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
@@ -54,14 +54,10 @@ class Mamba2Mixer(nn.Module):
             norm_before_gate=config.norm_before_gate,
         )
         self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
-        self.modality_in_proj = self.modality_out_proj = None
-        if modalities > 1:
-            self.modality_in_proj = nn.ModuleList(
-                nn.Linear(self.hidden_size, self.in_proj.out_features, bias=config.use_bias)
-                for _ in range(modalities - 1))
-            self.modality_out_proj = nn.ModuleList(
-                nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
-                for _ in range(modalities - 1))
+        self.modality_in_proj = modality_copies(
+            lambda: nn.Linear(self.hidden_size, self.in_proj.out_features, bias=config.use_bias), modalities)
+        self.modality_out_proj = modality_copies(
+            lambda: nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias), modalities)
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:
@@ -85,8 +81,7 @@ class Mamba2Mixer(nn.Module):
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
-        projected = self.in_proj(hidden_states) if self.modality_in_proj is None else route_by_modality(
-            [self.in_proj, *self.modality_in_proj], hidden_states, modality)
+        projected = per_modality(self.in_proj, self.modality_in_proj, hidden_states, modality)
         gate, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)
@@ -195,6 +190,4 @@ class Mamba2Mixer(nn.Module):
         return self._project_out(self.norm(y, gate).to(dtype), modality)
 
     def _project_out(self, normed: torch.Tensor, modality: ModalityRouting | None) -> torch.Tensor:
-        if self.modality_out_proj is None:
-            return self.out_proj(normed)
-        return route_by_modality([self.out_proj, *self.modality_out_proj], normed, modality)
+        return per_modality(self.out_proj, self.modality_out_proj, normed, modality)

@@ -16,7 +16,7 @@ from torch import nn
 
 from transformers import initialization as init
 
-from ssm_hub.layers.modality_routing import ModalityRouting, route_by_modality
+from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
@@ -50,12 +50,10 @@ class MambaMixer(nn.Module):
             self.dt_layernorm = RMSNorm(self.time_step_rank, eps=eps)
             self.b_layernorm = RMSNorm(self.state_size, eps=eps)
             self.c_layernorm = RMSNorm(self.state_size, eps=eps)
-        self.routed = ("in_proj", "x_proj", "dt_proj", "out_proj") if modalities > 1 else ()
-        for name in self.routed:
+        for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
             plain = getattr(self, name)
-            setattr(self, f"modality_{name}", nn.ModuleList(
-                nn.Linear(plain.in_features, plain.out_features, bias=plain.bias is not None)
-                for _ in range(modalities - 1)))
+            setattr(self, f"modality_{name}", modality_copies(
+                lambda: nn.Linear(plain.in_features, plain.out_features, bias=plain.bias is not None), modalities))
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:
@@ -66,7 +64,7 @@ class MambaMixer(nn.Module):
         init.copy_(self.A_log, torch.log(A))
         init.ones_(self.D)
         dt_init_std = self.time_step_rank**-0.5 * config.time_step_scale
-        for dt_proj in (self.dt_proj, *(getattr(self, "modality_dt_proj", None) or ())):
+        for dt_proj in (self.dt_proj, *(self.modality_dt_proj or ())):
             if config.time_step_init_scheme == "constant":
                 init.constant_(dt_proj.weight, dt_init_std)
             else:
@@ -75,9 +73,7 @@ class MambaMixer(nn.Module):
 
     def _project(self, name: str, x: torch.Tensor, modality: ModalityRouting | None) -> torch.Tensor:
         """Projection ``name`` of x, each token through its modality's copy when the projections are routed."""
-        if name not in self.routed:
-            return getattr(self, name)(x)
-        return route_by_modality([getattr(self, name), *getattr(self, f"modality_{name}")], x, modality)
+        return per_modality(getattr(self, name), getattr(self, f"modality_{name}"), x, modality)
 
     def _selection(self, x: torch.Tensor, modality: ModalityRouting | None = None):
         """Input-dependent dt, B, C from the conv output x (any leading shape)."""
@@ -114,8 +110,8 @@ class MambaMixer(nn.Module):
             )
             return self._project("out_proj", y[:, None].to(hidden_states.dtype), modality)
 
-        y, conv_state, ssm_state = self._sequence(x, gate, padding_mask, seq_idx, conv_state, ssm_state, cache is not None,
-                                                  modality)
+        y, conv_state, ssm_state = self._sequence(x, gate, padding_mask, seq_idx, conv_state, ssm_state,
+                                                  cache is not None, modality)
         if cache is not None:
             # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
             cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)

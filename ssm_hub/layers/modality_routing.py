@@ -3,12 +3,15 @@ its own modality, with no learned router.
 
     routing = ModalityRouting.from_ids(modality_ids, count=2)      # once per forward: [B, T], 0 = text, 1 = image
     out = route_by_modality([text_proj, image_proj], x, routing)   # x [B, T, D] -> [B, T, D_out]
+    out = per_modality(proj, modality_copies(make_proj, 2), x, routing)   # a layer's own module and its copies
 
 Which modalities occur, and where, is found once per forward (:meth:`ModalityRouting.from_ids`: the counts and each
-modality's token indices, read on the host), so the layers route without synchronising again. When only one modality occurs, its module runs on the whole tensor as it
-is, so a model whose tokens are all text computes exactly what the plain model computes.
+modality's token indices, read on the host), so the layers route without synchronising again. When only one
+modality occurs, its module runs on the whole tensor as it is, so a model whose tokens are all text computes exactly
+what the plain model computes.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,3 +56,15 @@ def route_by_modality(modules: list[nn.Module] | nn.ModuleList, x: torch.Tensor,
             out = part.new_empty(flat.shape[0], part.shape[-1])
         out.index_copy_(0, indices, part.to(out.dtype))
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def modality_copies(make: Callable[[], nn.Module], modalities: int) -> nn.ModuleList | None:
+    """One module from ``make`` for each modality after the first (whose module is the layer's own), or None for a
+    single modality."""
+    return nn.ModuleList(make() for _ in range(modalities - 1)) if modalities > 1 else None
+
+
+def per_modality(module: nn.Module, copies: nn.ModuleList | None, x: torch.Tensor,
+                 routing: ModalityRouting | None) -> torch.Tensor:
+    """``module`` on every token of ``x``, or, with the other modalities' ``copies``, each token through its own."""
+    return module(x) if copies is None else route_by_modality([module, *copies], x, routing)

@@ -175,23 +175,19 @@ def _train_image_text(recipe: Recipe, arguments) -> dict:
     from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalConfig
     from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
     from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
-    from ssm_hub.training.shapes import BUILTIN_SCENES, SCENE_SIZE, ImageTextCollator, ShapeScenes, caption_accuracy
+    from ssm_hub.training.shapes import SCENE_SIZE, ImageTextCollator, caption_accuracy, train_and_held_out_scenes
 
     if recipe.model.type != "ssm_hub_multimodal" or recipe.model.pretrained is not None:
         raise ValueError(f"data.builtin: shapes trains a new ssm_hub_multimodal model; model.type is "
                          f"{recipe.model.type!r}" + (", model.pretrained is set" if recipe.model.pretrained else ""))
-    data = recipe.data
-    scenes = ShapeScenes(data.max_documents or BUILTIN_SCENES, seed=0, split="train")
-    held_out = ShapeScenes(max(1, int(len(scenes) * data.eval_fraction)), seed=1, split="held_out") \
-        if data.eval_fraction else None
+    scenes, held_out = train_and_held_out_scenes(recipe.data.max_documents, recipe.data.eval_fraction)
     if held_out is None and arguments.eval_strategy != "no":
         raise ValueError(f"train.eval_strategy = {arguments.eval_strategy.value!r}, but data.eval_fraction is 0")
     _check_eval_batches(held_out, arguments)
     tokenizer = build_tokenizer(recipe, scenes.captions())
-    defaults = SsmHubMultimodalConfig()
     image_processor = SsmHubMultimodalImageProcessor(
-        patch_size=recipe.model.config.get("patch_size", defaults.patch_size),
-        merge_size=recipe.model.config.get("merge_size", defaults.merge_size), max_image_size=SCENE_SIZE)
+        patch_size=recipe.model.config.get("patch_size", SsmHubMultimodalConfig.patch_size),
+        merge_size=recipe.model.config.get("merge_size", SsmHubMultimodalConfig.merge_size), max_image_size=SCENE_SIZE)
     processor = SsmHubMultimodalProcessor(image_processor, tokenizer)
     model = build_model(recipe, processor.tokenizer, dict(image_token_id=processor.image_token_id,
                                                          image_row_end_token_id=processor.image_row_end_token_id))

@@ -96,6 +96,16 @@ class ShapeScenes(torch.utils.data.Dataset):
         return [self[index]["text"] for index in range(self.count)]
 
 
+def train_and_held_out_scenes(max_documents: int | None, eval_fraction: float
+                              ) -> tuple[ShapeScenes, ShapeScenes | None]:
+    """``data.builtin: shapes``' scenes: ``max_documents`` training scenes (seed 0) and ``eval_fraction`` of that
+    many held-out ones (seed 1, captions never trained on), None without a fraction."""
+    train = ShapeScenes(max_documents or BUILTIN_SCENES, seed=0, split="train")
+    if not eval_fraction:
+        return train, None
+    return train, ShapeScenes(max(1, int(len(train) * eval_fraction)), seed=1, split="held_out")
+
+
 class ImageTextCollator:
     """Batches of {"image", "text"} for training: the image (the processor's image token) then the text and the end
     of text, through the processor, with labels on the text and its end only (the image tokens, row ends and padding

@@ -4,19 +4,15 @@ save / load with the code bundle, loading with trust_remote_code where ssm_hub i
 expert adapters, and the errors it raises."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
 
 import ssm_hub
 from conftest import assert_decode_step_is_one_graph
 from ssm_hub.layers.moe import load_balancing_loss
-from test_save_load import REMOTE_CODE_SCRIPT
+from test_save_load import assert_loads_without_ssm_hub
 
 
 def tiny(**overrides):
@@ -168,16 +164,7 @@ def test_loads_with_trust_remote_code_without_ssm_hub(tmp_path, config):
     model = model_for(config())
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
-    input_ids = torch.randint(1, 97, (2, 9))
-    with torch.no_grad():
-        save_file({"input_ids": input_ids, "logits": model(input_ids).logits}, tmp_path / "expected.safetensors")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(checkpoint), str(tmp_path / "expected.safetensors")],
-        capture_output=True, text=True, env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "REMOTE_CODE_OK transformers_modules." in result.stdout
+    assert_loads_without_ssm_hub(model, checkpoint, torch.randint(1, 97, (2, 9)), tmp_path)
 
 
 @pytest.mark.parametrize("boundaries", ["cu_seq_lens_q", "cu_seqlens", "seq_idx"])

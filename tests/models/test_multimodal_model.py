@@ -2,18 +2,14 @@
 placeholders, Mixture-of-Mamba routing (exactly the plain model with one modality), generation from images through
 transformers' cache, left padding, save/load with and without ssm_hub, LoRA defaults and clear errors."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 import ssm_hub
 from ssm_hub.layers.patch_embedding import PatchEmbedding
-from test_save_load import REMOTE_CODE_SCRIPT
+from test_save_load import assert_loads_without_ssm_hub
 
 IMAGE, ROW_END, PAD = 62, 63, 0
 UNIT = 4  # patch_size in the tiny configs
@@ -235,15 +231,7 @@ def test_save_load_round_trip_and_remote_code_without_ssm_hub(tmp_path):
     loaded = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids, pixel_values=image).logits, model(input_ids, pixel_values=image).logits)
-        text = torch.randint(1, 60, (2, 9))
-        save_file({"input_ids": text, "logits": model(text).logits}, tmp_path / "expected.safetensors")
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(checkpoint), str(tmp_path / "expected.safetensors")],
-        capture_output=True, text=True, env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")},
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "REMOTE_CODE_OK transformers_modules." in result.stdout
+    assert_loads_without_ssm_hub(model, checkpoint, torch.randint(1, 60, (2, 9)), tmp_path)
 
 
 def test_lora_defaults_include_the_image_tokens_own_projections():

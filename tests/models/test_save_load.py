@@ -70,11 +70,9 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_loads_with_trust_remote_code_without_ssm_hub(model_type, tmp_path):
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
-    checkpoint = tmp_path / "checkpoint"
-    model.save_pretrained(checkpoint)
-    input_ids = torch.randint(1, 64, (2, 9))
+def assert_loads_without_ssm_hub(model, checkpoint, input_ids, tmp_path) -> None:
+    """``model``, saved in ``checkpoint``, loads with trust_remote_code in a process where ssm_hub cannot be imported
+    and gives the same logits on ``input_ids`` (REMOTE_CODE_SCRIPT)."""
     with torch.no_grad():
         save_file({"input_ids": input_ids, "logits": model(input_ids).logits}, tmp_path / "expected.safetensors")
     result = subprocess.run(
@@ -84,6 +82,13 @@ def test_loads_with_trust_remote_code_without_ssm_hub(model_type, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "REMOTE_CODE_OK transformers_modules." in result.stdout
+
+
+def test_loads_with_trust_remote_code_without_ssm_hub(model_type, tmp_path):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    assert_loads_without_ssm_hub(model, checkpoint, torch.randint(1, 64, (2, 9)), tmp_path)
     # Code loaded from a checkpoint saves itself again as a complete bundle.
     resaved = tmp_path / "checkpoint-resaved"
     assert {p.name for p in checkpoint.glob("*.py")} <= {p.name for p in resaved.glob("*.py")}

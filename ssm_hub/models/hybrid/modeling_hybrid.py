@@ -34,7 +34,7 @@ from transformers.utils import ModelOutput
 from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention
 from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
 from ssm_hub.layers.mamba_mixer import MambaMixer
-from ssm_hub.layers.modality_routing import ModalityRouting, route_by_modality
+from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.mlp import PlainMLP, SwiGLUMLP
 from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
 from ssm_hub.layers.pkm import ProductKeyMemory
@@ -147,12 +147,6 @@ def _feed_forward(config: SsmHubHybridConfig, ffn_type: str) -> nn.Module:
     )
 
 
-def _token_wise(module: nn.Module, per_modality: nn.ModuleList | None, x: torch.Tensor,
-                modality: ModalityRouting | None) -> torch.Tensor:
-    """``module`` on every token, or with per-modality copies each token through its modality's."""
-    return module(x) if per_modality is None else route_by_modality([module, *per_modality], x, modality)
-
-
 class HybridBlock(GradientCheckpointingLayer):
     """One layer: pre-norm mixer (SSM or attention), then an optional pre-norm feed-forward (MLP, MoE or PKM).
     ``modalities`` gives the parts that ssm_hub_multimodal's Mixture-of-Mamba copies per modality."""
@@ -180,18 +174,17 @@ class HybridBlock(GradientCheckpointingLayer):
         if self.ffn_type != "none":
             self.pre_ff_layernorm = _norm(config)
             self.feed_forward = _feed_forward(config, self.ffn_type)
-        others = range(modalities.count - 1) if modalities is not None else range(0)
-        norms = modalities is not None and modalities.norms
-        self.modality_input_layernorm = nn.ModuleList(_norm(config) for _ in others) if norms else None
-        self.modality_pre_ff_layernorm = nn.ModuleList(_norm(config) for _ in others) \
-            if norms and self.ffn_type != "none" else None
-        self.modality_feed_forward = nn.ModuleList(_feed_forward(config, "mlp") for _ in others) \
-            if modalities is not None and modalities.mlps and self.ffn_type == "mlp" else None
+        count = modalities.count if modalities is not None else 1
+        norms = count if modalities is not None and modalities.norms else 1
+        self.modality_input_layernorm = modality_copies(lambda: _norm(config), norms)
+        self.modality_pre_ff_layernorm = modality_copies(lambda: _norm(config), norms if self.ffn_type != "none" else 1)
+        mlps = count if modalities is not None and modalities.mlps and self.ffn_type == "mlp" else 1
+        self.modality_feed_forward = modality_copies(lambda: _feed_forward(config, "mlp"), mlps)
 
     def forward(self, hidden_states, cache=None, padding_mask=None, seq_idx=None, attention_masks=None,
                 position_embeddings=None, attention_kwargs=None, modality: ModalityRouting | None = None):
         residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = _token_wise(self.input_layernorm, self.modality_input_layernorm,
+        normed = per_modality(self.input_layernorm, self.modality_input_layernorm,
                              hidden_states.to(self.input_layernorm.weight.dtype), modality)
         if self.mixer_type in ATTENTION_MIXERS:
             mixed = self.self_attn(normed, position_embeddings=position_embeddings,
@@ -202,12 +195,12 @@ class HybridBlock(GradientCheckpointingLayer):
         router_logits = None
         if self.ffn_type != "none":
             residual = hidden_states
-            normed = _token_wise(self.pre_ff_layernorm, self.modality_pre_ff_layernorm,
+            normed = per_modality(self.pre_ff_layernorm, self.modality_pre_ff_layernorm,
                                  hidden_states.to(self.pre_ff_layernorm.weight.dtype), modality)
             if self.ffn_type == "moe":
                 fed, router_logits = self.feed_forward(normed)
             else:
-                fed = _token_wise(self.feed_forward, self.modality_feed_forward, normed, modality)
+                fed = per_modality(self.feed_forward, self.modality_feed_forward, normed, modality)
             hidden_states = residual + fed
         return hidden_states, router_logits
 
@@ -256,7 +249,7 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
         if isinstance(module, (MambaMixer, Mamba2Mixer)):
             kind = "mamba" if isinstance(module, MambaMixer) else "mamba2"
             module.init_ssm_parameters(self.config.ssm_config(kind))
-            out_projections = [module.out_proj, *(getattr(module, "modality_out_proj", None) or ())]
+            out_projections = [module.out_proj, *(module.modality_out_proj or ())]
             for out_weight in (projection.weight for projection in out_projections):
                 if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
                     out_weight /= math.sqrt(self.config.num_hidden_layers)

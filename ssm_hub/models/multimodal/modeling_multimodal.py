@@ -22,39 +22,24 @@ A batch without images leaves the patch embedding (and the image tokens' own mod
 DDP, training on data that mixes such batches in needs ``train.ddp_find_unused_parameters: true``.
 """
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import GenerationMixin
 from transformers.cache_utils import Cache
-from transformers.utils import ModelOutput
 
 from ssm_hub.layers.modality_routing import ModalityRouting
 from ssm_hub.layers.patch_embedding import PatchEmbedding
-from ssm_hub.models.hybrid.modeling_hybrid import ModalityLayout, SsmHubHybridModel, SsmHubHybridPreTrainedModel
+from ssm_hub.models.hybrid.modeling_hybrid import (
+    HybridCausalLMOutput,
+    HybridModelOutput,
+    ModalityLayout,
+    SsmHubHybridModel,
+    SsmHubHybridPreTrainedModel,
+)
 from ssm_hub.models.multimodal.configuration_multimodal import MODALITIES, SsmHubMultimodalConfig
 from ssm_hub.models.ssm_lm import LOSS_KWARGS, lm_head_logits_and_loss
 
 IMAGE = MODALITIES.index("image")
-
-
-@dataclass
-class MultimodalModelOutput(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
-
-
-@dataclass
-class MultimodalCausalLMOutput(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    aux_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    cache: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class SsmHubMultimodalPreTrainedModel(SsmHubHybridPreTrainedModel):
@@ -156,14 +141,13 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> MultimodalModelOutput | tuple:
+    ) -> HybridModelOutput | tuple:
         r"""
         pixel_values: [images, channels, height, width], the batch's images in the order of their placeholders
             (row by row), padded at the bottom and right to one size.
         image_sizes: [images, 2], each image's own height and width (default: pixel_values' full size).
         The other arguments are the hybrid model's (ssm_hub.models.hybrid.modeling_hybrid.SsmHubHybridModel).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         routing = None
         if inputs_embeds is None:
             if input_ids is None:
@@ -174,14 +158,11 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (the placeholders say where the images go), "
                              "not inputs_embeds")
-        outputs = self.language_model(
+        return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
             use_cache=use_cache, output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
-            return_dict=True, modality=routing, **kwargs,
+            return_dict=return_dict, modality=routing, **kwargs,
         )
-        output = MultimodalModelOutput(last_hidden_state=outputs.last_hidden_state, cache=outputs.cache,
-                                       hidden_states=outputs.hidden_states, router_logits=outputs.router_logits)
-        return output if return_dict else output.to_tuple()
 
 
 class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, GenerationMixin):
@@ -215,7 +196,7 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> MultimodalCausalLMOutput | tuple:
+    ) -> HybridCausalLMOutput | tuple:
         r"""
         pixel_values, image_sizes: the images (SsmHubMultimodalModel.forward).
         labels: token ids, shifted inside the loss; -100 is ignored (the processor's image tokens are ordinary ids:
@@ -232,7 +213,7 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
         )
         logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
         loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
-        output = MultimodalCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
+        output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
                                           hidden_states=outputs.hidden_states, router_logits=outputs.router_logits)
         return output if return_dict else output.to_tuple()
 
