@@ -81,7 +81,7 @@ def test_a_folder_without_an_ssm_hub_model_is_refused(tmp_path):
 def test_push_then_from_pretrained_round_trip(distilled, tmp_path):
     with hub_server() as hub:
         environment = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "test-token",
-                       "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1", "PYTHONSAFEPATH": "1"}
+                       "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1"}
         pushed = subprocess.run([sys.executable, "-m", "ssm_hub.cli", "push", str(distilled), "me/tiny-hybrid"],
                                 env=environment, capture_output=True, text=True)
         assert pushed.returncode == 0, pushed.stderr[-2000:]
