@@ -7,6 +7,10 @@ needs, writes each as one flat file in the checkpoint folder and rewrites ``from
 ``from .a_b import x``. Model and config files keep their own names (``modeling_mamba2.py``), which is what the
 ``auto_map`` in config.json points at. Code loaded that way saves itself the same way: its imports are already
 flat, so the walk copies them as they are.
+
+Processors and image processors are exported alike (write_processing_remote_code): their modules go into the same
+folder and ``auto_map`` entries into processor_config.json (the processor's, and its nested image processor's) or
+preprocessor_config.json (an image processor saved alone), which is where AutoProcessor and AutoImageProcessor look.
 """
 
 import ast
@@ -128,13 +132,19 @@ def save_with_remote_code(obj, save_pretrained, save_directory, push_to_hub: boo
     transformers would upload inside its own save_pretrained, before the bundle exists, so the upload is done
     here afterwards through ``push_to_hub`` (which saves again, bundle included, to a temporary folder).
     """
+    from transformers.image_processing_base import ImageProcessingMixin
+    from transformers.processing_utils import ProcessorMixin
+
     hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
     save_pretrained(save_directory, **kwargs)
     is_main_process = kwargs.get("is_main_process", True)
     should_save = getattr(obj, "should_save_on_this_rank", lambda main: main)(is_main_process)
     if not should_save:
         return
-    write_remote_code(type(obj), save_directory)
+    if isinstance(obj, (ProcessorMixin, ImageProcessingMixin)):
+        write_processing_remote_code(obj, save_directory)
+    else:
+        write_remote_code(type(obj), save_directory)
     if push_to_hub:
         repo_id = hub_kwargs.pop("repo_id", None) or Path(save_directory).name
         obj.push_to_hub(repo_id, **hub_kwargs)
@@ -148,13 +158,7 @@ def write_remote_code(model_or_config_class: type, save_directory: str | os.Path
     start = [config_class.__module__]
     if model_or_config_class is not config_class:
         start.insert(0, model_or_config_class.__module__)
-    modules = collect_modules(start)
-    names = flat_names(modules, start)
-    written = []
-    for module_name, (source, is_package) in modules.items():
-        path = save_directory / f"{names[module_name]}.py"
-        path.write_text(rewrite_imports(source, module_name, is_package, names), encoding="utf-8")
-        written.append(path)
+    names, written = write_code_bundle(start, save_directory)
 
     config_path = save_directory / "config.json"
     if config_path.exists():
@@ -168,4 +172,53 @@ def write_remote_code(model_or_config_class: type, save_directory: str | os.Path
             auto_map = {**config.get("auto_map", {}), **auto_map}
         config["auto_map"] = auto_map
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return written
+
+
+def write_code_bundle(start_modules: list[str], save_directory: Path) -> tuple[dict[str, str], list[Path]]:
+    """Write ``start_modules`` and every package module they import as flat files in ``save_directory``; returns
+    (module name -> file name without ``.py``, the files written)."""
+    modules = collect_modules(start_modules)
+    names = flat_names(modules, start_modules)
+    written = []
+    for module_name, (source, is_package) in modules.items():
+        path = save_directory / f"{names[module_name]}.py"
+        path.write_text(rewrite_imports(source, module_name, is_package, names), encoding="utf-8")
+        written.append(path)
+    return names, written
+
+
+def write_processing_remote_code(processing, save_directory: str | os.PathLike) -> list[Path]:
+    """The flat code bundle for a processor or an image processor, with the ``auto_map`` entries that let
+    AutoProcessor / AutoImageProcessor load it by trust_remote_code: a processor gets ``AutoProcessor`` at the top
+    of processor_config.json and each of its image processors of ours ``AutoImageProcessor`` in its nested section;
+    an image processor saved alone gets ``AutoImageProcessor`` in preprocessor_config.json. Sub-processors that are
+    transformers' own classes need no entry."""
+    from transformers.image_processing_base import ImageProcessingMixin
+    from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
+
+    save_directory = Path(save_directory)
+    processing_class = exportable_class(type(processing))
+    names, written = write_code_bundle([processing_class.__module__], save_directory)
+
+    def reference(cls: type) -> str | None:
+        """The auto_map entry of ``cls`` or of the nearest of its ancestors in the bundle; None if none is."""
+        bundled = next((c for c in cls.__mro__ if c.__module__ in names), None)
+        return f"{names[bundled.__module__]}.{bundled.__name__}" if bundled is not None else None
+
+    if isinstance(processing, ImageProcessingMixin):
+        config_path = save_directory / IMAGE_PROCESSOR_NAME
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["auto_map"] = {"AutoImageProcessor": reference(processing_class)}
+    else:
+        config_path = save_directory / PROCESSOR_NAME
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["auto_map"] = {"AutoProcessor": reference(processing_class)}
+        for attribute in processing.get_attributes():
+            part = getattr(processing, attribute)
+            if isinstance(part, ImageProcessingMixin) and isinstance(config.get(attribute), dict):
+                part_reference = reference(type(part))
+                if part_reference is not None:
+                    config[attribute]["auto_map"] = {"AutoImageProcessor": part_reference}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return written

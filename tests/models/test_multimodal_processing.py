@@ -210,7 +210,10 @@ def test_save_load_round_trip_gives_the_same_outputs(tmp_path):
 
     loaded = SsmHubMultimodalProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded.image_processor, SsmHubMultimodalImageProcessor)
-    assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()
+    # A loaded image processor records where its code is (auto_map), as transformers' remote-code ones do.
+    assert loaded.image_processor.to_dict().pop("auto_map") == saved["auto_map"]
+    assert loaded.image_processor.to_dict() | {"auto_map": None} == processor.image_processor.to_dict() | {
+        "auto_map": None}
     assert loaded.chat_template == processor.chat_template
     assert len(loaded.tokenizer) == len(processor.tokenizer)
     assert (loaded.image_token_id, loaded.image_row_end_token_id) == (
@@ -225,7 +228,7 @@ def test_save_load_round_trip_gives_the_same_outputs(tmp_path):
     processor.image_processor.save_pretrained(image_processor_dir)
     assert json.loads((image_processor_dir / "preprocessor_config.json").read_text())["tile_size"] == 32
     reloaded = SsmHubMultimodalImageProcessor.from_pretrained(image_processor_dir)
-    assert reloaded.to_dict() == processor.image_processor.to_dict()
+    assert reloaded.to_dict() | {"auto_map": None} == processor.image_processor.to_dict() | {"auto_map": None}
 
 
 TORCHVISION_BLOCKED = """
@@ -261,3 +264,54 @@ def test_everything_works_with_torchvision_unimportable(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NO_TORCHVISION_OK SsmHubMultimodalImageProcessor 2" in result.stdout
+
+
+REMOTE_PROCESSOR_SCRIPT = """
+import json, os
+import numpy as np
+from transformers import AutoImageProcessor, AutoProcessor
+folder = sys.argv[1]
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+image_processor = AutoImageProcessor.from_pretrained(folder + "/image_processor", trust_remote_code=True)
+assert "ssm_hub" not in sys.modules
+image = np.zeros((40, 80, 3), dtype=np.uint8)
+image[:, 40:] = 200
+out = processor(["<image> hello", "a"], images=[[image], []], padding=True, return_tensors="np")
+alone = image_processor([image], return_tensors="np")
+expected = np.load(folder + "/expected.npz")
+assert all((out[key] == expected[key]).all() for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"))
+assert (alone["pixel_values"] == expected["pixel_values"]).all()  # the one image, as two tiles
+processor.save_pretrained(folder + "-resaved")  # code loaded from the folder exports itself again
+print("REMOTE_PROCESSOR_OK", type(processor).__module__, type(processor.image_processor).__module__,
+      sorted(json.load(open(folder + "-resaved/processor_config.json"))["auto_map"]))
+"""
+
+
+def test_processor_loads_with_trust_remote_code_without_ssm_hub(tmp_path):
+    """The processor's and the image processor's code travel with them: AutoProcessor and AutoImageProcessor load
+    them with trust_remote_code in an interpreter where ssm_hub cannot be imported, with the same outputs."""
+    import subprocess
+    from pathlib import Path
+
+    from test_save_load import HIDE_SSM_HUB
+
+    processor = tiny_processor(patch_size=8, max_image_size=64, do_tile=True, tile_size=32)
+    folder = tmp_path / "processor"
+    processor.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder / "image_processor")
+    config = json.loads((folder / "processor_config.json").read_text())
+    assert config["auto_map"] == {"AutoProcessor": "processing_multimodal.SsmHubMultimodalProcessor"}
+    assert config["image_processor"]["auto_map"] == {
+        "AutoImageProcessor": "image_processing_multimodal.SsmHubMultimodalImageProcessor"}
+    image = np.zeros((40, 80, 3), dtype=np.uint8)
+    image[:, 40:] = 200
+    expected = processor(["<image> hello", "a"], images=[[image], []], padding=True, return_tensors="np")
+    np.savez(folder / "expected.npz", **{key: expected[key] for key in
+                                        ("input_ids", "attention_mask", "pixel_values", "image_sizes")})
+    result = subprocess.run([sys.executable, "-c", HIDE_SSM_HUB + REMOTE_PROCESSOR_SCRIPT, str(folder)],
+                            capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "REMOTE_PROCESSOR_OK transformers_modules." in result.stdout
+    assert "['AutoProcessor']" in result.stdout
+    assert Path(str(folder) + "-resaved", "image_processing_multimodal.py").is_file()

@@ -40,8 +40,8 @@ def test_checkpoint_carries_auto_map_and_flat_code(model_type, tmp_path):
                 assert not any(alias.name.startswith("ssm_hub") for alias in node.names), code_file.name
 
 
-# Runs in a fresh interpreter in which `import ssm_hub` fails, as on a machine without the package.
-REMOTE_CODE_SCRIPT = textwrap.dedent(
+# The start of a script for a fresh interpreter in which `import ssm_hub` fails, as on a machine without the package.
+HIDE_SSM_HUB = textwrap.dedent(
     """
     import sys, importlib.abc
 
@@ -52,6 +52,10 @@ REMOTE_CODE_SCRIPT = textwrap.dedent(
             return None
 
     sys.meta_path.insert(0, HideSsmHub())
+    """
+)
+REMOTE_CODE_SCRIPT = HIDE_SSM_HUB + textwrap.dedent(
+    """
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

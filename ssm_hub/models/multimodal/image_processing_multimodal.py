@@ -28,6 +28,8 @@ from transformers.image_utils import PILImageResampling, SizeDict, load_image, v
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
+from ssm_hub.models.remote_code import save_with_remote_code
+
 
 class SsmHubMultimodalImagesKwargs(ImagesKwargs, total=False):
     """The image processor's own fields (on top of transformers' resize / rescale / normalize ones).
@@ -186,6 +188,11 @@ class SsmHubMultimodalImageProcessor(PilBackend):
     def __init__(self, **kwargs: Unpack[SsmHubMultimodalImagesKwargs]):
         super().__init__(**kwargs)
         _check_sizes(self.patch_size, self.merge_size, self.max_image_size, self.do_tile, self.tile_size)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save_pretrained, plus this class's code beside it, so that
+        ``AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)`` works without ssm_hub."""
+        save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
 
     def num_image_tokens(
         self, height: int, width: int, patch_size: int | None = None, merge_size: int | None = None

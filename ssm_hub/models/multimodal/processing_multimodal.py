@@ -21,6 +21,7 @@ embedding must then be resized to ``len(processor.tokenizer)``.
 from transformers.processing_utils import ProcessorMixin
 
 from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor, flatten_images
+from ssm_hub.models.remote_code import save_with_remote_code
 
 # One turn per message: "<|role|>\n", the content, the tokenizer's eos token (nothing if it has none) and "\n".
 # Content is a string, or a list of {"type": "text", "text": ...} and {"type": "image"} items written one after the
@@ -165,6 +166,11 @@ class SsmHubMultimodalProcessor(ProcessorMixin):
             for height, width in image_inputs["image_sizes"][first : first + tiles_per_image[image_idx]].tolist()
         ]
         return "".join((self.image_token * cols + self.image_row_end_token) * rows for rows, cols in grids)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """transformers' save_pretrained, plus this processor's code beside it, so that
+        ``AutoProcessor.from_pretrained(folder, trust_remote_code=True)`` works without ssm_hub (models.remote_code)."""
+        save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
 
     @property
     def unused_input_names(self) -> list[str]:
