@@ -161,6 +161,11 @@ def test_a_gpt2_teacher_seeds_through_its_own_map(tmp_path):
     assert torch.equal(generated, ids)
     with pytest.raises(ValueError, match="exceed the model's max_position_embeddings \\(64\\)"):
         ssm_only(torch.zeros(1, 65, dtype=torch.long))
+    # Positions the caller gives are checked too: past the table, or negative (a padded row's -1, say).
+    with pytest.raises(ValueError, match="positions from 60 to 64 exceed"):
+        ssm_only(prompt, position_ids=torch.arange(60, 65)[None])
+    with pytest.raises(ValueError, match="positions from -1 to 3 exceed"):
+        ssm_only(prompt, position_ids=torch.arange(-1, 4)[None])
     from transformers import DynamicCache
 
     import ssm_hub
