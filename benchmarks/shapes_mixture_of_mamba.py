@@ -96,7 +96,7 @@ def markdown(report: dict) -> str:
                      f"{result['caption_accuracy']:.3f} | {result['wall_seconds']:.0f} s | {tokens} |")
     lines += ["", f"Same recipe, steps ({report['runs']['shared']['steps']}), rows and scenes in every run; loss "
               f"curves in `{report['plot']}`.", "",
-              "Command: `python benchmarks/shapes_mixture_of_mamba.py`"]
+              "Command: `python benchmarks/shapes_mixture_of_mamba.py" + (" --quick`" if report["quick"] else "`")]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("$repo_id")
 tokenizer = AutoTokenizer.from_pretrained("$repo_id")
 print(tokenizer.decode(model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=20)[0]))"""
-IMAGE_USAGE = """import ssm_hub  # registers the model type and its processor
+IMAGE_USAGE = """import ssm_hub  # registers the model type and its processor; without it, pass trust_remote_code=True
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Python processes the tests start (`python -c`, `python -m`) must not put the working directory first on sys.path:
 # in the repository root, its kernels/ folder would shadow Hugging Face's `kernels` package, which transformers
-# imports (a dependency from transformers 5.25), and its ssm_hub/ folder the installed wheel.
+# imports (a dependency from transformers 5.25), and its ssm_hub/ folder the wheel that CI installs.
 os.environ["PYTHONSAFEPATH"] = "1"
 
 import pytest  # noqa: E402

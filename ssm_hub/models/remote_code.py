@@ -132,15 +132,19 @@ def save_with_remote_code(obj, save_pretrained, save_directory, push_to_hub: boo
     transformers would upload inside its own save_pretrained, before the bundle exists, so the upload is done
     here afterwards through ``push_to_hub`` (which saves again, bundle included, to a temporary folder).
     """
+    from transformers import PreTrainedModel
     from transformers.image_processing_base import ImageProcessingMixin
     from transformers.processing_utils import ProcessorMixin
 
     hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
-    save_pretrained(save_directory, **kwargs)
-    is_main_process = kwargs.get("is_main_process", True)
-    should_save = getattr(obj, "should_save_on_this_rank", lambda main: main)(is_main_process)
-    if not should_save:
-        return
+    if isinstance(obj, PreTrainedModel):  # its save_pretrained takes is_main_process (every rank may gather)
+        save_pretrained(save_directory, **kwargs)
+        if not obj.should_save_on_this_rank(kwargs.get("is_main_process", True)):
+            return
+    else:  # configs and processors would write their files on every process
+        if not kwargs.pop("is_main_process", True):
+            return
+        save_pretrained(save_directory, **kwargs)
     if isinstance(obj, (ProcessorMixin, ImageProcessingMixin)):
         write_processing_remote_code(obj, save_directory)
     else:
@@ -201,10 +205,23 @@ def write_processing_remote_code(processing, save_directory: str | os.PathLike) 
     processing_class = exportable_class(type(processing))
     names, written = write_code_bundle([processing_class.__module__], save_directory)
 
+    files = set(names.values())
+
     def reference(cls: type) -> str | None:
-        """The auto_map entry of ``cls`` or of the nearest of its ancestors in the bundle; None if none is."""
-        bundled = next((c for c in cls.__mro__ if c.__module__ in names), None)
-        return f"{names[bundled.__module__]}.{bundled.__name__}" if bundled is not None else None
+        """The auto_map entry of ``cls`` or of the nearest of its ancestors whose code is in the bundle; None for
+        transformers' own classes. Code loaded from a checkpoint is matched by its file: transformers loads each
+        file an auto_map names as a module of its own, so the image processor that AutoImageProcessor loaded is
+        not the class that the processor's module imported from the same file."""
+        for ancestor in cls.__mro__:
+            module = ancestor.__module__
+            file = names.get(module) or (module.rpartition(".")[2] if module.startswith("transformers_modules.")
+                                         else None)
+            if file in files:
+                return f"{file}.{ancestor.__name__}"
+        if cls.__module__.startswith(EXPORTABLE_PACKAGES):
+            raise ValueError(f"remote-code export: {cls.__module__}.{cls.__name__} is not in the code bundle of "
+                             f"{processing_class.__name__} ({sorted(files)})")
+        return None
 
     if isinstance(processing, ImageProcessingMixin):
         config_path = save_directory / IMAGE_PROCESSOR_NAME

@@ -210,10 +210,7 @@ def test_save_load_round_trip_gives_the_same_outputs(tmp_path):
 
     loaded = SsmHubMultimodalProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded.image_processor, SsmHubMultimodalImageProcessor)
-    # A loaded image processor records where its code is (auto_map), as transformers' remote-code ones do.
-    assert loaded.image_processor.to_dict().pop("auto_map") == saved["auto_map"]
-    assert loaded.image_processor.to_dict() | {"auto_map": None} == processor.image_processor.to_dict() | {
-        "auto_map": None}
+    assert loaded.image_processor.to_dict() == processor.image_processor.to_dict()  # auto_map is no setting
     assert loaded.chat_template == processor.chat_template
     assert len(loaded.tokenizer) == len(processor.tokenizer)
     assert (loaded.image_token_id, loaded.image_row_end_token_id) == (
@@ -228,7 +225,7 @@ def test_save_load_round_trip_gives_the_same_outputs(tmp_path):
     processor.image_processor.save_pretrained(image_processor_dir)
     assert json.loads((image_processor_dir / "preprocessor_config.json").read_text())["tile_size"] == 32
     reloaded = SsmHubMultimodalImageProcessor.from_pretrained(image_processor_dir)
-    assert reloaded.to_dict() | {"auto_map": None} == processor.image_processor.to_dict() | {"auto_map": None}
+    assert reloaded.to_dict() == processor.image_processor.to_dict()
 
 
 TORCHVISION_BLOCKED = """
@@ -267,31 +264,45 @@ def test_everything_works_with_torchvision_unimportable(tmp_path):
 
 
 REMOTE_PROCESSOR_SCRIPT = """
-import json, os
+import json
 import numpy as np
 from transformers import AutoImageProcessor, AutoProcessor
 folder = sys.argv[1]
+image = np.zeros((40, 80, 3), dtype=np.uint8)
+image[:, 40:] = 200
+expected = np.load(folder + "/expected.npz")
+
+def check(processor, image_processor):
+    out = processor(["<image> hello", "a"], images=[[image], []], padding=True, return_tensors="np")
+    assert all((out[key] == expected[key]).all() for key in ("input_ids", "attention_mask", "pixel_values",
+                                                             "image_sizes"))
+    alone = image_processor([image], return_tensors="np")
+    assert (alone["pixel_values"] == expected["pixel_values"]).all()  # the one image, as two tiles
+
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 image_processor = AutoImageProcessor.from_pretrained(folder + "/image_processor", trust_remote_code=True)
 assert "ssm_hub" not in sys.modules
-image = np.zeros((40, 80, 3), dtype=np.uint8)
-image[:, 40:] = 200
-out = processor(["<image> hello", "a"], images=[[image], []], padding=True, return_tensors="np")
-alone = image_processor([image], return_tensors="np")
-expected = np.load(folder + "/expected.npz")
-assert all((out[key] == expected[key]).all() for key in ("input_ids", "attention_mask", "pixel_values", "image_sizes"))
-assert (alone["pixel_values"] == expected["pixel_values"]).all()  # the one image, as two tiles
-processor.save_pretrained(folder + "-resaved")  # code loaded from the folder exports itself again
-print("REMOTE_PROCESSOR_OK", type(processor).__module__, type(processor.image_processor).__module__,
-      sorted(json.load(open(folder + "-resaved/processor_config.json"))["auto_map"]))
+check(processor, image_processor)
+# Code loaded from the folder exports itself again, with every auto_map entry, and loads from there too.
+processor.save_pretrained(folder + "-resaved")
+image_processor.save_pretrained(folder + "-resaved/image_processor")
+config = json.load(open(folder + "-resaved/processor_config.json"))
+assert config["auto_map"] == {"AutoProcessor": "processing_multimodal.SsmHubMultimodalProcessor"}, config
+assert config["image_processor"]["auto_map"] == {
+    "AutoImageProcessor": "image_processing_multimodal.SsmHubMultimodalImageProcessor"}, config
+alone = json.load(open(folder + "-resaved/image_processor/preprocessor_config.json"))
+assert alone["auto_map"] == {"AutoImageProcessor": "image_processing_multimodal.SsmHubMultimodalImageProcessor"}
+check(AutoProcessor.from_pretrained(folder + "-resaved", trust_remote_code=True),
+      AutoImageProcessor.from_pretrained(folder + "-resaved/image_processor", trust_remote_code=True))
+print("REMOTE_PROCESSOR_OK", type(processor).__module__, type(processor.image_processor).__module__)
 """
 
 
 def test_processor_loads_with_trust_remote_code_without_ssm_hub(tmp_path):
     """The processor's and the image processor's code travel with them: AutoProcessor and AutoImageProcessor load
     them with trust_remote_code in an interpreter where ssm_hub cannot be imported, with the same outputs."""
+    import os
     import subprocess
-    from pathlib import Path
 
     from test_save_load import HIDE_SSM_HUB
 
@@ -310,8 +321,27 @@ def test_processor_loads_with_trust_remote_code_without_ssm_hub(tmp_path):
                                         ("input_ids", "attention_mask", "pixel_values", "image_sizes")})
     result = subprocess.run([sys.executable, "-c", HIDE_SSM_HUB + REMOTE_PROCESSOR_SCRIPT, str(folder)],
                             capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+                            env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "REMOTE_PROCESSOR_OK transformers_modules." in result.stdout
-    assert "['AutoProcessor']" in result.stdout
-    assert Path(str(folder) + "-resaved", "image_processing_multimodal.py").is_file()
+
+
+@pytest.mark.parametrize("part", ["processor", "image_processor"])
+def test_saving_writes_the_code_on_the_main_process_only_and_before_an_upload(part, tmp_path, monkeypatch):
+    saved = tiny_processor() if part == "processor" else SsmHubMultimodalImageProcessor()
+    config_file = "processor_config.json" if part == "processor" else "preprocessor_config.json"
+    saved.save_pretrained(tmp_path / "other_rank", is_main_process=False)
+    assert not (tmp_path / "other_rank").exists() or not any((tmp_path / "other_rank").iterdir())
+
+    uploads = []
+
+    def fake_push_to_hub(self, repo_id, **kwargs):
+        folder = tmp_path / "main"
+        uploads.append((repo_id, kwargs, sorted(p.name for p in folder.glob("*.py")),
+                        json.loads((folder / config_file).read_text())["auto_map"]))
+
+    monkeypatch.setattr(type(saved), "push_to_hub", fake_push_to_hub)
+    saved.save_pretrained(tmp_path / "main", push_to_hub=True, repo_id="me/tiny", commit_message="hello")
+    (repo_id, kwargs, code_files, auto_map), = uploads
+    assert repo_id == "me/tiny" and kwargs == {"commit_message": "hello"}
+    assert "image_processing_multimodal.py" in code_files and len(auto_map) == 1

@@ -285,11 +285,13 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
 
 def _check_absolute_positions(position_ids: torch.Tensor, limit: int) -> None:
     """Learned absolute positions index a table of ``limit`` rows: out of range, the lookup fails on a GPU with a
-    device-side assert that names nothing, so they are checked first (one host sync). Skipped while compiling or
-    capturing a CUDA graph, where the sync cannot happen."""
-    if torch.compiler.is_compiling() or (position_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+    device-side assert that names nothing, so the caller's positions are checked first (one host sync). Skipped
+    while compiling or capturing a CUDA graph, where the sync cannot happen."""
+    if position_ids.numel() == 0 or torch.compiler.is_compiling() or (
+            position_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    low, high = int(position_ids.min()), int(position_ids.max())
+    low, high = torch.aminmax(position_ids)
+    low, high = low.item(), high.item()
     if low < 0 or high >= limit:
         raise ValueError(f"positions from {low} to {high} exceed the model's max_position_embeddings ({limit}) "
                          f"absolute positions (valid: 0 to {limit - 1})")
@@ -395,9 +397,13 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
                 raise ValueError("a model with absolute position embeddings and no attention layer needs position_ids "
                                  "when it continues from a cache (generate passes them)")
             past = cache.get_seq_length() if cache is not None and self.has_attention else 0
+            if self.embed_positions is not None and past + seq_len > config.max_position_embeddings:
+                raise ValueError(f"positions up to {past + seq_len - 1} exceed the model's "
+                                 f"max_position_embeddings ({config.max_position_embeddings}) absolute positions")
             position_ids = (torch.arange(seq_len, device=inputs_embeds.device) + past)[None]
-        if self.embed_positions is not None:
+        elif self.embed_positions is not None:
             _check_absolute_positions(position_ids, config.max_position_embeddings)
+        if self.embed_positions is not None:
             inputs_embeds = inputs_embeds + self.embed_positions(position_ids)
         attention_masks, position_embeddings = None, None
         attention_kwargs = {name: kwargs[name] for name in ATTENTION_KWARGS if kwargs.get(name) is not None}

@@ -186,6 +186,7 @@ class SsmHubMultimodalImageProcessor(PilBackend):
     model_input_names = ["pixel_values", "image_sizes"]
 
     def __init__(self, **kwargs: Unpack[SsmHubMultimodalImagesKwargs]):
+        kwargs.pop("auto_map", None)  # where a saved one's code is (written on save), not a setting
         super().__init__(**kwargs)
         _check_sizes(self.patch_size, self.merge_size, self.max_image_size, self.do_tile, self.tile_size)
 

@@ -179,8 +179,10 @@ class SsmHubMultimodalProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        # ProcessorMixin loads the image processor through AutoImageProcessor, which knows this model type only once
-        # ssm_hub has registered it; a checkpoint of this processor always holds this image processor.
+        # transformers 5.24 loads the parts here, the image processor through AutoImageProcessor, which knows this
+        # model type only once ssm_hub has registered it; a checkpoint of this processor always holds this image
+        # processor. (From 5.25 the parts are loaded elsewhere, through AutoImageProcessor and the auto_map that
+        # save_pretrained writes for it.)
         subfolder = kwargs.pop("subfolder", "")
         image_processor = SsmHubMultimodalImageProcessor.from_pretrained(
             pretrained_model_name_or_path, subfolder=subfolder, **kwargs
