@@ -1,8 +1,9 @@
 """Does the vision-language model see, and does Mixture-of-Mamba help: the shapes captioning recipe
-(recipes/shapes_multimodal.yaml) trained three times on one CUDA GPU, with shared projections, with Mixture-of-Mamba
-(the image tokens' own SSM projections) and with Mixture-of-Mamba plus the image tokens' own MLPs and norms.
+(recipes/shapes_multimodal.yaml) trained on one CUDA GPU with shared projections, with Mixture-of-Mamba (the image
+tokens' own SSM projections) and with Mixture-of-Mamba plus the image tokens' own MLPs and norms (``--variants``).
 
     python benchmarks/shapes_mixture_of_mamba.py                 # writes results/shapes_mixture_of_mamba_<device>.*
+    python benchmarks/shapes_mixture_of_mamba.py --cpu --steps 600   # fewer steps, on the CPU in float32
     python benchmarks/shapes_mixture_of_mamba.py --quick --output /tmp/out   # tiny steps on the CPU: a smoke run
 
 Every run is the recipe as a user trains it (``ssm_hub.training.train``, what ``ssm-hub train`` calls) with one
@@ -17,7 +18,7 @@ import argparse
 import json
 import math
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,9 +30,9 @@ VARIANTS = {
     "mixture_of_mamba_mlps_norms": ["model.config.mixture_of_mamba=true", "model.config.modality_mlps=true",
                                     "model.config.modality_norms=true"],
 }
+ON_CPU = ["train.bf16=false", "train.use_cpu=true"]
 QUICK = ["train.max_steps=6", "train.eval_steps=3", "train.save_steps=6", "train.logging_steps=1",
-         "train.per_device_train_batch_size=8", "train.per_device_eval_batch_size=8", "train.bf16=false",
-         "train.use_cpu=true", "data.max_documents=160"]
+         "train.per_device_train_batch_size=8", "train.per_device_eval_batch_size=8", "data.max_documents=160"]
 
 
 def run(name: str, overrides: list[str], runs: Path) -> dict:
@@ -66,12 +67,12 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    from ssm_hub.training.callbacks import smoothed
 
     figure, axis = pyplot.subplots(figsize=(8, 4.5))
     for (name, result), colour in zip(report["runs"].items(), ("tab:blue", "tab:orange", "tab:green")):
         steps, losses = zip(*result["train_curve"])
-        axis.plot(steps, smoothed(list(losses)), color=colour, label=f"{name}: train (smoothed)")
+        # Each logged training loss is already the mean over its logging interval.
+        axis.plot(steps, losses, color=colour, label=f"{name}: train")
         if result["eval_curve"]:
             steps, losses = zip(*result["eval_curve"])
             axis.plot(steps, losses, color=colour, linestyle="--", marker="o", label=f"{name}: held-out")
@@ -94,9 +95,9 @@ def markdown(report: dict) -> str:
         tokens = f"{result['tokens_per_second']:,.0f}" if result["tokens_per_second"] else "-"
         lines.append(f"| {name} | {result['parameters']:,} | {result['eval_loss']:.4f} | "
                      f"{result['caption_accuracy']:.3f} | {result['wall_seconds']:.0f} s | {tokens} |")
-    lines += ["", f"Same recipe, steps ({report['runs']['shared']['steps']}), rows and scenes in every run; loss "
-              f"curves in `{report['plot']}`.", "",
-              "Command: `python benchmarks/shapes_mixture_of_mamba.py" + (" --quick`" if report["quick"] else "`")]
+    steps = next(iter(report["runs"].values()))["steps"]
+    lines += ["", f"Same recipe, steps ({steps}), rows and scenes in every run; loss curves in `{report['plot']}`.",
+              "", f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -104,24 +105,32 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("build/shapes_mixture_of_mamba"))
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--steps", type=int, help="training steps of every run (default: the recipe's)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU, in float32")
     parser.add_argument("--quick", action="store_true", help="a few steps on the CPU, to try the script")
     args = parser.parse_args()
     # One GPU: with more in sight, Trainer would spread each run over them with DataParallel.
     os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     import torch
 
-    if not args.quick and not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU (or --quick, on the CPU)")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.quick else platform.processor()
-    report = {"device": device or "cpu", "quick": args.quick, "recipe": RECIPE,
-              "runs": {name: run(name, [*overrides, *(QUICK if args.quick else [])], args.runs)
-                       for name, overrides in VARIANTS.items()}}
+    on_cpu = args.cpu or args.quick
+    if not on_cpu and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU (or --cpu)")
+    overrides = [*(ON_CPU if on_cpu else []), *(QUICK if args.quick else []),
+                 *([f"train.max_steps={args.steps}"] if args.steps else [])]
+    device = f"cpu ({os.cpu_count()} cores)" if on_cpu else torch.cuda.get_device_name()
+    stem = "shapes_mixture_of_mamba_" + ("cpu" if on_cpu else device.replace(" ", "_")) + \
+        (f"_steps{args.steps}" if args.steps else "") + ("_quick" if args.quick else "")
+    report = {"device": device, "quick": args.quick, "recipe": RECIPE,
+              "command": " ".join(["python benchmarks/shapes_mixture_of_mamba.py", *sys.argv[1:]]),
+              "plot": f"{stem}.png", "runs": {}}
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = f"shapes_mixture_of_mamba_{report['device'].replace(' ', '_')}"
-    report["plot"] = f"{stem}.png"
-    plot(report, args.output / report["plot"])
-    (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output / f"{stem}.md").write_text(markdown(report))
+    for name in args.variants:  # the files are rewritten after each run, so a run cut short keeps the ones before
+        report["runs"][name] = run(name, [*VARIANTS[name], *overrides], args.runs)
+        plot(report, args.output / report["plot"])
+        (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (args.output / f"{stem}.md").write_text(markdown(report))
     print(markdown(report))
 
 
