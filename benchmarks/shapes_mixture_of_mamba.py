@@ -6,6 +6,9 @@ tokens' own SSM projections) and with Mixture-of-Mamba plus the image tokens' ow
     python benchmarks/shapes_mixture_of_mamba.py --cpu --steps 600   # fewer steps, on the CPU in float32
     python benchmarks/shapes_mixture_of_mamba.py --quick --output /tmp/out   # tiny steps on the CPU: a smoke run
 
+A variant already in the results file (same device, steps and overrides) is not trained again, so a run cut short
+resumes; delete the file to measure all afresh.
+
 Every run is the recipe as a user trains it (``ssm_hub.training.train``, what ``ssm-hub train`` calls) with one
 override, so the three see the same scenes in the same order, for the same steps, rows and tokens. Routing is by a
 fixed modality mask and each token goes through one copy of each routed module, so the compute per token is the
@@ -97,7 +100,9 @@ def markdown(report: dict) -> str:
                      f"{result['caption_accuracy']:.3f} | {result['wall_seconds']:.0f} s | {tokens} |")
     steps = next(iter(report["runs"].values()))["steps"]
     lines += ["", f"Same recipe, steps ({steps}), rows and scenes in every run; loss curves in `{report['plot']}`.",
-              "", f"Command: `{report['command']}`"]
+              ""]
+    commands = dict.fromkeys(result.get("command", report["command"]) for result in report["runs"].values())
+    lines += [f"Command{'s' if len(commands) > 1 else ''}: " + ", ".join(f"`{command}`" for command in commands)]
     return "\n".join(lines) + "\n"
 
 
@@ -126,8 +131,13 @@ def main():
               "command": " ".join(["python benchmarks/shapes_mixture_of_mamba.py", *sys.argv[1:]]),
               "plot": f"{stem}.png", "runs": {}}
     args.output.mkdir(parents=True, exist_ok=True)
+    if (args.output / f"{stem}.json").is_file():  # same device and steps: a variant already measured is kept
+        report["runs"] = json.loads((args.output / f"{stem}.json").read_text())["runs"]
     for name in args.variants:  # the files are rewritten after each run, so a run cut short keeps the ones before
-        report["runs"][name] = run(name, [*VARIANTS[name], *overrides], args.runs)
+        if name in report["runs"] and report["runs"][name]["overrides"] == [*VARIANTS[name], *overrides]:
+            print(f"{name}: measured already, in {args.output / stem}.json")
+            continue
+        report["runs"][name] = {**run(name, [*VARIANTS[name], *overrides], args.runs), "command": report["command"]}
         plot(report, args.output / report["plot"])
         (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.output / f"{stem}.md").write_text(markdown(report))
