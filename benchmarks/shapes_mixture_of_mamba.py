@@ -101,7 +101,7 @@ def markdown(report: dict) -> str:
     steps = next(iter(report["runs"].values()))["steps"]
     lines += ["", f"Same recipe, steps ({steps}), rows and scenes in every run; loss curves in `{report['plot']}`.",
               ""]
-    commands = dict.fromkeys(result.get("command", report["command"]) for result in report["runs"].values())
+    commands = dict.fromkeys(result["command"] for result in report["runs"].values())
     lines += [f"Command{'s' if len(commands) > 1 else ''}: " + ", ".join(f"`{command}`" for command in commands)]
     return "\n".join(lines) + "\n"
 
@@ -132,7 +132,8 @@ def main():
               "plot": f"{stem}.png", "runs": {}}
     args.output.mkdir(parents=True, exist_ok=True)
     if (args.output / f"{stem}.json").is_file():  # same device and steps: a variant already measured is kept
-        report["runs"] = json.loads((args.output / f"{stem}.json").read_text())["runs"]
+        earlier = json.loads((args.output / f"{stem}.json").read_text())
+        report["runs"] = {name: {"command": earlier["command"], **result} for name, result in earlier["runs"].items()}
     for name in args.variants:  # the files are rewritten after each run, so a run cut short keeps the ones before
         if name in report["runs"] and report["runs"][name]["overrides"] == [*VARIANTS[name], *overrides]:
             print(f"{name}: measured already, in {args.output / stem}.json")
