@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ssm_hub.layers.linear import KernelLinear
 from ssm_hub.layers.norms import RMSNorm
 
 QK_NORMS = ("rms", "layer")
@@ -176,10 +177,10 @@ class SelfAttention(nn.Module):
         # Used only when the caller passes no position_embeddings (models share one RotaryEmbedding instead).
         self.rotary_emb = RotaryEmbedding(head_dim, rope_theta) if use_rope else None
 
-        self.q_proj = nn.Linear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
-        self.k_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
-        self.v_proj = nn.Linear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
-        self.o_proj = nn.Linear(num_attention_heads * head_dim, hidden_size, bias=attention_bias)
+        self.q_proj = KernelLinear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
+        self.k_proj = KernelLinear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
+        self.v_proj = KernelLinear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
+        self.o_proj = KernelLinear(num_attention_heads * head_dim, hidden_size, bias=attention_bias)
         self.q_norm = self.k_norm = None
         if qk_norm == "rms":
             self.q_norm, self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps), RMSNorm(head_dim, eps=qk_norm_eps)

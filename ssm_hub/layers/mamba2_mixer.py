@@ -15,6 +15,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ssm_hub.backend import resolve_backend
+from ssm_hub.layers.linear import KernelLinear, is_plain_linear
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
@@ -41,7 +42,7 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.state_size
 
         # in_proj output, in order: gate z [d_inner], conv input xBC [d_inner + 2 G N], dt [H].
-        self.in_proj = nn.Linear(self.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias)
+        self.in_proj = KernelLinear(self.hidden_size, self.intermediate_size + self.conv_dim + self.num_heads, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size, groups=self.conv_dim,
             padding=self.conv_kernel_size - 1, bias=config.use_conv_bias,
@@ -53,11 +54,11 @@ class Mamba2Mixer(nn.Module):
             self.intermediate_size, n_groups=self.n_groups, eps=config.layer_norm_epsilon,
             norm_before_gate=config.norm_before_gate,
         )
-        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+        self.out_proj = KernelLinear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
         self.modality_in_proj = modality_copies(
-            lambda: nn.Linear(self.hidden_size, self.in_proj.out_features, bias=config.use_bias), modalities)
+            lambda: KernelLinear(self.hidden_size, self.in_proj.out_features, bias=config.use_bias), modalities)
         self.modality_out_proj = modality_copies(
-            lambda: nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias), modalities)
+            lambda: KernelLinear(self.intermediate_size, self.hidden_size, bias=config.use_bias), modalities)
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:
@@ -132,8 +133,7 @@ class Mamba2Mixer(nn.Module):
         # out_proj goes into the node (so its input need not be kept) unless something wraps or hooks it, such as
         # a PEFT adapter, or tokens are routed to per-modality out_projs: then it runs as itself on the node's
         # normed output.
-        plain_out_proj = (type(self.out_proj) is nn.Linear and not self.out_proj._forward_hooks
-                          and not self.out_proj._forward_pre_hooks and self.modality_out_proj is None)
+        plain_out_proj = is_plain_linear(self.out_proj) and self.modality_out_proj is None
         out_weight, out_bias = (self.out_proj.weight, self.out_proj.bias) if plain_out_proj else (None, None)
         out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, self._A(), self.D, self.dt_bias,
                                     self.norm.weight, out_weight, out_bias, padding_mask, seq_idx, sizes)

@@ -16,6 +16,7 @@ from torch import nn
 
 from transformers import initialization as init
 
+from ssm_hub.layers.linear import KernelLinear
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
@@ -34,16 +35,16 @@ class MambaMixer(nn.Module):
         self.time_step_rank = config.time_step_rank
         self.conv_kernel_size = config.conv_kernel
 
-        self.in_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
+        self.in_proj = KernelLinear(self.hidden_size, 2 * self.intermediate_size, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.intermediate_size, self.intermediate_size, kernel_size=self.conv_kernel_size,
             groups=self.intermediate_size, padding=self.conv_kernel_size - 1, bias=config.use_conv_bias,
         )
-        self.x_proj = nn.Linear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, bias=False)
-        self.dt_proj = nn.Linear(self.time_step_rank, self.intermediate_size, bias=True)
+        self.x_proj = KernelLinear(self.intermediate_size, self.time_step_rank + 2 * self.state_size, bias=False)
+        self.dt_proj = KernelLinear(self.time_step_rank, self.intermediate_size, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.intermediate_size, self.state_size))
         self.D = nn.Parameter(torch.empty(self.intermediate_size))
-        self.out_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
+        self.out_proj = KernelLinear(self.intermediate_size, self.hidden_size, bias=config.use_bias)
         self.inner_layernorms = config.inner_layernorms
         if self.inner_layernorms:
             eps = config.layer_norm_epsilon
@@ -53,7 +54,7 @@ class MambaMixer(nn.Module):
         for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
             plain = getattr(self, name)
             setattr(self, f"modality_{name}", modality_copies(
-                lambda: nn.Linear(plain.in_features, plain.out_features, bias=plain.bias is not None), modalities))
+                lambda: KernelLinear(plain.in_features, plain.out_features, bias=plain.bias is not None), modalities))
 
     @torch.no_grad()
     def init_ssm_parameters(self, config) -> None:

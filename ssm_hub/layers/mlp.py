@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ssm_hub.layers.linear import KernelLinear, is_plain_linear
+from ssm_hub.ops.linear import swiglu_linear
+
 
 def _check_sizes(owner: str, **sizes) -> None:
     for name, value in sizes.items():
@@ -21,12 +24,18 @@ class SwiGLUMLP(nn.Module):
         _check_sizes("SwiGLUMLP", hidden_size=hidden_size, intermediate_size=intermediate_size)
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_proj = KernelLinear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = KernelLinear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = KernelLinear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+        if is_plain_linear(self.gate_proj) and is_plain_linear(self.up_proj):
+            # One op for both projections and the gate: one kernel when decoding (see ssm_hub.ops.linear).
+            gated = swiglu_linear(hidden_states, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
+                                  self.up_proj.bias)
+        else:  # an adapter or a hook on either projection: each runs as itself
+            gated = F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+        return self.down_proj(gated)
 
 
 class PlainMLP(nn.Module):
@@ -35,9 +44,9 @@ class PlainMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = True):
         super().__init__()
         _check_sizes("PlainMLP", hidden_size=hidden_size, intermediate_size=intermediate_size)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = KernelLinear(hidden_size, intermediate_size, bias=bias)
         self.act = ACT2FN[act]
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.down_proj = KernelLinear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.up_proj(hidden_states)))

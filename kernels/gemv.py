@@ -1,0 +1,78 @@
+"""Triton kernel for a linear layer on one row (decoding one sequence: a matrix-vector product), and for the two
+projections of a SwiGLU feed-forward fused with its gate, ``silu(x W_gate^T + b_gate) * (x W_up^T + b_up)``.
+
+On one row the product is a pass over the weight: reading it is the whole cost. cuBLAS tiles the output in blocks
+of 64 columns, so a 1024-column layer runs on 16 of an H100's 132 SMs and reads its weight at a third of the memory
+bandwidth. Here one program owns 4 output columns, so that the programs fill the GPU, and loads their whole weight
+rows at once (up to 4096 long), so that each program has its whole tile in flight. Products are
+summed in float32, the bias added and the SwiGLU gate applied in float32, and the output rounded once.
+"""
+
+import torch
+
+# Imported inside try: transformers' trust_remote_code check then does not demand triton from a checkpoint's
+# users on CPU-only machines, where ssm_hub.backend never dispatches to these kernels.
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
+
+# The launch rule (see launch_config), chosen on an H100 by timing rules that varied the tile (4 to 64 columns),
+# the step along K (512 to 4096) and the warps (2, 4, 8) on the projections of benchmarks/gemv.py: on each shape the
+# fastest had 4 columns a program and the whole row of K in one step, with 4 warps for rows up to 1024 long and 8
+# beyond.
+BLOCK_N = 4
+MAX_BLOCK_K = 4096
+
+
+@triton.jit
+def gemv_fwd_kernel(
+    x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr,
+    out_features, in_features,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    n_mask = n < out_features
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k_start in range(0, in_features, BLOCK_K):
+        k = k_start + tl.arange(0, BLOCK_K)
+        k_mask = k < in_features
+        x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        weight_offsets = n[:, None] * in_features + k[None, :]
+        tile_mask = n_mask[:, None] & k_mask[None, :]
+        weight = tl.load(weight_ptr + weight_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(weight * x[None, :], axis=1)
+        if SWIGLU:
+            up_weight = tl.load(up_weight_ptr + weight_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+            up_acc += tl.sum(up_weight * x[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        if SWIGLU:
+            up_acc += tl.load(up_bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * up_acc
+    tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def launch_config(in_features: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps): the row of K in one step up to MAX_BLOCK_K, then in steps of it."""
+    block_k = max(16, min(triton.next_power_of_2(in_features), MAX_BLOCK_K))
+    return block_k, 4 if block_k <= 1024 else 8
+
+
+def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None):
+    """Launch the kernel: x [K] contiguous, weight (and up_weight) [N, K] and bias [N] contiguous.
+
+    Returns x W^T + b [N], or with ``up_weight`` silu(x W^T + b) * (x W_up^T + b_up), in x's dtype."""
+    out_features, in_features = weight.shape
+    out = torch.empty(out_features, device=x.device, dtype=x.dtype)
+    if out_features == 0:
+        return out
+    block_k, num_warps = launch_config(in_features)
+    gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
+        x, weight, bias, up_weight, up_bias, out, out_features, in_features,
+        HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return out

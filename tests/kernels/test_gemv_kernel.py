@@ -1,0 +1,75 @@
+"""The matrix-vector kernel (decoding's projections, and SwiGLU's two with their gate) against a float32 reference:
+sizes that no block divides, with and without bias, a row cut from a wider tensor, bf16 and fp16, and
+torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel_testing import DEVICE, requires_triton
+from ssm_hub.ops.linear import linear, swiglu_linear
+
+pytestmark = requires_triton
+
+# The kernel sums in float32 and rounds once; the reference is float32 on the same (bf16 / fp16) values. What is
+# left is that one rounding of y (2^-8 relative in bf16, 2^-11 in fp16) plus float32 sums in another order; the
+# atol covers outputs near zero, where sums of K terms of size ~1 cancel.
+TOLERANCES = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def _inputs(out_features, in_features, dtype, bias, swiglu):
+    x = torch.randn(1, in_features, device=DEVICE).to(dtype)
+    weights = [(torch.randn(out_features, in_features, device=DEVICE) / in_features**0.5).to(dtype)
+               for _ in range(2 if swiglu else 1)]
+    biases = [torch.randn(out_features, device=DEVICE).to(dtype) if bias else None for _ in weights]
+    return x, weights, biases
+
+
+def _reference(x, weights, biases):
+    upcast = [t.float() if t is not None else None for t in (x, *weights, *biases)]
+    x, weights, biases = upcast[0], upcast[1:1 + len(weights)], upcast[1 + len(weights):]
+    projected = [F.linear(x, w, b) for w, b in zip(weights, biases)]
+    return F.silu(projected[0]) * projected[1] if len(projected) == 2 else projected[0]
+
+
+def _run(x, weights, biases):
+    with torch.no_grad():
+        if len(weights) == 2:
+            return swiglu_linear(x, weights[0], weights[1], biases[0], biases[1], backend="triton")
+        return linear(x, weights[0], biases[0], backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out_features, in_features", [(20, 48), (100, 70), (33, 130), (1, 16), (300, 2100)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def test_kernel_matches_reference(dtype, out_features, in_features, bias, swiglu):
+    x, weights, biases = _inputs(out_features, in_features, dtype, bias, swiglu)
+    out = _run(x, weights, biases)
+    assert out.dtype == dtype and out.shape == (1, out_features)
+    torch.testing.assert_close(out.float(), _reference(x, weights, biases), **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def test_leading_dimensions_and_a_row_cut_from_a_wider_tensor(swiglu):
+    """x [1, 1, K] as a decode step gives it, a slice of a wider projection's output."""
+    wide = torch.randn(1, 1, 3 * 40, device=DEVICE).to(torch.bfloat16)
+    x = wide[..., 40:80]
+    _, weights, biases = _inputs(24, 40, torch.bfloat16, True, swiglu)
+    out = _run(x, weights, biases)
+    assert out.shape == (1, 1, 24)
+    torch.testing.assert_close(out.float(), _reference(x, weights, biases), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiles_without_graph_breaks():
+    x, (gate, up), _ = _inputs(64, 96, torch.bfloat16, False, True)
+
+    def projections(x, gate, up):
+        return swiglu_linear(x, gate, up) * 2 + linear(x, gate)
+
+    with torch.no_grad():
+        expected = projections(x, gate, up)
+        got = torch.compile(projections, fullgraph=True)(x, gate, up)
+    torch.testing.assert_close(got, expected)
