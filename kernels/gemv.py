@@ -30,7 +30,8 @@ MAX_BLOCK_K = 4096
 def gemv_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr,
     out_features, in_features,
-    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = n < out_features
@@ -49,8 +50,8 @@ def gemv_fwd_kernel(
             up_acc += tl.sum(up_weight * x[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-        if SWIGLU:
-            up_acc += tl.load(up_bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_UP_BIAS:
+        up_acc += tl.load(up_bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * up_acc
     tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -73,6 +74,6 @@ def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None):
     block_k, num_warps = launch_config(in_features)
     gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
         x, weight, bias, up_weight, up_bias, out, out_features, in_features,
-        HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
+        HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out

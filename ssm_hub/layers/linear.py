@@ -17,6 +17,10 @@ class KernelLinear(nn.Linear):
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """True when ``module`` computes x W^T + b and nothing else: a KernelLinear that nothing wraps or hooks (a PEFT
-    adapter replaces it by its own module; a forward hook may change what it returns)."""
-    return type(module) is KernelLinear and not module._forward_hooks and not module._forward_pre_hooks
+    """True when ``module`` computes x W^T + b and nothing else: a KernelLinear that nothing wraps or hooks. A PEFT
+    adapter replaces it by its own module; a forward hook (its own or a global one) may change what it returns;
+    accelerate's offloading replaces its ``forward`` and keeps the weight elsewhere until that runs."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)
+    return (type(module) is KernelLinear and not any(hooks) and "forward" not in vars(module)
+            and not hasattr(module, "_hf_hook"))

@@ -50,6 +50,15 @@ def test_kernel_matches_reference(dtype, out_features, in_features, bias, swiglu
     torch.testing.assert_close(out.float(), _reference(x, weights, biases), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("which", ["gate", "up"])
+def test_swiglu_with_one_bias(which):
+    x, weights, _ = _inputs(20, 48, torch.bfloat16, False, True)
+    bias = torch.randn(20, device=DEVICE).to(torch.bfloat16)
+    biases = [bias, None] if which == "gate" else [None, bias]
+    torch.testing.assert_close(_run(x, weights, biases).float(), _reference(x, weights, biases),
+                               **TOLERANCES[torch.bfloat16])
+
+
 @pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
 def test_leading_dimensions_and_a_row_cut_from_a_wider_tensor(swiglu):
     """x [1, 1, K] as a decode step gives it, a slice of a wider projection's output."""

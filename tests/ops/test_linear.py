@@ -30,6 +30,8 @@ def test_what_the_kernel_does_not_cover_runs_in_torch_even_when_triton_is_forced
         "two rows": (torch.randn(2, 1, 16).to(torch.bfloat16), gate),
         "gradient": (x, gate.clone().requires_grad_(True)),
     }
+    with torch.autocast("cpu", dtype=torch.float16):  # autocast picks the dtype: torch's linear gives float16
+        assert linear(x, gate).dtype == torch.float16
     for name, (inputs, weight) in uncovered.items():
         torch.testing.assert_close(linear(inputs, weight), F.linear(inputs, weight), rtol=0, atol=0, msg=name)
         with pytest.raises(NotImplementedError, match="linear.*no Triton kernel"):

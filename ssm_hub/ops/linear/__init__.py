@@ -20,10 +20,13 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _kernel_supports(x, *params) -> bool:
+    """One row of plain tensors in one half dtype, no gradient, no autocast (which would pick the output dtype):
+    tensor subclasses (quantized or sharded weights) stay with torch."""
     tensors = [t for t in (x, *params) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return (x.numel() == x.shape[-1] > 0 and x.dtype in KERNEL_DTYPES and all(t.dtype == x.dtype for t in tensors)
-            and not needs_grad)
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+            and not needs_grad and not torch.is_autocast_enabled(x.device.type))
 
 
 def _one_row(x, weight, bias, up_weight, up_bias):
