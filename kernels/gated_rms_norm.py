@@ -23,10 +23,11 @@ MAX_BWD_ROW_PROGRAMS = 512
 
 @triton.jit
 def gated_rms_norm_fwd_kernel(
-    x_ptr, gate_ptr, weight_ptr, out_ptr, rstd_ptr,
-    stride_x_row, stride_gate_row, stride_out_row,
+    x_ptr, gate_ptr, weight_ptr, out_ptr, rstd_ptr, residual_ptr, residual_out_ptr,
+    stride_x_row, stride_gate_row, stride_out_row, stride_residual_row, stride_residual_out_row,
     rows, group_size, eps,
-    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     group = tl.program_id(1)
@@ -39,6 +40,12 @@ def gated_rms_norm_fwd_kernel(
 
     # 1. h = x * silu(z) when gating before the norm; masked entries are 0 and add nothing to the sums.
     x = tl.load(x_ptr + row[:, None] * stride_x_row + col[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # add_rms_norm: the sum goes back to the residual stream in its dtype; the norm sees it in x's dtype.
+        residual = tl.load(residual_ptr + row[:, None] * stride_residual_row + col[None, :], mask=mask, other=0.0)
+        total = (x + residual.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
+        tl.store(residual_out_ptr + row[:, None] * stride_residual_out_row + col[None, :], total, mask=mask)
+        x = total.to(x_ptr.dtype.element_ty).to(tl.float32)
     h = x
     if HAS_GATE:
         z = tl.load(gate_ptr + row[:, None] * stride_gate_row + col[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -138,28 +145,35 @@ def _rows_of(tensor, dim: int):
     return None if tensor is None else tensor.reshape(-1, dim)
 
 
-def gated_rms_norm_fwd(x, weight, gate, n_groups: int, eps: float, norm_before_gate: bool):
-    """Launch the forward: x, gate [..., D] with stride 1 along D (any row strides), weight [D] contiguous.
+def gated_rms_norm_fwd(x, weight, gate, n_groups: int, eps: float, norm_before_gate: bool, residual=None):
+    """Launch the forward: x, gate, residual [..., D] with stride 1 along D (any row strides), weight [D] contiguous.
 
-    Returns (y [..., D] in the dtype promoted from x's and weight's, rstd [rows, G] float32)."""
+    Returns (y [..., D] in the dtype promoted from x's and weight's, rstd [rows, G] float32), or with ``residual``
+    (add_rms_norm, no gate) (y, rstd, x + residual in the dtype promoted from x's and residual's) where y is the norm
+    of that sum rounded to x's dtype."""
     dim = x.shape[-1]
     group_size = dim // n_groups
     out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
     x_rows, gate_rows, out_rows = _rows_of(x, dim), _rows_of(gate, dim), out.view(-1, dim)
     rows = x_rows.shape[0]
     rstd = torch.empty((rows, n_groups), device=x.device, dtype=torch.float32)
-    if rows == 0:
-        return out, rstd
-    block_m, block_k, num_warps = _launch_config(rows, group_size)
-    grid = (triton.cdiv(rows, block_m), n_groups)
-    gated_rms_norm_fwd_kernel[grid](
-        x_rows, gate_rows, weight, out_rows, rstd,
-        x_rows.stride(0), gate_rows.stride(0) if gate is not None else 0, out_rows.stride(0),
-        rows, group_size, eps,
-        HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=num_warps,
-    )
-    return out, rstd
+    residual_rows, residual_out, residual_out_rows = None, None, None
+    if residual is not None:
+        residual_rows = _rows_of(residual, dim)
+        residual_out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
+        residual_out_rows = residual_out.view(-1, dim)
+    if rows > 0:
+        block_m, block_k, num_warps = _launch_config(rows, group_size)
+        gated_rms_norm_fwd_kernel[(triton.cdiv(rows, block_m), n_groups)](
+            x_rows, gate_rows, weight, out_rows, rstd, residual_rows, residual_out_rows,
+            x_rows.stride(0), gate_rows.stride(0) if gate is not None else 0, out_rows.stride(0),
+            residual_rows.stride(0) if residual is not None else 0,
+            residual_out_rows.stride(0) if residual is not None else 0,
+            rows, group_size, eps,
+            HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, HAS_RESIDUAL=residual is not None,
+            BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        )
+    return (out, rstd) if residual is None else (out, rstd, residual_out)
 
 
 def gated_rms_norm_bwd(grad_out, x, weight, gate, rstd, n_groups: int, norm_before_gate: bool,

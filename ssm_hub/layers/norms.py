@@ -4,7 +4,7 @@
 import torch
 from torch import nn
 
-from ssm_hub.ops.gated_rms_norm import gated_rms_norm
+from ssm_hub.ops.gated_rms_norm import add_rms_norm, gated_rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -15,6 +15,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return gated_rms_norm(hidden_states, self.weight, eps=self.variance_epsilon)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-norm block's residual step and this norm after it: (this norm of (residual + x) in the weight's
+        dtype, residual + x), in one op (see ssm_hub.ops.gated_rms_norm.add_rms_norm). Forward hooks do not run."""
+        return add_rms_norm(x, residual, self.weight, eps=self.variance_epsilon)
 
 
 class GatedRMSNorm(nn.Module):

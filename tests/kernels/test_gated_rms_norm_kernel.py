@@ -6,6 +6,7 @@ import torch
 
 from kernel_testing import DEVICE, TOLERANCES, requires_triton
 from ssm_hub.ops import gated_rms_norm
+from ssm_hub.ops.gated_rms_norm import add_rms_norm, add_rms_norm_ref
 
 pytestmark = requires_triton
 
@@ -139,3 +140,22 @@ def test_custom_ops_are_registered_with_fake_and_autograd():
         torch.ops.ssm_hub.gated_rms_norm_fwd.default, (x, weight, gate, 2, 1e-5, False),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize("dtype, residual_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                   (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("leading, dim", [((1, 1), 48), ((3, 5), 100), ((2, 1), 1024)])
+def test_add_rms_norm_kernel_matches_reference(dtype, residual_dtype, leading, dim):
+    """The residual step and the norm after it in one launch: the sum (the stream's dtype) and the normed output.
+    x is a slice of a wider tensor, as a branch's output may be."""
+    x = torch.randn(*leading, 2 * dim, device=DEVICE).to(dtype)[..., dim // 2:dim // 2 + dim]
+    residual = (torch.randn(*leading, dim, device=DEVICE) * 3).to(residual_dtype)
+    weight = (1 + 0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
+    with torch.no_grad():
+        normed, total = add_rms_norm(x, residual, weight, backend="triton")
+        normed_ref, total_ref = add_rms_norm_ref(x, residual, weight)
+    assert total.dtype == total_ref.dtype and normed.dtype == normed_ref.dtype == dtype
+    # One float32 add; a bf16 sum is rounded once more (to nearest on a GPU, towards zero in the interpreter).
+    one_rounding = dict(rtol=2.0**-7, atol=0) if residual_dtype == torch.bfloat16 else dict(rtol=0, atol=0)
+    torch.testing.assert_close(total.float(), total_ref.float(), **one_rounding)
+    torch.testing.assert_close(normed.float(), normed_ref.float(), **TOLERANCES[dtype])

@@ -1,6 +1,6 @@
 """KernelLinear and the SwiGLU feed-forward's fused projections: the same function as nn.Linear, adapters and hooks
-still apply, and a bf16 decode step of one sequence runs the matrix-vector kernel (Triton's interpreter on a CPU)
-with the torch path's result."""
+still apply, and a bf16 decode step of one sequence runs the decode kernels (the matrix-vector product and the fused
+residual add + RMSNorm; Triton's interpreter on a CPU) with the torch path's result."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 
 import ssm_hub
 from ssm_hub.backend import triton_available
-from ssm_hub.kernels import gemv
+from ssm_hub.kernels import gated_rms_norm, gemv
 from ssm_hub.layers.linear import KernelLinear, is_plain_linear
 from ssm_hub.layers.mlp import SwiGLUMLP
 
@@ -50,25 +50,37 @@ def test_swiglu_projections_honour_hooks_and_adapters():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-def test_bf16_decode_step_on_the_kernel_matches_the_torch_path(monkeypatch):
-    """A hybrid with Mamba-2 and attention layers and SwiGLU MLPs, in bf16: one decode step after a prefill, on the
-    kernels and in torch, from the same cache. Every projection of the step goes through the matrix-vector kernel."""
+def test_bf16_decode_step_on_the_kernels_matches_the_torch_path(monkeypatch):
+    """A hybrid with Mamba-2, attention and Mamba-1 layers and SwiGLU MLPs, in bf16: one decode step after a prefill,
+    on the kernels and in torch, from the same cache. Every projection of the step goes through the matrix-vector
+    kernel, and each block's residual add and pre-MLP norm through one add_rms_norm launch."""
     config = ssm_hub.SsmHubHybridConfig(
-        vocab_size=97, hidden_size=64, num_hidden_layers=2, mixer_types=["mamba2", "attention"],
+        vocab_size=97, hidden_size=64, num_hidden_layers=3, mixer_types=["mamba2", "attention", "mamba"],
         intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, mamba_d_state=16, mamba_d_head=16,
         mamba_chunk_size=8)
     model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16).eval()
     prompt, token = torch.randint(1, 97, (1, 6), device=DEVICE), torch.randint(1, 97, (1, 1), device=DEVICE)
-    launches = []
-    launch = gemv.gemv_fwd
-    monkeypatch.setattr(gemv, "gemv_fwd", lambda *args: launches.append(args) or launch(*args))
+    launches = {"gemv": [], "add_rms_norm": []}
+    launch_gemv, launch_norm = gemv.gemv_fwd, gated_rms_norm.gated_rms_norm_fwd
+    monkeypatch.setattr(gemv, "gemv_fwd", lambda *args: launches["gemv"].append(args) or launch_gemv(*args))
+
+    def counted_norm(*args, residual=None):
+        if residual is not None:
+            launches["add_rms_norm"].append(args)
+        return launch_norm(*args, residual=residual)
+
+    monkeypatch.setattr(gated_rms_norm, "gated_rms_norm_fwd", counted_norm)
     logits = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("SSM_HUB_BACKEND", backend)
         cache = StaticCache(config=config, max_cache_len=8)
         with torch.no_grad():
             model(prompt, cache=cache, use_cache=True)
+            for calls in launches.values():
+                calls.clear()
             logits[backend] = model(token, cache=cache, use_cache=True).logits.float()
-    # Mamba-2: in_proj, out_proj; attention: q, k, v, o; each MLP: gate and up as one launch, down.
-    assert len(launches) == 2 + 4 + 2 * 2
+    # Mamba-2: in_proj, out_proj; attention: q, k, v, o; Mamba-1: in_proj, x_proj, dt_proj, out_proj; each of the
+    # three MLPs: gate and up as one launch, down.
+    assert len(launches["gemv"]) == 2 + 4 + 4 + 3 * 2
+    assert len(launches["add_rms_norm"]) == 3
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=2e-2, atol=2e-2)

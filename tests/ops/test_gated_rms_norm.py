@@ -151,3 +151,21 @@ def test_torch_path_keeps_only_its_inputs_under_grad(monkeypatch):
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name, backend):
     with pytest.raises(ValueError, match=rf"^{name} must"):
         gated_rms_norm(**kwargs, backend=backend)
+
+
+def test_add_rms_norm_is_the_blocks_add_then_norm(monkeypatch):
+    """The torch path is the residual add then the RMSNorm of the sum in the weight's dtype; the kernel is refused
+    where it does not apply (a gradient is needed, or x is not in the weight's dtype), and bad shapes are named."""
+    from ssm_hub.ops.gated_rms_norm import add_rms_norm
+
+    x, residual, weight = torch.randn(2, 3, 16), torch.randn(2, 3, 16), torch.rand(16) + 0.5
+    normed, total = add_rms_norm(x, residual, weight)
+    torch.testing.assert_close(total, residual + x, rtol=0, atol=0)
+    torch.testing.assert_close(normed, gated_rms_norm(residual + x, weight), rtol=0, atol=0)
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")  # forcing the kernels leaves uncovered calls in torch
+    add_rms_norm(x, residual, weight.clone().requires_grad_(True))
+    for args in ((x, residual, weight.clone().requires_grad_(True)), (x, residual, weight.bfloat16())):
+        with pytest.raises(NotImplementedError, match="add_rms_norm.*no Triton kernel"):
+            add_rms_norm(*args, backend="triton")
+    with pytest.raises(ValueError, match="same shape"):
+        add_rms_norm(x, residual[:, :2], weight)

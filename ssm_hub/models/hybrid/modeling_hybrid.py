@@ -191,18 +191,22 @@ class HybridBlock(GradientCheckpointingLayer):
                                    attention_mask=attention_masks[self.layer_type], cache=cache, **attention_kwargs)
         else:
             mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
-        hidden_states = residual + mixed
+        if self.ffn_type == "none":
+            return residual + mixed, None
+        norm = self.pre_ff_layernorm
+        if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None and not norm._forward_hooks \
+                and not norm._forward_pre_hooks:
+            # The residual add and the norm in one op (one kernel when decoding; see ssm_hub.ops.gated_rms_norm).
+            normed, hidden_states = norm.add_and_norm(mixed, residual)
+        else:
+            hidden_states = residual + mixed
+            normed = per_modality(norm, self.modality_pre_ff_layernorm, hidden_states.to(norm.weight.dtype), modality)
         router_logits = None
-        if self.ffn_type != "none":
-            residual = hidden_states
-            normed = per_modality(self.pre_ff_layernorm, self.modality_pre_ff_layernorm,
-                                 hidden_states.to(self.pre_ff_layernorm.weight.dtype), modality)
-            if self.ffn_type == "moe":
-                fed, router_logits = self.feed_forward(normed)
-            else:
-                fed = per_modality(self.feed_forward, self.modality_feed_forward, normed, modality)
-            hidden_states = residual + fed
-        return hidden_states, router_logits
+        if self.ffn_type == "moe":
+            fed, router_logits = self.feed_forward(normed)
+        else:
+            fed = per_modality(self.feed_forward, self.modality_feed_forward, normed, modality)
+        return hidden_states + fed, router_logits
 
 
 class SsmHubHybridPreTrainedModel(PreTrainedModel):

@@ -4,11 +4,11 @@ is in ``reference.py``."""
 import torch
 
 from ssm_hub.backend import resolve_backend
-from ssm_hub.ops.gated_rms_norm.reference import check_inputs, gated_rms_norm_ref
+from ssm_hub.ops.gated_rms_norm.reference import add_rms_norm_ref, check_inputs, gated_rms_norm_ref
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE  # importing it registers the custom ops
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 
-__all__ = ["gated_rms_norm", "gated_rms_norm_ref"]
+__all__ = ["gated_rms_norm", "gated_rms_norm_ref", "add_rms_norm", "add_rms_norm_ref"]
 
 
 def gated_rms_norm(x, weight, gate=None, n_groups=1, eps=1e-5, norm_before_gate=False, backend="auto"):
@@ -27,3 +27,26 @@ def gated_rms_norm(x, weight, gate=None, n_groups=1, eps=1e-5, norm_before_gate=
         return out
     kwargs = dict(gate=gate, n_groups=n_groups, eps=eps, norm_before_gate=norm_before_gate)
     return call_recomputing_in_backward(gated_rms_norm_ref, (x, weight), kwargs)
+
+
+def add_rms_norm(x, residual, weight, eps=1e-5, backend="auto"):
+    """A pre-norm block's residual step, ``total = residual + x``, and the RMSNorm of ``total`` (rounded to weight's
+    dtype) that the next branch reads: (normed [..., D], total [..., D]); math in
+    :func:`ssm_hub.ops.gated_rms_norm.reference.add_rms_norm_ref`.
+
+    The kernel does both in one pass (one launch instead of an add, a cast and the norm) when no gradient is needed
+    and x has weight's dtype; otherwise, and under "auto" until it is measured on a GPU (``in_auto=False``), the sum
+    is a torch add and the norm :func:`gated_rms_norm`. ``SSM_HUB_BACKEND=triton`` or ``backend="triton"`` runs it.
+    """
+    if x.shape != residual.shape:
+        raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")
+    check_inputs(x, weight, None, 1, eps)
+    tensors = (x, residual, weight)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    supported = x.dtype == weight.dtype and x.shape[-1] <= MAX_GROUP_SIZE and not needs_grad
+    if (supported or backend != "auto") and resolve_backend(
+            "add_rms_norm", backend, *tensors, has_triton_kernel=supported, in_auto=False) == "triton":
+        return torch.ops.ssm_hub.add_rms_norm_fwd(x, residual, weight, float(eps))
+    total = residual + x
+    return gated_rms_norm(total.to(weight.dtype), weight, eps=eps, backend=backend), total
+

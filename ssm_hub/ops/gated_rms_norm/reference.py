@@ -85,3 +85,12 @@ def gated_rms_norm_ref(x, weight, gate=None, n_groups=1, eps=1e-5, norm_before_g
 
     # 4. Scale, after rounding to the input's dtype.
     return weight * hidden.to(input_dtype)
+
+
+def add_rms_norm_ref(x, residual, weight, eps=1e-5):
+    """A pre-norm block's residual step: ``total = residual + x`` (x [..., D] a branch's output, residual [..., D]
+    the stream, often float32), then the RMSNorm of ``total`` rounded to weight's dtype, as the next branch reads it.
+    Returns (normed [..., D], total)."""
+    total = residual + x
+    return gated_rms_norm_ref(total.to(weight.dtype), weight, eps=eps), total
+

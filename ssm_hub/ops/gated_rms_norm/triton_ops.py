@@ -86,3 +86,24 @@ def _backward(ctx, grad_out, _grad_rstd):
 
 
 gated_rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("ssm_hub::add_rms_norm_fwd", mutates_args=())
+@on_input_device
+def add_rms_norm_fwd_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (RMSNorm of (x + residual) in x's dtype, x + residual). No backward: ``add_rms_norm`` sends it only
+    calls that need no gradient."""
+    from ssm_hub.kernels.gated_rms_norm import gated_rms_norm_fwd
+
+    out, _, total = gated_rms_norm_fwd(
+        _last_dim_contiguous(x), weight.contiguous(), None, 1, eps, False, residual=_last_dim_contiguous(residual)
+    )
+    return out, total
+
+
+@add_rms_norm_fwd_op.register_fake
+def _(x, residual, weight, eps):
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)))
