@@ -121,7 +121,8 @@ def main():
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['projection']} | {row['cublas_us']:.2f} | {row['ours_us']:.2f} | {row['speedup']:.2f}x "
-                     f"| {row['floor_us']:.2f} | {row['ours_us'] / row['floor_us']:.2f} | {row['relative_error']:.1e} |")
+                     f"| {row['floor_us']:.2f} | {row['ours_us'] / row['floor_us']:.2f} "
+                     f"| {row['relative_error']:.1e} |")
     if swept:
         lines += ["", "Launch rules, fastest first (sum over the four projections, us): " + "; ".join(
             f"{result['BLOCK_N']}/{result['MAX_BLOCK_K']}: {result['total_us']:.1f}"

@@ -74,6 +74,7 @@ def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None):
     block_k, num_warps = launch_config(in_features)
     gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
         x, weight, bias, up_weight, up_bias, out, out_features, in_features,
-        HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
+        HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None,
+        BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out

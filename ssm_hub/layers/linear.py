@@ -8,6 +8,7 @@ one and its adapters' forward still calls it. ``is_plain_linear`` says when a fu
 import torch
 from torch import nn
 
+from ssm_hub.layers.peft_compat import is_unhooked
 from ssm_hub.ops.linear import linear
 
 
@@ -17,10 +18,6 @@ class KernelLinear(nn.Linear):
 
 
 def is_plain_linear(module: nn.Module) -> bool:
-    """True when ``module`` computes x W^T + b and nothing else: a KernelLinear that nothing wraps or hooks. A PEFT
-    adapter replaces it by its own module; a forward hook (its own or a global one) may change what it returns;
-    accelerate's offloading replaces its ``forward`` and keeps the weight elsewhere until that runs."""
-    hooks = (module._forward_hooks, module._forward_pre_hooks, nn.modules.module._global_forward_hooks,
-             nn.modules.module._global_forward_pre_hooks)
-    return (type(module) is KernelLinear and not any(hooks) and "forward" not in vars(module)
-            and not hasattr(module, "_hf_hook"))
+    """True when ``module`` computes x W^T + b and nothing else: a KernelLinear that nothing wraps or hooks (a PEFT
+    adapter replaces it by its own module; see ``is_unhooked`` for hooks)."""
+    return type(module) is KernelLinear and is_unhooked(module)

@@ -1,4 +1,4 @@
-"""Guard for weights that the SSM ops read as tensors instead of calling their module.
+"""Guards for weights that the fused ops read as tensors instead of calling their module.
 
 The causal conv1d op takes the depthwise kernel as a tensor. If PEFT wrapped ``conv1d`` with LoRA, reading
 ``module.weight`` would use the frozen base kernel and the adapter would silently do nothing; PEFT's LoRA on a
@@ -19,3 +19,13 @@ def unwrapped_conv_parameters(module: nn.Module, name: str) -> tuple[torch.Tenso
             "instead (LoraConfig without target_modules picks them)."
         )
     return module.weight.squeeze(1), module.bias
+
+
+def is_unhooked(module: nn.Module) -> bool:
+    """True when calling ``module`` would run its own ``forward`` and nothing else, so a fused op may use its weights
+    in its place: no forward hooks of its own or global ones, and no replaced ``forward`` (accelerate's offloading
+    replaces it and keeps the weight elsewhere until it runs)."""
+    hooks = (module._forward_hooks, module._forward_pre_hooks, nn.modules.module._global_forward_hooks,
+             nn.modules.module._global_forward_pre_hooks)
+    return not any(hooks) and "forward" not in vars(module) and not hasattr(module, "_hf_hook")
+

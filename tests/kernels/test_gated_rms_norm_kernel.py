@@ -147,9 +147,9 @@ def test_custom_ops_are_registered_with_fake_and_autograd():
 @pytest.mark.parametrize("leading, dim", [((1, 1), 48), ((3, 5), 100), ((2, 1), 1024)])
 def test_add_rms_norm_kernel_matches_reference(dtype, residual_dtype, leading, dim):
     """The residual step and the norm after it in one launch: the sum (the stream's dtype) and the normed output.
-    x is a slice of a wider tensor, as a branch's output may be."""
+    x and the residual are slices of wider tensors (row strides unlike the output's)."""
     x = torch.randn(*leading, 2 * dim, device=DEVICE).to(dtype)[..., dim // 2:dim // 2 + dim]
-    residual = (torch.randn(*leading, dim, device=DEVICE) * 3).to(residual_dtype)
+    residual = (torch.randn(*leading, 3 * dim, device=DEVICE) * 3).to(residual_dtype)[..., dim:2 * dim]
     weight = (1 + 0.1 * torch.randn(dim, device=DEVICE)).to(dtype)
     with torch.no_grad():
         normed, total = add_rms_norm(x, residual, weight, backend="triton")

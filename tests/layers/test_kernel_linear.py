@@ -35,6 +35,9 @@ def test_swiglu_projections_honour_hooks_and_adapters():
     assert not is_plain_linear(mlp.up_proj)
     torch.testing.assert_close(mlp(x), F.linear(F.silu(gate) * 2 * up, mlp.down_proj.weight))
     handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda module, inputs, output: output)
+    assert not is_plain_linear(mlp.up_proj)  # a global hook must run too
+    handle.remove()
     mlp.gate_proj.forward = lambda inputs: torch.zeros(2, 1, 24)  # as accelerate's offloading replaces forward
     assert not is_plain_linear(mlp.gate_proj)
     torch.testing.assert_close(mlp(x), torch.zeros(2, 1, 16))
@@ -47,6 +50,24 @@ def test_swiglu_projections_honour_hooks_and_adapters():
     lora_gate = base.gate_proj(x)
     assert not torch.allclose(lora_gate, F.linear(x, base.gate_proj.base_layer.weight))
     torch.testing.assert_close(adapted(x), base.down_proj(F.silu(lora_gate) * base.up_proj(x)))
+
+
+def test_a_hooked_norm_runs_as_itself_in_the_block():
+    """The block's fused residual add + norm must not skip hooks: with a global forward hook every RMSNorm runs as
+    a module (the block's two and the final one)."""
+    from ssm_hub.layers.norms import RMSNorm
+
+    config = ssm_hub.SsmHubHybridConfig(vocab_size=97, hidden_size=32, num_hidden_layers=1, mixer_types=["mamba2"],
+                                        intermediate_size=48, mamba_d_state=8, mamba_d_head=8, mamba_chunk_size=8)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda module, inputs, output: seen.append(module) if isinstance(module, RMSNorm) else None)
+    try:
+        model(torch.randint(1, 97, (1, 5)))
+    finally:
+        handle.remove()
+    assert len(seen) == 3
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")

@@ -162,6 +162,13 @@ def test_add_rms_norm_is_the_blocks_add_then_norm(monkeypatch):
     normed, total = add_rms_norm(x, residual, weight)
     torch.testing.assert_close(total, residual + x, rtol=0, atol=0)
     torch.testing.assert_close(normed, gated_rms_norm(residual + x, weight), rtol=0, atol=0)
+    # A bf16 block with a float32 stream: the sum stays float32, the norm reads it rounded to bf16.
+    low_x, low_weight = x.bfloat16(), weight.bfloat16()
+    normed, total = add_rms_norm(low_x, residual, low_weight, backend="torch")
+    assert total.dtype == torch.float32 and normed.dtype == torch.bfloat16
+    torch.testing.assert_close(total, residual + low_x.float(), rtol=0, atol=0)
+    expected = gated_rms_norm((residual + low_x.float()).bfloat16(), low_weight)
+    torch.testing.assert_close(normed, expected, rtol=0, atol=0)
     monkeypatch.setenv("SSM_HUB_BACKEND", "triton")  # forcing the kernels leaves uncovered calls in torch
     add_rms_norm(x, residual, weight.clone().requires_grad_(True))
     for args in ((x, residual, weight.clone().requires_grad_(True)), (x, residual, weight.bfloat16())):

@@ -39,6 +39,7 @@ from ssm_hub.layers.mlp import PlainMLP, SwiGLUMLP
 from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
 from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
+from ssm_hub.layers.peft_compat import is_unhooked
 from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
 from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
 from ssm_hub.models.remote_code import save_with_remote_code
@@ -194,8 +195,7 @@ class HybridBlock(GradientCheckpointingLayer):
         if self.ffn_type == "none":
             return residual + mixed, None
         norm = self.pre_ff_layernorm
-        if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None and not norm._forward_hooks \
-                and not norm._forward_pre_hooks:
+        if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None and is_unhooked(norm):
             # The residual add and the norm in one op (one kernel when decoding; see ssm_hub.ops.gated_rms_norm).
             normed, hidden_states = norm.add_and_norm(mixed, residual)
         else:

@@ -23,7 +23,8 @@ def check_inputs(x, weight, bias, up_weight=None, up_bias=None) -> None:
         if matrix is None:
             continue
         if matrix.dim() != 2 or matrix.shape[1] != x.shape[-1]:
-            raise ValueError(f"{name} must have shape [N, {x.shape[-1]}] (x's last dimension), got {tuple(matrix.shape)}")
+            raise ValueError(
+                f"{name} must have shape [N, {x.shape[-1]}] (x's last dimension), got {tuple(matrix.shape)}")
         if vector is not None and tuple(vector.shape) != (matrix.shape[0],):
             bias_name = name.replace("weight", "bias")
             raise ValueError(f"{bias_name} must have shape [{matrix.shape[0]}], got {tuple(vector.shape)}")
