@@ -40,12 +40,12 @@ def add_rms_norm(x, residual, weight, eps=1e-5, backend="auto"):
     """
     if x.shape != residual.shape:
         raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")
-    check_inputs(x, weight, None, 1, eps)
     tensors = (x, residual, weight)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     supported = x.dtype == weight.dtype and x.shape[-1] <= MAX_GROUP_SIZE and not needs_grad
     if (supported or backend != "auto") and resolve_backend(
             "add_rms_norm", backend, *tensors, has_triton_kernel=supported, in_auto=False) == "triton":
+        check_inputs(x, weight, None, 1, eps)  # the torch path's gated_rms_norm checks them itself
         return torch.ops.ssm_hub.add_rms_norm_fwd(x, residual, weight, float(eps))
     total = residual + x
     return gated_rms_norm(total.to(weight.dtype), weight, eps=eps, backend=backend), total
