@@ -32,8 +32,8 @@ def ssd_step_fwd_kernel(
     stride_y_row, stride_y_head, stride_y_p,
     stride_new_row, stride_new_head, stride_new_p, stride_new_n,
     head_dim, state_size, heads_per_group, dt_min, dt_max,
-    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr,
+    A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -54,7 +54,10 @@ def ssd_step_fwd_kernel(
     if DT_SOFTPLUS:
         dt = softplus(dt)
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    decay = tl.exp(dt * tl.load(A_ptr + head).to(tl.float32))
+    A = tl.load(A_ptr + head).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    decay = tl.exp(dt * A)
 
     # 2. h = decay * h + dt * x outer B.
     x = tl.load(x_ptr + row * stride_x_row + head * stride_x_head + p * stride_x_p, mask=p_mask, other=0.0)
@@ -88,7 +91,7 @@ def ssd_step_fwd_kernel(
 
 
 def ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_min: float, dt_max: float,
-                 state_indices, in_place: bool = False):
+                 state_indices, A_is_log: bool = False, in_place: bool = False):
     """Launch the step kernel; shapes as ``ssm_hub.ops.ssd.ssd_step``. Returns (y [B, H, P], new_state fp32), or
     with ``in_place`` (y, state) after writing each row's new state over its slot of ``state``."""
     batch, heads, head_dim = x.shape
@@ -105,7 +108,7 @@ def ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_min
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(),
         *new_state.stride(),
         head_dim, state_size, heads // groups, dt_min, dt_max,
-        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        A_IS_LOG=A_is_log, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_STATE_INDICES=state_indices is not None,
         NEW_STATE_AT_SLOT=in_place, BLOCK_P=block_p, BLOCK_N=block_n,
     )

@@ -388,6 +388,7 @@ def ssd_step_ref(
     dt_softplus=False,
     dt_limit=(0.0, float("inf")),
     state_indices=None,
+    A_is_log=False,
 ):
     """One token of the SSD recurrence (decoding). Pure: ``state`` is not modified.
 
@@ -397,6 +398,7 @@ def ssd_step_ref(
         dt_softplus, dt_limit: as in :func:`ssd_chunked_scan_ref`.
         state_indices: [B] integer, optional: ``state`` is then a pool [slots, H, P, N] and row b starts from
             ``state[state_indices[b]]`` (continuous batching).
+        A_is_log: ``A`` holds log(-A) (Mamba-2's ``A_log``); the step uses -exp(A) in the compute dtype.
 
     Returns:
         (y [B, H, P] in x's dtype, new_state [B, H, P, N] in float32, or float64 for float64 inputs).
@@ -411,7 +413,8 @@ def ssd_step_ref(
 
     # 1. Discretise, 2. decay the state and add this token's input, 3. read out. Heads as [G, H/G] as in the scan.
     dt_f = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype).reshape(batch, groups, per_group)
-    decay = torch.exp(dt_f * A.to(dtype).reshape(groups, per_group))[..., None, None]
+    A = -torch.exp(A.to(dtype)) if A_is_log else A.to(dtype)
+    decay = torch.exp(dt_f * A.reshape(groups, per_group))[..., None, None]
     x_f = x.to(dtype).reshape(batch, groups, per_group, head_dim)
     old = state.to(dtype).reshape(batch, groups, per_group, head_dim, state_size)
     new = decay * old + torch.einsum("bgrp,bgn->bgrpn", dt_f[..., None] * x_f, B.to(dtype))

@@ -23,15 +23,16 @@ def ssd_step_triton(
     dt_min: float,
     dt_max: float,
     state_indices: torch.Tensor | None,
+    A_is_log: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
     A, D, dt_bias, state_indices = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
-    return ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices)
+    return ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, A_is_log)
 
 
 @ssd_step_triton.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, A_is_log):
     batch, heads, head_dim = x.shape
     return torch.empty_like(x), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
 
@@ -52,17 +53,18 @@ def ssd_step_in_place_triton(
     dt_min: float,
     dt_max: float,
     state_indices: torch.Tensor | None,
+    A_is_log: bool,
 ) -> torch.Tensor:
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
     A, D, dt_bias, state_indices = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
     return ssd_step_fwd(
-        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, in_place=True
+        state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, A_is_log, in_place=True
     )[0]
 
 
 @ssd_step_in_place_triton.register_fake
-def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices):
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, A_is_log):
     return torch.empty_like(x)
 
 
