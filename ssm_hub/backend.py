@@ -45,19 +45,15 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(op_name: str, backend: str, *tensors, has_triton_kernel: bool = True, in_auto: bool = True) -> str:
-    """Return ``"torch"`` or ``"triton"`` for one call of ``op_name`` on ``tensors`` (None entries are skipped).
-
-    ``in_auto=False`` keeps a kernel out of ``"auto"`` (one not yet validated on a GPU): it then runs only when asked
-    for, by ``backend="triton"`` or ``SSM_HUB_BACKEND=triton``.
-    """
+def resolve_backend(op_name: str, backend: str, *tensors, has_triton_kernel: bool = True) -> str:
+    """Return ``"torch"`` or ``"triton"`` for one call of ``op_name`` on ``tensors`` (None entries are skipped)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (op {op_name})")
     if backend == "auto":
         backend = _env_backend()
     on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend == "auto":
-        usable = has_triton_kernel and in_auto and on_cuda and triton_available()
+        usable = has_triton_kernel and on_cuda and triton_available()
         return "triton" if usable else "torch"
     if backend == "triton":
         reason = None

@@ -35,8 +35,8 @@ def add_rms_norm(x, residual, weight, eps=1e-5, backend="auto"):
     :func:`ssm_hub.ops.gated_rms_norm.reference.add_rms_norm_ref`.
 
     The kernel does both in one pass (one launch instead of an add, a cast and the norm) when no gradient is needed
-    and x has weight's dtype; otherwise, and under "auto" until it is measured on a GPU (``in_auto=False``), the sum
-    is a torch add and the norm :func:`gated_rms_norm`. ``SSM_HUB_BACKEND=triton`` or ``backend="triton"`` runs it.
+    and x has weight's dtype, which is what decoding runs; otherwise the sum is a torch add and the norm
+    :func:`gated_rms_norm`.
     """
     if x.shape != residual.shape:
         raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")
@@ -44,7 +44,7 @@ def add_rms_norm(x, residual, weight, eps=1e-5, backend="auto"):
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     supported = x.dtype == weight.dtype and x.shape[-1] <= MAX_GROUP_SIZE and not needs_grad
     if (supported or backend != "auto") and resolve_backend(
-            "add_rms_norm", backend, *tensors, has_triton_kernel=supported, in_auto=False) == "triton":
+            "add_rms_norm", backend, *tensors, has_triton_kernel=supported) == "triton":
         check_inputs(x, weight, None, 1, eps)  # the torch path's gated_rms_norm checks them itself
         return torch.ops.ssm_hub.add_rms_norm_fwd(x, residual, weight, float(eps))
     total = residual + x
