@@ -15,6 +15,7 @@ the prefill (keys and values; conv and recurrent states).
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -43,8 +44,19 @@ def build(name: str, device: str) -> torch.nn.Module:
     return model.to(device, torch.bfloat16).eval()
 
 
+TIMING_WINDOWS = 7
+
+
+def decode_cache_len(context: int, steps: int) -> int:
+    """A static cache's length for a prefill of ``context`` tokens and every step that :func:`step_ms` runs (a
+    captured step writes its token at the cache's own device-side position, which each replay advances)."""
+    return context + (TIMING_WINDOWS + 1) * steps + 8
+
+
 def step_ms(step, device: str, steps: int) -> tuple[float, str]:
-    """(ms per decode step, how it was timed): a CUDA-graph replay where the step captures, else eager."""
+    """(ms per decode step, how it was timed): a CUDA-graph replay where the step captures, else eager. The median
+    of ``TIMING_WINDOWS`` timings of ``steps`` steps each, so that one slow window (a clock ramp, another process)
+    does not set the number."""
     if device == "cuda":
         try:
             graph = torch.cuda.CUDAGraph()
@@ -57,18 +69,21 @@ def step_ms(step, device: str, steps: int) -> tuple[float, str]:
     else:
         run, mode = step, "eager"
     run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3, mode
+    timings = []
+    for _ in range(TIMING_WINDOWS):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings.append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(timings), mode
 
 
 def measure(model, batch: int, context: int, steps: int, device: str) -> dict:
-    cache = StaticCache(config=model.config, max_cache_len=context + 2 * steps + 8)
+    cache = StaticCache(config=model.config, max_cache_len=decode_cache_len(context, steps))
     prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
     tokens = torch.randint(1, model.config.vocab_size, (batch, 1), device=device)
     with torch.no_grad():

@@ -28,7 +28,7 @@ import transformers
 from transformers import FuyuConfig, FuyuForCausalLM, StaticCache
 
 import ssm_hub
-from long_context_decode import step_ms
+from long_context_decode import decode_cache_len, step_ms
 from ssm_hub.conversion.speed import cache_bytes
 
 RESULTS = Path(__file__).parent / "results"
@@ -87,7 +87,7 @@ def synchronize(device: str) -> None:
 
 
 def measure(name: str, model, batch: int, context: int, steps: int, device: str) -> dict:
-    cache = StaticCache(config=model.config, max_cache_len=context + 2 * steps + 8)
+    cache = StaticCache(config=model.config, max_cache_len=decode_cache_len(context, steps))
     ids = prompt_ids(batch, context, device)
     tokens = torch.randint(1, VOCAB - 2, (batch, 1), device=device)
     with torch.no_grad():
