@@ -32,7 +32,7 @@ def selective_scan_step_fwd_kernel(
     stride_y_row, stride_y_d,
     stride_new_row, stride_new_d, stride_new_n,
     dim, state_size,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
     HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -53,6 +53,8 @@ def selective_scan_step_fwd_kernel(
     if DELTA_SOFTPLUS:
         dt = softplus(dt)
     A = tl.load(A_ptr + d[:, None] * state_size + n[None, :], mask=tile, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     decay = tl.exp(dt[:, None] * A)
 
     # 2. h = decay * h + (dt * u) outer B.
@@ -78,7 +80,7 @@ def selective_scan_step_fwd_kernel(
 
 
 def selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, state_indices,
-                            in_place: bool = False):
+                            A_is_log: bool = False, in_place: bool = False):
     """Launch the step kernel; shapes as ``ssm_hub.ops.selective_scan.selective_scan_step``; ``A``, ``D``,
     ``delta_bias`` and ``state_indices`` contiguous. Returns (y [B, D] in u's dtype, new_state [B, D, N] fp32), or
     with ``in_place`` (y, state) after writing each row's new state over its slot of ``state``."""
@@ -96,7 +98,7 @@ def selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_so
         *state.stride(), *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(),
         *new_state.stride(),
         dim, state_size,
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+        A_IS_LOG=A_is_log, HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         DELTA_SOFTPLUS=delta_softplus, HAS_STATE_INDICES=state_indices is not None, NEW_STATE_AT_SLOT=in_place,
         BLOCK_D=block_d, BLOCK_N=block_n,
     )

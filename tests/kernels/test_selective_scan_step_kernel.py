@@ -114,3 +114,16 @@ def test_in_place_writes_each_rows_state_over_its_slot(backend, indexed):
     assert returned is pool
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
     torch.testing.assert_close(pool, expected, rtol=1e-5, atol=1e-5)  # untouched slots stay exactly as they were
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("log_dtype", [torch.float32, torch.bfloat16])
+def test_A_given_as_its_log_is_what_a_decoding_mamba_passes(backend, log_dtype):
+    # A Mamba mixer passes its A_log parameter (in the model's dtype) and the step negates its exp in float32; that
+    # must be the step on A = -exp(A_log.float()), which the mixer computed itself before.
+    inputs = {**_inputs(2, 37, 12, torch.bfloat16), **_options(2, 37, torch.bfloat16)}
+    A_log = torch.log(torch.rand(37, 12, device=DEVICE) * 15 + 1).to(log_dtype)
+    y, new_state = selective_scan_step(**{**inputs, "A": A_log}, A_is_log=True, backend=backend)
+    y_ref, new_ref = selective_scan_step(**{**inputs, "A": -torch.exp(A_log.float())}, backend="torch")
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(new_state, new_ref, rtol=1e-5, atol=1e-5)

@@ -77,6 +77,7 @@ def selective_scan_step(
     delta_bias=None,
     delta_softplus=False,
     state_indices=None,
+    A_is_log=False,
     in_place=False,
     backend="auto",
 ):
@@ -85,17 +86,19 @@ def selective_scan_step(
     ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
     slot ``state_indices[b]``; ``new_state`` is then [B, D, N], one per row. ``in_place``: write each row's new
     state over the slot it read (in ``state``'s dtype) and return ``state`` itself, so a cache needs no copy (see
-    :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. Arguments and returns otherwise as
+    :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. ``A_is_log``: ``A`` holds log(-A),
+    Mamba's ``A_log`` parameter, and the step computes -exp(A_log) in float32 itself, so that a decoding model spends
+    no launches on it. Arguments and returns otherwise as
     :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`.
     """
     if resolve_backend("selective_scan_step", backend, state, u, delta, A, B, C) == "triton":
         check_step_inputs(state, u, delta, A, B, C, D, z, delta_bias, state_indices)
-        args = (state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices)
+        args = (state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, bool(A_is_log))
         if in_place:
             return torch.ops.ssm_hub.selective_scan_step_(*args), state
         return torch.ops.ssm_hub.selective_scan_step(*args)
     y, new_state = selective_scan_step_ref(
         state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-        state_indices=state_indices,
+        state_indices=state_indices, A_is_log=A_is_log,
     )
     return (y, write_new_state(state, new_state, state_indices)) if in_place else (y, new_state)

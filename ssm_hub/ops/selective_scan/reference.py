@@ -275,6 +275,7 @@ def selective_scan_step_ref(
     delta_bias=None,
     delta_softplus=False,
     state_indices=None,
+    A_is_log=False,
 ):
     """One token of the selective scan (decoding). Pure: ``state`` is not modified.
 
@@ -284,6 +285,7 @@ def selective_scan_step_ref(
         :func:`selective_scan_ref`.
         state_indices: [B] integer, optional: ``state`` is then a pool [slots, D, N] and row b starts from
             ``state[state_indices[b]]`` (continuous batching).
+        A_is_log: ``A`` holds log(-A) (Mamba's ``A_log``); the step uses -exp(A) in the compute dtype.
 
     Returns:
         (y [B, D] in u's dtype, new_state [B, D, N] in float32, or float64 for float64 inputs).
@@ -295,7 +297,8 @@ def selective_scan_step_ref(
 
     # 1. Discretise, 2. decay the state and add this token's input, 3. read out.
     dt = _discretize_delta(delta, delta_bias, delta_softplus, dtype)
-    decay = torch.exp(dt[..., None] * A.to(dtype))
+    A = -torch.exp(A.to(dtype)) if A_is_log else A.to(dtype)
+    decay = torch.exp(dt[..., None] * A)
     new_state = decay * state.to(dtype) + (dt * u.to(dtype))[..., None] * B.to(dtype)[:, None, :]
     y = torch.einsum("bdn,bn->bd", new_state, C.to(dtype))
     return _skip_and_gate(y, u, D, z).to(u.dtype), new_state

@@ -31,15 +31,17 @@ def selective_scan_step_triton(
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
     state_indices: torch.Tensor | None,
+    A_is_log: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.selective_scan_step import selective_scan_step_fwd
 
     A, D, delta_bias, state_indices = _contiguous(A, D, delta_bias, state_indices)
-    return selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices)
+    return selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices,
+                                   A_is_log)
 
 
 @selective_scan_step_triton.register_fake
-def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices):
+def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, A_is_log):
     batch, dim = u.shape
     return torch.empty_like(u), u.new_empty((batch, dim, A.shape[1]), dtype=torch.float32)
 
@@ -58,17 +60,18 @@ def selective_scan_step_in_place_triton(
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
     state_indices: torch.Tensor | None,
+    A_is_log: bool,
 ) -> torch.Tensor:
     from ssm_hub.kernels.selective_scan_step import selective_scan_step_fwd
 
     A, D, delta_bias, state_indices = _contiguous(A, D, delta_bias, state_indices)
     return selective_scan_step_fwd(
-        state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, in_place=True
+        state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, A_is_log, in_place=True
     )[0]
 
 
 @selective_scan_step_in_place_triton.register_fake
-def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices):
+def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, A_is_log):
     return torch.empty_like(u)
 
 
