@@ -32,7 +32,8 @@ def selective_scan_step_fwd_kernel(
     stride_y_row, stride_y_d,
     stride_new_row, stride_new_d, stride_new_n,
     dim, state_size,
-    A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+    A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
     HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):

@@ -33,7 +33,8 @@ def ssd_step_fwd_kernel(
     stride_new_row, stride_new_head, stride_new_p, stride_new_n,
     head_dim, state_size, heads_per_group, dt_min, dt_max,
     A_IS_LOG: tl.constexpr, HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_STATE_INDICES: tl.constexpr, NEW_STATE_AT_SLOT: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_STATE_INDICES: tl.constexpr,
+    NEW_STATE_AT_SLOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)

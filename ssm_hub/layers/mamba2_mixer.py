@@ -94,7 +94,7 @@ class Mamba2Mixer(nn.Module):
                 xBC[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True
             )
             x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
-            # A_log as it is: the step computes A = -exp(A_log) in its kernel, saving the cast, exp and negation launches.
+            # A_log as it is: the step computes A = -exp(A_log) in its kernel, which saves a launch or two a layer.
             y, _ = ssd_step(
                 ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], self.A_log,
                 B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),

@@ -106,7 +106,7 @@ class MambaMixer(nn.Module):
             conv_weight, conv_bias = self._conv_parameters()
             x, _ = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True)
             dt, B, C = self._selection(x, modality)
-            # A_log as it is: the step computes A = -exp(A_log) in its kernel, saving the cast, exp and negation launches.
+            # A_log as it is: the step computes A = -exp(A_log) in its kernel, which saves a launch or two a layer.
             y, _ = selective_scan_step(
                 ssm_state, x, dt, self.A_log, B, C, D=self.D, z=gate[:, 0], delta_softplus=True, A_is_log=True,
                 in_place=True,

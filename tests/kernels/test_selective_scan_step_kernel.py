@@ -118,12 +118,14 @@ def test_in_place_writes_each_rows_state_over_its_slot(backend, indexed):
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("log_dtype", [torch.float32, torch.bfloat16])
-def test_A_given_as_its_log_is_what_a_decoding_mamba_passes(backend, log_dtype):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_A_given_as_its_log_is_what_a_decoding_mamba_passes(backend, log_dtype, in_place):
     # A Mamba mixer passes its A_log parameter (in the model's dtype) and the step negates its exp in float32; that
     # must be the step on A = -exp(A_log.float()), which the mixer computed itself before.
     inputs = {**_inputs(2, 37, 12, torch.bfloat16), **_options(2, 37, torch.bfloat16)}
     A_log = torch.log(torch.rand(37, 12, device=DEVICE) * 15 + 1).to(log_dtype)
-    y, new_state = selective_scan_step(**{**inputs, "A": A_log}, A_is_log=True, backend=backend)
     y_ref, new_ref = selective_scan_step(**{**inputs, "A": -torch.exp(A_log.float())}, backend="torch")
+    y, new_state = selective_scan_step(**{**inputs, "A": A_log}, A_is_log=True, in_place=in_place, backend=backend)
+    assert (new_state is inputs["state"]) == in_place
     torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.bfloat16])
     torch.testing.assert_close(new_state, new_ref, rtol=1e-5, atol=1e-5)

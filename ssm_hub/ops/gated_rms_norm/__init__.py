@@ -35,8 +35,8 @@ def add_rms_norm(x, residual, weight, eps=1e-5, backend="auto"):
     :func:`ssm_hub.ops.gated_rms_norm.reference.add_rms_norm_ref`.
 
     The kernel does both in one pass (one launch instead of an add, a cast and the norm) when no gradient is needed
-    and x has weight's dtype, which is what decoding runs; otherwise the sum is a torch add and the norm
-    :func:`gated_rms_norm`.
+    and x has weight's dtype (decoding, and prefill or evaluation without gradients); otherwise the sum is a torch add
+    and the norm :func:`gated_rms_norm`.
     """
     if x.shape != residual.shape:
         raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")

@@ -86,9 +86,9 @@ def selective_scan_step(
     ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
     slot ``state_indices[b]``; ``new_state`` is then [B, D, N], one per row. ``in_place``: write each row's new
     state over the slot it read (in ``state``'s dtype) and return ``state`` itself, so a cache needs no copy (see
-    :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. ``A_is_log``: ``A`` holds log(-A),
-    Mamba's ``A_log`` parameter, and the step computes -exp(A_log) in float32 itself, so that a decoding model spends
-    no launches on it. Arguments and returns otherwise as
+    :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. ``A_is_log``: ``A`` is Mamba's
+    ``A_log`` parameter, log(-A), and the step computes A = -exp(A_log) in float32 itself (as the mixer does for a
+    sequence), so that a decoding model spends no launches on it. Arguments and returns otherwise as
     :func:`ssm_hub.ops.selective_scan.reference.selective_scan_step_ref`.
     """
     if resolve_backend("selective_scan_step", backend, state, u, delta, A, B, C) == "triton":

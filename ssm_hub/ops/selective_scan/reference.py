@@ -285,7 +285,7 @@ def selective_scan_step_ref(
         :func:`selective_scan_ref`.
         state_indices: [B] integer, optional: ``state`` is then a pool [slots, D, N] and row b starts from
             ``state[state_indices[b]]`` (continuous batching).
-        A_is_log: ``A`` holds log(-A) (Mamba's ``A_log``); the step uses -exp(A) in the compute dtype.
+        A_is_log: ``A`` is Mamba's ``A_log`` = log(-A); the step uses -exp(A_log) computed in float32.
 
     Returns:
         (y [B, D] in u's dtype, new_state [B, D, N] in float32, or float64 for float64 inputs).
@@ -297,7 +297,7 @@ def selective_scan_step_ref(
 
     # 1. Discretise, 2. decay the state and add this token's input, 3. read out.
     dt = _discretize_delta(delta, delta_bias, delta_softplus, dtype)
-    A = -torch.exp(A.to(dtype)) if A_is_log else A.to(dtype)
+    A = (-torch.exp(A.float()) if A_is_log else A).to(dtype)  # float32, as the mixers' own A
     decay = torch.exp(dt[..., None] * A)
     new_state = decay * state.to(dtype) + (dt * u.to(dtype))[..., None] * B.to(dtype)[:, None, :]
     y = torch.einsum("bdn,bn->bd", new_state, C.to(dtype))

@@ -127,14 +127,15 @@ def ssd_step(
     ``state_indices`` [B] (integer), for continuous batching: ``state`` is then a pool of slots and row b reads
     slot ``state_indices[b]``; ``new_state`` is then [B, H, P, N], one per row. ``in_place``: write each row's new
     state over the slot it read (in ``state``'s dtype) and return ``state`` itself as new_state, so a cache needs
-    no copy (see :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. ``A_is_log``: ``A`` holds
-    log(-A), Mamba-2's ``A_log`` parameter, and the step computes -exp(A_log) in float32 itself, so that a decoding
-    model spends no launches on it. Arguments and returns otherwise as :func:`ssm_hub.ops.ssd.reference.ssd_step_ref`.
+    no copy (see :mod:`ssm_hub.ops.decode_state`); otherwise ``state`` is not modified. ``A_is_log``: ``A`` is
+    Mamba-2's ``A_log`` parameter, log(-A), and the step computes A = -exp(A_log) in float32 itself (as the mixer does
+    for a sequence), so that a decoding model spends no launches on it. Arguments and returns otherwise as
+    :func:`ssm_hub.ops.ssd.reference.ssd_step_ref`.
     """
     if resolve_backend("ssd_step", backend, state, x, dt, A, B, C) == "triton":
         check_step_inputs(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, state_indices)
-        args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]), state_indices,
-                bool(A_is_log))
+        args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
+                state_indices, bool(A_is_log))
         if in_place:
             return torch.ops.ssm_hub.ssd_step_(*args), state
         return torch.ops.ssm_hub.ssd_step(*args)

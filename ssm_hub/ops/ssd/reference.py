@@ -398,7 +398,7 @@ def ssd_step_ref(
         dt_softplus, dt_limit: as in :func:`ssd_chunked_scan_ref`.
         state_indices: [B] integer, optional: ``state`` is then a pool [slots, H, P, N] and row b starts from
             ``state[state_indices[b]]`` (continuous batching).
-        A_is_log: ``A`` holds log(-A) (Mamba-2's ``A_log``); the step uses -exp(A) in the compute dtype.
+        A_is_log: ``A`` is Mamba-2's ``A_log`` = log(-A); the step uses -exp(A_log) computed in float32.
 
     Returns:
         (y [B, H, P] in x's dtype, new_state [B, H, P, N] in float32, or float64 for float64 inputs).
@@ -413,7 +413,7 @@ def ssd_step_ref(
 
     # 1. Discretise, 2. decay the state and add this token's input, 3. read out. Heads as [G, H/G] as in the scan.
     dt_f = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit, dtype).reshape(batch, groups, per_group)
-    A = -torch.exp(A.to(dtype)) if A_is_log else A.to(dtype)
+    A = (-torch.exp(A.float()) if A_is_log else A).to(dtype)  # float32, as the mixers' own A
     decay = torch.exp(dt_f * A.reshape(groups, per_group))[..., None, None]
     x_f = x.to(dtype).reshape(batch, groups, per_group, head_dim)
     old = state.to(dtype).reshape(batch, groups, per_group, head_dim, state_size)
