@@ -196,7 +196,7 @@ class HybridBlock(GradientCheckpointingLayer):
             return residual + mixed, None
         norm = self.pre_ff_layernorm
         if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None and is_unhooked(norm):
-            # The residual add and the norm in one op (one kernel when decoding; see ssm_hub.ops.gated_rms_norm).
+            # The residual add and the norm in one op (one kernel without gradients; see ssm_hub.ops.gated_rms_norm).
             normed, hidden_states = norm.add_and_norm(mixed, residual)
         else:
             hidden_states = residual + mixed
