@@ -7,7 +7,6 @@ PEFT default LoRA targets for them.
 """
 
 from ssm_hub import auto  # noqa: F401  (registration happens on import)
-from ssm_hub.generation import cuda_graph_greedy
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import (
     SsmHubHybridForCausalLM,
@@ -35,7 +34,6 @@ from ssm_hub.models.multimodal.modeling_multimodal import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "cuda_graph_greedy",
     "SsmHubMambaConfig",
     "SsmHubMambaModel",
     "SsmHubMambaForCausalLM",

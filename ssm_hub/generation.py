@@ -1,72 +1,135 @@
-"""Greedy decoding with every decode step replayed as one CUDA graph, for models whose cache is all SSM state.
+"""``generate()`` for every ssm_hub causal LM, with each decode step replayed as one CUDA graph by default.
 
-transformers' ``generate`` spends most of a small model's decode step in Python: preparing inputs, dispatching
-each layer's kernels, updating model kwargs. An SSM's decode step has fixed shapes and no dependence on the
-position, so the whole step (forward, greedy choice, end-of-sequence bookkeeping) can be captured once and
-replayed. Use it through ``generate``'s ``custom_generate`` hook, with a static cache so that the states keep
-their addresses:
+transformers' decoding loop spends most of a small model's step in Python: preparing inputs, dispatching each
+layer's kernels, running the logits processors, checking the stopping criteria. An SSM's decode step has fixed
+shapes, and so does an attention layer's against a static cache, so the whole step can be captured once and
+replayed. Every ssm_hub causal LM inherits :class:`GraphDecodingGenerationMixin`, whose ``_sample`` (the loop that
+``generate`` runs for greedy search and sampling) does this:
 
-    import ssm_hub
-    out = model.generate(input_ids, custom_generate=ssm_hub.cuda_graph_greedy, cache_implementation="static",
-                         max_new_tokens=256)
+1. The prompt goes through transformers' own prefill (input preparation, left padding, images, chunked prefill)
+   into a ``StaticCache`` that the decoder owns, so that its tensors keep their addresses from call to call.
+2. Each later step runs the model on one token per row, applies the logits processors, chooses the token (argmax,
+   or sampling written as ``torch.multinomial`` computes it, so the same seed gives the same tokens) and does the
+   end-of-sequence bookkeeping, all on the device. On CUDA the step is captured as a graph on the first call and
+   replayed; on a CPU it runs as it is.
+3. The host reads "has every row finished?" every ``FINISHED_CHECK_INTERVAL`` steps only.
 
-The result is the same LongTensor that greedy ``generate`` returns (prompt followed by the new tokens, finished
-rows padded with pad_token_id). On CPU the same step runs eagerly, so the bookkeeping is testable anywhere.
-Only what can run inside a graph is accepted: greedy search, the min-length rules and the max-length and
-end-of-sequence stops (the ids of every EOS criterion and min-length processor given, not only the config's); any
-other logits processor, stopping criterion, streamer or ``return_dict_in_generate`` is an error naming it.
+The tokens are those of transformers' loop. Where the step cannot be captured (a streamer, a logits processor or
+stopping criterion that needs the host, ``return_dict_in_generate``, a cache passed in, sliding-window attention
+layers, ...) transformers' own loop runs instead, after one info line on the ``ssm_hub.generation`` logger that
+names the reason; ``generate(..., disable_compile=True)`` asks for that loop, as it turns off transformers'
+automatic compilation. Beam search and assisted decoding are transformers' own.
 
-The captured step is kept per model and reused while the weights keep their addresses and the model's mode
-(training flag, autocast, PEFT adapters merged / enabled / active) is unchanged. Calls on one model share it, so
-two concurrent ``generate`` calls on the same model (threads or streams) are not supported.
+The captured step (with its cache and buffers) is kept per model, one at a time, and replayed by later calls with
+the same batch size, cache length bucket, processors and model mode (weights' addresses, training flag, autocast,
+PEFT adapters). Two concurrent ``generate`` calls on one model (threads or streams) are not supported.
 """
 
-import contextlib
-import functools
+import logging
+import math
+import time
 import weakref
 
 import torch
-from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
-from transformers.generation.logits_process import MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor
+from transformers import GenerationMixin
+from transformers.cache_utils import StaticCache
+from transformers.generation.logits_process import (
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
-# How many replays run between two host reads of "has every row finished?" (each read waits for the GPU). A cache
-# the caller passed in is checked after every step, so that it ends exactly where transformers' loop would leave it.
+logger = logging.getLogger(__name__)
+
+# How many steps run between two host reads of "has every row finished?" (each read waits for the device).
 FINISHED_CHECK_INTERVAL = 32
+# The decoder's cache length is the generated length rounded up to this, so that calls of similar lengths share a
+# captured step; attention layers attend over the whole static cache, so the rounding is kept small.
+CACHE_LENGTH_GRANULE = 256
+# Processors whose __call__ is device-only tensor code of fixed shapes: they run inside the graph as they are, on a
+# fixed-size buffer of the ids so far (unwritten slots hold an id past the vocabulary, which the repetition penalty
+# drops). Their scalar settings are part of the capture key.
+GRAPH_SAFE_PROCESSORS = (
+    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+)
+# Processors that read the length of the ids on the host: the decoder applies them from a device-side token count,
+# before the others (where transformers puts them), so that a call with or without them replays the same step.
+MIN_LENGTH_PROCESSORS = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
+# Warpers whose result changes if EOS is masked after them rather than before.
+TRUNCATING_PROCESSORS = (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
+# What transformers passes to _sample that the decoder uses: the prefill takes all of them, the steps need only the
+# cache, the padding mask and the positions.
+DECODER_MODEL_KWARGS = ("cache", "attention_mask", "position_ids", "use_cache", "logits_to_keep", "inputs_embeds",
+                        "pixel_values", "image_sizes")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def _reject_unsupported(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer):
-    if generation_config.do_sample or generation_config.num_beams != 1:
-        raise ValueError("cuda_graph_greedy does greedy search only: use do_sample=False and num_beams=1")
+def _graph_safe(logits_processor) -> list:
+    return [p for p in logits_processor if type(p) in GRAPH_SAFE_PROCESSORS]
+
+
+def _processor_settings(processor) -> tuple:
+    """What a graph-safe processor bakes into a captured step: its scalar settings, and the shapes and dtypes of its
+    tensor settings (their values are copied into the decoder's own copies at each call; see _Decoder.start)."""
+    settings = []
+    for name, value in sorted(vars(processor).items()):
+        if isinstance(value, torch.Tensor):
+            settings.append((name, "tensor", tuple(value.shape), value.dtype))
+        else:
+            settings.append((name, value))
+    return (type(processor).__name__, tuple(settings))
+
+
+def eager_decoding_reason(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer,
+                          model_kwargs) -> str | None:
+    """Why this ``_sample`` call must run transformers' own loop, or None if the decoder can run it."""
+    config = model.config
+    if generation_config.disable_compile:
+        return "disable_compile=True"
+    if generation_config.compile_config is not None:
+        return "a compile_config was given (transformers compiles the forward instead)"
+    if streamer is not None:
+        return "a streamer reads every token as it is made"
+    if synced_gpus:
+        return "synced_gpus=True"
     if generation_config.return_dict_in_generate:
-        raise ValueError("cuda_graph_greedy returns token ids only: return_dict_in_generate=True is not supported")
-    if streamer is not None or synced_gpus:
-        raise ValueError("cuda_graph_greedy supports neither a streamer nor synced_gpus")
-    supported_processors = (MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor)
-    others = [type(p).__name__ for p in logits_processor if not isinstance(p, supported_processors)]
-    if others:
-        raise ValueError(f"cuda_graph_greedy cannot run these logits processors inside a CUDA graph: {others}")
-    others = [type(c).__name__ for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
-    if others:
-        raise ValueError(f"cuda_graph_greedy supports only the max-length and EOS stops, not {others}")
-    if model.config.is_encoder_decoder:
-        raise ValueError("cuda_graph_greedy is for decoder-only models")
-    if getattr(model.config, "absolute_position_embeddings", False):
-        raise ValueError("cuda_graph_greedy replays a position-independent step, and this model adds absolute "
-                         "position embeddings: decode through generate(cache_implementation='static')")
-
-
-def _check_cache(cache) -> None:
-    layers = getattr(cache, "layers", None)
-    if cache is None or isinstance(cache, DynamicCache) or not getattr(cache, "is_compileable", False):
-        raise ValueError(
-            "cuda_graph_greedy needs a cache whose tensors keep their addresses: pass cache_implementation='static'"
-        )
-    if not layers or not all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in layers):
-        raise ValueError(
-            "cuda_graph_greedy replays a position-independent step, so every layer must be an SSM layer; "
-            "models with attention layers decode through generate(cache_implementation='static')"
-        )
+        return "return_dict_in_generate=True (the decoder returns token ids only)"
+    if not generation_config.use_cache:
+        return "use_cache=False"
+    if generation_config.is_assistant:
+        return "the model drafts for an assistant-decoding loop"
+    cache = model_kwargs.get("cache")
+    if getattr(cache, "_is_user_defined", False):
+        return "a cache was passed in (the decoder prefills a static cache of its own)"
+    other_kwargs = sorted(key for key, value in model_kwargs.items()
+                          if key not in DECODER_MODEL_KWARGS and value is not None)
+    if other_kwargs:
+        return f"model keyword arguments the decode step does not take: {other_kwargs}"
+    unsupported = [type(p).__name__ for p in logits_processor
+                   if not isinstance(p, MIN_LENGTH_PROCESSORS) and type(p) not in GRAPH_SAFE_PROCESSORS]
+    if unsupported:
+        return f"logits processors that need the host: {unsupported}"
+    before_last_min_length = max(
+        (i for i, p in enumerate(logits_processor) if isinstance(p, MIN_LENGTH_PROCESSORS)), default=0)
+    if any(type(p) in TRUNCATING_PROCESSORS for p in list(logits_processor)[:before_last_min_length]):
+        return "a min-length processor after a top-k / top-p / min-p warper (the decoder masks EOS first)"
+    unsupported = [type(c).__name__ for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    if unsupported:
+        return f"stopping criteria other than max length and EOS: {unsupported}"
+    layer_types = getattr(config, "layer_types", None) or ()
+    if "sliding_attention" in layer_types:
+        return "sliding-window attention layers (transformers' static cache tracks their fill on the host)"
+    if any(kind in ATTENTION_LAYER_TYPES for kind in layer_types) and config._attn_implementation not in ("sdpa", "eager"):
+        return f"attention implementation {config._attn_implementation!r} (the decoder captures 'sdpa' and 'eager')"
+    devices = set(getattr(model, "hf_device_map", {}).values())
+    if len(devices) > 1:
+        return f"the model is spread over several devices ({sorted(map(str, devices))})"
+    return None
 
 
 def _stop_ids(stopping_criteria, device) -> torch.Tensor | None:
@@ -84,122 +147,13 @@ def _min_new_tokens_per_id(logits_processor, prompt_len: int, vocab_size: int, d
     for processor in logits_processor:
         if isinstance(processor, MinLengthLogitsProcessor):
             count = processor.min_length - prompt_len
-        else:  # MinNewTokensLengthLogitsProcessor, the other kind _reject_unsupported lets through
+        elif isinstance(processor, MinNewTokensLengthLogitsProcessor):
             count = processor.min_new_tokens - (prompt_len - processor.prompt_length_to_skip)
+        else:
+            continue
         ids = torch.as_tensor(processor.eos_token_id, device=device).view(-1)
         minimum[ids] = torch.clamp(minimum[ids], min=count)
     return minimum
-
-
-class _GreedyDecoder:
-    """The device-side state of a greedy decode and the step that advances it.
-
-    Every tensor here keeps its address for the decoder's life and every per-call setting (token budget, EOS
-    ids, min length, pad) is a tensor, which is what lets ``step`` be captured once and replayed across calls.
-    """
-
-    def __init__(self, batch_size: int, vocab_size: int, capacity: int, device):
-        self.capacity = capacity
-        long = dict(dtype=torch.long, device=device)
-        self.tokens = torch.zeros(batch_size, 1, **long)  # the next step's input
-        self.generated = torch.zeros(batch_size, capacity, **long)
-        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # which ids end a row
-        self.min_new_tokens = torch.zeros(vocab_size, **long)  # per id: forbidden while fewer tokens are written
-        self.count = torch.zeros((), **long)  # tokens written so far
-        # The length the output keeps: the count when the last row finished (max_new_tokens while any runs).
-        self.length = torch.zeros((), **long)
-        self.max_new_tokens = torch.zeros((), **long)
-        self.pad = torch.zeros((), **long)
-
-    def reset(self, max_new_tokens: int, min_new_tokens: torch.Tensor, eos, pad) -> None:
-        """Start a decode: in place, so that a captured step sees the new settings."""
-        self.unfinished.fill_(True)
-        self.eos_columns.zero_()
-        if eos is not None:
-            self.eos_columns[eos] = True
-            self.pad.copy_(pad)
-        self.min_new_tokens.copy_(min_new_tokens)
-        self.count.zero_()
-        self.length.fill_(max_new_tokens)
-        self.max_new_tokens.fill_(max_new_tokens)
-
-    def choose(self, logits: torch.Tensor) -> None:
-        """Append the greedy token of ``logits`` [B, V] (float32) to every row; finished rows get pad."""
-        logits = logits.masked_fill(self.count < self.min_new_tokens, float("-inf"))
-        next_tokens = torch.where(self.unfinished, logits.argmax(-1), self.pad)
-        self.unfinished &= ~self.eos_columns[next_tokens]
-        self.generated.index_copy_(1, self.count.view(1), next_tokens[:, None])
-        self.count += 1
-        all_finished_now = ~self.unfinished.any() & (self.length == self.max_new_tokens)
-        self.length.copy_(torch.where(all_finished_now, self.count, self.length))
-        self.tokens.copy_(next_tokens[:, None])
-
-    def step(self, model, cache) -> None:
-        """One decode step: the model reads ``tokens`` against the cache, then ``choose`` picks the next ones."""
-        logits = model(input_ids=self.tokens, cache=cache, use_cache=True, logits_to_keep=1).logits
-        self.choose(logits[:, -1].float())
-
-
-def _capture(decoder: _GreedyDecoder, model, cache) -> torch.cuda.CUDAGraph:
-    """Run one real step on a side stream (it compiles the Triton kernels and sets up cuBLAS, which a capture
-    cannot do), then capture the next step as a graph. The warm-up step is the decode's first step, not a
-    throwaway, so the cache never has to be rolled back."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        decoder.step(model, cache)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            decoder.step(model, cache)
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"{type(model).__name__}'s decode step could not be captured in a CUDA graph ({error}); "
-            "decode through generate(cache_implementation='static') instead"
-        ) from error
-    return graph
-
-
-def _cache_states(cache) -> list[torch.Tensor]:
-    """The cache's conv and recurrent state tensors, layer by layer (allocated by the prefill)."""
-    states = []
-    for layer in cache.layers:
-        states += [t for t in (*layer.conv_states.values(), *layer.recurrent_states.values()) if t is not None]
-    return states
-
-
-@contextlib.contextmanager
-def _cache_reading(cache, states: list[torch.Tensor]):
-    """Point the cache's layers at ``states`` (in ``_cache_states`` order) while the context lasts."""
-    saved = [(dict(layer.conv_states), dict(layer.recurrent_states)) for layer in cache.layers]
-    replacements = iter(states)
-    for layer in cache.layers:
-        for slots in (layer.conv_states, layer.recurrent_states):
-            for key, tensor in slots.items():
-                if tensor is not None:
-                    slots[key] = next(replacements)
-    try:
-        yield
-    finally:
-        for layer, (conv_states, recurrent_states) in zip(cache.layers, saved):
-            layer.conv_states, layer.recurrent_states = conv_states, recurrent_states
-
-
-class _CapturedDecode:
-    """A decoder, its step captured as a CUDA graph, and the state buffers the graph reads and writes.
-
-    generate builds a new cache on every call, so the graph cannot point at the cache: it owns copies of the
-    states instead. A call copies the prefill's states in and the final states back out (one multi-tensor copy
-    each way), so the cache ends as if the steps had run on it.
-    """
-
-    def __init__(self, model, cache, decoder: _GreedyDecoder, key: tuple):
-        self.decoder, self.key = decoder, key
-        self.states = [t.clone() for t in _cache_states(cache)]
-        with _cache_reading(cache, self.states):
-            self.graph = _capture(decoder, model, cache)
 
 
 try:
@@ -209,105 +163,235 @@ try:
 except ImportError:  # PEFT is a dependency; without it there are no adapter layers to account for
     _PEFT_LAYER_TYPES = ()
 
-# model -> its _CapturedDecode. Weak, and the entry holds no reference to the model or to a cache, so a deleted
-# model frees its graph.
-_CAPTURED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-
-def _capture_key(model, states: list[torch.Tensor], batch_size: int) -> tuple:
-    """What a captured step depends on: the batch size; the parameters' and buffers' addresses (it reads them in
-    place); the states' shapes and dtypes; and the Python-side modes that change which kernels a forward runs: the
-    training flag, autocast, and each PEFT layer's merged / disabled / active adapters (merging writes into the
-    base weights in place, so the addresses alone would not show it)."""
+def _model_key(model) -> tuple:
+    """What a captured step depends on in the model: the parameters' and buffers' addresses, shapes and dtypes (it
+    reads them in place), and the Python-side modes that change which kernels a forward runs: the training flag,
+    autocast, and each PEFT layer's merged / disabled / active adapters (merging writes into the base weights in
+    place, so the addresses alone would not show it)."""
     weights = [*model.parameters(), *model.buffers()]
     adapters = tuple(
         (name, module.merged, module.disable_adapters, tuple(module.active_adapters))
         for name, module in model.named_modules() if isinstance(module, _PEFT_LAYER_TYPES)
     )
     autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    return (
-        batch_size, model.training, autocast, adapters,
-        tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights),
-        tuple((tuple(t.shape), t.dtype) for t in states),
-    )
+    return (model.training, autocast, adapters, tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights))
 
 
-@torch.no_grad()
-def cuda_graph_greedy(
-    model,
-    input_ids: torch.LongTensor,
-    logits_processor=(),
-    stopping_criteria=(),
-    generation_config=None,
-    synced_gpus: bool = False,
-    streamer=None,
-    **model_kwargs,
-) -> torch.LongTensor:
-    """``generate``'s decoding loop for greedy search, each decode step replayed as one CUDA graph (see module)."""
-    generation_config = generation_config if generation_config is not None else model.generation_config
-    _reject_unsupported(model, logits_processor, stopping_criteria, generation_config, synced_gpus, streamer)
-    cache = model_kwargs.get("cache")
-    _check_cache(cache)
+class _Decoder:
+    """The device-side state of a decode, its cache and the step that advances it.
 
+    Every tensor here keeps its address for the decoder's life and every per-call setting (prompt, token budget,
+    EOS ids, min length, pad) is written into a tensor in place, which is what lets ``step`` be captured once and
+    replayed across calls. The processors' scalar settings and the call's shape are in ``key`` instead.
+    """
+
+    def __init__(self, model, key: tuple, batch_size: int, cache_length: int, vocab_size: int, device,
+                 logits_processor, do_sample: bool, has_padding: bool):
+        self.key, self.cache_length, self.vocab_size = key, cache_length, vocab_size
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_length)
+        # The processors of the call that made the decoder, their tensor settings moved to the device: a captured
+        # step reads those tensors, so later calls copy their own values into them (same settings otherwise: key).
+        self.processors = _graph_safe(logits_processor)
+        for processor in self.processors:
+            for name, value in vars(processor).items():
+                if isinstance(value, torch.Tensor):
+                    setattr(processor, name, value.to(device))
+        self.do_sample = do_sample
+        long = dict(dtype=torch.long, device=device)
+        # The prompt, then the new tokens, then vocab_size (an id the repetition penalty drops) in unwritten slots.
+        self.ids = torch.full((batch_size, cache_length), vocab_size, **long)
+        self.tokens = torch.zeros(batch_size, 1, **long)  # the next step's input
+        self.positions = torch.zeros(batch_size, 1, **long)
+        # The prompt's padding mask followed by ones; only passed when the prompt is padded.
+        self.attention_mask = torch.ones(batch_size, cache_length, **long) if has_padding else None
+        self.prompt_length = torch.zeros((), **long)
+        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.eos_columns = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # which ids end a row
+        self.min_new_tokens = torch.zeros(vocab_size, **long)  # per id: forbidden while fewer tokens are written
+        self.count = torch.zeros((), **long)  # tokens written so far
+        # The length the output keeps: the count when the last row finished (max_new_tokens while any runs).
+        self.length = torch.zeros((), **long)
+        self.max_new_tokens = torch.zeros((), **long)
+        self.pad = torch.zeros((), **long)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed = False
+
+    def start(self, input_ids, attention_mask, logits_processor, max_new_tokens: int, min_new_tokens, eos, pad):
+        """Set up a call in place: its processors' tensor settings, prompt, budget and stops."""
+        for own, given in zip(self.processors, _graph_safe(logits_processor)):
+            for name, value in vars(own).items():
+                if isinstance(value, torch.Tensor) and getattr(given, name) is not value:
+                    value.copy_(getattr(given, name))
+        prompt_len = input_ids.shape[1]
+        self.ids[:, :prompt_len].copy_(input_ids)
+        self.ids[:, prompt_len:].fill_(self.vocab_size)
+        if self.attention_mask is not None:
+            prefill_len = attention_mask.shape[1]
+            self.attention_mask[:, :prefill_len].copy_(attention_mask)
+            self.attention_mask[:, prefill_len:].fill_(1)
+        self.prompt_length.fill_(prompt_len)
+        self.unfinished.fill_(True)
+        self.eos_columns.zero_()
+        if eos is not None:
+            self.eos_columns[eos] = True
+            self.pad.copy_(pad)
+        self.min_new_tokens.copy_(min_new_tokens)
+        self.count.zero_()
+        self.length.fill_(max_new_tokens)
+        self.max_new_tokens.fill_(max_new_tokens)
+        self.cache.reset()
+
+    def choose(self, logits: torch.Tensor) -> None:
+        """Append the next token of every row, chosen from ``logits`` [B, V] (float32) as transformers' loop chooses
+        it; finished rows get pad."""
+        # Every min-length processor's ids and counts are in one mask (none forbids nothing).
+        scores = logits.masked_fill(self.count < self.min_new_tokens, -math.inf)
+        for processor in self.processors:
+            scores = processor(self.ids, scores)
+        if self.do_sample:
+            # torch.multinomial(probs, 1) draws exactly this (exponential race), but checks its input on the host.
+            probs = scores.softmax(dim=-1)
+            next_tokens = (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        next_tokens = torch.where(self.unfinished, next_tokens, self.pad)
+        self.unfinished &= ~self.eos_columns[next_tokens]
+        self.ids.scatter_(1, (self.prompt_length + self.count).expand(next_tokens.shape[0], 1), next_tokens[:, None])
+        self.count += 1
+        all_finished_now = ~self.unfinished.any() & (self.length == self.max_new_tokens)
+        self.length.copy_(torch.where(all_finished_now, self.count, self.length))
+        self.tokens.copy_(next_tokens[:, None])
+
+    def step(self, model) -> None:
+        """One decode step: the model reads ``tokens`` against the cache, then ``choose`` picks the next ones."""
+        logits = model(input_ids=self.tokens, cache=self.cache, attention_mask=self.attention_mask,
+                       position_ids=self.positions, use_cache=True, logits_to_keep=1).logits
+        self.positions += 1
+        self.choose(logits[:, -1].float())
+
+    def capture(self, model) -> None:
+        """Run one real step on a side stream (it compiles the Triton kernels and sets up cuBLAS, which a capture
+        cannot do), then capture the next step as a graph. The warm-up step is the decode's next step, not a
+        throwaway. A step that cannot be captured (it waits for the host somewhere) is logged and runs uncaptured."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step(model)
+        torch.cuda.current_stream().wait_stream(side)
+        started = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.step(model)
+        except RuntimeError as error:
+            self.capture_failed = True
+            logger.info("%s's decode step could not be captured as a CUDA graph, so it runs uncaptured: %s",
+                        type(model).__name__, error)
+            return
+        self.graph = graph
+        logger.info("captured %s's decode step as a CUDA graph in %.2f s (batch %d, cache length %d); later calls "
+                    "with the same batch size, length bucket and settings replay it", type(model).__name__,
+                    time.perf_counter() - started, self.tokens.shape[0], self.cache_length)
+
+    def output(self) -> torch.LongTensor:
+        """Prompt + new tokens, cut where the last row finished."""
+        new_tokens = int(torch.minimum(self.count, self.length))
+        return self.ids[:, : int(self.prompt_length) + new_tokens].clone()
+
+
+def _check_position_table(config, positions: torch.Tensor, steps: int) -> None:
+    """A model with learned absolute positions checks them on the host in every forward, which a replayed step
+    skips: so check the last position the steps will read before any runs (one host read)."""
+    if not getattr(config, "absolute_position_embeddings", False) or steps == 0:
+        return
+    first, last = int(positions.min()), int(positions.max()) + steps - 1
+    limit = config.max_position_embeddings
+    if last >= limit:
+        raise ValueError(f"positions from {first} to {last} exceed the model's max_position_embeddings ({limit}) "
+                         f"absolute positions (valid: 0 to {limit - 1})")
+
+
+# model -> its _Decoder. Weak, and the decoder holds no reference to the model, so a deleted model frees its graph.
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs
+           ) -> torch.LongTensor:
+    """Greedy search or sampling as transformers' ``_sample`` does it, on the decoder (see the module docstring);
+    the caller has checked :func:`eager_decoding_reason`."""
     batch_size, prompt_len = input_ids.shape
-    max_new_tokens = generation_config.max_length - prompt_len
+    device = input_ids.device
+    max_length = min(c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria))
+    max_new_tokens = max_length - prompt_len
     if max_new_tokens < 1:
-        raise ValueError(f"nothing to generate: max_length {generation_config.max_length} <= prompt length {prompt_len}")
-    eos = _stop_ids(stopping_criteria, input_ids.device)
+        raise ValueError(f"nothing to generate: max_length {max_length} <= prompt length {prompt_len}")
+    eos = _stop_ids(stopping_criteria, device)
     pad = generation_config._pad_token_tensor
     if eos is not None:
         if pad is None:
             raise ValueError("an eos_token_id needs a pad_token_id to fill the rows that have finished")
-        pad = pad.to(input_ids.device)
+        pad = pad.to(device)
     vocab_size = model.get_output_embeddings().weight.shape[0]
-    min_new_tokens = _min_new_tokens_per_id(logits_processor, prompt_len, vocab_size, input_ids.device)
-    check_every = 1 if getattr(cache, "_is_user_defined", False) else FINISHED_CHECK_INTERVAL
+    attention_mask = model_kwargs.get("attention_mask")
+    # Tokens the prefill puts in the cache: the prompt ids, or the embeddings given instead (then input_ids holds
+    # no prompt and the output only the new tokens, as transformers returns them).
+    inputs_embeds = model_kwargs.get("inputs_embeds")
+    prefill_len = inputs_embeds.shape[1] if inputs_embeds is not None else prompt_len
+    cache_length = math.ceil((prefill_len + max_new_tokens) / CACHE_LENGTH_GRANULE) * CACHE_LENGTH_GRANULE
+    key = (
+        batch_size, cache_length, str(device), generation_config.do_sample, attention_mask is not None,
+        tuple(_processor_settings(p) for p in _graph_safe(logits_processor)), _model_key(model),
+    )
+    decoder = _DECODERS.get(model)
+    if decoder is None or decoder.key != key:
+        _DECODERS.pop(model, None)  # one decoder a model: free the old graph and cache before making new ones
+        decoder = _DECODERS[model] = _Decoder(model, key, batch_size, cache_length, vocab_size, device,
+                                              logits_processor, generation_config.do_sample, attention_mask is not None)
+    min_new_tokens = _min_new_tokens_per_id(logits_processor, prompt_len, vocab_size, device)
+    decoder.start(input_ids, attention_mask, logits_processor, max_new_tokens, min_new_tokens, eos, pad)
 
-    # The prompt goes through generate's own prefill (input preparation, left padding, chunked prefill), which
-    # also allocates the cache's states.
+    model_kwargs = {**model_kwargs, "cache": decoder.cache}
     prefill_logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1].float()
-    if not input_ids.is_cuda:  # no graphs: the same step, run eagerly on the cache itself
-        decoder = _GreedyDecoder(batch_size, vocab_size, max_new_tokens, input_ids.device)
-        decoder.reset(max_new_tokens, min_new_tokens, eos, pad)
-        decoder.choose(prefill_logits)
-        step = functools.partial(decoder.step, model, cache)
-        return _decode(decoder, step, max_new_tokens - 1, check_every, input_ids)
-    with torch.cuda.device(input_ids.device):  # streams and graphs belong to the model's GPU, not the current one
-        return _decode_with_graph(model, cache, input_ids, prefill_logits, max_new_tokens, min_new_tokens, eos, pad,
-                                  check_every)
-
-
-def _decode_with_graph(model, cache, input_ids, prefill_logits, max_new_tokens, min_new_tokens, eos, pad,
-                       check_every) -> torch.LongTensor:
-    batch_size = input_ids.shape[0]
-    vocab_size = min_new_tokens.shape[0]
-    states = _cache_states(cache)
-    key = _capture_key(model, states, batch_size)
-    captured = _CAPTURED.get(model)
-    reuse = captured is not None and captured.key == key and captured.decoder.capacity >= max_new_tokens
-    decoder = captured.decoder if reuse else _GreedyDecoder(batch_size, vocab_size, max_new_tokens, input_ids.device)
-    decoder.reset(max_new_tokens, min_new_tokens, eos, pad)
-    decoder.choose(prefill_logits)
-    steps_left = max_new_tokens - 1
-    if steps_left == 0 or (check_every == 1 and not decoder.unfinished.any()):  # nothing to capture a step for
-        return _decode(decoder, None, 0, check_every, input_ids)
-    if reuse:
-        torch._foreach_copy_(captured.states, states)
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is not None:
+        decoder.positions.copy_((position_ids[..., -1:] + 1).expand(batch_size, 1))
     else:
-        captured = _CAPTURED[model] = _CapturedDecode(model, cache, decoder, key)  # runs the first step
-        steps_left -= 1
-    output = _decode(decoder, captured.graph.replay, steps_left, check_every, input_ids)
-    torch._foreach_copy_(states, captured.states)
-    return output
+        decoder.positions.fill_(prefill_len)
+    steps = max_new_tokens - 1
+    _check_position_table(model.config, decoder.positions, steps)
+    decoder.choose(prefill_logits)
+    check_every = FINISHED_CHECK_INTERVAL
+    if device.type != "cuda":
+        logger.info("%s decodes without CUDA graphs: the model is on %s", type(model).__name__, device.type)
+        return _run(decoder, lambda: decoder.step(model), steps, check_every)
+    with torch.cuda.device(device):  # streams and graphs belong to the model's GPU, not the current one
+        if decoder.graph is None and not decoder.capture_failed and steps > 0:
+            decoder.capture(model)  # its warm-up is the first step
+            steps -= 1
+        run_step = decoder.graph.replay if decoder.graph is not None else (lambda: decoder.step(model))
+        return _run(decoder, run_step, steps, check_every)
 
 
-def _decode(decoder: _GreedyDecoder, run_step, steps: int, check_every: int, input_ids: torch.LongTensor
-            ) -> torch.LongTensor:
+def _run(decoder: _Decoder, run_step, steps: int, check_every: int) -> torch.LongTensor:
     """Run up to ``steps`` steps, stopping early once every row has finished (read before every ``check_every``-th
     step); prompt + new tokens."""
     for index in range(steps):
         if index % check_every == 0 and not decoder.unfinished.any():
             break
         run_step()
-    generated = decoder.generated[:, : int(torch.minimum(decoder.count, decoder.length))]
-    return torch.cat([input_ids, generated], dim=1)
+    return decoder.output()
+
+
+class GraphDecodingGenerationMixin(GenerationMixin):
+    """transformers' GenerationMixin whose greedy search and sampling run on a captured decode step (see module)."""
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        reason = eager_decoding_reason(self, logits_processor, stopping_criteria, generation_config, synced_gpus,
+                                       streamer, model_kwargs)
+        if reason is not None:
+            logger.info("%s.generate runs transformers' decoding loop: %s", type(self).__name__, reason)
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        return decode(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)

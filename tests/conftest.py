@@ -28,6 +28,15 @@ def tiny_config(model_type: str, **overrides):
             conv_kernel=4, chunk_size=8,
         )
         return ssm_hub.SsmHubMamba2Config(**{**fields, **overrides})
+    if model_type == "ssm_hub_hybrid":
+        # Mamba-2 + MLP, attention + MoE, Mamba-1 without a feed-forward: every layer kind a decode step captures.
+        fields = dict(
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, mixer_types=["mamba2", "attention", "mamba"],
+            ffn_types=["mlp", "moe", "none"], num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+            num_experts=4, num_experts_per_tok=2, mamba_d_state=8, mamba_d_head=8, mamba_n_groups=2,
+            mamba_chunk_size=8,
+        )
+        return ssm_hub.SsmHubHybridConfig(**{**fields, **overrides})
     raise ValueError(model_type)
 
 

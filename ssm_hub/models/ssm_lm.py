@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
 from ssm_hub.models.remote_code import save_with_remote_code
@@ -255,7 +256,7 @@ class SSMBackbone(SSMPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class SSMForCausalLM(SSMPreTrainedModel, GenerationMixin):
+class SSMForCausalLM(SSMPreTrainedModel, GraphDecodingGenerationMixin):
     """Backbone + LM head; an architecture sets ``backbone_class``."""
 
     backbone_class: type[SSMBackbone]

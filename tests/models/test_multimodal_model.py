@@ -190,6 +190,28 @@ def test_a_batch_of_differently_sized_images_and_a_text_only_row_left_padded():
         assert torch.equal(batch[index], alone[index][0, len(row):]), index
 
 
+@pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=True, temperature=0.7, top_k=10)],
+                         ids=["greedy", "sampling"])
+def test_default_generate_from_images_runs_the_decoder_and_matches_transformers_loop(settings, caplog):
+    import logging
+
+    model = model_for()
+    rows = [[5, *image_tokens(8, 4), 7], [PAD, PAD, 6, 7, *image_tokens(4, 4)]]
+    input_ids = torch.tensor(rows)
+    attention_mask = (input_ids != PAD).long()
+    pixels, sizes = padded([torch.randn(3, 8, 4), torch.randn(3, 4, 4)])
+    kwargs = dict(attention_mask=attention_mask, pixel_values=pixels, image_sizes=sizes, max_new_tokens=8,
+                  pad_token_id=PAD, eos_token_id=None, **settings)
+    with caplog.at_level(logging.INFO, logger="ssm_hub.generation"):
+        torch.manual_seed(0)
+        expected = model.generate(input_ids, disable_compile=True, **kwargs)
+        caplog.clear()
+        torch.manual_seed(0)
+        got = model.generate(input_ids, **kwargs)
+    assert "decoding loop" not in caplog.text, caplog.text
+    assert torch.equal(got, expected)
+
+
 def test_beam_search_repeats_each_rows_own_images():
     model = model_for()
     a, b, c = torch.randn(3, 4, 8), torch.randn(3, 4, 4), torch.randn(3, 8, 4)

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention
 from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
 from ssm_hub.layers.mamba_mixer import MambaMixer
@@ -439,7 +440,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GenerationMixin):
+class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GraphDecodingGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: SsmHubHybridConfig):

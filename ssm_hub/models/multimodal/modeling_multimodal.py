@@ -24,9 +24,9 @@ DDP, training on data that mixes such batches in needs ``train.ddp_find_unused_p
 
 import torch
 from torch import nn
-from transformers import GenerationMixin
 from transformers.cache_utils import Cache
 
+from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.modality_routing import ModalityRouting
 from ssm_hub.layers.patch_embedding import PatchEmbedding
 from ssm_hub.models.hybrid.modeling_hybrid import (
@@ -165,7 +165,7 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         )
 
 
-class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, GenerationMixin):
+class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, GraphDecodingGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
     def __init__(self, config: SsmHubMultimodalConfig):
