@@ -23,9 +23,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_fwd_triton  # noqa: F401  (registers the ops)
-from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_fwd_op  # noqa: F401  (registers the ops)
+from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_bwd_triton, causal_conv1d_fwd_triton
+from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_bwd_op, gated_rms_norm_fwd_op
 from ssm_hub.ops.ssd import scan_documents
+from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_bwd_triton, ssd_chunked_scan_fwd_triton
 
 
 class Mamba2Sizes(NamedTuple):
@@ -56,7 +57,7 @@ def mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, 
 
 def _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes: Mamba2Sizes):
     """(x [B, T, H, P], B [B, T, G, N], C [B, T, G, N]): views of the conv output."""
-    conv_out, _ = torch.ops.ssm_hub.causal_conv1d_fwd(xBC, conv_weight, conv_bias, None, seq_idx, None, True)
+    conv_out, _ = causal_conv1d_fwd_triton(xBC, conv_weight, conv_bias, None, seq_idx, None, True)
     if padding_mask is not None:
         conv_out = conv_out * padding_mask[..., None].to(conv_out.dtype)
     batch, seqlen, _ = xBC.shape
@@ -70,7 +71,7 @@ def _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes: Mamba2Sizes
 def _norm(y, norm_weight, gate, sizes: Mamba2Sizes):
     """(normed [B, T, d_inner] in out_dtype, rstd)."""
     batch, seqlen = y.shape[:2]
-    normed, rstd = torch.ops.ssm_hub.gated_rms_norm_fwd(
+    normed, rstd = gated_rms_norm_fwd_op(
         y.view(batch, seqlen, sizes.intermediate_size), norm_weight, gate, sizes.norm_groups, sizes.norm_eps,
         sizes.norm_before_gate,
     )
@@ -86,7 +87,7 @@ class _Mamba2Sequence(torch.autograd.Function):
                 padding_mask, seq_idx, doc_ids, doc_mode, sizes):
         x, B, C = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes)
         low, high = sizes.dt_limit
-        y, _ = torch.ops.ssm_hub.ssd_chunked_scan_fwd(
+        y, _ = ssd_chunked_scan_fwd_triton(
             x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high), None, doc_ids,
             doc_mode, xBC.shape[0],
         )
@@ -114,20 +115,20 @@ class _Mamba2Sequence(torch.autograd.Function):
             if out_bias is not None and needs[10]:
                 d_out_bias = d_out.flatten(0, -2).sum(0).to(out_bias.dtype)
         batch, seqlen = y.shape[:2]
-        dy, d_gate, d_norm_weight = torch.ops.ssm_hub.gated_rms_norm_bwd(
+        dy, d_gate, d_norm_weight = gated_rms_norm_bwd_op(
             d_normed, y.view(batch, seqlen, sizes.intermediate_size), norm_weight, gate, rstd, sizes.norm_groups,
             sizes.norm_before_gate,
         )
         x, B, C = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes)  # rebuilt: the scan's inputs
         low, high = sizes.dt_limit
-        dx, d_dt, dA, dB, dC, dD, _, d_dt_bias, _ = torch.ops.ssm_hub.ssd_chunked_scan_bwd(
+        dx, d_dt, dA, dB, dC, dD, _, d_dt_bias, _ = ssd_chunked_scan_bwd_triton(
             dy.view_as(x), None, x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high),
             None, doc_ids, ctx.doc_mode, batch,
         )
         d_conv_out = torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1)
         if padding_mask is not None:
             d_conv_out = d_conv_out * padding_mask[..., None].to(d_conv_out.dtype)
-        d_xBC, d_conv_weight, d_conv_bias, _ = torch.ops.ssm_hub.causal_conv1d_bwd(
+        d_xBC, d_conv_weight, d_conv_bias, _ = causal_conv1d_bwd_triton(
             xBC, conv_weight, conv_bias, None, seq_idx, None, True, d_conv_out, None
         )
         return (d_xBC, d_dt, d_gate, d_conv_weight, d_conv_bias if conv_bias is not None else None, dA,

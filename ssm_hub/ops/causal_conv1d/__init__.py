@@ -1,7 +1,5 @@
 """Causal depthwise conv1d: the public ops and their one dispatch point. The math is in ``reference.py``."""
 
-import torch
-
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.decode_state import write_new_state
 from ssm_hub.ops.recompute import call_recomputing_in_backward
@@ -11,8 +9,8 @@ from ssm_hub.ops.causal_conv1d.reference import (
     check_inputs,
     check_step_inputs,
 )
-from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_fwd_triton  # noqa: F401  (registers the ops)
-from ssm_hub.ops.causal_conv1d.triton_ops import causal_conv1d_step_triton  # noqa: F401  (registers the op)
+from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_fwd_triton
+from ssm_hub.ops.causal_conv1d.triton_ops import causal_conv1d_step_in_place_triton, causal_conv1d_step_triton
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_ref", "causal_conv1d_step_ref"]
 
@@ -35,7 +33,7 @@ def causal_conv1d(
     """
     if resolve_backend("causal_conv1d", backend, x, weight, bias, initial_state, seq_idx, cu_seqlens) == "triton":
         check_inputs(x, weight, bias, activation, initial_state, seq_idx, cu_seqlens)
-        y, final_state = torch.ops.ssm_hub.causal_conv1d_fwd(
+        y, final_state = causal_conv1d_fwd_triton(
             x, weight, bias, initial_state, seq_idx, cu_seqlens, activation == "silu"
         )
         return (y, final_state) if return_final_state else y
@@ -61,8 +59,8 @@ def causal_conv1d_step(
         check_step_inputs(x, conv_state, weight, bias, activation, state_indices)
         args = (x, conv_state, weight, bias, activation, state_indices)
         if in_place:
-            return torch.ops.ssm_hub.causal_conv1d_step_(*args), conv_state
-        return torch.ops.ssm_hub.causal_conv1d_step(*args)
+            return causal_conv1d_step_in_place_triton(*args), conv_state
+        return causal_conv1d_step_triton(*args)
     y, new_state = causal_conv1d_step_ref(
         x, conv_state, weight, bias=bias, activation=activation, state_indices=state_indices
     )

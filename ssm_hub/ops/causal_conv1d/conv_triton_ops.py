@@ -10,6 +10,7 @@ slots, and its gradient flows back into them.
 import torch
 
 from ssm_hub.ops.device import on_input_device
+from ssm_hub.ops.kernel_op import kernel_op
 
 
 
@@ -17,7 +18,7 @@ def _num_states(x, cu_seqlens) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
 
 
-@torch.library.custom_op("ssm_hub::causal_conv1d_fwd", mutates_args=())
+@kernel_op("ssm_hub::causal_conv1d_fwd", mutates_args=())
 @on_input_device
 def causal_conv1d_fwd_triton(
     x: torch.Tensor,
@@ -41,7 +42,7 @@ def _(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu):
     return x.new_empty(x.shape), final
 
 
-@torch.library.custom_op("ssm_hub::causal_conv1d_bwd", mutates_args=())
+@kernel_op("ssm_hub::causal_conv1d_bwd", mutates_args=())
 @on_input_device
 def causal_conv1d_bwd_triton(
     x: torch.Tensor,
@@ -82,7 +83,7 @@ def _backward(ctx, dy, dfinal_state):
     x, weight, bias, initial_state, seq_idx, cu_seqlens = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(x)
-    dx, dweight, dbias, dstate = torch.ops.ssm_hub.causal_conv1d_bwd(
+    dx, dweight, dbias, dstate = causal_conv1d_bwd_triton(
         x, weight, bias, initial_state, seq_idx, cu_seqlens, ctx.silu, dy, dfinal_state
     )
     needs = ctx.needs_input_grad

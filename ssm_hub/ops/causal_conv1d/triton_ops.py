@@ -5,9 +5,10 @@ triton; the kernel is imported when the op first runs."""
 import torch
 
 from ssm_hub.ops.device import on_input_device
+from ssm_hub.ops.kernel_op import kernel_op
 
 
-@torch.library.custom_op("ssm_hub::causal_conv1d_step", mutates_args=())
+@kernel_op("ssm_hub::causal_conv1d_step", mutates_args=())
 @on_input_device
 def causal_conv1d_step_triton(
     x: torch.Tensor,
@@ -29,7 +30,7 @@ def _(x, conv_state, weight, bias, activation, state_indices):
     return torch.empty_like(x), conv_state.new_empty((batch, channels, weight.shape[1] - 1))
 
 
-@torch.library.custom_op("ssm_hub::causal_conv1d_step_", mutates_args=("conv_state",))
+@kernel_op("ssm_hub::causal_conv1d_step_", mutates_args=("conv_state",))
 @on_input_device
 def causal_conv1d_step_in_place_triton(
     x: torch.Tensor,

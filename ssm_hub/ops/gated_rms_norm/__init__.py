@@ -5,7 +5,7 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.gated_rms_norm.reference import add_rms_norm_ref, check_inputs, gated_rms_norm_ref
-from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE  # importing it registers the custom ops
+from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE, add_rms_norm_fwd_op, gated_rms_norm_fwd_op
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_ref", "add_rms_norm", "add_rms_norm_ref"]
@@ -23,7 +23,7 @@ def gated_rms_norm(x, weight, gate=None, n_groups=1, eps=1e-5, norm_before_gate=
     check_inputs(x, weight, gate, n_groups, eps)
     supported = x.shape[-1] // n_groups <= MAX_GROUP_SIZE
     if resolve_backend("gated_rms_norm", backend, x, weight, gate, has_triton_kernel=supported) == "triton":
-        out, _ = torch.ops.ssm_hub.gated_rms_norm_fwd(x, weight, gate, n_groups, float(eps), bool(norm_before_gate))
+        out, _ = gated_rms_norm_fwd_op(x, weight, gate, n_groups, float(eps), bool(norm_before_gate))
         return out
     kwargs = dict(gate=gate, n_groups=n_groups, eps=eps, norm_before_gate=norm_before_gate)
     return call_recomputing_in_backward(gated_rms_norm_ref, (x, weight), kwargs)
@@ -46,7 +46,7 @@ def add_rms_norm(x, residual, weight, eps=1e-5, backend="auto"):
     if (supported or backend != "auto") and resolve_backend(
             "add_rms_norm", backend, *tensors, has_triton_kernel=supported) == "triton":
         check_inputs(x, weight, None, 1, eps)  # the torch path's gated_rms_norm checks them itself
-        return torch.ops.ssm_hub.add_rms_norm_fwd(x, residual, weight, float(eps))
+        return add_rms_norm_fwd_op(x, residual, weight, float(eps))
     total = residual + x
     return gated_rms_norm(total.to(weight.dtype), weight, eps=eps, backend=backend), total
 

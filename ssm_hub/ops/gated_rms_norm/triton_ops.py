@@ -7,6 +7,7 @@ import math
 import torch
 
 from ssm_hub.ops.device import on_input_device
+from ssm_hub.ops.kernel_op import kernel_op
 
 # A program holds one group of a block of rows in registers; beyond this the registers spill past any use.
 MAX_GROUP_SIZE = 65536
@@ -19,7 +20,7 @@ def _last_dim_contiguous(tensor):
     return tensor.contiguous()
 
 
-@torch.library.custom_op("ssm_hub::gated_rms_norm_fwd", mutates_args=())
+@kernel_op("ssm_hub::gated_rms_norm_fwd", mutates_args=())
 @on_input_device
 def gated_rms_norm_fwd_op(
     x: torch.Tensor,
@@ -44,7 +45,7 @@ def _(x, weight, gate, n_groups, eps, norm_before_gate):
     return out, x.new_empty((rows, n_groups), dtype=torch.float32)
 
 
-@torch.library.custom_op("ssm_hub::gated_rms_norm_bwd", mutates_args=())
+@kernel_op("ssm_hub::gated_rms_norm_bwd", mutates_args=())
 @on_input_device
 def gated_rms_norm_bwd_op(
     grad_out: torch.Tensor,
@@ -79,7 +80,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_rstd):
     x, weight, gate, rstd = ctx.saved_tensors
-    grad_x, grad_gate, grad_weight = torch.ops.ssm_hub.gated_rms_norm_bwd(
+    grad_x, grad_gate, grad_weight = gated_rms_norm_bwd_op(
         grad_out, x, weight, gate, rstd, ctx.n_groups, ctx.norm_before_gate
     )
     return grad_x, grad_weight, grad_gate if gate is not None else None, None, None, None
@@ -88,7 +89,7 @@ def _backward(ctx, grad_out, _grad_rstd):
 gated_rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("ssm_hub::add_rms_norm_fwd", mutates_args=())
+@kernel_op("ssm_hub::add_rms_norm_fwd", mutates_args=())
 @on_input_device
 def add_rms_norm_fwd_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float

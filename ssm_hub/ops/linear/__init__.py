@@ -12,7 +12,7 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.linear.reference import check_inputs, linear_ref, swiglu_linear_ref
-from ssm_hub.ops.linear.triton_ops import gemv_triton  # noqa: F401  (registers the op)
+from ssm_hub.ops.linear.triton_ops import gemv_triton
 
 __all__ = ["linear", "swiglu_linear", "linear_ref", "swiglu_linear_ref"]
 
@@ -32,7 +32,7 @@ def _kernel_supports(x, *params) -> bool:
 
 
 def _one_row(x, weight, bias, up_weight, up_bias):
-    out = torch.ops.ssm_hub.gemv(x.reshape(-1), weight, bias, up_weight, up_bias)
+    out = gemv_triton(x.reshape(-1), weight, bias, up_weight, up_bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -5,9 +5,10 @@ that need no gradient. Registering needs no triton; the kernel is imported when 
 import torch
 
 from ssm_hub.ops.device import on_input_device
+from ssm_hub.ops.kernel_op import kernel_op
 
 
-@torch.library.custom_op("ssm_hub::gemv", mutates_args=())
+@kernel_op("ssm_hub::gemv", mutates_args=())
 @on_input_device
 def gemv_triton(
     x: torch.Tensor,

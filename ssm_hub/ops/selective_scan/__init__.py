@@ -12,8 +12,9 @@ from ssm_hub.ops.selective_scan.reference import (
     selective_scan_ref,
     selective_scan_step_ref,
 )
-from ssm_hub.ops.selective_scan.triton_ops import (  # noqa: F401  (registers the ops)
+from ssm_hub.ops.selective_scan.triton_ops import (
     selective_scan_fwd_triton,
+    selective_scan_step_in_place_triton,
     selective_scan_step_triton,
 )
 
@@ -53,7 +54,7 @@ def selective_scan(
     if resolve_backend("selective_scan", backend, *tensors) == "triton":
         _check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, cu_seqlens)
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        y, final_state, _ = torch.ops.ssm_hub.selective_scan_fwd(
+        y, final_state, _ = selective_scan_fwd_triton(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, cu_seqlens, needs_grad
         )
         return (y, final_state) if return_final_state else y
@@ -95,8 +96,8 @@ def selective_scan_step(
         check_step_inputs(state, u, delta, A, B, C, D, z, delta_bias, state_indices)
         args = (state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, bool(A_is_log))
         if in_place:
-            return torch.ops.ssm_hub.selective_scan_step_(*args), state
-        return torch.ops.ssm_hub.selective_scan_step(*args)
+            return selective_scan_step_in_place_triton(*args), state
+        return selective_scan_step_triton(*args)
     y, new_state = selective_scan_step_ref(
         state, u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         state_indices=state_indices, A_is_log=A_is_log,

@@ -11,13 +11,14 @@ state.
 import torch
 
 from ssm_hub.ops.device import on_input_device
+from ssm_hub.ops.kernel_op import kernel_op
 
 
 def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
-@torch.library.custom_op("ssm_hub::selective_scan_step", mutates_args=())
+@kernel_op("ssm_hub::selective_scan_step", mutates_args=())
 @on_input_device
 def selective_scan_step_triton(
     state: torch.Tensor,
@@ -46,7 +47,7 @@ def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices,
     return torch.empty_like(u), u.new_empty((batch, dim, A.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("ssm_hub::selective_scan_step_", mutates_args=("state",))
+@kernel_op("ssm_hub::selective_scan_step_", mutates_args=("state",))
 @on_input_device
 def selective_scan_step_in_place_triton(
     state: torch.Tensor,
@@ -79,7 +80,7 @@ def _num_states(u, cu_seqlens) -> int:
     return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else u.shape[0]
 
 
-@torch.library.custom_op("ssm_hub::selective_scan_fwd", mutates_args=())
+@kernel_op("ssm_hub::selective_scan_fwd", mutates_args=())
 @on_input_device
 def selective_scan_fwd_triton(
     u: torch.Tensor,
@@ -117,7 +118,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
     return u.new_empty(u.shape), final, u.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("ssm_hub::selective_scan_bwd", mutates_args=())
+@kernel_op("ssm_hub::selective_scan_bwd", mutates_args=())
 @on_input_device
 def selective_scan_bwd_triton(
     u: torch.Tensor,
@@ -171,7 +172,7 @@ def _backward(ctx, dy, dfinal_state, _):
     u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, cu_seqlens, checkpoints = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(u)
-    grads = torch.ops.ssm_hub.selective_scan_bwd(
+    grads = selective_scan_bwd_triton(
         u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, seq_idx, cu_seqlens, checkpoints,
         dy, dfinal_state,
     )

@@ -6,7 +6,7 @@ from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.decode_state import write_new_state
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.varlen import cu_seqlens_to_seq_idx, document_ids, document_starts
-from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_fwd_triton, ssd_step_triton  # noqa: F401  (registers the ops)
+from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_fwd_triton, ssd_step_in_place_triton, ssd_step_triton
 from ssm_hub.ops.ssd.reference import (
     check_scan_inputs,
     check_step_inputs,
@@ -70,7 +70,7 @@ def _ssd_chunked_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softp
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     batch, seqlen = x.shape[:2]
     low, high = dt_limit
-    scan = torch.ops.ssm_hub.ssd_chunked_scan_fwd
+    scan = ssd_chunked_scan_fwd_triton
     per_document_states = initial_states is not None or return_final_states
     if bounds is not None and per_document_states:
         # Per-document states: every document on whole chunks of its own, then back to the caller's layout.
@@ -137,8 +137,8 @@ def ssd_step(
         args = (state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]),
                 state_indices, bool(A_is_log))
         if in_place:
-            return torch.ops.ssm_hub.ssd_step_(*args), state
-        return torch.ops.ssm_hub.ssd_step(*args)
+            return ssd_step_in_place_triton(*args), state
+        return ssd_step_triton(*args)
     y, new_state = ssd_step_ref(
         state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         state_indices=state_indices, A_is_log=A_is_log,

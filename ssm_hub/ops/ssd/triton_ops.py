@@ -5,9 +5,10 @@ when an op first runs."""
 import torch
 
 from ssm_hub.ops.device import on_input_device
+from ssm_hub.ops.kernel_op import kernel_op
 
 
-@torch.library.custom_op("ssm_hub::ssd_step", mutates_args=())
+@kernel_op("ssm_hub::ssd_step", mutates_args=())
 @on_input_device
 def ssd_step_triton(
     state: torch.Tensor,
@@ -37,7 +38,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_i
     return torch.empty_like(x), x.new_empty((batch, heads, head_dim, B.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("ssm_hub::ssd_step_", mutates_args=("state",))
+@kernel_op("ssm_hub::ssd_step_", mutates_args=("state",))
 @on_input_device
 def ssd_step_in_place_triton(
     state: torch.Tensor,
@@ -72,7 +73,7 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_i
 _SCAN_OPTIONAL = ("D", "z", "dt_bias", "initial_states")
 
 
-@torch.library.custom_op("ssm_hub::ssd_chunked_scan_fwd", mutates_args=())
+@kernel_op("ssm_hub::ssd_chunked_scan_fwd", mutates_args=())
 @on_input_device
 def ssd_chunked_scan_fwd_triton(
     x: torch.Tensor,
@@ -108,7 +109,7 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
     return torch.empty_like(x), x.new_empty((num_final, heads, head_dim, B.shape[-1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("ssm_hub::ssd_chunked_scan_bwd", mutates_args=())
+@kernel_op("ssm_hub::ssd_chunked_scan_bwd", mutates_args=())
 @on_input_device
 def ssd_chunked_scan_bwd_triton(
     dy: torch.Tensor,
@@ -162,7 +163,7 @@ def _backward(ctx, dy, dfinal):
     chunk_size, dt_softplus, dt_min, dt_max, doc_mode, num_final = ctx.options
     if dy is None:
         dy = torch.zeros_like(x)
-    grads = torch.ops.ssm_hub.ssd_chunked_scan_bwd(
+    grads = ssd_chunked_scan_bwd_triton(
         dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
         doc_ids, doc_mode, num_final,
     )

@@ -1,0 +1,77 @@
+"""ssm_hub.ops.kernel_op: a kernel's custom op is called directly in plain eager code and through the dispatcher
+wherever something needs it (autograd, torch.compile, dispatch modes). Run: pytest tests/ops/test_kernel_op.py"""
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ssm_hub.ops.kernel_op import kernel_op
+
+calls = []
+
+
+@kernel_op("ssm_hub_test::scale", mutates_args=())
+def scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    calls.append("scale")
+    return x * factor
+
+
+@scale.register_fake
+def _(x, factor):
+    return torch.empty_like(x)
+
+
+scale.register_autograd(lambda ctx, grad: (grad * ctx.factor, None),
+                        setup_context=lambda ctx, inputs, output: setattr(ctx, "factor", inputs[1]))
+
+
+@kernel_op("ssm_hub_test::add_into_", mutates_args=("out",))
+def add_into(out: torch.Tensor, x: torch.Tensor) -> None:
+    calls.append("add_into")
+    out.add_(x)
+
+
+@add_into.register_fake
+def _(out, x):
+    return None
+
+
+def _dispatched(function, *args):
+    """(result, whether the call went through the registered op)."""
+    seen = []
+    op = function.op
+    function.op = lambda *a: seen.append(True) or op(*a)
+    try:
+        return function(*args), bool(seen)
+    finally:
+        function.op = op
+
+
+def test_plain_eager_calls_skip_the_dispatcher_and_bump_version_counters():
+    x = torch.randn(4)
+    result, dispatched = _dispatched(scale, x, 2.0)
+    assert not dispatched and torch.equal(result, x * 2)
+    out = torch.zeros(4)
+    version = out._version
+    _, dispatched = _dispatched(add_into, out, x)
+    assert not dispatched and torch.equal(out, x) and out._version > version
+    with torch.no_grad():  # no_grad: nothing to record even for an input that requires grad
+        _, dispatched = _dispatched(scale, x.requires_grad_(), 2.0)
+    assert not dispatched
+
+
+def test_autograd_goes_through_the_op_and_its_formula():
+    x = torch.randn(4, requires_grad=True)
+    result, dispatched = _dispatched(scale, x, 3.0)
+    assert dispatched
+    result.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((4,), 3.0))
+
+
+def test_compile_and_fake_tensors_see_the_op():
+    calls.clear()
+    with FakeTensorMode():
+        fake = scale(torch.empty(4), 2.0)  # the fake implementation: the function never runs
+    assert calls == [] and fake.shape == (4,)
+    compiled = torch.compile(lambda x: scale(x, 2.0) + 1, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4)
+    torch.testing.assert_close(compiled(x), x * 2 + 1)
