@@ -22,7 +22,6 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-import ssm_hub
 from conftest import randomised, tiny_config
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
