@@ -48,6 +48,13 @@ def model_type(request):
     return request.param
 
 
+@pytest.fixture(params=[{}, {"disable_compile": True}], ids=["default decoder", "transformers loop"])
+def decoding(request):
+    """generate() keyword arguments for each decoding path: the default (ssm_hub.generation's decoder) and
+    transformers' own loop."""
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Generation through transformers' own cache for every ssm_hub architecture."""
+"""Generation through transformers' own cache for every ssm_hub architecture, on both decoding paths: the default
+(ssm_hub.generation's decoder) and transformers' own loop."""
 
 import pytest
 import torch
@@ -6,6 +7,9 @@ from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 from transformers.cache_utils import LinearAttentionLayer
 
 from conftest import tiny_config
+
+
+GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 @pytest.fixture
@@ -28,9 +32,9 @@ def test_default_cache_is_transformers_dynamic_cache_of_linear_layers(model):
     assert len(out.cache.layers) == model.config.num_hidden_layers
 
 
-def test_greedy_with_cache_equals_recomputing_without_cache(model):
+def test_greedy_with_cache_equals_recomputing_without_cache(model, decoding):
     input_ids = torch.randint(1, 64, (2, 7))
-    generated = model.generate(input_ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    generated = model.generate(input_ids, max_new_tokens=8, **GREEDY, **decoding)
     torch.testing.assert_close(generated, _greedy_without_cache(model, input_ids, 8))
 
 
@@ -44,35 +48,35 @@ def test_cached_step_logits_match_full_forward(model):
     torch.testing.assert_close(torch.cat([prefix, *steps, chunk], dim=1), full, atol=1e-5, rtol=1e-4)
 
 
-def test_sampling_and_beam_search_run(model):
+def test_sampling_and_beam_search_run(model, decoding):
     input_ids = torch.randint(1, 64, (2, 5))
-    sampled = model.generate(input_ids, max_new_tokens=6, do_sample=True, top_k=10, pad_token_id=0, eos_token_id=None)
+    sampled = model.generate(input_ids, max_new_tokens=6, do_sample=True, top_k=10, pad_token_id=0, eos_token_id=None,
+                             **decoding)
     assert sampled.shape == (2, 11)
     beams = model.generate(
         input_ids, max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False, pad_token_id=0,
-        eos_token_id=None,
+        eos_token_id=None, **decoding,
     )
     assert beams.shape == (4, 11)
 
 
-def test_left_padded_batch_gives_each_rows_tokens(model):
+def test_left_padded_batch_gives_each_rows_tokens(model, decoding):
     rows = [torch.randint(1, 64, (1, 7)), torch.randint(1, 64, (1, 4))]
-    alone = [model.generate(r, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)[:, r.shape[1]:]
-             for r in rows]
+    alone = [model.generate(r, max_new_tokens=6, **GREEDY, **decoding)[:, r.shape[1]:] for r in rows]
     pad = torch.zeros(1, 3, dtype=torch.long)
     input_ids = torch.cat([rows[0], torch.cat([pad, rows[1]], dim=1)])
     attention_mask = torch.cat([torch.ones(1, 7), torch.cat([torch.zeros(1, 3), torch.ones(1, 4)], dim=1)]).long()
     batched = model.generate(
-        input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None
+        input_ids, attention_mask=attention_mask, max_new_tokens=6, **GREEDY, **decoding
     )[:, 7:]
     torch.testing.assert_close(batched, torch.cat(alone))
 
 
-def test_static_cache_generation_matches_dynamic(model):
+def test_static_cache_generation_matches_dynamic(model, decoding):
     input_ids = torch.randint(1, 64, (2, 6))
-    dynamic = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    dynamic = model.generate(input_ids, max_new_tokens=6, **GREEDY, **decoding)
     static = model.generate(
-        input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="static"
+        input_ids, max_new_tokens=6, cache_implementation="static", **GREEDY, **decoding
     )
     torch.testing.assert_close(static, dynamic)
     cache = StaticCache(config=model.config, max_cache_len=32)
@@ -92,8 +96,8 @@ def test_a_cache_not_built_from_the_config_is_refused_clearly(model):
         model.generate(torch.randint(1, 64, (1, 4)), cache=DynamicCache(), max_new_tokens=2)
 
 
-def test_bf16_greedy_with_cache_equals_recomputing(model_type):
+def test_bf16_greedy_with_cache_equals_recomputing(model_type, decoding):
     model = AutoModelForCausalLM.from_config(tiny_config(model_type)).to(torch.bfloat16).eval()
     input_ids = torch.randint(1, 64, (2, 7))
-    generated = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    generated = model.generate(input_ids, max_new_tokens=6, **GREEDY, **decoding)
     torch.testing.assert_close(generated, _greedy_without_cache(model, input_ids, 6))

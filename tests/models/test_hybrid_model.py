@@ -33,6 +33,12 @@ def gpt2_block(**overrides):
                 mlp_type="plain", hidden_act="gelu_new", mlp_bias=True, attention_bias=True, **overrides)
 
 
+def full_attention(**overrides):
+    """The tiny hybrid with full attention in place of sliding-window attention: what generate's default decoder
+    captures (transformers' static cache tracks sliding layers on the host)."""
+    return tiny(mixer_types=["mamba2", "attention", "mamba", "attention", "mamba2"], **overrides)
+
+
 def model_for(config=None):
     return AutoModelForCausalLM.from_config(config or tiny()).eval()
 
@@ -75,12 +81,12 @@ def test_training_step_adds_the_router_losses_and_reaches_every_parameter():
     assert missing == []
 
 
-@pytest.mark.parametrize("config", [tiny, gpt2_block])
+@pytest.mark.parametrize("config", [tiny, gpt2_block, full_attention])
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_cached_greedy_generation_equals_recomputation(cache_implementation, config):
+def test_cached_greedy_generation_equals_recomputation(cache_implementation, config, decoding):
     model = model_for(config())
     prompt = torch.randint(1, 97, (2, 6))
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, **decoding)
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     with torch.no_grad():
@@ -88,14 +94,14 @@ def test_cached_greedy_generation_equals_recomputation(cache_implementation, con
     assert torch.equal(generated, greedy_by_recomputation(model, prompt, 8))
 
 
-@pytest.mark.parametrize("config", [tiny, gpt2_block])
-def test_left_padded_row_generates_its_own_tokens(config):
+@pytest.mark.parametrize("config", [tiny, gpt2_block, full_attention])
+def test_left_padded_row_generates_its_own_tokens(config, decoding):
     model = model_for(config())
     long, short = torch.randint(1, 97, (1, 6)), torch.randint(1, 97, (1, 4))
     batch = torch.cat([long, torch.cat([torch.zeros(1, 2, dtype=torch.long), short], dim=1)])
     mask = torch.ones_like(batch)
     mask[1, :2] = 0
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, **decoding)
     with torch.no_grad():
         padded = model.generate(batch, attention_mask=mask, **kwargs)
         alone = model.generate(short, **kwargs)

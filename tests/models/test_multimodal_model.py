@@ -159,12 +159,12 @@ def test_image_tokens_take_their_own_projections_and_text_only_inputs_do_not(lay
 
 @pytest.mark.parametrize("config", [tiny, mixture])
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
-def test_cached_generation_from_images_equals_recomputation(config, cache_implementation):
+def test_cached_generation_from_images_equals_recomputation(config, cache_implementation, decoding):
     model = model_for(config())
     pixels, sizes = padded([torch.randn(3, 8, 4), torch.randn(3, 4, 8)])
     input_ids = torch.tensor([[5, *image_tokens(8, 4), 7], [6, 7, 8, *image_tokens(4, 8)]])
     images = dict(pixel_values=pixels, image_sizes=sizes)
-    kwargs = dict(max_new_tokens=6, **GENERATE)
+    kwargs = dict(max_new_tokens=6, **GENERATE, **decoding)
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     with torch.no_grad():
