@@ -5,12 +5,15 @@
 
 After a 128-token prefill into a static cache it times one decode step (model forward on one token) three ways:
 eagerly (Python and launches included), as a CUDA-graph replay of the same step (the device time alone, what
-ssm_hub.cuda_graph_greedy pays per token), and kernel by kernel with torch.profiler (name, launches per step,
-device time per step), which says which kernels a faster step must fuse or speed up.
+generate's default decoder pays per token on top of its sampling), and kernel by kernel with torch.profiler (name,
+launches per step, device time per step), which says which kernels a faster step must fuse or speed up. The eager
+step's host time is also split by function with cProfile (the functions with the most time of their own).
 """
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,6 +59,12 @@ def main():
             for _ in range(profiled_steps):
                 step()
             torch.cuda.synchronize()
+        host_profile = cProfile.Profile()
+        host_profile.enable()
+        for _ in range(profiled_steps):
+            step()
+        host_profile.disable()
+        torch.cuda.synchronize()
     kernels = defaultdict(lambda: [0, 0.0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -76,6 +85,8 @@ def main():
           f"{report['kernel_us_per_step']:.0f} us of kernels per step")
     for row in table[:25]:
         print(f"{row['us_per_step']:8.1f} us {row['launches_per_step']:5.0f}x  {row['kernel'][:110]}")
+    print(f"host time of {profiled_steps} eager steps, by function (own time first):")
+    pstats.Stats(host_profile).sort_stats("tottime").print_stats(25)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -17,13 +17,13 @@ import gc
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
 import transformers
 
 from mamba2_130m import CANDIDATES, OURS, build, label
+from train_step import time_training_steps
 
 RESULTS = Path(__file__).parent / "results"
 WITHOUT_FUSED_NODE = "ssm_hub without the fused training node"
@@ -44,36 +44,20 @@ def measure(candidate: str, batch: int, seq_len: int, vocab_size: int, warmup: i
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     result = {"candidate": label(candidate), "batch": batch, "seq_len": seq_len}
-    model = optimizer = None
+    model = None
     try:
         model = build(candidate, vocab_size).cuda().train()
         result["parameters"] = model.num_parameters()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         input_ids = torch.randint(0, vocab_size, (batch, seq_len), device="cuda")
-        times = []
-        for step in range(warmup + steps):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=input_ids, labels=input_ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
-            if not torch.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss.item()}")
-        times.sort()
-        median = times[len(times) // 2]
+        median, loss = time_training_steps(model, input_ids, warmup, steps)
         result.update(
             status="ok", step_seconds_median=median, tokens_per_second=batch * seq_len / median,
-            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, final_loss=loss.item(),
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30, final_loss=loss,
         )
     except torch.cuda.OutOfMemoryError as error:
         result.update(status="out of memory", peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
                       error=str(error).splitlines()[0])
-    del model, optimizer  # free the GPU before the next candidate
+    del model  # free the GPU before the next candidate
     return result
 
 
