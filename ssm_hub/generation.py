@@ -118,13 +118,15 @@ def eager_decoding_reason(model, logits_processor, stopping_criteria, generation
         (i for i, p in enumerate(logits_processor) if isinstance(p, MIN_LENGTH_PROCESSORS)), default=0)
     if any(type(p) in TRUNCATING_PROCESSORS for p in list(logits_processor)[:before_last_min_length]):
         return "a min-length processor after a top-k / top-p / min-p warper (the decoder masks EOS first)"
-    unsupported = [type(c).__name__ for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+    unsupported = [type(c).__name__ for c in stopping_criteria
+                   if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
     if unsupported:
         return f"stopping criteria other than max length and EOS: {unsupported}"
     layer_types = getattr(config, "layer_types", None) or ()
     if "sliding_attention" in layer_types:
         return "sliding-window attention layers (transformers' static cache tracks their fill on the host)"
-    if any(kind in ATTENTION_LAYER_TYPES for kind in layer_types) and config._attn_implementation not in ("sdpa", "eager"):
+    has_attention = any(kind in ATTENTION_LAYER_TYPES for kind in layer_types)
+    if has_attention and config._attn_implementation not in ("sdpa", "eager"):
         return f"attention implementation {config._attn_implementation!r} (the decoder captures 'sdpa' and 'eager')"
     devices = set(getattr(model, "hf_device_map", {}).values())
     if len(devices) > 1:
