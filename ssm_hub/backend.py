@@ -19,7 +19,8 @@ BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "SSM_HUB_BACKEND"
 
 
-def _env_backend() -> str:
+def environment_backend() -> str:
+    """What ``auto`` means in this process: the value of SSM_HUB_BACKEND, or ``auto`` when it is unset."""
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {value!r}")
@@ -50,7 +51,7 @@ def resolve_backend(op_name: str, backend: str, *tensors, has_triton_kernel: boo
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r} (op {op_name})")
     if backend == "auto":
-        backend = _env_backend()
+        backend = environment_backend()
     on_cuda = all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend == "auto":
         usable = has_triton_kernel and on_cuda and triton_available()

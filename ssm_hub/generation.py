@@ -14,17 +14,22 @@ replayed. Every ssm_hub causal LM inherits :class:`GraphDecodingGenerationMixin`
    replayed; on a CPU it runs as it is.
 3. The host reads "has every row finished?" every ``FINISHED_CHECK_INTERVAL`` steps only.
 
-The tokens are those of transformers' loop. Where the step cannot be captured (a streamer, a logits processor or
-stopping criterion that needs the host, ``return_dict_in_generate``, a cache passed in, sliding-window attention
-layers, ...) transformers' own loop runs instead, after one info line on the ``ssm_hub.generation`` logger that
-names the reason; ``generate(..., disable_compile=True)`` asks for that loop, as it turns off transformers'
-automatic compilation. Beam search and assisted decoding are transformers' own.
+The tokens are those of transformers' loop, and so are the samples for a given seed. Where the step cannot be
+captured (a streamer, a logits processor or stopping criterion that needs the host, ``return_dict_in_generate``, a
+cache passed in, an offloaded or quantized cache_implementation, sliding-window attention layers, ...)
+transformers' own loop runs instead, after one info line on the ``ssm_hub.generation`` logger that names the
+reason; ``generate(..., disable_compile=True)`` asks for that loop, as it turns off transformers' automatic
+compilation. Beam search and assisted decoding are transformers' own.
 
 The captured step (with its cache and buffers) is kept per model, one at a time, and replayed by later calls with
-the same batch size, cache length bucket, processors and model mode (weights' addresses, training flag, autocast,
-PEFT adapters). Two concurrent ``generate`` calls on one model (threads or streams) are not supported.
+the same batch size, cache length bucket, processors and model state (weights' addresses, training flag,
+autocast, inference mode, attention implementation, kernel backend, forward hooks, PEFT adapters). Its static
+cache holds the prompt and every new token from the start, and stays allocated between calls until another
+shape replaces it or the model is deleted. Two concurrent ``generate`` calls on one model (threads or streams)
+are not supported.
 """
 
+import copy
 import logging
 import math
 import time
@@ -43,6 +48,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+from ssm_hub.backend import environment_backend
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,8 @@ TRUNCATING_PROCESSORS = (TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper)
 DECODER_MODEL_KWARGS = ("cache", "attention_mask", "position_ids", "use_cache", "logits_to_keep", "inputs_embeds",
                         "pixel_values", "image_sizes")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+# The cache_implementation values whose cache the decoder's own static cache stands in for.
+DECODER_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
 
 
 def _graph_safe(logits_processor) -> list:
@@ -106,20 +115,23 @@ def eager_decoding_reason(model, logits_processor, stopping_criteria, generation
     cache = model_kwargs.get("cache")
     if getattr(cache, "_is_user_defined", False):
         return "a cache was passed in (the decoder prefills a static cache of its own)"
+    if generation_config.cache_implementation not in DECODER_CACHE_IMPLEMENTATIONS:
+        return (f"cache_implementation={generation_config.cache_implementation!r} (the decoder keeps a static cache "
+                "on the device)")
     other_kwargs = sorted(key for key, value in model_kwargs.items()
                           if key not in DECODER_MODEL_KWARGS and value is not None)
     if other_kwargs:
         return f"model keyword arguments the decode step does not take: {other_kwargs}"
     unsupported = [type(p).__name__ for p in logits_processor
-                   if not isinstance(p, MIN_LENGTH_PROCESSORS) and type(p) not in GRAPH_SAFE_PROCESSORS]
+                   if type(p) not in MIN_LENGTH_PROCESSORS + GRAPH_SAFE_PROCESSORS]
     if unsupported:
         return f"logits processors that need the host: {unsupported}"
     before_last_min_length = max(
-        (i for i, p in enumerate(logits_processor) if isinstance(p, MIN_LENGTH_PROCESSORS)), default=0)
+        (i for i, p in enumerate(logits_processor) if type(p) in MIN_LENGTH_PROCESSORS), default=0)
     if any(type(p) in TRUNCATING_PROCESSORS for p in list(logits_processor)[:before_last_min_length]):
         return "a min-length processor after a top-k / top-p / min-p warper (the decoder masks EOS first)"
     unsupported = [type(c).__name__ for c in stopping_criteria
-                   if not isinstance(c, (MaxLengthCriteria, EosTokenCriteria))]
+                   if type(c) not in (MaxLengthCriteria, EosTokenCriteria)]
     if unsupported:
         return f"stopping criteria other than max length and EOS: {unsupported}"
     layer_types = getattr(config, "layer_types", None) or ()
@@ -134,12 +146,15 @@ def eager_decoding_reason(model, logits_processor, stopping_criteria, generation
     return None
 
 
-def _stop_ids(stopping_criteria, device) -> torch.Tensor | None:
+def _stop_ids(stopping_criteria, vocab_size: int, device) -> torch.Tensor | None:
     """Every id that ends a row: the union of the EOS criteria's (generate builds one from the config; a caller may
-    add more), or None without any."""
+    add more), or None without any. Ids outside the vocabulary are kept out: no token ever matches them."""
     ids = [torch.as_tensor(c.eos_token_id, device=device).view(-1) for c in stopping_criteria
-           if isinstance(c, EosTokenCriteria)]
-    return torch.cat(ids).unique() if ids else None
+           if type(c) is EosTokenCriteria]
+    if not ids:
+        return None
+    ids = torch.cat(ids).unique()
+    return ids[(ids >= 0) & (ids < vocab_size)]
 
 
 def _min_new_tokens_per_id(logits_processor, prompt_len: int, vocab_size: int, device) -> torch.Tensor:
@@ -147,9 +162,9 @@ def _min_new_tokens_per_id(logits_processor, prompt_len: int, vocab_size: int, d
     own EOS ids; 0 for the others)."""
     minimum = torch.zeros(vocab_size, dtype=torch.long, device=device)
     for processor in logits_processor:
-        if isinstance(processor, MinLengthLogitsProcessor):
+        if type(processor) is MinLengthLogitsProcessor:
             count = processor.min_length - prompt_len
-        elif isinstance(processor, MinNewTokensLengthLogitsProcessor):
+        elif type(processor) is MinNewTokensLengthLogitsProcessor:
             count = processor.min_new_tokens - (prompt_len - processor.prompt_length_to_skip)
         else:
             continue
@@ -168,16 +183,24 @@ except ImportError:  # PEFT is a dependency; without it there are no adapter lay
 
 def _model_key(model) -> tuple:
     """What a captured step depends on in the model: the parameters' and buffers' addresses, shapes and dtypes (it
-    reads them in place), and the Python-side modes that change which kernels a forward runs: the training flag,
-    autocast, and each PEFT layer's merged / disabled / active adapters (merging writes into the base weights in
-    place, so the addresses alone would not show it)."""
+    reads them in place), and the Python-side state that changes what a forward runs: the training flag, autocast,
+    inference mode (tensors made under it cannot be updated outside it), the attention implementation, the kernel
+    backend variable, the modules' forward hooks, and each PEFT layer's merged / disabled / active adapters
+    (merging writes into the base weights in place, so the addresses alone would not show it)."""
     weights = [*model.parameters(), *model.buffers()]
-    adapters = tuple(
-        (name, module.merged, module.disable_adapters, tuple(module.active_adapters))
-        for name, module in model.named_modules() if isinstance(module, _PEFT_LAYER_TYPES)
-    )
-    autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-    return (model.training, autocast, adapters, tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights))
+    adapters, hooks = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, _PEFT_LAYER_TYPES):
+            adapters.append((name, module.merged, module.disable_adapters, tuple(module.active_adapters)))
+        if module._forward_hooks or module._forward_pre_hooks:
+            hooks.append((name, tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
+    global_hooks = (tuple(torch.nn.modules.module._global_forward_hooks),
+                    tuple(torch.nn.modules.module._global_forward_pre_hooks))
+    modes = (model.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+             torch.is_inference_mode_enabled(), getattr(model.config, "_attn_implementation", None),
+             environment_backend())
+    return (modes, tuple(adapters), tuple(hooks), global_hooks,
+            tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in weights))
 
 
 class _Decoder:
@@ -192,13 +215,14 @@ class _Decoder:
                  logits_processor, do_sample: bool, has_padding: bool):
         self.key, self.cache_length, self.vocab_size = key, cache_length, vocab_size
         self.cache = StaticCache(config=model.config, max_cache_len=cache_length)
-        # The processors of the call that made the decoder, their tensor settings moved to the device: a captured
-        # step reads those tensors, so later calls copy their own values into them (same settings otherwise: key).
-        self.processors = _graph_safe(logits_processor)
+        # Copies of the processors of the call that made the decoder, with tensor settings of their own on the
+        # device: a captured step reads those tensors, so later calls copy their values into them (their other
+        # settings are in the key). The caller's processors are left as they are.
+        self.processors = [copy.copy(processor) for processor in _graph_safe(logits_processor)]
         for processor in self.processors:
             for name, value in vars(processor).items():
                 if isinstance(value, torch.Tensor):
-                    setattr(processor, name, value.to(device))
+                    setattr(processor, name, value.to(device, copy=True))
         self.do_sample = do_sample
         long = dict(dtype=torch.long, device=device)
         # The prompt, then the new tokens, then vocab_size (an id the repetition penalty drops) in unwritten slots.
@@ -324,17 +348,17 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     the caller has checked :func:`eager_decoding_reason`."""
     batch_size, prompt_len = input_ids.shape
     device = input_ids.device
-    max_length = min(c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria))
+    max_length = min(c.max_length for c in stopping_criteria if type(c) is MaxLengthCriteria)
     max_new_tokens = max_length - prompt_len
     if max_new_tokens < 1:
         raise ValueError(f"nothing to generate: max_length {max_length} <= prompt length {prompt_len}")
-    eos = _stop_ids(stopping_criteria, device)
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    eos = _stop_ids(stopping_criteria, vocab_size, device)
     pad = generation_config._pad_token_tensor
     if eos is not None:
         if pad is None:
             raise ValueError("an eos_token_id needs a pad_token_id to fill the rows that have finished")
         pad = pad.to(device)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
     attention_mask = model_kwargs.get("attention_mask")
     # Tokens the prefill puts in the cache: the prompt ids, or the embeddings given instead (then input_ids holds
     # no prompt and the output only the new tokens, as transformers returns them).
@@ -354,7 +378,11 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     decoder.start(input_ids, attention_mask, logits_processor, max_new_tokens, min_new_tokens, eos, pad)
 
     model_kwargs = {**model_kwargs, "cache": decoder.cache}
-    prefill_logits = model._prefill(input_ids, generation_config, model_kwargs).logits[:, -1].float()
+    # transformers compiles a chunked prefill's forward when the cache is static; the decoder's cache standing in
+    # for a dynamic one must not turn that on.
+    prefill_config = copy.copy(generation_config)
+    prefill_config.disable_compile = True
+    prefill_logits = model._prefill(input_ids, prefill_config, model_kwargs).logits[:, -1].float()
     position_ids = model_kwargs.get("position_ids")
     if position_ids is not None:
         decoder.positions.copy_((position_ids[..., -1:] + 1).expand(batch_size, 1))
@@ -363,7 +391,10 @@ def decode(model, input_ids, logits_processor, stopping_criteria, generation_con
     steps = max_new_tokens - 1
     _check_position_table(model.config, decoder.positions, steps)
     decoder.choose(prefill_logits)
-    check_every = FINISHED_CHECK_INTERVAL
+    # A step after every row has finished costs nothing but time, except when sampling: its draw would move the
+    # random generator past where transformers' loop leaves it, so a sampling decode that can stop early checks
+    # after every step.
+    check_every = 1 if generation_config.do_sample and eos is not None else FINISHED_CHECK_INTERVAL
     if device.type != "cuda":
         logger.info("%s decodes without CUDA graphs: the model is on %s", type(model).__name__, device.type)
         return _run(decoder, lambda: decoder.step(model), steps, check_every)

@@ -7,8 +7,9 @@ microseconds a call, which a small model's decode or training step pays a hundre
 
 :func:`kernel_op` registers the function as a custom op as ``torch.library.custom_op`` does and returns a
 :class:`KernelOp`, which calls the function itself when nothing needs the dispatcher: not while compiling or
-exporting, not under a dispatch mode (FakeTensorMode, FlopCounterMode, ...) or a functorch transform, and not when
-autograd has to record the call (grad enabled and an input that requires grad). Everything else is the op's.
+exporting or FX tracing, not under a dispatch mode (FakeTensorMode, FlopCounterMode, ...), a functorch transform
+or forward-mode AD, not for tensor subclasses, and not when autograd has to record the call (grad enabled and an
+input that requires grad). Everything else is the op's.
 """
 
 import inspect
@@ -17,15 +18,26 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
-def _functorch_transforms_active() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
+# The tensor types a kernel reads directly; anything else (a tensor subclass: DTensor, a quantized or wrapper tensor)
+# has its own handling of ops and goes through the dispatcher.
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _transforms_active() -> bool:
+    """A functorch transform (vmap, grad, ...) or a forward-mode AD level is open."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0
 
 
 def needs_dispatcher(args) -> bool:
     """Whether a call with these positional arguments must go through the registered op."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _functorch_transforms_active():
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _transforms_active():
         return True
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if torch.overrides.has_torch_function(args):  # FX proxies, __torch_function__ subclasses
+        return True
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(type(t) not in PLAIN_TENSOR_TYPES for t in tensors):
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class KernelOp:

@@ -148,6 +148,67 @@ def test_prompt_given_as_embeddings(model, device, caplog):
     torch.testing.assert_close(got, from_ids[:, 7:])
 
 
+def test_consecutive_sampling_calls_draw_what_transformers_draws(model, device, caplog):
+    """Rows that finish early must not leave extra draws behind: the next call, not reseeded, samples the same."""
+    input_ids = torch.randint(1, 64, (2, 5), device=device)
+    settings = dict(max_new_tokens=30, pad_token_id=0, eos_token_id=[3, 7, 11], **SAMPLING)
+    runs = []
+    for eager in (True, False):
+        torch.manual_seed(0)
+        runs.append([model.generate(input_ids, disable_compile=eager, **settings) for _ in range(3)])
+    for expected, got in zip(*runs):
+        torch.testing.assert_close(got, expected)
+
+
+def test_eos_ids_outside_the_vocabulary_never_match(model, device, caplog):
+    input_ids = torch.randint(1, 64, (2, 5), device=device)
+    for eos in (-1, 100, [100, -1]):
+        expected, got = _both(model, input_ids, caplog, do_sample=False, max_new_tokens=12, pad_token_id=0,
+                              eos_token_id=eos)
+        assert got.shape == (2, 17)
+        torch.testing.assert_close(got, expected)
+
+
+def test_chunked_prefill_matches_and_is_not_compiled(model, device, caplog, monkeypatch):
+    configs = []
+    prefill = type(model)._prefill
+
+    def recording_prefill(self, input_ids, generation_config, *args, **kwargs):
+        configs.append(generation_config.disable_compile)
+        return prefill(self, input_ids, generation_config, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "_prefill", recording_prefill)
+    input_ids = torch.randint(1, 64, (2, 13), device=device)
+    expected, got = _both(model, input_ids, caplog, do_sample=False, max_new_tokens=6, pad_token_id=0,
+                          eos_token_id=None, prefill_chunk_size=4)
+    torch.testing.assert_close(got, expected)
+    assert configs[-1] is True  # the decoder's static cache must not switch on transformers' compiled prefill
+
+
+def test_inference_mode_then_plain_calls(model, device, caplog):
+    input_ids = torch.randint(1, 64, (2, 6), device=device)
+    settings = dict(do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        inside = model.generate(input_ids, **settings)
+    expected, got = _both(model, input_ids, caplog, **settings)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(inside, expected)
+
+
+def test_callers_processors_are_left_as_they_are(caplog):
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model = build("ssm_hub_mamba2", "cpu")
+    input_ids = torch.randint(1, 64, (2, 6))
+    settings = dict(do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    first = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([2, 5]))
+    model.generate(input_ids, logits_processor=LogitsProcessorList([first]), **settings)
+    second = RepetitionPenaltyLogitsProcessor(1.5, prompt_ignore_length=torch.tensor([0, 1]))
+    expected, got = _both(model, input_ids, caplog, logits_processor=LogitsProcessorList([second]), **settings)
+    torch.testing.assert_close(got, expected)
+    assert first.prompt_ignore_length.tolist() == [2, 5] and second.prompt_ignore_length.tolist() == [0, 1]
+
+
 class _Collector(BaseStreamer):
     def __init__(self):
         self.values = []
@@ -165,6 +226,7 @@ class _Collector(BaseStreamer):
     ("ssm_hub_mamba2", dict(no_repeat_ngram_size=2), "NoRepeatNGramLogitsProcessor"),
     ("ssm_hub_mamba2", dict(max_time=60.0), "MaxTimeCriteria"),
     ("ssm_hub_mamba2", dict(use_cache=False), "use_cache=False"),
+    ("ssm_hub_mamba2", dict(cache_implementation="offloaded"), "cache_implementation='offloaded'"),
     ("hybrid", dict(cache=True), "a cache was passed in"),
     ("ssm_hub_mamba", dict(logits_processor=LogitsProcessorList([
         TopKLogitsWarper(5), MinNewTokensLengthLogitsProcessor(6, 3, 7)])), "a min-length processor after a top-k"),
@@ -281,6 +343,11 @@ def test_model_key_sees_what_changes_the_step_without_moving_weights():
         keys.append(_model_key(model))
     model.train()
     keys.append(_model_key(model))
-    assert len(set(keys)) == len(keys)
     model.eval()
+    handle = model.lm_head.register_forward_hook(lambda module, args, output: -output)
+    keys.append(_model_key(model))  # a hook added after a capture changes what a step computes
+    handle.remove()
+    with torch.inference_mode():
+        keys.append(_model_key(model))
+    assert len(set(keys)) == len(keys)
     assert _model_key(model) == keys[0]  # and back to the first mode, the first key

@@ -4,7 +4,7 @@ wherever something needs it (autograd, torch.compile, dispatch modes). Run: pyte
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ssm_hub.ops.kernel_op import kernel_op
+from ssm_hub.ops.kernel_op import kernel_op, needs_dispatcher
 
 calls = []
 
@@ -75,3 +75,18 @@ def test_compile_and_fake_tensors_see_the_op():
     compiled = torch.compile(lambda x: scale(x, 2.0) + 1, backend="aot_eager", fullgraph=True)
     x = torch.randn(4)
     torch.testing.assert_close(compiled(x), x * 2 + 1)
+
+
+def test_forward_ad_and_tensor_subclasses_go_through_the_op():
+    import torch.autograd.forward_ad as forward_ad
+
+    class Subclass(torch.Tensor):
+        pass
+
+    x = torch.randn(4)
+    assert not needs_dispatcher((x, torch.nn.Parameter(torch.randn(2), requires_grad=False), 2.0, None))
+    assert needs_dispatcher((x.as_subclass(Subclass), 2.0))
+    with forward_ad.dual_level():
+        assert needs_dispatcher((x, 2.0))
+    with torch.inference_mode():
+        assert not needs_dispatcher((x, 2.0))
