@@ -50,6 +50,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from ssm_hub.backend import environment_backend
+from ssm_hub.layers.sequence_boundaries import check_position_range
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ class _Decoder:
     def choose(self, logits: torch.Tensor) -> None:
         """Append the next token of every row, chosen from ``logits`` [B, V] (float32) as transformers' loop chooses
         it; finished rows get pad."""
-        # Every min-length processor's ids and counts are in one mask (none forbids nothing).
+        # Every min-length processor's ids and counts are in one mask (without any, it forbids nothing).
         scores = logits.masked_fill(self.count < self.min_new_tokens, -math.inf)
         for processor in self.processors:
             scores = processor(self.ids, scores)
@@ -329,13 +330,8 @@ class _Decoder:
 def _check_position_table(config, positions: torch.Tensor, steps: int) -> None:
     """A model with learned absolute positions checks them on the host in every forward, which a replayed step
     skips: so check the last position the steps will read before any runs (one host read)."""
-    if not getattr(config, "absolute_position_embeddings", False) or steps == 0:
-        return
-    first, last = int(positions.min()), int(positions.max()) + steps - 1
-    limit = config.max_position_embeddings
-    if last >= limit:
-        raise ValueError(f"positions from {first} to {last} exceed the model's max_position_embeddings ({limit}) "
-                         f"absolute positions (valid: 0 to {limit - 1})")
+    if getattr(config, "absolute_position_embeddings", False) and steps > 0:
+        check_position_range(int(positions.min()), int(positions.max()) + steps - 1, config.max_position_embeddings)
 
 
 # model -> its _Decoder. Weak, and the decoder holds no reference to the model, so a deleted model frees its graph.

@@ -89,3 +89,11 @@ def padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Ten
     if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask
+
+
+def check_position_range(low: int, high: int, limit: int) -> None:
+    """Learned absolute positions index a table of ``limit`` rows: positions from ``low`` to ``high`` outside it are
+    an error naming them (on a GPU the lookup would fail with a device-side assert that names nothing)."""
+    if low < 0 or high >= limit:
+        raise ValueError(f"positions from {low} to {high} exceed the model's max_position_embeddings ({limit}) "
+                         f"absolute positions (valid: 0 to {limit - 1})")

@@ -41,7 +41,7 @@ from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing
 from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.peft_compat import is_unhooked
-from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
+from ssm_hub.layers.sequence_boundaries import check_position_range, padding_mask, resolve_seq_idx
 from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
 from ssm_hub.models.remote_code import save_with_remote_code
 from ssm_hub.models.ssm_lm import (
@@ -289,17 +289,13 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
 
 
 def _check_absolute_positions(position_ids: torch.Tensor, limit: int) -> None:
-    """Learned absolute positions index a table of ``limit`` rows: out of range, the lookup fails on a GPU with a
-    device-side assert that names nothing, so the caller's positions are checked first (one host sync). Skipped
-    while compiling or capturing a CUDA graph, where the sync cannot happen."""
+    """The caller's positions checked against the table of learned absolute positions (one host sync). Skipped while
+    compiling or capturing a CUDA graph, where the sync cannot happen."""
     if position_ids.numel() == 0 or torch.compiler.is_compiling() or (
             position_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     low, high = torch.aminmax(position_ids)
-    low, high = low.item(), high.item()
-    if low < 0 or high >= limit:
-        raise ValueError(f"positions from {low} to {high} exceed the model's max_position_embeddings ({limit}) "
-                         f"absolute positions (valid: 0 to {limit - 1})")
+    check_position_range(low.item(), high.item(), limit)
 
 
 class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
