@@ -2,12 +2,15 @@
 
     python benchmarks/profile_training_host.py            # ssm_hub on its kernels, bf16 autocast
     python benchmarks/profile_training_host.py --output benchmarks/results/training_host_time.txt
+    python benchmarks/profile_training_host.py --batch 8 --seq-len 2048 --vocab-size 50288 --kernels 40
 
 The step (forward, loss, backward; no optimizer) runs at batch 1 x 256 tokens, where the GPU work is a few ms: the
 wall time per step is then the host's time to issue it. The time spent inside ssm_hub's kernel launchers (the
 public functions of ssm_hub.kernels: their Python plus Triton's launch of each kernel) and inside Triton's
 JITFunction.run alone is summed per step; the rest is autograd, torch's dispatch and the model's own Python. At the
 benchmark shape (batch 8 x 2048) a step that issues more slowly than the GPU runs it is bound by the host.
+``--kernels N`` adds torch.profiler's table of the N ops and kernels with the most device time per step, which
+says where the GPU time of a device-bound step goes.
 """
 
 import argparse
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 import triton
+from torch.profiler import ProfilerActivity, profile
 
 import ssm_hub.kernels
 import ssm_hub.ops
@@ -87,13 +91,15 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--vocab-size", type=int, default=1024,
+                        help="the default keeps the embedding and LM head out of what this measures")
+    parser.add_argument("--kernels", type=int, default=0, help="add the device-time table of this many ops")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
-    vocab_size = 1024  # the embedding and LM head are not what this measures
-    model = build(OURS, vocab_size).cuda().train()
-    input_ids = torch.randint(0, vocab_size, (args.batch, args.seq_len), device="cuda")
+    model = build(OURS, args.vocab_size).cuda().train()
+    input_ids = torch.randint(0, args.vocab_size, (args.batch, args.seq_len), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -102,6 +108,16 @@ def main():
 
     for _ in range(5):  # compilation and autotuning before the timers go in
         step()
+    kernel_table = ""
+    if args.kernels:
+        profiled_steps = 3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+            for _ in range(profiled_steps):
+                step()
+            torch.cuda.synchronize()
+        kernel_table = (f"\ndevice time of {profiled_steps} steps by op and kernel:\n"
+                        + profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.kernels,
+                                                        max_name_column_width=70))
     timer = HostTimer()
     time_launchers(timer)
     torch.cuda.synchronize()
@@ -110,11 +126,12 @@ def main():
         step()
     torch.cuda.synchronize()
     wall = (time.perf_counter() - start) / args.steps
-    lines = [f"130M Mamba-2 forward + backward at batch {args.batch} x {args.seq_len} on {torch.cuda.get_device_name()}",
+    lines = [f"130M Mamba-2 forward + backward at batch {args.batch} x {args.seq_len}, vocabulary {args.vocab_size}, "
+             f"on {torch.cuda.get_device_name()}",
              f"host wall time per step {wall * 1e3:.1f} ms; Triton launches per step {timer.launches / args.steps:.0f}"]
     for label, seconds in sorted(timer.seconds.items(), key=lambda item: -item[1]):
         lines.append(f"{seconds / args.steps * 1e3:8.2f} ms  {label}")
-    report = "\n".join(lines) + "\n"
+    report = "\n".join(lines) + "\n" + kernel_table
     print(report)
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
