@@ -37,14 +37,30 @@ def tiny_config(model_type: str, **overrides):
             mamba_chunk_size=8,
         )
         return ssm_hub.SsmHubHybridConfig(**{**fields, **overrides})
+    if model_type == "ssm_hub_multimodal":
+        # The hybrid's layer kinds with the image side; text only (no image token ids), as a language model.
+        fields = dict(
+            vocab_size=64, hidden_size=32, num_hidden_layers=3, mixer_types=["mamba2", "attention", "mamba"],
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, mamba_d_state=8, mamba_d_head=8,
+            mamba_n_groups=2, mamba_chunk_size=8, patch_size=4, mixture_of_mamba=True,
+        )
+        return ssm_hub.SsmHubMultimodalConfig(**{**fields, **overrides})
     raise ValueError(model_type)
 
 
 MODEL_TYPES = ["ssm_hub_mamba", "ssm_hub_mamba2"]
+# Every model type with a causal-LM class (AutoModelForCausalLM), and which of them have attention layers.
+CAUSAL_LM_TYPES = [*MODEL_TYPES, "ssm_hub_hybrid", "ssm_hub_multimodal"]
+WITH_ATTENTION = ("ssm_hub_hybrid", "ssm_hub_multimodal")
 
 
 @pytest.fixture(params=MODEL_TYPES)
 def model_type(request):
+    return request.param
+
+
+@pytest.fixture(params=CAUSAL_LM_TYPES)
+def causal_lm_type(request):
     return request.param
 
 

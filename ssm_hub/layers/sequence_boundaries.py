@@ -4,8 +4,11 @@ Packed training rows (transformers' ``DataCollatorWithFlattening``) mark documen
 ``position_ids`` at 0, or give ``cu_seq_lens_q`` / ``cu_seqlens`` (flash-attention style, batch 1) or
 ``seq_idx`` directly. An SSM must reset its recurrent and conv state at each start, or state leaks from one
 document into the next. Everything is turned into one ``seq_idx`` tensor [B, T] (document number per token,
-non-decreasing) that the ops understand.
+non-decreasing) that the ops understand. Attention layers get the same boundaries as a mask function for
+``transformers.masking_utils``, so that attention stays inside the documents the SSM layers reset at.
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -69,6 +72,25 @@ def resolve_seq_idx(
         if not torch.equal(torch.diff(first, dim=1) != 0, torch.diff(candidates[name], dim=1) != 0):
             raise ValueError(f"{names[0]} and {name} describe different document boundaries")
     return first
+
+
+def same_document_mask_function(seq_idx: torch.Tensor, first_position: int | torch.Tensor) -> Callable:
+    """A mask function for transformers' mask builders (``and_mask_function`` of ``create_causal_mask``): a query
+    attends only to keys of its own document, given by the current tokens' ``seq_idx`` [B, T].
+
+    transformers finds documents in ``position_ids`` only when there is neither a cache nor a 2-D mask; this holds
+    in every mode. Mask functions see absolute positions: a cache's earlier tokens are ``0 .. first_position - 1``
+    and count as the current tokens' first document, the one the SSM layers' cached state continues. Positions after
+    the current tokens (a static cache's empty slots) are masked by causality whatever this returns.
+    """
+    last = seq_idx.shape[1] - 1
+
+    def same_document(batch_idx, head_idx, q_idx, kv_idx):
+        query_document = seq_idx[batch_idx, (q_idx - first_position).clamp(0, last)]
+        key_document = seq_idx[batch_idx, (kv_idx - first_position).clamp(0, last)]
+        return query_document == key_document
+
+    return same_document
 
 
 def padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:

@@ -28,7 +28,9 @@ from ssm_hub.models.remote_code import save_with_remote_code
 PACKING_KWARGS = ("seq_idx", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 # Names under which transformers models (and code written for them) have passed the cache; all mean `cache`.
 CACHE_ALIASES = ("past_key_values", "cache_params")
-LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+# Keyword arguments of transformers' loss functions that Trainer, context parallelism or a user pass to the model; the
+# heads hand them to ``self.loss_function``, never to the backbone.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 def _cache_from_aliases(cache, kwargs: dict):
@@ -66,12 +68,13 @@ def lm_head_logits_and_loss(model, hidden_states, labels, logits_to_keep, loss_k
     """(logits in float32, loss or None) of a causal-LM head ``model.lm_head`` over the last hidden states.
 
     ``logits_to_keep``: the last N positions only (0 = all), or the given indices. The loss goes through
-    ``model.loss_function`` (labels shifted inside; ``num_items_in_batch`` normalises a summed loss).
+    ``model.loss_function``: labels shifted inside, or ``shift_labels`` already shifted (context parallelism splits
+    the row after shifting, so they must not be shifted again); ``num_items_in_batch`` normalises a summed loss.
     """
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
     logits = model.lm_head(hidden_states[:, keep].to(model.lm_head.weight.dtype)).float()
     loss = None
-    if labels is not None:
+    if labels is not None or loss_kwargs.get("shift_labels") is not None:
         loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **loss_kwargs)
     return logits, loss
 
@@ -214,9 +217,12 @@ class SSMBackbone(SSMPreTrainedModel):
         attention_mask: 2-D padding mask; padded positions feed zeros into the conv and the scan.
         position_ids: only used to find document starts in packed rows (a restart at 0 resets the state).
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
-        kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1).
+        kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1);
+        ``cache_position`` (transformers' older convention) is accepted and has nothing to say: SSM layers use no
+        positions, and the cached state already carries what came before.
         """
         cache = _cache_from_aliases(cache, kwargs)
+        kwargs.pop("cache_position", None)
         _reject_unknown_kwargs(type(self).__name__, kwargs, PACKING_KWARGS)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -289,8 +295,8 @@ class SSMForCausalLM(SSMPreTrainedModel, GraphDecodingGenerationMixin):
         **kwargs,
     ) -> SSMCausalLMOutput | tuple:
         r"""
-        labels: token ids, shifted inside the loss; -100 is ignored. ``num_items_in_batch`` (passed by Trainer
-        under gradient accumulation) normalises the summed loss.
+        labels: token ids, shifted inside the loss; -100 is ignored. ``shift_labels``: labels already shifted (used
+        instead). ``num_items_in_batch`` (passed by Trainer under gradient accumulation) normalises the summed loss.
         logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict

@@ -7,7 +7,13 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DynamicCache
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+    StaticCache,
+)
 
 import ssm_hub
 from conftest import assert_decode_step_is_one_graph
@@ -108,15 +114,33 @@ def test_left_padded_row_generates_its_own_tokens(config, decoding):
     assert torch.equal(padded[1, 6:], alone[0, 4:])
 
 
-def test_packed_rows_equal_their_documents_run_separately():
+@pytest.mark.parametrize("cache", ["none", "default", "static"])
+def test_packed_rows_equal_their_documents_run_separately(cache):
+    # Every layer kind, sliding-window attention included, with the cache a user gets by default, none, or static.
     model = model_for()
     first, second = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 9))
     packed = torch.cat([first, second], dim=1)
     position_ids = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    cache_kwargs = {"none": {"use_cache": False}, "default": {},
+                    "static": {"cache": StaticCache(config=model.config, max_cache_len=20)}}[cache]
     with torch.no_grad():
-        logits = model(packed, position_ids=position_ids, use_cache=False).logits
+        logits = model(packed, position_ids=position_ids, **cache_kwargs).logits
         expected = torch.cat([model(first, use_cache=False).logits, model(second, use_cache=False).logits], dim=1)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache_class", ["DynamicCache", "StaticCache"])
+def test_continuing_from_a_cache_without_position_ids_takes_the_positions_after_it(cache_class):
+    # The first layer is Mamba-2, whose cache slot does not count the tokens seen: the count is an attention layer's.
+    model = model_for()
+    input_ids = torch.randint(1, 97, (1, 16))
+    cache = DynamicCache(config=model.config) if cache_class == "DynamicCache" else \
+        StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        expected = model(input_ids, use_cache=False).logits
+        first = model(input_ids[:, :10], cache=cache).logits
+        rest = model(input_ids[:, 10:], cache=cache).logits
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

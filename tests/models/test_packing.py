@@ -1,11 +1,26 @@
-"""Packed sequences: the state resets at document boundaries, however the boundaries are given."""
+"""Packed sequences: the state resets at document boundaries, however the boundaries are given, and attention layers
+stay inside each document: in train and eval, with and without a cache, for every attention implementation, and in
+a Trainer evaluation."""
 
+import pytest
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorWithFlattening,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
 
-from conftest import tiny_config
+from conftest import CAUSAL_LM_TYPES, WITH_ATTENTION, tiny_config
 
 LENGTHS = (5, 9, 3)
+# (train mode, use_cache): eval with its default cache (on), eval without, training, training with a cache.
+MODES = {"eval": (False, None), "eval without cache": (False, False), "train": (True, None),
+         "train with cache": (True, True)}
+# Each causal-LM model type with every attention implementation it supports on CPU (None: it has no attention).
+IMPLEMENTATIONS = [(model_type, implementation) for model_type in CAUSAL_LM_TYPES
+                   for implementation in (("eager", "sdpa") if model_type in WITH_ATTENTION else (None,))]
 
 
 def _documents():
@@ -61,3 +76,63 @@ def test_packed_rows_in_a_batch_of_two(model_type):
     out = model(torch.stack([row0, row1]), position_ids=torch.stack([positions0, positions1]), use_cache=False).logits
     torch.testing.assert_close(out[0], _separate_logits(model, docs), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out[1], _separate_logits(model, [docs[2], docs[0], docs[1]]), atol=1e-5, rtol=1e-4)
+
+
+def _flattened(docs) -> dict:
+    """The batch transformers' DataCollatorWithFlattening makes of ``docs``, with every boundary key it can give."""
+    collator = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)
+    batch = collator([{"input_ids": doc.tolist()} for doc in docs])
+    return {name: torch.as_tensor(value) for name, value in batch.items()}
+
+
+def _packed_inputs(docs, boundaries: str) -> dict:
+    if boundaries == "position_ids":
+        return {"input_ids": torch.cat(docs)[None],
+                "position_ids": torch.cat([torch.arange(len(doc)) for doc in docs])[None]}
+    return _flattened(docs)
+
+
+@pytest.mark.parametrize("model_type, attn_implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("boundaries", ["position_ids", "flattening collator"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_packed_row_gives_each_documents_own_logits(model_type, attn_implementation, boundaries, mode):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation=attn_implementation)
+    docs = _documents()
+    with torch.no_grad():
+        expected = _separate_logits(model.eval(), docs)
+    training, use_cache = MODES[mode]
+    model.train(training)
+    inputs = _packed_inputs(docs, boundaries)
+    out = model(**inputs, use_cache=use_cache)
+    torch.testing.assert_close(out.logits[0], expected, atol=1e-5, rtol=1e-4)
+    leaked = model(inputs["input_ids"], use_cache=use_cache).logits[0]
+    assert not torch.allclose(leaked[LENGTHS[0]:], expected[LENGTHS[0]:], atol=1e-3), "the test must see the leak"
+
+
+def test_the_cache_after_a_packed_prefill_holds_the_last_documents_state(causal_lm_type):
+    # What transformers' SSM caches hold after a packed row: the state the scan ends in, that of the last document.
+    model = AutoModelForCausalLM.from_config(tiny_config(causal_lm_type)).eval()
+    docs = [torch.randint(1, 64, (n,)) for n in (7, 2)]  # the last shorter than the conv window
+    with torch.no_grad():
+        packed = model(**_packed_inputs(docs, "position_ids")).cache
+        alone = model(docs[-1][None]).cache
+    ssm_layers = [index for index, kind in enumerate(model.config.layer_types) if kind == "linear_attention"]
+    for index in ssm_layers:
+        torch.testing.assert_close(packed.layers[index].conv_states[0], alone.layers[index].conv_states[0])
+        torch.testing.assert_close(packed.layers[index].recurrent_states[0], alone.layers[index].recurrent_states[0])
+
+
+# Trainer sets the model's config.use_cache from its arguments (default False); with True, evaluation runs with a cache.
+@pytest.mark.parametrize("use_cache", [False, True], ids=["default arguments", "use_cache"])
+def test_trainer_evaluation_on_packed_documents_gives_their_unpacked_loss(causal_lm_type, use_cache, tmp_path):
+    # Equal lengths, so that the unpacked batch needs no padding and both losses average over the same tokens.
+    model = AutoModelForCausalLM.from_config(tiny_config(causal_lm_type))
+    docs = [torch.randint(1, 64, (8,)).tolist() for _ in range(3)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=len(docs), report_to=[],
+                             use_cpu=True, use_cache=use_cache)
+    flattening = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)
+    packed = Trainer(model=model, args=args, data_collator=flattening,
+                     eval_dataset=[{"input_ids": doc} for doc in docs]).evaluate()
+    unpacked = Trainer(model=model, args=args, data_collator=default_data_collator,
+                       eval_dataset=[{"input_ids": doc, "labels": doc} for doc in docs]).evaluate()
+    assert abs(packed["eval_loss"] - unpacked["eval_loss"]) <= 1e-5, (packed["eval_loss"], unpacked["eval_loss"])

@@ -14,9 +14,9 @@ the feed-forward a SwiGLU MLP, a mixture of experts or a product-key memory. Mod
 
 The cache is transformers' own: ``DynamicCache(config=...)`` / ``StaticCache`` build conv + recurrent state slots
 for the SSM layers and key/value slots for the attention layers from ``config.layer_types``. Attention masks come
-from ``transformers.masking_utils`` (causal, sliding window, padding, packed rows detected from position_ids);
-the SSM layers read the 2-D padding mask and the document boundaries (``position_ids`` restarts, ``seq_idx``,
-``cu_seqlens``) as the pure-SSM models do.
+from ``transformers.masking_utils`` (causal, sliding window, padding); the SSM layers read the 2-D padding mask and
+the document boundaries of packed rows (``position_ids`` restarts, ``seq_idx``, ``cu_seqlens``) as the pure-SSM
+models do, and the attention masks keep each query inside the same documents, with or without a cache.
 """
 
 import math
@@ -41,7 +41,12 @@ from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing
 from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.peft_compat import is_unhooked
-from ssm_hub.layers.sequence_boundaries import check_position_range, padding_mask, resolve_seq_idx
+from ssm_hub.layers.sequence_boundaries import (
+    check_position_range,
+    padding_mask,
+    resolve_seq_idx,
+    same_document_mask_function,
+)
 from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
 from ssm_hub.models.remote_code import save_with_remote_code
 from ssm_hub.models.ssm_lm import (
@@ -317,11 +322,25 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
-        """The attention layers' masks by cache layer kind, as transformers' generate also precomputes them."""
+    def _past_length(self, cache) -> int | torch.Tensor:
+        """How many tokens came before the current ones, read from an attention layer's cache slot (the SSM layers'
+        slots do not count tokens); 0 without a cache or without attention layers."""
+        if cache is None or not self.has_attention:
+            return 0
+        first_attention_layer = next(index for index, kind in enumerate(self.config.layer_types)
+                                     if kind != "linear_attention")
+        return cache.get_seq_length(first_attention_layer)
+
+    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, seq_idx, past) -> dict:
+        """The attention layers' masks by cache layer kind, as transformers' generate also precomputes them; with
+        ``seq_idx`` (packed rows), restricted to each query's own document."""
         masks = {}
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=cache, position_ids=position_ids)
+        if seq_idx is not None:
+            # Without position_ids: from them transformers would find the documents too, but only without a cache,
+            # and then hand the mask function positions within documents instead of the indices it reads.
+            mask_kwargs.update(position_ids=None, and_mask_function=same_document_mask_function(seq_idx, past))
         if "full_attention" in self.config.layer_types:
             masks["full_attention"] = create_causal_mask(**mask_kwargs)
         if "sliding_attention" in self.config.layer_types:
@@ -351,12 +370,14 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
         modality: each token's modality, for the blocks' per-modality parts (ssm_hub_multimodal); None: text.
         kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), and
-        flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``.
+        flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``; ``cache_position`` [T], the
+        current tokens' positions in the whole sequence (transformers' older convention), used as the positions
+        when there are no position_ids and no document boundaries.
         """
         cache = _cache_from_aliases(cache, kwargs)
         if kwargs.pop("output_attentions", None):
             raise ValueError(f"{type(self).__name__} does not return attention weights: output_attentions=True")
-        kwargs.pop("output_attentions", None)
+        cache_position = kwargs.pop("cache_position", None)
         unknown = sorted(set(kwargs) - set(PACKING_KWARGS))
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward got unexpected keyword arguments {unknown}")
@@ -388,16 +409,18 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         else:
             ssm_padding_mask = padding_mask(attention_mask, seq_len)
         if position_ids is None and seq_idx is not None:
-            # Documents given as seq_idx / cu_seqlens only: positions restart with each document, which is also how
-            # transformers' masks find them and keep the attention layers inside each document.
+            # Documents given as seq_idx / cu_seqlens only: positions restart with each document, so that each one is
+            # positioned (RoPE, absolute embeddings) as it would be alone.
             position_ids = positions_within_documents(seq_idx)
+        if position_ids is None and cache_position is not None:
+            position_ids = cache_position[None]
+        past = self._past_length(cache)
         if position_ids is None:
             if self.embed_positions is not None and not self.has_attention and cache is not None \
                     and cache.has_previous_state():
                 # Only attention layers' caches know how many tokens came before.
                 raise ValueError("a model with absolute position embeddings and no attention layer needs position_ids "
                                  "when it continues from a cache (generate passes them)")
-            past = cache.get_seq_length() if cache is not None and self.has_attention else 0
             if self.embed_positions is not None and past + seq_len > config.max_position_embeddings:
                 raise ValueError(f"positions up to {past + seq_len - 1} exceed the model's "
                                  f"max_position_embeddings ({config.max_position_embeddings}) absolute positions")
@@ -410,7 +433,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         attention_kwargs = {name: kwargs[name] for name in ATTENTION_KWARGS if kwargs.get(name) is not None}
         if self.has_attention:
             attention_masks = precomputed_masks or self._attention_masks(inputs_embeds, attention_mask, cache,
-                                                                         position_ids)
+                                                                         position_ids, seq_idx, past)
             if self.rotary_emb is not None:
                 position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
             attention_kwargs["position_ids"] = position_ids
@@ -461,8 +484,8 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GraphDecodingGenerati
         **kwargs,
     ) -> HybridCausalLMOutput | tuple:
         r"""
-        labels: token ids, shifted inside the loss; -100 is ignored. ``num_items_in_batch`` (passed by Trainer
-        under gradient accumulation) normalises the summed loss.
+        labels: token ids, shifted inside the loss; -100 is ignored. ``shift_labels``: labels already shifted (used
+        instead). ``num_items_in_batch`` (passed by Trainer under gradient accumulation) normalises the summed loss.
         output_router_logits: return the MoE layers' router logits and add the load-balancing loss (times
         ``router_aux_loss_coef``) and the router z-loss (times ``router_z_loss_coef``) to the loss.
         logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
