@@ -4,6 +4,7 @@
 import torch
 from torch import nn
 
+from ssm_hub.layers.peft_compat import is_unhooked
 from ssm_hub.ops.gated_rms_norm import add_rms_norm, gated_rms_norm
 
 
@@ -17,8 +18,12 @@ class RMSNorm(nn.Module):
         return gated_rms_norm(hidden_states, self.weight, eps=self.variance_epsilon)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A pre-norm block's residual step and this norm after it: (this norm of (residual + x) in the weight's
-        dtype, residual + x), in one op (see ssm_hub.ops.gated_rms_norm.add_rms_norm). Forward hooks do not run."""
+        """A pre-norm block's residual step and this norm after it: (this norm of (residual + x) rounded to the
+        weight's dtype, residual + x), in one op (see ssm_hub.ops.gated_rms_norm.add_rms_norm). When something hooks
+        or replaces this module's forward, the norm is called as the module instead, so that the hooks run."""
+        if not is_unhooked(self):
+            total = residual + x
+            return self(total.to(self.weight.dtype)), total
         return add_rms_norm(x, residual, self.weight, eps=self.variance_epsilon)
 
 

@@ -125,7 +125,14 @@ class SSMSequenceClassifierOutput(ModelOutput):
 
 
 class SSMBlock(GradientCheckpointingLayer):
-    """Pre-norm residual block: ``x + mixer(norm(x))``, the residual kept in fp32 if the config asks."""
+    """Pre-norm residual block ``x + mixer(norm(x))``, the residual stream kept in fp32 if the config asks, in
+    mamba_ssm's form: the block adds the previous block's mixer output into the residual stream itself, so that the
+    add, the cast and this block's norm run as one op (one kernel without gradients, see RMSNorm.add_and_norm).
+
+    ``forward(mixer_output, residual)`` takes the previous block's mixer output and the residual stream before it
+    (for the first block: the embeddings and None) and returns (this block's mixer output, the residual stream
+    entering this block). The residual stream after a block is the sum of the two, which the next block (or the
+    backbone's final norm) forms."""
 
     def __init__(self, config, layer_idx: int, mixer_class: type[nn.Module]):
         super().__init__()
@@ -133,13 +140,13 @@ class SSMBlock(GradientCheckpointingLayer):
         self.norm = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mixer = mixer_class(config, layer_idx=layer_idx)
 
-    def forward(self, hidden_states, cache=None, padding_mask=None, seq_idx=None):
-        residual = hidden_states
-        hidden_states = self.norm(hidden_states.to(self.norm.weight.dtype))
-        if self.residual_in_fp32:
-            residual = residual.float()
-        hidden_states = self.mixer(hidden_states, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx)
-        return residual + hidden_states
+    def forward(self, hidden_states, residual=None, cache=None, padding_mask=None, seq_idx=None):
+        if residual is None:
+            residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+            normed = self.norm(hidden_states.to(self.norm.weight.dtype))
+        else:
+            normed, residual = self.norm.add_and_norm(hidden_states, residual)
+        return self.mixer(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx), residual
 
 
 class SSMPreTrainedModel(PreTrainedModel):
@@ -248,13 +255,14 @@ class SSMBackbone(SSMPreTrainedModel):
         mask = padding_mask(attention_mask, seq_len)
         seq_idx = resolve_seq_idx(batch_size, seq_len, position_ids, kwargs)
 
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        for block in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states = block(hidden_states, cache=cache, padding_mask=mask, seq_idx=seq_idx)
-        hidden_states = self.norm_f(hidden_states.to(self.norm_f.weight.dtype))
+        # Each block's input (the residual stream entering it) for output_hidden_states, then the final normed state.
+        all_hidden_states = (inputs_embeds,) if output_hidden_states else None
+        hidden_states, residual = inputs_embeds, None
+        for index, block in enumerate(self.layers):
+            hidden_states, residual = block(hidden_states, residual, cache=cache, padding_mask=mask, seq_idx=seq_idx)
+            if output_hidden_states and index > 0:
+                all_hidden_states += (residual,)
+        hidden_states, _ = self.norm_f.add_and_norm(hidden_states, residual)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 

@@ -40,7 +40,6 @@ from ssm_hub.layers.mlp import PlainMLP, SwiGLUMLP
 from ssm_hub.layers.moe import MoEExperts, SparseMoE, TopKRouter, load_balancing_loss, router_z_loss
 from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
-from ssm_hub.layers.peft_compat import is_unhooked
 from ssm_hub.layers.sequence_boundaries import (
     check_position_range,
     padding_mask,
@@ -201,7 +200,7 @@ class HybridBlock(GradientCheckpointingLayer):
         if self.ffn_type == "none":
             return residual + mixed, None
         norm = self.pre_ff_layernorm
-        if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None and is_unhooked(norm):
+        if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None:
             # The residual add and the norm in one op (one kernel without gradients; see ssm_hub.ops.gated_rms_norm).
             normed, hidden_states = norm.add_and_norm(mixed, residual)
         else:
