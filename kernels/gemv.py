@@ -1,11 +1,16 @@
-"""Triton kernel for a linear layer on one row (decoding one sequence: a matrix-vector product), and for the two
-projections of a SwiGLU feed-forward fused with its gate, ``silu(x W_gate^T + b_gate) * (x W_up^T + b_up)``.
+"""Triton kernel for a linear layer on one row (decoding one sequence: a matrix-vector product), for the two
+projections of a SwiGLU feed-forward fused with its gate, ``silu(x W_gate^T + b_gate) * (x W_up^T + b_up)``, and for
+a linear layer whose input is first normed by the gated, grouped RMSNorm (Mamba-2's ``out_proj(norm(y, z))``).
 
 On one row the product is a pass over the weight: reading it is the whole cost. cuBLAS tiles the output in blocks
 of 64 columns, so a 1024-column layer runs on 16 of an H100's 132 SMs and reads its weight at a third of the memory
 bandwidth. Here one program owns 4 output columns, so that the programs fill the GPU, and loads their whole weight
 rows at once (up to 4096 long), so that each program has its whole tile in flight. Products are
 summed in float32, the bias added and the SwiGLU gate applied in float32, and the output rounded once.
+
+With the norm, every program norms the whole input row itself (a few thousand values, read from L2) before its
+columns: the norm needs no launch of its own, which on one row costs more than the norm. Its math and roundings are
+those of ``ssm_hub.ops.gated_rms_norm``: n rounded to x's dtype, times the norm's weight, rounded again.
 """
 
 import torch
@@ -27,10 +32,41 @@ MAX_BLOCK_K = 4096
 
 
 @triton.jit
+def _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, in_features, eps, HAS_GATE: tl.constexpr,
+                        NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gated RMSNorm of the row x [K] (K <= BLOCK_K) in float32, with ssm_hub.ops.gated_rms_norm's roundings."""
+    k = tl.arange(0, BLOCK_K)
+    k_mask = k < in_features
+    x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+    h = x
+    if HAS_GATE:
+        z = tl.load(gate_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        silu = z * tl.sigmoid(z)
+        if not NORM_BEFORE_GATE:
+            h = x * silu
+    # One 1 / rms per group of K / G channels, spread back over the group's channels.
+    group_size = in_features // NORM_GROUPS
+    group = k // group_size
+    rstd = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for g in tl.static_range(NORM_GROUPS):
+        in_group = k_mask & (group == g)
+        mean_square = tl.sum(tl.where(in_group, h * h, 0.0), axis=0) / group_size
+        rstd = tl.where(in_group, tl.rsqrt(mean_square + eps), rstd)
+    n = h * rstd
+    if HAS_GATE:
+        if NORM_BEFORE_GATE:
+            n = n * silu
+    norm_weight = tl.load(norm_weight_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+    normed = norm_weight * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return normed.to(x_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
 def gemv_fwd_kernel(
-    x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr,
-    out_features, in_features,
-    HAS_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr,
+    x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr, gate_ptr, norm_weight_ptr,
+    out_features, in_features, eps,
+    HAS_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
+    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -40,7 +76,11 @@ def gemv_fwd_kernel(
     for k_start in range(0, in_features, BLOCK_K):
         k = k_start + tl.arange(0, BLOCK_K)
         k_mask = k < in_features
-        x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        if NORM:  # the launcher guarantees one step: the whole row is one block
+            x = _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, in_features, eps, HAS_GATE, NORM_BEFORE_GATE,
+                                    NORM_GROUPS, BLOCK_K)
+        else:
+            x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
         weight_offsets = n[:, None] * in_features + k[None, :]
         tile_mask = n_mask[:, None] & k_mask[None, :]
         weight = tl.load(weight_ptr + weight_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -63,18 +103,24 @@ def launch_config(in_features: int) -> tuple[int, int]:
     return block_k, 4 if block_k <= 1024 else 8
 
 
-def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None):
+def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None):
     """Launch the kernel: x [K] contiguous, weight (and up_weight) [N, K] and bias [N] contiguous.
 
-    Returns x W^T + b [N], or with ``up_weight`` silu(x W^T + b) * (x W_up^T + b_up), in x's dtype."""
+    Returns x W^T + b [N], or with ``up_weight`` silu(x W^T + b) * (x W_up^T + b_up), in x's dtype. ``norm``:
+    (gate [K] contiguous or None, norm weight [K] contiguous, n_groups, eps, norm_before_gate) to project the gated
+    RMSNorm of x instead of x, for K <= MAX_BLOCK_K; its weight has x's dtype."""
     out_features, in_features = weight.shape
     out = torch.empty(out_features, device=x.device, dtype=x.dtype)
     if out_features == 0:
         return out
     block_k, num_warps = launch_config(in_features)
+    gate, norm_weight, n_groups, eps, norm_before_gate = norm if norm is not None else (None, None, 1, 0.0, False)
+    if norm is not None and in_features > block_k:
+        raise ValueError(f"the normed projection takes rows of at most {MAX_BLOCK_K} channels, got {in_features}")
     gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
-        x, weight, bias, up_weight, up_bias, out, out_features, in_features,
+        x, weight, bias, up_weight, up_bias, out, gate, norm_weight, out_features, in_features, eps,
         HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None,
+        NORM=norm is not None, HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, NORM_GROUPS=n_groups,
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out

@@ -18,10 +18,11 @@ from ssm_hub.backend import resolve_backend
 from ssm_hub.layers.linear import KernelLinear, is_plain_linear
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import GatedRMSNorm
-from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
+from ssm_hub.layers.peft_compat import is_unhooked, unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
+from ssm_hub.ops.linear import gated_rms_norm_linear
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
 from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
@@ -188,7 +189,14 @@ class Mamba2Mixer(nn.Module):
         return self._output(y, gate, out_dtype, modality), conv_state, ssm_state
 
     def _output(self, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype, modality=None) -> torch.Tensor:
-        return self._project_out(self.norm(y, gate).to(dtype), modality)
+        norm = self.norm
+        if (self.modality_out_proj is None and is_plain_linear(self.out_proj) and type(norm) is GatedRMSNorm
+                and is_unhooked(norm) and torch.promote_types(y.dtype, norm.weight.dtype) == dtype):
+            # One op, which decoding one row runs as one kernel (the norm inside out_proj's matrix-vector product).
+            return gated_rms_norm_linear(y, gate, norm.weight, self.out_proj.weight, self.out_proj.bias,
+                                         n_groups=norm.n_groups, eps=norm.variance_epsilon,
+                                         norm_before_gate=norm.norm_before_gate)
+        return self._project_out(norm(y, gate).to(dtype), modality)
 
     def _project_out(self, normed: torch.Tensor, modality: ModalityRouting | None) -> torch.Tensor:
         return per_modality(self.out_proj, self.modality_out_proj, normed, modality)

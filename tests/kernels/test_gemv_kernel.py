@@ -1,13 +1,14 @@
-"""The matrix-vector kernel (decoding's projections, and SwiGLU's two with their gate) against a float32 reference:
-sizes that no block divides, with and without bias, a row cut from a wider tensor, bf16 and fp16, and
-torch.compile."""
+"""The matrix-vector kernel (decoding's projections, SwiGLU's two with their gate, and a projection of the gated
+RMSNorm's output) against a float32 reference: sizes that no block divides, with and without bias, a row cut from a
+wider tensor, bf16 and fp16, and torch.compile."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernel_testing import DEVICE, requires_triton
-from ssm_hub.ops.linear import linear, swiglu_linear
+from ssm_hub.ops.gated_rms_norm import gated_rms_norm_ref
+from ssm_hub.ops.linear import gated_rms_norm_linear, linear, swiglu_linear
 
 pytestmark = requires_triton
 
@@ -15,6 +16,9 @@ pytestmark = requires_triton
 # left is that one rounding of y (2^-8 relative in bf16, 2^-11 in fp16) plus float32 sums in another order; the
 # atol covers outputs near zero, where sums of K terms of size ~1 cancel.
 TOLERANCES = {torch.bfloat16: dict(rtol=1e-2, atol=1e-2), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+# The normed projection also rounds its input twice (as the norm op does); a rounding may land one step away from the
+# reference's (Triton's CPU interpreter truncates where the GPU rounds to nearest), and K such steps add up in y.
+NORMED_TOLERANCES = {torch.bfloat16: dict(rtol=1e-2, atol=3e-2), torch.float16: dict(rtol=2e-3, atol=4e-3)}
 
 
 def _inputs(out_features, in_features, dtype, bias, swiglu):
@@ -68,6 +72,41 @@ def test_leading_dimensions_and_a_row_cut_from_a_wider_tensor(swiglu):
     out = _run(x, weights, biases)
     assert out.shape == (1, 1, 24)
     torch.testing.assert_close(out.float(), _reference(x, weights, biases), **TOLERANCES[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_groups", [1, 3])
+@pytest.mark.parametrize("gated, norm_before_gate", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_normed_projection_matches_the_norm_then_the_projection(dtype, n_groups, gated, norm_before_gate, bias):
+    """Mamba-2's out_proj(norm(y, z)) on the [1, 1, K] slices a decode step gives it: the reference norms in float32
+    and rounds as the norm op does (n to the input's dtype, then the weighted output), then projects in float32; the
+    kernel makes the same roundings, so what is left is the projection's one rounding and the order of sums."""
+    out_features, in_features = 37, 3 * 50
+    wide = torch.randn(1, 1, 3 * in_features, device=DEVICE).to(dtype)
+    x, gate = wide[..., :in_features], wide[..., in_features:2 * in_features] if gated else None
+    norm_weight = (torch.rand(in_features, device=DEVICE) + 0.5).to(dtype)
+    _, (weight,), (bias_tensor,) = _inputs(out_features, in_features, dtype, bias, False)
+    normed = gated_rms_norm_ref(x, norm_weight, gate, n_groups, 1e-5, norm_before_gate)
+    expected = _reference(normed, [weight], [bias_tensor])
+    with torch.no_grad():
+        out = gated_rms_norm_linear(x, gate, norm_weight, weight, bias_tensor, n_groups=n_groups, eps=1e-5,
+                                    norm_before_gate=norm_before_gate, backend="triton")
+    assert out.dtype == dtype and out.shape == (1, 1, out_features)
+    torch.testing.assert_close(out.float(), expected, **NORMED_TOLERANCES[dtype])
+
+
+def test_normed_projection_of_several_rows_or_with_gradients_is_the_two_ops():
+    x, gate = torch.randn(2, 3, 16, device=DEVICE).to(torch.bfloat16).unbind(0)
+    norm_weight = torch.ones(16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(8, 16, device=DEVICE).to(torch.bfloat16)
+    out = gated_rms_norm_linear(x, gate, norm_weight, weight, n_groups=2)
+    out.float().sum().backward()
+    expected = linear(gated_rms_norm_ref(x, norm_weight.detach(), gate, 2), weight)
+    torch.testing.assert_close(out.detach(), expected, **TOLERANCES[torch.bfloat16])
+    assert norm_weight.grad is not None and norm_weight.grad.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="gated_rms_norm_linear"):
+        gated_rms_norm_linear(x, gate, norm_weight.detach(), weight, n_groups=2, backend="triton")
 
 
 @pytest.mark.gpu

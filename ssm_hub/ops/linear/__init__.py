@@ -1,5 +1,5 @@
-"""Linear layers and SwiGLU's projections: ``linear`` and ``swiglu_linear``, the public ops and their one dispatch
-point. The math is in ``reference.py``.
+"""Linear layers, SwiGLU's projections and a projection of a gated RMSNorm's output: ``linear``, ``swiglu_linear``
+and ``gated_rms_norm_linear``, the public ops and their one dispatch point. The math is in ``reference.py``.
 
 The Triton kernel (a matrix-vector product, kernels/gemv.py) covers what decoding one sequence runs: one row (one
 token), bf16 or fp16, no gradient needed. On more rows cuBLAS is as fast or faster (benchmarks/gemv.py measured 2
@@ -11,10 +11,13 @@ explicit ``backend="triton"`` insists, and is refused for what the kernel does n
 import torch
 
 from ssm_hub.backend import resolve_backend
-from ssm_hub.ops.linear.reference import check_inputs, linear_ref, swiglu_linear_ref
-from ssm_hub.ops.linear.triton_ops import gemv_triton
+from ssm_hub.ops.gated_rms_norm import gated_rms_norm
+from ssm_hub.ops.gated_rms_norm.reference import check_inputs as check_norm_inputs
+from ssm_hub.ops.linear.reference import check_inputs, gated_rms_norm_linear_ref, linear_ref, swiglu_linear_ref
+from ssm_hub.ops.linear.triton_ops import NORMED_GEMV_MAX_FEATURES, gated_rms_norm_gemv_triton, gemv_triton
 
-__all__ = ["linear", "swiglu_linear", "linear_ref", "swiglu_linear_ref"]
+__all__ = ["linear", "swiglu_linear", "gated_rms_norm_linear", "linear_ref", "swiglu_linear_ref",
+           "gated_rms_norm_linear_ref"]
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -58,3 +61,23 @@ def swiglu_linear(x, gate_weight, up_weight, gate_bias=None, up_bias=None, backe
     if resolve_backend("swiglu_linear", backend, x, gate_weight, up_weight, has_triton_kernel=supported) == "triton":
         return _one_row(x, gate_weight, gate_bias, up_weight, up_bias)
     return swiglu_linear_ref(x, gate_weight, up_weight, gate_bias, up_bias)
+
+
+def gated_rms_norm_linear(x, gate, norm_weight, weight, bias=None, n_groups=1, eps=1e-5, norm_before_gate=False,
+                          backend="auto"):
+    """linear(gated_rms_norm(x, norm_weight, gate, n_groups, eps, norm_before_gate), weight, bias): Mamba-2's
+    out_proj of its normed output. On one row in one half dtype without gradients (as :func:`linear`'s kernel, for
+    rows of up to 4096 channels) the norm runs inside the matrix-vector kernel, which saves the norm's launch in a
+    decode step; otherwise it is the two ops one after the other."""
+    supported = _kernel_supports(x, gate, norm_weight, weight, bias) and x.shape[-1] <= NORMED_GEMV_MAX_FEATURES
+    if not supported and backend == "auto":
+        normed = gated_rms_norm(x, norm_weight, gate, n_groups=n_groups, eps=eps, norm_before_gate=norm_before_gate)
+        return linear(normed, weight, bias)
+    check_norm_inputs(x, norm_weight, gate, n_groups, eps)
+    check_inputs(x, weight, bias)
+    if resolve_backend("gated_rms_norm_linear", backend, x, gate, norm_weight, weight, bias,
+                       has_triton_kernel=supported) == "triton":
+        out = gated_rms_norm_gemv_triton(x.reshape(-1), gate.reshape(-1) if gate is not None else None, norm_weight,
+                                         n_groups, float(eps), bool(norm_before_gate), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return gated_rms_norm_linear_ref(x, gate, norm_weight, weight, bias, n_groups, eps, norm_before_gate)

@@ -3,8 +3,9 @@ backend must match.
 
 Notation: x [..., K], weight W [N, K], bias b [N] (optional), as ``torch.nn.Linear`` stores them.
 
-    linear:         y = x W^T + b
-    swiglu_linear:  y = silu(x W_gate^T + b_gate) * (x W_up^T + b_up),   silu(a) = a * sigmoid(a)
+    linear:                 y = x W^T + b
+    swiglu_linear:          y = silu(x W_gate^T + b_gate) * (x W_up^T + b_up),   silu(a) = a * sigmoid(a)
+    gated_rms_norm_linear:  y = gated_rms_norm(x, w_norm, z) W^T + b             (ssm_hub.ops.gated_rms_norm)
 
 y [..., N] has x's dtype. This is ``torch.nn.functional.linear``, which rounds each projection to x's dtype before
 the gate; the kernel keeps both in float32 up to the one rounding of y, so in bf16 the two differ by a few bf16
@@ -13,6 +14,8 @@ steps of y.
 
 import torch
 import torch.nn.functional as F
+
+from ssm_hub.ops.gated_rms_norm.reference import gated_rms_norm_ref
 
 
 def check_inputs(x, weight, bias, up_weight=None, up_bias=None) -> None:
@@ -42,3 +45,9 @@ def linear_ref(x, weight, bias=None):
 def swiglu_linear_ref(x, gate_weight, up_weight, gate_bias=None, up_bias=None):
     """x [..., K], gate_weight and up_weight [N, K], biases [N] or None -> silu(x W_gate^T + b) * (x W_up^T + b)."""
     return F.silu(F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
+
+
+def gated_rms_norm_linear_ref(x, gate, norm_weight, weight, bias=None, n_groups=1, eps=1e-5, norm_before_gate=False):
+    """x and gate [..., K], norm_weight [K], weight [N, K], bias [N] or None -> the gated RMSNorm of x (as
+    ``gated_rms_norm_ref``) projected, [..., N] in the normed output's dtype."""
+    return F.linear(gated_rms_norm_ref(x, norm_weight, gate, n_groups, eps, norm_before_gate), weight, bias)

@@ -1,6 +1,7 @@
-"""The matrix-vector kernel registered as a torch custom op (``torch.ops.ssm_hub.gemv``), with a fake implementation
-so that ``torch.compile`` traces through it. It has no backward: the dispatch in ``__init__`` sends it only calls
-that need no gradient. Registering needs no triton; the kernel is imported when the op first runs."""
+"""The matrix-vector kernel registered as torch custom ops (``torch.ops.ssm_hub.gemv``, and
+``torch.ops.ssm_hub.gated_rms_norm_gemv`` with the gated RMSNorm of its input in front), with fake implementations
+so that ``torch.compile`` traces through them. They have no backward: the dispatch in ``__init__`` sends them only
+calls that need no gradient. Registering needs no triton; the kernel is imported when the op first runs."""
 
 import torch
 
@@ -25,4 +26,33 @@ def gemv_triton(
 
 @gemv_triton.register_fake
 def _(x, weight, bias, up_weight, up_bias):
+    return x.new_empty((weight.shape[0],))
+
+
+# The normed projection holds the whole row in one block of the kernel (kernels/gemv.py's MAX_BLOCK_K).
+NORMED_GEMV_MAX_FEATURES = 4096
+
+
+@kernel_op("ssm_hub::gated_rms_norm_gemv", mutates_args=())
+@on_input_device
+def gated_rms_norm_gemv_triton(
+    x: torch.Tensor,
+    gate: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    n_groups: int,
+    eps: float,
+    norm_before_gate: bool,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [K] -> [N]: gated_rms_norm(x, norm_weight, gate) W^T + b."""
+    from ssm_hub.kernels.gemv import gemv_fwd
+
+    gate, norm_weight = [t.contiguous() if t is not None else None for t in (gate, norm_weight)]
+    return gemv_fwd(*[t.contiguous() if t is not None else None for t in (x, weight, bias)],
+                    norm=(gate, norm_weight, n_groups, eps, norm_before_gate))
+
+
+@gated_rms_norm_gemv_triton.register_fake
+def _(x, gate, norm_weight, n_groups, eps, norm_before_gate, weight, bias):
     return x.new_empty((weight.shape[0],))
