@@ -19,7 +19,8 @@ captured (a streamer, a logits processor or stopping criterion that needs the ho
 cache passed in, an offloaded or quantized cache_implementation, sliding-window attention layers, ...)
 transformers' own loop runs instead, after one info line on the ``ssm_hub.generation`` logger that names the
 reason; ``generate(..., disable_compile=True)`` asks for that loop, as it turns off transformers' automatic
-compilation. Beam search and assisted decoding are transformers' own.
+compilation. Beam search and assisted decoding (an assistant model, prompt lookup) are transformers' own: the SSM
+layers keep the states transformers' cache needs to roll rejected tokens back (ssm_hub.layers.state_rollback).
 
 The captured step (with its cache and buffers) is kept per model, one at a time, and replayed by later calls with
 the same batch size, cache length bucket, processors and model state (weights' addresses, training flag,
@@ -77,6 +78,14 @@ DECODER_MODEL_KWARGS = ("cache", "attention_mask", "position_ids", "use_cache", 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # The cache_implementation values whose cache the decoder's own static cache stands in for.
 DECODER_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+# generate() arguments that transformers hands to greedy search, sampling and beam search mixed with the model's
+# keyword arguments (the tokenizer, already used by then for stop strings and token healing). They are no model inputs:
+# transformers' models swallow them in **kwargs, ours reject unknown keyword arguments.
+GENERATE_ONLY_KWARGS = ("tokenizer",)
+
+
+def _without_generate_only_kwargs(model_kwargs: dict) -> dict:
+    return {key: value for key, value in model_kwargs.items() if key not in GENERATE_ONLY_KWARGS}
 
 
 def _graph_safe(logits_processor) -> list:
@@ -415,8 +424,22 @@ def _run(decoder: _Decoder, run_step, steps: int, check_every: int) -> torch.Lon
 class GraphDecodingGenerationMixin(GenerationMixin):
     """transformers' GenerationMixin whose greedy search and sampling run on a captured decode step (see module)."""
 
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+        assistant_model = generation_mode_kwargs.get("assistant_model")
+        if "assistant_tokenizer" in generation_mode_kwargs and getattr(assistant_model, "_is_stateful", False):
+            # transformers re-aligns the two tokenizations each round by rolling the draft's cache back past tokens it
+            # had already confirmed; a recurrent state only keeps the states since the last roll back, so transformers'
+            # cache fails with an IndexError (its own Mamba drafts too).
+            raise ValueError(
+                f"assisted decoding with a different tokenizer needs a draft whose cache can roll back any number of "
+                f"tokens, such as an attention model; {type(assistant_model).__name__} keeps a recurrent state. Use a "
+                "draft with this model's tokenizer, or an attention draft"
+            )
+
     def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                 streamer=None, **model_kwargs):
+        model_kwargs = _without_generate_only_kwargs(model_kwargs)
         reason = eager_decoding_reason(self, logits_processor, stopping_criteria, generation_config, synced_gpus,
                                        streamer, model_kwargs)
         if reason is not None:
@@ -424,3 +447,8 @@ class GraphDecodingGenerationMixin(GenerationMixin):
             return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
                                    synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
         return decode(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+
+    def _beam_search(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                     **model_kwargs):
+        return super()._beam_search(input_ids, logits_processor, stopping_criteria, generation_config,
+                                    synced_gpus=synced_gpus, **_without_generate_only_kwargs(model_kwargs))

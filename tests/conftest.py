@@ -76,13 +76,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-def randomised(model):
-    """Perturb every parameter: transformers and ssm_hub initialise norms and D to ones, and a weight map that
-    swapped two such tensors would otherwise go unnoticed in the logits."""
+def randomised(model, scale: float = 0.05):
+    """Perturb every parameter by ``scale`` standard deviations: transformers and ssm_hub initialise norms and D to
+    ones, and a weight map that swapped two such tensors would otherwise go unnoticed in the logits. A larger scale
+    makes a tiny model's tokens depend on its state more (a wrong state shows in greedy tokens)."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
     return model.eval()
 
 

@@ -20,6 +20,7 @@ from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, pe
 from ssm_hub.layers.norms import GatedRMSNorm
 from ssm_hub.layers.peft_compat import is_unhooked, unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
+from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, recorded_state_count, scan_then_step
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
 from ssm_hub.ops.linear import gated_rms_norm_linear
@@ -80,6 +81,8 @@ class Mamba2Mixer(nn.Module):
     ) -> torch.Tensor:
         """``modality``: which projections each token takes (only with ``modalities`` > 1; None: modality 0)."""
         batch_size, seq_len, _ = hidden_states.shape
+        # Non-zero while the cache records states for assisted decoding (see ssm_hub.layers.state_rollback).
+        stepped_tokens = recorded_state_count(cache, self.layer_idx, seq_len, seq_idx, self.conv_kernel_size)
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
@@ -88,7 +91,7 @@ class Mamba2Mixer(nn.Module):
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)
 
-        if conv_state is not None and ssm_state is not None and seq_len == 1:
+        if conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens:
             # Decode: one token against the cached conv window and recurrent state, both updated in place.
             conv_weight, conv_bias = self._conv_parameters()
             xBC, _ = causal_conv1d_step(
@@ -107,13 +110,16 @@ class Mamba2Mixer(nn.Module):
             # Training on the kernels: one autograd node that keeps the scan's output but rebuilds the conv output
             # and the normed output in backward (see ssm_hub.ops.mamba2_sequence).
             return self._sequence_for_training(gate, xBC, dt, padding_mask, seq_idx, hidden_states.dtype, modality)
+        if stepped_tokens:
+            conv_state = record_conv_inputs(cache, self.layer_idx, xBC, self.conv_kernel_size)
         out, conv_state, ssm_state = self._sequence(
             gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, cache is not None, hidden_states.dtype,
-            modality,
+            modality, stepped_tokens,
         )
         if cache is not None:
-            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
-            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+            if not stepped_tokens:
+                # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+                cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
             cache.update_recurrent_state(ssm_state, self.layer_idx)
         return out
 
@@ -164,9 +170,11 @@ class Mamba2Mixer(nn.Module):
         return dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
 
     def _sequence(self, gate, xBC, dt, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, out_dtype,
-                  modality=None):
+                  modality=None, stepped_tokens: int = 0):
         """conv -> chunked scan -> gated norm -> out_proj over a sequence: (output, final conv state or None,
-        final SSM state or None)."""
+        final SSM state or None). With ``stepped_tokens``, the last that many tokens run one decode step each and
+        the SSM states after each of them come back instead of the final one, oldest first (see
+        layers.state_rollback)."""
         batch_size, seq_len, _ = xBC.shape
         conv_weight, conv_bias = self._conv_parameters()
         conv_out = causal_conv1d(
@@ -177,14 +185,25 @@ class Mamba2Mixer(nn.Module):
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)
         x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
-        scan_out = ssd_chunked_scan(
-            x.view(batch_size, seq_len, self.num_heads, self.head_dim), dt, self._A(),
-            B.view(batch_size, seq_len, self.n_groups, self.state_size),
-            C.view(batch_size, seq_len, self.n_groups, self.state_size),
-            self.chunk_size, initial_states=ssm_state, seq_idx=seq_idx, return_final_states=want_states,
-            **self._scan_kwargs(),
-        )
-        y, ssm_state = scan_out if want_states else (scan_out, None)
+        x = x.view(batch_size, seq_len, self.num_heads, self.head_dim)
+        B = B.view(batch_size, seq_len, self.n_groups, self.state_size)
+        C = C.view(batch_size, seq_len, self.n_groups, self.state_size)
+
+        def scan(end, state):
+            head_x, head_dt, head_B, head_C, head_seq_idx = first_tokens(end, x, dt, B, C, seq_idx)
+            scan_out = ssd_chunked_scan(
+                head_x, head_dt, self._A(), head_B, head_C, self.chunk_size, initial_states=state,
+                seq_idx=head_seq_idx, return_final_states=want_states, **self._scan_kwargs(),
+            )
+            return scan_out if want_states else (scan_out, None)
+
+        def step(t, state):
+            return ssd_step(state, x[:, t], dt[:, t], self.A_log, B[:, t], C[:, t], A_is_log=True,
+                            **self._scan_kwargs())
+
+        if stepped_tokens and ssm_state is None:
+            ssm_state = x.new_zeros(batch_size, self.num_heads, self.head_dim, self.state_size, dtype=torch.float32)
+        y, ssm_state = scan_then_step(scan, step, ssm_state, seq_len, stepped_tokens)
         y = y.reshape(batch_size, seq_len, self.intermediate_size)
         return self._output(y, gate, out_dtype, modality), conv_state, ssm_state
 

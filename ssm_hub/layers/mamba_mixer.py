@@ -21,6 +21,7 @@ from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, pe
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
+from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, recorded_state_count, scan_then_step
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.selective_scan import selective_scan, selective_scan_step
 
@@ -94,6 +95,8 @@ class MambaMixer(nn.Module):
     ) -> torch.Tensor:
         """``modality``: which projections each token takes (only with ``modalities`` > 1; None: modality 0)."""
         seq_len = hidden_states.shape[1]
+        # Non-zero while the cache records states for assisted decoding (see ssm_hub.layers.state_rollback).
+        stepped_tokens = recorded_state_count(cache, self.layer_idx, seq_len, seq_idx, self.conv_kernel_size)
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
@@ -101,7 +104,7 @@ class MambaMixer(nn.Module):
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
 
-        if conv_state is not None and ssm_state is not None and seq_len == 1:
+        if conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens:
             # Decode: one token against the cached conv window and recurrent state, both updated in place.
             conv_weight, conv_bias = self._conv_parameters()
             x, _ = causal_conv1d_step(x[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True)
@@ -113,11 +116,14 @@ class MambaMixer(nn.Module):
             )
             return self._project("out_proj", y[:, None].to(hidden_states.dtype), modality)
 
+        if stepped_tokens:
+            conv_state = record_conv_inputs(cache, self.layer_idx, x, self.conv_kernel_size)
         y, conv_state, ssm_state = self._sequence(x, gate, padding_mask, seq_idx, conv_state, ssm_state,
-                                                  cache is not None, modality)
+                                                  cache is not None, modality, stepped_tokens)
         if cache is not None:
-            # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
-            cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
+            if not stepped_tokens:
+                # The conv window is the last conv_kernel - 1 inputs; the cache keeps exactly that many.
+                cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
             cache.update_recurrent_state(ssm_state, self.layer_idx)
         return self._project("out_proj", y.to(hidden_states.dtype), modality)
 
@@ -127,9 +133,11 @@ class MambaMixer(nn.Module):
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())
 
-    def _sequence(self, x, gate, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, modality=None):
+    def _sequence(self, x, gate, padding_mask, seq_idx, conv_state, ssm_state, want_states: bool, modality=None,
+                  stepped_tokens: int = 0):
         """conv -> dt, B, C -> selective scan (gated) over a sequence: (y, final conv state or None, final SSM state
-        or None)."""
+        or None). With ``stepped_tokens``, the last that many tokens run one decode step each and the SSM states
+        after each of them come back instead of the final one, oldest first (see layers.state_rollback)."""
         conv_weight, conv_bias = self._conv_parameters()
         conv_out = causal_conv1d(
             x, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
@@ -139,9 +147,20 @@ class MambaMixer(nn.Module):
         if padding_mask is not None:
             x = x * padding_mask[..., None].to(x.dtype)
         dt, B, C = self._selection(x, modality)
-        scan_out = selective_scan(
-            x, dt, self._A(), B, C, D=self.D, z=gate, delta_softplus=True, initial_state=ssm_state, seq_idx=seq_idx,
-            return_final_state=want_states,
-        )
-        y, ssm_state = scan_out if want_states else (scan_out, None)
+
+        def scan(end, state):
+            head_x, head_dt, head_B, head_C, head_gate, head_seq_idx = first_tokens(end, x, dt, B, C, gate, seq_idx)
+            scan_out = selective_scan(
+                head_x, head_dt, self._A(), head_B, head_C, D=self.D, z=head_gate, delta_softplus=True,
+                initial_state=state, seq_idx=head_seq_idx, return_final_state=want_states,
+            )
+            return scan_out if want_states else (scan_out, None)
+
+        def step(t, state):
+            return selective_scan_step(state, x[:, t], dt[:, t], self.A_log, B[:, t], C[:, t], D=self.D, z=gate[:, t],
+                                       delta_softplus=True, A_is_log=True)
+
+        if stepped_tokens and ssm_state is None:
+            ssm_state = x.new_zeros(x.shape[0], self.intermediate_size, self.state_size, dtype=torch.float32)
+        y, ssm_state = scan_then_step(scan, step, ssm_state, x.shape[1], stepped_tokens)
         return y, conv_state, ssm_state

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
@@ -334,8 +334,12 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         """The attention layers' masks by cache layer kind, as transformers' generate also precomputes them; with
         ``seq_idx`` (packed rows), restricted to each query's own document."""
         masks = {}
+        # transformers leaves out the mask of a single query unless the cache is compileable, which it takes to mean
+        # static; a static cache recording SSM states for assisted decoding is not compileable, yet its attention
+        # layers hold empty and rolled-back slots that only the mask hides.
+        static_attention = cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
         mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           cache=cache, position_ids=position_ids)
+                           cache=cache, position_ids=position_ids, allow_is_causal_skip=not static_attention)
         if seq_idx is not None:
             # Without position_ids: from them transformers would find the documents too, but only without a cache,
             # and then hand the mask function positions within documents instead of the indices it reads.
