@@ -1,6 +1,7 @@
 """Triton kernel for a linear layer on one row (decoding one sequence: a matrix-vector product), for the two
 projections of a SwiGLU feed-forward fused with its gate, ``silu(x W_gate^T + b_gate) * (x W_up^T + b_up)``, and for
-a linear layer whose input is first normed by the gated, grouped RMSNorm (Mamba-2's ``out_proj(norm(y, z))``).
+a linear layer whose input is first normed by the gated, grouped RMSNorm (Mamba-2's ``out_proj(norm(y, z))``), and
+for a linear layer followed by the causal conv1d's decode step on a range of its outputs (Mamba-2's in_proj and conv).
 
 On one row the product is a pass over the weight: reading it is the whole cost. cuBLAS tiles the output in blocks
 of 64 columns, so a 1024-column layer runs on 16 of an H100's 132 SMs and reads its weight at a third of the memory
@@ -11,6 +12,11 @@ summed in float32, the bias added and the SwiGLU gate applied in float32, and th
 With the norm, every program norms the whole input row itself (a few thousand values, read from L2) before its
 columns: the norm needs no launch of its own, which on one row costs more than the norm. Its math and roundings are
 those of ``ssm_hub.ops.gated_rms_norm``: n rounded to x's dtype, times the norm's weight, rounded again.
+
+With the conv step, the program that owns an output column that is also a conv channel runs that channel's step on
+its rounded output (the window of the cached inputs and this one, the bias, SiLU) and shifts the channel's cached
+window in place: each channel has exactly one owner, so no other program reads the window it rewrites. The math is
+``ssm_hub.kernels.causal_conv1d_step``'s.
 """
 
 import torch
@@ -62,12 +68,50 @@ def _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, in_features, eps, HAS_
 
 
 @triton.jit
+def _conv_step_epilogue(projected, n, n_mask, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, conv_out_ptr,
+                        conv_start, conv_channels, stride_state_c, stride_state_k, stride_conv_weight_c,
+                        stride_conv_weight_k, CONV_WIDTH: tl.constexpr, CONV_HAS_BIAS: tl.constexpr,
+                        CONV_SILU: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The conv step of the channels among the output columns n [BLOCK_N] (``projected``: their outputs, rounded as
+    stored): writes each channel's output and shifts its cached window by this input, in place."""
+    c = n - conv_start
+    is_conv = n_mask & (c >= 0) & (c < conv_channels)
+    tap = tl.arange(0, BLOCK_W)
+    state = conv_state_ptr + c[:, None] * stride_state_c
+    # 1. The window [BLOCK_N, K]: taps 0 .. K - 2 from the cache, tap K - 1 is this projection.
+    cached = tl.load(state + tap[None, :] * stride_state_k, mask=is_conv[:, None] & (tap[None, :] < CONV_WIDTH - 1),
+                     other=0.0).to(tl.float32)
+    window = tl.where(tap[None, :] == CONV_WIDTH - 1, projected.to(tl.float32)[:, None], cached)
+    # 2. y = act(bias + sum_k weight[:, k] * window[:, k]).
+    weight = tl.load(conv_weight_ptr + c[:, None] * stride_conv_weight_c + tap[None, :] * stride_conv_weight_k,
+                     mask=is_conv[:, None] & (tap[None, :] < CONV_WIDTH), other=0.0).to(tl.float32)
+    y = tl.sum(window * weight, axis=1)
+    if CONV_HAS_BIAS:
+        y += tl.load(conv_bias_ptr + c, mask=is_conv, other=0.0).to(tl.float32)
+    if CONV_SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(conv_out_ptr + c, y.to(conv_out_ptr.dtype.element_ty), mask=is_conv)
+    # 3. The new window: cached taps 1 .. K - 2, then this projection, in the cache's dtype. Entry k + 1 is read by
+    #    the lane that writes entry k, so every lane reads before any writes.
+    state_dtype = conv_state_ptr.dtype.element_ty
+    shifted = tl.load(state + (tap[None, :] + 1) * stride_state_k,
+                      mask=is_conv[:, None] & (tap[None, :] + 1 < CONV_WIDTH - 1), other=0.0)
+    shifted = tl.where(tap[None, :] + 1 == CONV_WIDTH - 1, projected.to(state_dtype)[:, None],
+                       shifted.to(state_dtype))
+    tl.debug_barrier()
+    tl.store(state + tap[None, :] * stride_state_k, shifted, mask=is_conv[:, None] & (tap[None, :] < CONV_WIDTH - 1))
+
+
+@triton.jit
 def gemv_fwd_kernel(
     x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr, gate_ptr, norm_weight_ptr,
-    out_features, in_features, eps,
+    conv_state_ptr, conv_weight_ptr, conv_bias_ptr, conv_out_ptr,
+    out_features, in_features, eps, conv_start, conv_channels,
+    stride_state_c, stride_state_k, stride_conv_weight_c, stride_conv_weight_k,
     HAS_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, CONV: tl.constexpr,
+    CONV_WIDTH: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, CONV_SILU: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_mask = n < out_features
@@ -94,7 +138,12 @@ def gemv_fwd_kernel(
         up_acc += tl.load(up_bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
     if SWIGLU:
         acc = acc * tl.sigmoid(acc) * up_acc
-    tl.store(out_ptr + n, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    projected = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + n, projected, mask=n_mask)
+    if CONV:
+        _conv_step_epilogue(projected, n, n_mask, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, conv_out_ptr,
+                            conv_start, conv_channels, stride_state_c, stride_state_k, stride_conv_weight_c,
+                            stride_conv_weight_k, CONV_WIDTH, CONV_HAS_BIAS, CONV_SILU, BLOCK_W)
 
 
 def launch_config(in_features: int) -> tuple[int, int]:
@@ -103,24 +152,34 @@ def launch_config(in_features: int) -> tuple[int, int]:
     return block_k, 4 if block_k <= 1024 else 8
 
 
-def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None):
+def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None, conv=None):
     """Launch the kernel: x [K] contiguous, weight (and up_weight) [N, K] and bias [N] contiguous.
 
     Returns x W^T + b [N], or with ``up_weight`` silu(x W^T + b) * (x W_up^T + b_up), in x's dtype. ``norm``:
     (gate [K] contiguous or None, norm weight [K] contiguous, n_groups, eps, norm_before_gate) to project the gated
-    RMSNorm of x instead of x, for K <= MAX_BLOCK_K; its weight has x's dtype."""
+    RMSNorm of x instead of x, for K <= MAX_BLOCK_K; its weight has x's dtype. ``conv``: (conv_state [C, K_conv - 1],
+    conv weight [C, K_conv], conv bias [C] contiguous or None, start, silu) to also run the causal conv1d's decode step
+    on outputs start .. start + C - 1 and shift conv_state in place; then returns (the projection, the step's
+    output [C] in x's dtype)."""
     out_features, in_features = weight.shape
     out = torch.empty(out_features, device=x.device, dtype=x.dtype)
+    conv_state, conv_weight, conv_bias, conv_start, conv_silu = conv if conv is not None else (None,) * 4 + (False,)
+    conv_channels, conv_width = conv_weight.shape if conv is not None else (0, 2)
+    conv_out = torch.empty(conv_channels, device=x.device, dtype=x.dtype) if conv is not None else None
     if out_features == 0:
-        return out
+        return out if conv is None else (out, conv_out)
     block_k, num_warps = launch_config(in_features)
     gate, norm_weight, n_groups, eps, norm_before_gate = norm if norm is not None else (None, None, 1, 0.0, False)
     if norm is not None and in_features > block_k:
         raise ValueError(f"the normed projection takes rows of at most {MAX_BLOCK_K} channels, got {in_features}")
+    state_strides = conv_state.stride() if conv is not None else (0, 0)
+    conv_weight_strides = conv_weight.stride() if conv is not None else (0, 0)
     gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
-        x, weight, bias, up_weight, up_bias, out, gate, norm_weight, out_features, in_features, eps,
+        x, weight, bias, up_weight, up_bias, out, gate, norm_weight, conv_state, conv_weight, conv_bias, conv_out,
+        out_features, in_features, eps, conv_start or 0, conv_channels, *state_strides, *conv_weight_strides,
         HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None,
         NORM=norm is not None, HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, NORM_GROUPS=n_groups,
-        BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
+        CONV=conv is not None, CONV_WIDTH=conv_width, CONV_HAS_BIAS=conv_bias is not None, CONV_SILU=conv_silu,
+        BLOCK_W=triton.next_power_of_2(conv_width), BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return out
+    return out if conv is None else (out, conv_out)

@@ -23,7 +23,7 @@ from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, recorded_state_count, scan_then_step
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
-from ssm_hub.ops.linear import gated_rms_norm_linear
+from ssm_hub.ops.linear import gated_rms_norm_linear, linear_conv_step
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
 from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
@@ -86,25 +86,28 @@ class Mamba2Mixer(nn.Module):
         conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
+        decoding = conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens
+        if decoding and padding_mask is None and self.modality_in_proj is None and is_plain_linear(self.in_proj):
+            # Decode: in_proj and the conv step as one op (one kernel on one row), the conv window updated in place.
+            conv_weight, conv_bias = self._conv_parameters()
+            projected, xBC = linear_conv_step(hidden_states, self.in_proj.weight, self.in_proj.bias, conv_state,
+                                              conv_weight, conv_bias, conv_start=self.intermediate_size,
+                                              activation="silu")
+            gate, dt = projected[..., :self.intermediate_size], projected[..., self.intermediate_size + self.conv_dim:]
+            return self._decode_step(xBC, gate, dt, ssm_state, hidden_states.dtype, modality)
+
         projected = per_modality(self.in_proj, self.modality_in_proj, hidden_states, modality)
         gate, xBC, dt = projected.split([self.intermediate_size, self.conv_dim, self.num_heads], dim=-1)
         if padding_mask is not None:
             xBC = xBC * padding_mask[..., None].to(xBC.dtype)
 
-        if conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens:
+        if decoding:
             # Decode: one token against the cached conv window and recurrent state, both updated in place.
             conv_weight, conv_bias = self._conv_parameters()
             xBC, _ = causal_conv1d_step(
                 xBC[:, 0], conv_state, conv_weight, conv_bias, activation="silu", in_place=True
             )
-            x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
-            # A_log as it is: the step computes A = -exp(A_log) in its kernel, which saves a launch or two a layer.
-            y, _ = ssd_step(
-                ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], self.A_log,
-                B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),
-                A_is_log=True, in_place=True, **self._scan_kwargs(),
-            )
-            return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, hidden_states.dtype, modality)
+            return self._decode_step(xBC, gate, dt, ssm_state, hidden_states.dtype, modality)
 
         if cache is None and torch.is_grad_enabled() and self._sequence_on_kernels(hidden_states):
             # Training on the kernels: one autograd node that keeps the scan's output but rebuilds the conv output
@@ -122,6 +125,20 @@ class Mamba2Mixer(nn.Module):
                 cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
             cache.update_recurrent_state(ssm_state, self.layer_idx)
         return out
+
+    def _decode_step(self, xBC, gate, dt, ssm_state, out_dtype, modality) -> torch.Tensor:
+        """The SSM step and the output of one token: xBC [B, conv_dim] after the conv, gate [B, 1, d_inner], dt
+        [B, 1, H]; the recurrent state updated in place."""
+        batch_size = xBC.shape[0]
+        groups = self.n_groups * self.state_size
+        x, B, C = xBC.split([self.intermediate_size, groups, groups], -1)
+        # A_log as it is: the step computes A = -exp(A_log) in its kernel, which saves a launch or two a layer.
+        y, _ = ssd_step(
+            ssm_state, x.view(batch_size, self.num_heads, self.head_dim), dt[:, 0], self.A_log,
+            B.view(batch_size, self.n_groups, self.state_size), C.view(batch_size, self.n_groups, self.state_size),
+            A_is_log=True, in_place=True, **self._scan_kwargs(),
+        )
+        return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, out_dtype, modality)
 
     def _sequence_on_kernels(self, hidden_states: torch.Tensor) -> bool:
         group_size = self.intermediate_size // self.n_groups

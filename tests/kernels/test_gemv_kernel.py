@@ -1,6 +1,7 @@
 """The matrix-vector kernel (decoding's projections, SwiGLU's two with their gate, and a projection of the gated
-RMSNorm's output) against a float32 reference: sizes that no block divides, with and without bias, a row cut from a
-wider tensor, bf16 and fp16, and torch.compile."""
+RMSNorm's output, and one followed by the causal conv1d's decode step on part of its outputs) against float32
+references: sizes that no block divides, with and without bias, a row cut from a wider tensor, bf16 and fp16, and
+torch.compile."""
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from kernel_testing import DEVICE, requires_triton
 from ssm_hub.ops.gated_rms_norm import gated_rms_norm_ref
-from ssm_hub.ops.linear import gated_rms_norm_linear, linear, swiglu_linear
+from ssm_hub.ops.linear import gated_rms_norm_linear, linear, linear_conv_step, linear_conv_step_ref, swiglu_linear
 
 pytestmark = requires_triton
 
@@ -107,6 +108,50 @@ def test_normed_projection_of_several_rows_or_with_gradients_is_the_two_ops():
     assert norm_weight.grad is not None and norm_weight.grad.abs().sum() > 0
     with pytest.raises(NotImplementedError, match="gated_rms_norm_linear"):
         gated_rms_norm_linear(x, gate, norm_weight.detach(), weight, n_groups=2, backend="triton")
+
+
+@pytest.mark.parametrize("dtype, state_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+@pytest.mark.parametrize("width", [4, 3])
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_projection_with_conv_step_matches_the_projection_then_the_step(dtype, state_dtype, width, conv_bias,
+                                                                       activation):
+    """Mamba-2's in_proj and conv on one decode token: channels 30 .. 30 + C - 1 of 101 outputs are conv channels.
+    The step reads the projection as stored (rounded to x's dtype); its window shifts in place."""
+    out_features, in_features, start, channels = 101, 70, 30, 45
+    x, (weight,), (bias,) = _inputs(out_features, in_features, dtype, True, False)
+    x = x[None]  # [B = 1, T = 1, K], as a decode step gives it
+    conv_state = torch.randn(1, channels, width - 1, device=DEVICE).to(state_dtype)
+    conv_weight = torch.randn(channels, width, device=DEVICE) * 0.5
+    conv_b = torch.randn(channels, device=DEVICE) if conv_bias else None
+    expected_state = conv_state.clone()
+    with torch.no_grad():
+        projected, conv_out = linear_conv_step(x, weight, bias, conv_state, conv_weight, conv_b, start, activation,
+                                               backend="triton")
+    # The reference on the kernel's own rounded projection: the step itself is then exact up to float32 sums.
+    _, want_conv, want_state = linear_conv_step_ref(projected.float(), torch.eye(out_features, device=DEVICE), None,
+                                                    expected_state, conv_weight, conv_b, start, activation)
+    assert projected.shape == (1, 1, out_features) and conv_out.shape == (1, channels) and conv_out.dtype == dtype
+    torch.testing.assert_close(projected.float(), _reference(x, [weight], [bias]), **TOLERANCES[dtype])
+    torch.testing.assert_close(conv_out.float(), want_conv.float(), **TOLERANCES[dtype])
+    torch.testing.assert_close(conv_state, want_state.to(state_dtype), rtol=0, atol=0)
+
+
+def test_projection_with_conv_step_on_several_rows_is_the_two_ops():
+    x = torch.randn(2, 1, 24, device=DEVICE).to(torch.bfloat16)
+    weight = torch.randn(40, 24, device=DEVICE).to(torch.bfloat16)
+    conv_state = torch.randn(2, 16, 3, device=DEVICE).to(torch.bfloat16)
+    conv_weight = torch.randn(16, 4, device=DEVICE).to(torch.bfloat16)
+    want_projected, want_conv, want_state = linear_conv_step_ref(x, weight, None, conv_state, conv_weight, None, 8,
+                                                                 "silu")
+    with torch.no_grad():
+        projected, conv_out = linear_conv_step(x, weight, None, conv_state, conv_weight, None, 8, "silu")
+    torch.testing.assert_close(projected, want_projected)
+    torch.testing.assert_close(conv_out, want_conv)
+    torch.testing.assert_close(conv_state, want_state)
+    with pytest.raises(ValueError, match="conv channels 30 .. 45 must lie within the projection's 40 outputs"):
+        linear_conv_step(x[:1], weight, None, conv_state[:1], conv_weight, None, 30, "silu")
 
 
 @pytest.mark.gpu

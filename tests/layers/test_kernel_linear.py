@@ -76,22 +76,24 @@ def test_a_hooked_norm_runs_as_itself_in_the_block():
 def test_bf16_decode_step_on_the_kernels_matches_the_torch_path(monkeypatch):
     """A hybrid with Mamba-2, attention and Mamba-1 layers and SwiGLU MLPs, in bf16: one decode step after a prefill,
     on the kernels and in torch, from the same cache. Every projection of the step goes through the matrix-vector
-    kernel (Mamba-2's out_proj with the mixer's gated norm inside it), and each block's residual add and pre-MLP norm
-    through one add_rms_norm launch."""
+    kernel (Mamba-2's in_proj with its conv step behind and out_proj with the mixer's gated norm in front), and each
+    block's residual add and pre-MLP norm through one add_rms_norm launch."""
     config = ssm_hub.SsmHubHybridConfig(
         vocab_size=97, hidden_size=64, num_hidden_layers=3, mixer_types=["mamba2", "attention", "mamba"],
         intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, mamba_d_state=16, mamba_d_head=16,
         mamba_chunk_size=8)
     model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16).eval()
     prompt, token = torch.randint(1, 97, (1, 6), device=DEVICE), torch.randint(1, 97, (1, 1), device=DEVICE)
-    launches = {"gemv": [], "normed gemv": [], "rms_norm": [], "add_rms_norm": []}
+    launches = {"gemv": [], "normed gemv": [], "gemv with conv step": [], "rms_norm": [], "add_rms_norm": []}
     launch_gemv, launch_norm = gemv.gemv_fwd, gated_rms_norm.gated_rms_norm_fwd
 
-    def counted_gemv(*args, norm=None):
+    def counted_gemv(*args, norm=None, conv=None):
         launches["gemv"].append(args)
         if norm is not None:
             launches["normed gemv"].append(args)
-        return launch_gemv(*args, norm=norm)
+        if conv is not None:
+            launches["gemv with conv step"].append(args)
+        return launch_gemv(*args, norm=norm, conv=conv)
 
     def counted_norm(*args, residual=None):
         launches["add_rms_norm" if residual is not None else "rms_norm"].append(args)
@@ -112,7 +114,7 @@ def test_bf16_decode_step_on_the_kernels_matches_the_torch_path(monkeypatch):
     # Mamba-2: in_proj, out_proj; attention: q, k, v, o; Mamba-1: in_proj, x_proj, dt_proj, out_proj; each of the
     # three MLPs: gate and up as one launch, down.
     assert len(launches["gemv"]) == 2 + 4 + 4 + 3 * 2
-    assert len(launches["normed gemv"]) == 1
+    assert len(launches["normed gemv"]) == len(launches["gemv with conv step"]) == 1
     # The blocks' input norms and the final norm; the Mamba-2 mixer's gated norm runs in its out_proj.
     assert len(launches["rms_norm"]) == 3 + 1
     assert len(launches["add_rms_norm"]) == 3

@@ -6,6 +6,7 @@ Notation: x [..., K], weight W [N, K], bias b [N] (optional), as ``torch.nn.Line
     linear:                 y = x W^T + b
     swiglu_linear:          y = silu(x W_gate^T + b_gate) * (x W_up^T + b_up),   silu(a) = a * sigmoid(a)
     gated_rms_norm_linear:  y = gated_rms_norm(x, w_norm, z) W^T + b             (ssm_hub.ops.gated_rms_norm)
+    linear_conv_step:       y = x W^T + b, and the causal conv1d's decode step on y[..., s:s + C]
 
 y [..., N] has x's dtype. This is ``torch.nn.functional.linear``, which rounds each projection to x's dtype before
 the gate; the kernel keeps both in float32 up to the one rounding of y, so in bf16 the two differ by a few bf16
@@ -15,6 +16,7 @@ steps of y.
 import torch
 import torch.nn.functional as F
 
+from ssm_hub.ops.causal_conv1d.reference import causal_conv1d_step_ref
 from ssm_hub.ops.gated_rms_norm.reference import gated_rms_norm_ref
 
 
@@ -51,3 +53,14 @@ def gated_rms_norm_linear_ref(x, gate, norm_weight, weight, bias=None, n_groups=
     """x and gate [..., K], norm_weight [K], weight [N, K], bias [N] or None -> the gated RMSNorm of x (as
     ``gated_rms_norm_ref``) projected, [..., N] in the normed output's dtype."""
     return F.linear(gated_rms_norm_ref(x, norm_weight, gate, n_groups, eps, norm_before_gate), weight, bias)
+
+
+def linear_conv_step_ref(x, weight, bias, conv_state, conv_weight, conv_bias=None, conv_start=0, activation=None):
+    """x [B, 1, K] or [B, K] -> (y = x W^T + b [..., N], conv_out [B, C], new_conv_state [B, C, K_conv - 1]): the
+    causal conv1d's decode step (``causal_conv1d_step_ref``) on y's channels conv_start .. conv_start + C - 1 against
+    ``conv_state`` [B, C, K_conv - 1]. Pure: ``conv_state`` is not modified."""
+    y = F.linear(x, weight, bias)
+    channels = conv_weight.shape[0]
+    conv_in = y[..., conv_start:conv_start + channels].reshape(conv_state.shape[0], channels)
+    conv_out, new_state = causal_conv1d_step_ref(conv_in, conv_state, conv_weight, conv_bias, activation)
+    return y, conv_out, new_state

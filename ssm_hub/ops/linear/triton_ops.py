@@ -1,6 +1,7 @@
-"""The matrix-vector kernel registered as torch custom ops (``torch.ops.ssm_hub.gemv``, and
-``torch.ops.ssm_hub.gated_rms_norm_gemv`` with the gated RMSNorm of its input in front), with fake implementations
-so that ``torch.compile`` traces through them. They have no backward: the dispatch in ``__init__`` sends them only
+"""The matrix-vector kernel registered as torch custom ops (``torch.ops.ssm_hub.gemv``;
+``torch.ops.ssm_hub.gated_rms_norm_gemv`` with the gated RMSNorm of its input in front; ``torch.ops.ssm_hub.gemv_conv_step``
+with the causal conv1d's decode step on a range of its outputs behind), with fake implementations so that
+``torch.compile`` traces through them. They have no backward: the dispatch in ``__init__`` sends them only
 calls that need no gradient. Registering needs no triton; the kernel is imported when the op first runs."""
 
 import torch
@@ -56,3 +57,28 @@ def gated_rms_norm_gemv_triton(
 @gated_rms_norm_gemv_triton.register_fake
 def _(x, gate, norm_weight, n_groups, eps, norm_before_gate, weight, bias):
     return x.new_empty((weight.shape[0],))
+
+
+@kernel_op("ssm_hub::gemv_conv_step", mutates_args=("conv_state",))
+@on_input_device
+def gemv_conv_step_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor | None,
+    conv_start: int,
+    silu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [K] -> (x W^T + b [N], the conv step's output [C] on outputs conv_start .. conv_start + C - 1); the conv
+    window conv_state [C, K_conv - 1] shifted in place."""
+    from ssm_hub.kernels.gemv import gemv_fwd
+
+    x, weight, bias, conv_bias = [t.contiguous() if t is not None else None for t in (x, weight, bias, conv_bias)]
+    return gemv_fwd(x, weight, bias, conv=(conv_state, conv_weight, conv_bias, conv_start, silu))
+
+
+@gemv_conv_step_triton.register_fake
+def _(x, weight, bias, conv_state, conv_weight, conv_bias, conv_start, silu):
+    return x.new_empty((weight.shape[0],)), x.new_empty((conv_weight.shape[0],))
