@@ -8,10 +8,16 @@ eagerly (Python and launches included), as a CUDA-graph replay of the same step 
 generate's default decoder pays per token on top of its sampling), and kernel by kernel with torch.profiler (name,
 launches per step, device time per step), which says which kernels a faster step must fuse or speed up. The eager
 step's host time is also split by function with cProfile (the functions with the most time of their own).
+
+Then a whole plain ``generate`` call (batch 1, a 512-token prompt, 256 new tokens, after a first call that
+captures): its wall time, the part spent before the first decode step (generate's setup and the eager prefill)
+and the part in the replayed steps, and its host time by function (cumulative), which says what a batch-1 call
+pays besides the steps.
 """
 
 import argparse
 import cProfile
+import importlib
 import json
 import pstats
 import time
@@ -87,8 +93,45 @@ def main():
         print(f"{row['us_per_step']:8.1f} us {row['launches_per_step']:5.0f}x  {row['kernel'][:110]}")
     print(f"host time of {profiled_steps} eager steps, by function (own time first):")
     pstats.Stats(host_profile).sort_stats("tottime").print_stats(25)
+    report["generate_call"] = profile_generate_call(model, args.vocab_size)
     if args.output:
         args.output.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def profile_generate_call(model, vocab_size: int, prompt_len: int = 512, new_tokens: int = 256) -> dict:
+    """Wall time of a plain generate call, split at the first replayed step (``_run`` of ssm_hub.generation)."""
+    generation = importlib.import_module("ssm_hub.generation")
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(1, vocab_size, (1, prompt_len), device="cuda")
+    marks = {}
+    run_steps = generation._run
+
+    def timed_steps(*args, **kwargs):
+        torch.cuda.synchronize()
+        marks["steps_start"] = time.perf_counter()
+        return run_steps(*args, **kwargs)
+
+    generation._run = timed_steps
+    try:
+        model.generate(prompt, max_new_tokens=new_tokens, pad_token_id=0)  # captures the step
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, pad_token_id=0)
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+    finally:
+        generation._run = run_steps
+    split = {"call_ms": (end - start) * 1e3, "before_first_step_ms": (marks["steps_start"] - start) * 1e3,
+             "steps_ms": (end - marks["steps_start"]) * 1e3}
+    print(f"generate(batch 1, prompt {prompt_len}, {new_tokens} new tokens): "
+          + ", ".join(f"{name} {ms:.1f}" for name, ms in split.items()))
+    call_profile = cProfile.Profile()
+    call_profile.enable()
+    model.generate(prompt, max_new_tokens=new_tokens, pad_token_id=0)
+    call_profile.disable()
+    print("host time of that call by function (cumulative, under cProfile):")
+    pstats.Stats(call_profile).sort_stats("cumulative").print_stats(40)
+    return split
 
 
 if __name__ == "__main__":
