@@ -170,7 +170,10 @@ class ReplacedLayers(torch.nn.Module):
         for layer, block in zip(self.layers, self.blocks):
             hidden = layer_inputs[layer]
             if not mixing_matrices:
-                results.append(block(hidden, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)[0])
+                # The block returns its last branch's output and the residual stream before it: their sum is the
+                # stream after the block.
+                out, residual, _ = block(hidden, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
+                results.append(residual + out)
                 continue
             if block.mixer_type != "mamba2":
                 raise ValueError(f"matrix orientation needs Mamba-2 layers; layer {layer} is {block.mixer_type!r}")

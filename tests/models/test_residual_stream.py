@@ -1,6 +1,6 @@
-"""The pure-SSM models' residual stream: blocks in mamba_ssm's form (the next block adds the previous mixer output
-into the stream and norms it in one op) compute the textbook pre-norm stack ``h + mixer(norm(h))``, and without
-gradients that add-and-norm is one op per block.
+"""The residual stream of the pure-SSM and hybrid models: blocks in mamba_ssm's form (each adds the previous branch's
+output into the stream and norms it in one op) compute the textbook pre-norm stack ``h + branch(norm(h))``, and
+without gradients that add-and-norm is one op.
 
     pytest tests/models/test_residual_stream.py
 """
@@ -99,3 +99,26 @@ def test_forward_hooks_on_the_norms_still_run(model_type):
         assert seen == hooked_norms
         expected = _textbook_hidden_states(model, input_ids)[-1]  # calls the norms as modules: the hooks run
     torch.testing.assert_close(final, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_blocks_compute_the_textbook_pre_norm_stack():
+    # The hybrid's blocks in the same form, each feed-forward kind (no attention layer: the textbook below would need
+    # its masks and positions, and the attention layer takes part in the residual stream like any mixer).
+    config = tiny_config("ssm_hub_hybrid", mixer_types=["mamba2", "mamba", "mamba2"], ffn_types=["mlp", "moe", "none"])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(1, 64, (2, 9))
+    with torch.no_grad():
+        out = model(input_ids, output_hidden_states=True, use_cache=False)
+        hidden, expected = model.model.embed_tokens(input_ids), []
+        for block in model.model.layers:
+            expected.append(hidden)
+            residual = hidden.float() if block.residual_in_fp32 else hidden
+            hidden = residual + block.mamba(block.input_layernorm(hidden.to(block.input_layernorm.weight.dtype)))
+            if block.ffn_type != "none":
+                fed = block.feed_forward(block.pre_ff_layernorm(hidden.to(block.pre_ff_layernorm.weight.dtype)))
+                hidden = hidden + (fed[0] if block.ffn_type == "moe" else fed)
+        expected.append(model.model.final_layernorm(hidden.to(model.model.final_layernorm.weight.dtype)))
+    assert len(out.hidden_states) == len(expected)
+    for index, (state, want) in enumerate(zip(out.hidden_states, expected)):
+        torch.testing.assert_close(state, want, rtol=1e-5, atol=1e-5, msg=f"hidden state {index}")
+    torch.testing.assert_close(out.logits, model.lm_head(expected[-1]).float(), rtol=1e-5, atol=1e-5)

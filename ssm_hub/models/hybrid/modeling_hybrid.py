@@ -187,31 +187,45 @@ class HybridBlock(GradientCheckpointingLayer):
         mlps = count if modalities is not None and modalities.mlps and self.ffn_type == "mlp" else 1
         self.modality_feed_forward = modality_copies(lambda: _feed_forward(config, "mlp"), mlps)
 
-    def forward(self, hidden_states, cache=None, padding_mask=None, seq_idx=None, attention_masks=None,
-                position_embeddings=None, attention_kwargs=None, modality: ModalityRouting | None = None):
-        residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
-        normed = per_modality(self.input_layernorm, self.modality_input_layernorm,
-                             hidden_states.to(self.input_layernorm.weight.dtype), modality)
+    def forward(self, hidden_states, residual=None, cache=None, padding_mask=None, seq_idx=None,
+                attention_masks=None, position_embeddings=None, attention_kwargs=None,
+                modality: ModalityRouting | None = None):
+        """mamba_ssm's form of the pre-norm block, which lets each residual add and the norm after it run as one op
+        (one kernel without gradients): takes the previous block's last branch output and the residual stream
+        before it (for the first block: the embeddings and None) and returns (this block's last branch output, the
+        residual stream entering that branch, the MoE router logits or None). The stream after the block is the sum
+        of the first two, which the next block or the model's final norm forms."""
+        if residual is None:
+            residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
+            normed = per_modality(self.input_layernorm, self.modality_input_layernorm,
+                                  hidden_states.to(self.input_layernorm.weight.dtype), modality)
+        else:
+            normed, residual = add_and_norm(self.input_layernorm, self.modality_input_layernorm, hidden_states,
+                                            residual, modality)
         if self.mixer_type in ATTENTION_MIXERS:
             mixed = self.self_attn(normed, position_embeddings=position_embeddings,
                                    attention_mask=attention_masks[self.layer_type], cache=cache, **attention_kwargs)
         else:
             mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
         if self.ffn_type == "none":
-            return residual + mixed, None
-        norm = self.pre_ff_layernorm
-        if type(norm) is RMSNorm and self.modality_pre_ff_layernorm is None:
-            # The residual add and the norm in one op (one kernel without gradients; see ssm_hub.ops.gated_rms_norm).
-            normed, hidden_states = norm.add_and_norm(mixed, residual)
-        else:
-            hidden_states = residual + mixed
-            normed = per_modality(norm, self.modality_pre_ff_layernorm, hidden_states.to(norm.weight.dtype), modality)
+            return mixed, residual, None
+        normed, residual = add_and_norm(self.pre_ff_layernorm, self.modality_pre_ff_layernorm, mixed, residual,
+                                        modality)
         router_logits = None
         if self.ffn_type == "moe":
             fed, router_logits = self.feed_forward(normed)
         else:
             fed = per_modality(self.feed_forward, self.modality_feed_forward, normed, modality)
-        return hidden_states + fed, router_logits
+        return fed, residual, router_logits
+
+
+def add_and_norm(norm, modality_norms, x, residual, modality: ModalityRouting | None):
+    """(the norm of residual + x in the norm's dtype, residual + x): one op for an RMSNorm shared by every modality
+    (see RMSNorm.add_and_norm), the add and then the norm otherwise (a LayerNorm, per-modality norms)."""
+    if type(norm) is RMSNorm and modality_norms is None:
+        return norm.add_and_norm(x, residual)
+    total = residual + x
+    return per_modality(norm, modality_norms, total.to(norm.weight.dtype), modality), total
 
 
 class SsmHubHybridPreTrainedModel(PreTrainedModel):
@@ -441,20 +455,21 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
                 position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
             attention_kwargs["position_ids"] = position_ids
 
-        hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
+        # Each block's input (the residual stream entering it) for output_hidden_states, then the final normed state.
+        all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         all_router_logits = () if output_router_logits else None
-        for block in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, router_logits = block(
-                hidden_states, cache=cache, padding_mask=ssm_padding_mask, seq_idx=seq_idx,
+        hidden_states, residual = inputs_embeds, None
+        for index, block in enumerate(self.layers):
+            if output_hidden_states and index > 0:
+                all_hidden_states += (residual + hidden_states,)
+            hidden_states, residual, router_logits = block(
+                hidden_states, residual, cache=cache, padding_mask=ssm_padding_mask, seq_idx=seq_idx,
                 attention_masks=attention_masks, position_embeddings=position_embeddings,
                 attention_kwargs=attention_kwargs, modality=modality,
             )
             if output_router_logits and router_logits is not None:
                 all_router_logits += (router_logits,)
-        hidden_states = self.final_layernorm(hidden_states.to(self.final_layernorm.weight.dtype))
+        hidden_states, _ = add_and_norm(self.final_layernorm, None, hidden_states, residual, None)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         output = HybridModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states,
