@@ -18,6 +18,20 @@ import pytest  # noqa: E402
 import ssm_hub  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """transformers' common tests marked full_run_only (tests/transformers_common) run only when the run asks for
+    ``-m transformers_common``; the README's ``pytest -q`` keeps CI's time bounded without them."""
+    if "transformers_common" in (config.option.markexpr or ""):
+        return
+    kept, deselected = [], []
+    for item in items:
+        mark = item.get_closest_marker("transformers_common")
+        (deselected if mark is not None and mark.kwargs.get("full_run_only") else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+
+
 def tiny_config(model_type: str, **overrides):
     if model_type == "ssm_hub_mamba":
         fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4)
