@@ -145,15 +145,18 @@ def _rows_of(tensor, dim: int):
     return None if tensor is None else tensor.reshape(-1, dim)
 
 
-def gated_rms_norm_fwd(x, weight, gate, n_groups: int, eps: float, norm_before_gate: bool, residual=None):
+def gated_rms_norm_fwd(x, weight, gate, n_groups: int, eps: float, norm_before_gate: bool, residual=None,
+                       out_dtype=None):
     """Launch the forward: x, gate, residual [..., D] with stride 1 along D (any row strides), weight [D] contiguous.
 
-    Returns (y [..., D] in the dtype promoted from x's and weight's, rstd [rows, G] float32), or with ``residual``
+    Returns (y [..., D] in ``out_dtype``, by default the dtype promoted from x's and weight's, rstd [rows, G]
+    float32), or with ``residual``
     (add_rms_norm, no gate) (y, rstd, x + residual in the dtype promoted from x's and residual's) where y is the norm
     of that sum rounded to x's dtype."""
     dim = x.shape[-1]
     group_size = dim // n_groups
-    out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    out_dtype = out_dtype or torch.promote_types(x.dtype, weight.dtype)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     x_rows, gate_rows, out_rows = _rows_of(x, dim), _rows_of(gate, dim), out.view(-1, dim)
     rows = x_rows.shape[0]
     rstd = torch.empty((rows, n_groups), device=x.device, dtype=torch.float32)

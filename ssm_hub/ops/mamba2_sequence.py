@@ -68,14 +68,22 @@ def _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes: Mamba2Sizes
             C.view(batch, seqlen, sizes.n_groups, sizes.state_size))
 
 
-def _norm(y, norm_weight, gate, sizes: Mamba2Sizes):
-    """(normed [B, T, d_inner] in out_dtype, rstd)."""
+def _normed_dtype(out_weight, device_type: str, sizes: Mamba2Sizes) -> torch.dtype:
+    """The dtype the normed output is written in: out_proj's compute dtype under autocast (the kernel rounds to it
+    once, as autocast's cast would, and a float32 copy is neither written nor read), else ``sizes.out_dtype``."""
+    if (out_weight is not None and torch.is_autocast_enabled(device_type)
+            and out_weight.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return torch.get_autocast_dtype(device_type)
+    return sizes.out_dtype
+
+
+def _norm(y, norm_weight, gate, sizes: Mamba2Sizes, dtype: torch.dtype):
+    """(normed [B, T, d_inner] in ``dtype``, rstd)."""
     batch, seqlen = y.shape[:2]
-    normed, rstd = gated_rms_norm_fwd_op(
+    return gated_rms_norm_fwd_op(
         y.view(batch, seqlen, sizes.intermediate_size), norm_weight, gate, sizes.norm_groups, sizes.norm_eps,
-        sizes.norm_before_gate,
+        sizes.norm_before_gate, dtype,
     )
-    return normed.to(sizes.out_dtype), rstd
 
 
 class _Mamba2Sequence(torch.autograd.Function):
@@ -91,10 +99,11 @@ class _Mamba2Sequence(torch.autograd.Function):
             x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high), None, doc_ids,
             doc_mode, xBC.shape[0],
         )
-        normed, rstd = _norm(y, norm_weight, gate, sizes)
+        normed_dtype = _normed_dtype(out_weight, xBC.device.type, sizes)
+        normed, rstd = _norm(y, norm_weight, gate, sizes, normed_dtype)
         ctx.save_for_backward(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
                               out_bias, padding_mask, seq_idx, doc_ids, y, rstd)
-        ctx.doc_mode, ctx.sizes = doc_mode, sizes
+        ctx.doc_mode, ctx.sizes, ctx.normed_dtype = doc_mode, sizes, normed_dtype
         return normed if out_weight is None else F.linear(normed, out_weight, out_bias)
 
     @staticmethod
@@ -108,7 +117,7 @@ class _Mamba2Sequence(torch.autograd.Function):
         if out_weight is None:
             d_normed = d_out
         else:
-            normed, _ = _norm(y, norm_weight, gate, sizes)  # rebuilt: out_proj's input was not kept
+            normed, _ = _norm(y, norm_weight, gate, sizes, ctx.normed_dtype)  # rebuilt: out_proj's input was not kept
             d_normed = d_out @ out_weight.to(d_out.dtype)
             if needs[9]:
                 d_out_weight = (d_out.flatten(0, -2).T @ normed.flatten(0, -2).to(d_out.dtype)).to(out_weight.dtype)

@@ -120,6 +120,38 @@ def test_training_step_leaves_outputs_and_gradients_unchanged(kernels, setting):
         torch.testing.assert_close(got, expected)
 
 
+class NormOutputs(TorchDispatchMode):
+    """Records the dtype of every gated norm output and the shapes of every cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm_dtypes, self.cast_shapes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.ssm_hub.gated_rms_norm_fwd.default:
+            self.norm_dtypes.append(out[0].dtype)
+        if func is torch.ops.aten._to_copy.default:
+            self.cast_shapes.append(tuple(out.shape))
+        return out
+
+
+def test_under_autocast_the_normed_output_is_written_in_out_projs_compute_dtype(kernels):
+    # out_proj reads the normed output in bf16 under autocast; writing it in float32 only to cast it (twice a
+    # step: forward and the rebuild in backward) was a tenth of the step's memory traffic.
+    mixer, hidden = _mixer_and_inputs()
+    with NormOutputs() as seen:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = mixer(hidden)
+        out.float().square().sum().backward()
+    assert seen.norm_dtypes == [torch.bfloat16, torch.bfloat16]
+    assert (*hidden.shape[:2], mixer.intermediate_size) not in seen.cast_shapes
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        plain = _plain_chain(mixer, hidden)
+    # bf16 outputs of the same math; the interpreter truncates where the GPU rounds, so one bf16 step apart.
+    torch.testing.assert_close(out, plain, atol=2e-2, rtol=2e-2)
+
+
 def test_training_step_traces_under_torch_compile_without_graph_breaks(kernels):
     mixer, hidden = _mixer_and_inputs()
     compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")  # aot_eager: the trace, no codegen

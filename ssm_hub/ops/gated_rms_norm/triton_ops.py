@@ -29,19 +29,23 @@ def gated_rms_norm_fwd_op(
     n_groups: int,
     eps: float,
     norm_before_gate: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y [..., D], rstd [rows, G] float32), rows = the product of x's leading dims."""
+    """Returns (y [..., D], rstd [rows, G] float32), rows = the product of x's leading dims. y is in ``out_dtype``,
+    by default the dtype promoted from x's and weight's: a caller that feeds y to a bfloat16 matmul asks for that and
+    saves writing float32 only to cast it."""
     from ssm_hub.kernels.gated_rms_norm import gated_rms_norm_fwd
 
     return gated_rms_norm_fwd(
-        _last_dim_contiguous(x), weight.contiguous(), _last_dim_contiguous(gate), n_groups, eps, norm_before_gate
+        _last_dim_contiguous(x), weight.contiguous(), _last_dim_contiguous(gate), n_groups, eps, norm_before_gate,
+        out_dtype=out_dtype,
     )
 
 
 @gated_rms_norm_fwd_op.register_fake
-def _(x, weight, gate, n_groups, eps, norm_before_gate):
+def _(x, weight, gate, n_groups, eps, norm_before_gate, out_dtype=None):
     rows = math.prod(x.shape[:-1])
-    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+    out = x.new_empty(x.shape, dtype=out_dtype or torch.promote_types(x.dtype, weight.dtype))
     return out, x.new_empty((rows, n_groups), dtype=torch.float32)
 
 
@@ -72,7 +76,7 @@ def _(grad_out, x, weight, gate, rstd, n_groups, norm_before_gate):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, gate, n_groups, _, norm_before_gate = inputs
+    x, weight, gate, n_groups, _, norm_before_gate, _ = inputs
     ctx.save_for_backward(x, weight, gate, output[1])
     ctx.n_groups = n_groups
     ctx.norm_before_gate = norm_before_gate
@@ -83,7 +87,7 @@ def _backward(ctx, grad_out, _grad_rstd):
     grad_x, grad_gate, grad_weight = gated_rms_norm_bwd_op(
         grad_out, x, weight, gate, rstd, ctx.n_groups, ctx.norm_before_gate
     )
-    return grad_x, grad_weight, grad_gate if gate is not None else None, None, None, None
+    return grad_x, grad_weight, grad_gate if gate is not None else None, None, None, None, None
 
 
 gated_rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
