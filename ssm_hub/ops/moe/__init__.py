@@ -13,7 +13,8 @@ Three implementations compute the same values:
 ``"auto"`` picks ``grouped_mm`` where torch provides it (``torch.nn.functional.grouped_mm``, else
 ``torch._grouped_mm``) and it runs forward and backward for the weights' device and dtype (checked once per
 device and dtype by a tiny call), and the row sizes suit its kernels (multiples of 16 bytes); else the loop, or,
-under ``torch.compile`` (where the loop's data-dependent gathers would break the graph), ``dense``.
+under ``torch.compile`` and while a CUDA graph is captured (where the loop's data-dependent gathers would break the
+graph or wait for the host), ``dense``.
 """
 
 import torch
@@ -51,12 +52,17 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def _tracing_or_capturing(device: torch.device) -> bool:
+    """Under torch.compile, or while a CUDA graph is captured on ``device``: nothing may wait for the host."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def grouped_mm_supported(device, dtype) -> bool:
     """Whether torch's grouped matmul runs forward and backward on ``device`` in ``dtype`` (probed once, cached)."""
     device = torch.device(device)
     key = (device.type, device.index, dtype)
     if key not in _SUPPORT:
-        if torch.compiler.is_compiling():  # the probe can't be traced: compiled code uses what eager found
+        if _tracing_or_capturing(device):  # the probe can't be traced or captured: those use what eager found
             return False
         _SUPPORT[key] = _probe_grouped_mm(device, dtype)
     return _SUPPORT[key]
@@ -103,7 +109,9 @@ def moe_experts(hidden, expert_indices, expert_weights, gate_up_proj, down_proj,
     if implementation == "grouped_mm":
         raise NotImplementedError(f"implementation='grouped_mm' was requested for moe_experts, but {reason}. "
                                   f"Use implementation='loop' or 'auto'.")
-    if torch.compiler.is_compiling():
+    if _tracing_or_capturing(hidden.device):
+        # The loop reads each expert's token count on the host, which neither a trace nor a CUDA graph capture
+        # (generate's decode step) can do.
         return _moe_experts_dense(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
     return moe_experts_ref(hidden, expert_indices, expert_weights, gate_up_proj, down_proj)
 
