@@ -11,10 +11,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -22,6 +24,7 @@ from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
 from ssm_hub.models.remote_code import save_with_remote_code
+from ssm_hub.ops.cross_entropy import cross_entropy
 
 # Keyword arguments a packing collator or an attention-style caller may pass; the boundary ones become seq_idx,
 # the max_length ones only matter to flash attention and carry nothing an SSM needs.
@@ -65,18 +68,44 @@ def _reject_unknown_kwargs(owner: str, kwargs: dict, allowed: tuple) -> None:
 
 
 def lm_head_logits_and_loss(model, hidden_states, labels, logits_to_keep, loss_kwargs: dict):
-    """(logits in float32, loss or None) of a causal-LM head ``model.lm_head`` over the last hidden states.
+    """(logits, loss or None) of a causal-LM head ``model.lm_head`` over the last hidden states. The logits are in
+    the head's output dtype (bfloat16 under bf16 autocast), as transformers' Llama returns them; generate upcasts.
 
-    ``logits_to_keep``: the last N positions only (0 = all), or the given indices. The loss goes through
-    ``model.loss_function``: labels shifted inside, or ``shift_labels`` already shifted (context parallelism splits
+    ``logits_to_keep``: the last N positions only (0 = all), or the given indices. The loss is
+    ``model.loss_function``'s: labels shifted inside, or ``shift_labels`` already shifted (context parallelism splits
     the row after shifting, so they must not be shifted again); ``num_items_in_batch`` normalises a summed loss.
+    While that is transformers' default (ForCausalLMLoss) it is computed by :func:`causal_lm_loss`, the same loss
+    without a float32 copy of the logits; a loss function set on the model or chosen by ``config.loss_type`` is
+    called as it is.
     """
     keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-    logits = model.lm_head(hidden_states[:, keep].to(model.lm_head.weight.dtype)).float()
+    logits = model.lm_head(hidden_states[:, keep].to(model.lm_head.weight.dtype))
     loss = None
     if labels is not None or loss_kwargs.get("shift_labels") is not None:
-        loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size, **loss_kwargs)
+        if model.loss_function is ForCausalLMLoss:
+            loss = causal_lm_loss(logits, labels, **loss_kwargs)
+        else:
+            loss = model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size,
+                                       **loss_kwargs)
     return logits, loss
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index: int = -100, shift_labels=None):
+    """transformers' ForCausalLMLoss on the per-token cross-entropy op (ssm_hub.ops.cross_entropy): token t predicts
+    labels[t + 1] (or ``shift_labels[t]``), ``ignore_index`` tokens are left out, and the loss is their mean, or
+    their sum over ``num_items_in_batch`` when given (the count over a whole gradient-accumulation step)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    shift_labels = shift_labels.to(logits.device)
+    if shift_labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have the logits' shape without the vocabulary dim, {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(shift_labels.shape)}")
+    total = cross_entropy(logits, shift_labels, ignore_index).sum()
+    if num_items_in_batch is None:
+        return total / (shift_labels != ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id, seq_len: int, device) -> torch.Tensor:

@@ -97,3 +97,39 @@ def test_cache_position_gives_the_positions_of_the_current_tokens(causal_lm_type
         assert not torch.allclose(got, from_zero, atol=1e-4), "the test must see the positions"
     else:
         torch.testing.assert_close(got, from_zero)  # SSM layers use no positions
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_default_loss_is_the_cross_entropy_op_with_transformers_values_and_gradients(causal_lm_type, backend,
+                                                                                    monkeypatch):
+    # The default loss (ForCausalLMLoss) runs as ssm_hub.ops.cross_entropy, which on the kernels never copies the
+    # logits to float32; loss and gradients are transformers' own.
+    import ssm_hub.kernels.cross_entropy as kernels
+
+    launches = []
+    launcher = kernels.cross_entropy_fwd
+    monkeypatch.setattr(kernels, "cross_entropy_fwd", lambda *args: launches.append(args) or launcher(*args))
+    monkeypatch.setenv("SSM_HUB_BACKEND", backend)
+    model, input_ids, labels = _model_and_batch(causal_lm_type)
+    out = model(input_ids, labels=labels)
+    (got,) = torch.autograd.grad(out.loss, out.logits, retain_graph=True)
+    expected = ForCausalLMLoss(out.logits, labels, VOCAB)
+    (want,) = torch.autograd.grad(expected, out.logits)
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(got, want)
+    assert len(launches) == (1 if backend == "triton" else 0)
+
+
+def test_a_loss_function_set_on_the_model_is_called_as_it_is(causal_lm_type):
+    model, input_ids, labels = _model_and_batch(causal_lm_type)
+    seen = {}
+
+    def custom_loss(logits, labels, vocab_size, **kwargs):
+        seen.update(vocab_size=vocab_size, kwargs=kwargs)
+        return logits.float().mean()
+
+    model.loss_function = custom_loss
+    with torch.no_grad():
+        out = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(5))
+    torch.testing.assert_close(out.loss, out.logits.float().mean())
+    assert seen["vocab_size"] == VOCAB and set(seen["kwargs"]) == {"num_items_in_batch"}
