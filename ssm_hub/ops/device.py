@@ -18,7 +18,8 @@ def on_input_device(function):
     @functools.wraps(function)
     def run_on_input_device(*args, **kwargs):
         tensor = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
-        if tensor is None or not tensor.is_cuda:
+        if tensor is None or not tensor.is_cuda or tensor.device.index == torch.cuda.current_device():
+            # CPU tensors, or already current: switching the device costs more than the launches of a small op.
             return function(*args, **kwargs)
         with torch.cuda.device(tensor.device):
             return function(*args, **kwargs)
