@@ -1,11 +1,13 @@
 """Greedy decoding speed of ssm_hub (the backend SSM_HUB_BACKEND selects) against transformers' own pure-torch
 Mamba-2, in the same process, on one CUDA GPU: a 130M-parameter Mamba-2 in bf16, batch 1, a 128-token prompt,
 256 new tokens, with a plain ``generate`` (ssm_hub: each decode step replayed as one CUDA graph; transformers: its
-dynamic cache), with ``cache_implementation="static"`` (which transformers compiles), and for ssm_hub also with
+dynamic cache), with ``cache_implementation="static"`` (which transformers compiles), with prompt lookup decoding
+(``prompt_lookup_num_tokens=3``, speculative decoding with an n-gram draft), and for ssm_hub also with
 ``disable_compile=True`` (transformers' own decoding loop, eager). The timed call follows one untimed call.
 
     SSM_HUB_BACKEND=torch python benchmarks/generation.py   # the torch reference; writes benchmarks/results/
     python benchmarks/generation.py                         # the default backend (Triton kernels on CUDA)
+    python benchmarks/generation.py --candidates ssm_hub    # ours alone
 """
 
 import argparse
@@ -28,6 +30,9 @@ DECODE_MODES = {
     "default": {},
     "static": {"cache_implementation": "static"},
     "transformers' loop (disable_compile=True)": {"disable_compile": True},
+    # transformers' assisted loop with an n-gram draft from the prompt: on random prompts it finds few matches, so
+    # this is the worst case of prompt lookup against plain greedy.
+    "prompt lookup (prompt_lookup_num_tokens=3)": {"prompt_lookup_num_tokens": 3},
 }
 
 
@@ -48,12 +53,13 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=50288)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--candidates", nargs="+", choices=CANDIDATES, default=CANDIDATES)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     prompt = torch.randint(1, args.vocab_size, (1, args.prompt_len), device="cuda")
     rows = []
-    for candidate in CANDIDATES:
+    for candidate in args.candidates:
         model = build(candidate, args.vocab_size).to("cuda", torch.bfloat16).eval()
         modes = DECODE_MODES if candidate == OURS else {k: v for k, v in DECODE_MODES.items() if "disable_compile" not in v}
         for mode, mode_kwargs in modes.items():
@@ -69,6 +75,8 @@ def main():
     }
     args.output.mkdir(parents=True, exist_ok=True)
     stem = f"generation_{os.environ.get('SSM_HUB_BACKEND', 'auto')}_{device.replace(' ', '_')}"
+    if tuple(args.candidates) != CANDIDATES:
+        stem += "_" + "_".join(candidate.replace(" ", "_") for candidate in args.candidates)
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"Mamba-2 130M greedy decoding, bf16, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, on {device}",
