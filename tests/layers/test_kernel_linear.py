@@ -95,9 +95,9 @@ def test_bf16_decode_step_on_the_kernels_matches_the_torch_path(monkeypatch):
             launches["gemv with conv step"].append(args)
         return launch_gemv(*args, norm=norm, conv=conv)
 
-    def counted_norm(*args, residual=None):
+    def counted_norm(*args, residual=None, out_dtype=None):
         launches["add_rms_norm" if residual is not None else "rms_norm"].append(args)
-        return launch_norm(*args, residual=residual)
+        return launch_norm(*args, residual=residual, out_dtype=out_dtype)
 
     monkeypatch.setattr(gemv, "gemv_fwd", counted_gemv)
 
