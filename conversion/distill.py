@@ -172,7 +172,7 @@ class ReplacedLayers(torch.nn.Module):
             if not mixing_matrices:
                 # The block returns its last branch's output and the residual stream before it: their sum is the
                 # stream after the block.
-                out, residual, _ = block(hidden, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
+                out, residual, *_ = block(hidden, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
                 results.append(residual + out)
                 continue
             if block.mixer_type != "mamba2":

@@ -45,7 +45,7 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
+from ssm_hub.models.hybrid.configuration_hybrid import LEGACY_ROPE_FIELDS, ROPE_DEFAULTS, SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
@@ -760,7 +760,7 @@ def _ssm_hub_to_jamba_fields() -> tuple[ConfigField, ...]:
                     reason="Jamba's experts have intermediate_size; set moe_intermediate_size to None"),
         *_dropped(("shared_expert_gate",), "only used with a shared expert, which the check above excludes"),
         *_dropped(("sliding_window",), "used only by sliding_attention layers, which Jamba cannot hold"),
-        *_dropped(("rope_theta", "partial_rotary_factor"), "no positional encoding (use_rope is false)"),
+        *_dropped(("rope_parameters",), "no positional encoding (use_rope is false)"),
         _cannot("mlp_bias", False, "Jamba's MLPs have no bias"),
         *_llama_block_only("Jamba"),
         *_dropped(("pkm_num_keys", "pkm_heads", "pkm_key_dim", "pkm_topk"),
@@ -780,8 +780,16 @@ def _ssm_hub_hybrid_fields() -> tuple[ConfigField, ...]:
     return (
         *_same_fields(names, SsmHubHybridConfig),
         ConfigField("mixer_types", "mixer_types"), ConfigField("ffn_types", "ffn_types"),
+        *_dropped(LEGACY_ROPE_FIELDS, "a config saved before rope_parameters: passed on by _legacy_rope_fields"),
         *_REWRITTEN_ON_SAVE, *_DTYPE,
     )
+
+
+def _legacy_rope_fields(source: dict, target: dict) -> dict:
+    """An ssm_hub_hybrid config.json saved before rope_parameters holds rope_theta / partial_rotary_factor at the
+    top level; passed only when present (the config folds them into rope_parameters and refuses a disagreement)."""
+    target.update({name: source[name] for name in LEGACY_ROPE_FIELDS if name in source})
+    return target
 
 
 _PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -833,6 +841,7 @@ SSM_HUB_HYBRID_TO_SSM_HUB = ConversionMap(
     description="ssm_hub_hybrid -> ssm_hub_hybrid",
     config_fields=_ssm_hub_hybrid_fields(),
     weights=identity_rules(SsmHubHybridForCausalLM),
+    finish=_legacy_rope_fields,
 )
 
 
@@ -871,7 +880,8 @@ def _bamba_layout_from_lists(source: dict, target: dict) -> dict:
     if set(ffns) != {"mlp"}:
         raise ValueError(f"ffn_types = {ffns}: every Bamba layer is followed by an MLP")
     target["attn_layer_indices"] = [i for i, mixer in enumerate(mixers) if mixer == "attention"]
-    target["rope_parameters"] = {"rope_type": "default", "rope_theta": source["rope_theta"]}
+    target["rope_parameters"] = {"rope_type": "default",
+                                 "rope_theta": source.get("rope_parameters.rope_theta", ROPE_DEFAULTS["rope_theta"])}
     if target.get("head_dim") is None:  # Bamba reads head_dim only if the config has it, else hidden / heads
         target.pop("head_dim", None)
     if target.get("mamba_n_heads") is None:  # ours derives the head count from the head size; Bamba needs it
@@ -906,9 +916,10 @@ def _ssm_hub_to_bamba_fields() -> tuple[ConfigField, ...]:
         *_dropped(("mixer_types", "ffn_types"), "become Bamba's attn_layer_indices (every layer has an MLP)"),
         *_dropped(("ssm_type", "attn_layer_period", "attn_layer_offset", "expert_layer_period",
                    "expert_layer_offset"), "the per-layer lists are the layout"),
-        ConfigField("rope_theta", None, reason="becomes rope_parameters"),
+        ConfigField("rope_parameters.rope_theta", None, reason="becomes Bamba's rope_parameters"),
+        _cannot("rope_parameters.rope_type", "default", "Bamba's attention has the default RoPE"),
         _cannot("use_rope", True, "Bamba's attention always applies RoPE"),
-        _cannot("partial_rotary_factor", BAMBA_PARTIAL_ROTARY_FACTOR,
+        _cannot("rope_parameters.partial_rotary_factor", BAMBA_PARTIAL_ROTARY_FACTOR,
                "BambaConfig rotates half of each head's channels whatever it is given"),
         _cannot("residual_in_fp32", False, "Bamba adds the residuals in the model's dtype"),
         *_llama_block_only("Bamba"),

@@ -10,6 +10,9 @@ The layer follows transformers v5's attention contract, so masks, caches and ker
 - the attention itself is ``ALL_ATTENTION_FUNCTIONS[attn_implementation]`` (sdpa, flash_attention_2/3, flex ...),
   or :func:`eager_attention` for ``"eager"``. Extra keyword arguments (``position_ids``, ``cu_seq_lens_q/k``,
   ``max_length_q/k`` for packed flash-attention batches) are passed through to it unchanged.
+- ``output_attentions=True`` returns the attention probabilities too. Only the eager path computes them (sdpa and
+  the flash kernels never form them), so that call runs :func:`eager_attention` whatever the implementation, as
+  transformers' eager mode would; its mask must then be an eager one (4-D), or ``None`` for plain causal attention.
 
 Rotary embedding uses the rotate-half convention of transformers' Llama (and Bamba's for a partial rotary
 factor: the first ``rotary_dim`` channels of each head rotate, the rest pass through), so q/k weights converted from
@@ -138,7 +141,7 @@ class SelfAttention(nn.Module):
                  head_dim: int | None = None, attention_bias: bool = False, attention_dropout: float = 0.0,
                  use_rope: bool = True, rope_theta: float = 10000.0, sliding_window: int | None = None,
                  layer_idx: int = 0, attn_implementation: str = "sdpa", qk_norm: str | None = None,
-                 qk_norm_eps: float = 1e-6):
+                 qk_norm_eps: float = 1e-6, partial_rotary_factor: float = 1.0):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("num_attention_heads", num_attention_heads),
                             ("num_key_value_heads", num_key_value_heads)):
@@ -175,7 +178,7 @@ class SelfAttention(nn.Module):
         self.attn_implementation = attn_implementation
         self.use_rope = use_rope
         # Used only when the caller passes no position_embeddings (models share one RotaryEmbedding instead).
-        self.rotary_emb = RotaryEmbedding(head_dim, rope_theta) if use_rope else None
+        self.rotary_emb = RotaryEmbedding(head_dim, rope_theta, partial_rotary_factor) if use_rope else None
 
         self.q_proj = KernelLinear(hidden_size, num_attention_heads * head_dim, bias=attention_bias)
         self.k_proj = KernelLinear(hidden_size, num_key_value_heads * head_dim, bias=attention_bias)
@@ -200,8 +203,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                attention_mask: torch.Tensor | None = None, cache=None, **kwargs) -> torch.Tensor:
-        """``hidden_states [B, T, H]`` -> ``[B, T, H]``.
+                attention_mask: torch.Tensor | None = None, cache=None, output_attentions: bool = False,
+                **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``hidden_states [B, T, H]`` -> ``[B, T, H]``; with ``output_attentions``, ``(that, probabilities
+        [B, Nq, T, Tk])`` from the eager path (see the module docstring for the mask it needs).
 
         ``position_embeddings``: ``(cos, sin)``, each ``[B, T, R]``, from a shared :class:`RotaryEmbedding`; when
         ``None`` (and ``use_rope``) they are computed from ``kwargs["position_ids"]``, else from the cache length.
@@ -227,12 +232,35 @@ class SelfAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.attn_implementation, eager_attention)
-        output, _ = attention(
+        if output_attentions:
+            attention, attention_mask = eager_attention, self._eager_mask(attention_mask, query, key)
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.attn_implementation, eager_attention)
+        output, probabilities = attention(
             self, query, key, value, attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return self.o_proj(output.reshape(batch, length, -1))
+        output = self.o_proj(output.reshape(batch, length, -1))
+        return (output, probabilities) if output_attentions else output
+
+    @staticmethod
+    def _eager_mask(attention_mask, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+        """The mask for the eager path: a 4-D mask as it is; ``None`` (sdpa's "plain causal", which transformers
+        only gives where there is no cached past, so queries and keys line up) as the causal mask it stands for."""
+        if attention_mask is None:
+            length = query.shape[2]
+            if length == 1:
+                return None
+            if key.shape[2] != length:
+                raise ValueError(f"SelfAttention: output_attentions with no mask needs as many keys as queries "
+                                 f"(plain causal attention), got {key.shape[2]} keys for {length} queries")
+            return torch.ones(length, length, dtype=torch.bool, device=query.device).tril()[None, None]
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 4:
+            raise ValueError("SelfAttention: output_attentions computes the probabilities on the eager path, which "
+                             f"needs a 4-D mask (or None for plain causal attention), got "
+                             f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}; build the mask for "
+                             "the 'eager' implementation")
+        return attention_mask

@@ -183,8 +183,6 @@ def test_unknown_keyword_arguments_are_refused():
     model = model_for()
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
         model(torch.randint(1, 97, (1, 5)), not_an_argument=1)
-    with pytest.raises(ValueError, match="output_attentions"):
-        model(torch.randint(1, 97, (1, 5)), output_attentions=True)
 
 
 @pytest.mark.parametrize("config", [tiny, gpt2_block])

@@ -22,6 +22,11 @@ The mixers map onto transformers' cache vocabulary (``layer_types``): SSM layers
 window and one recurrent state), attention layers ``full_attention`` or ``sliding_attention`` (keys and values), so
 transformers' own ``DynamicCache`` / ``StaticCache`` build the hybrid cache from the config.
 
+RoPE in the attention layers is set as transformers v5 sets it, by ``rope_parameters`` (``rope_type`` "default",
+``rope_theta``, ``partial_rotary_factor``); configs saved before it, with top-level ``rope_theta`` /
+``partial_rotary_factor``, still load (those two are accepted as arguments and folded into it, and still read as
+properties). ``base_model_tp_plan`` is transformers' tensor-parallel plan for the attention layers and dense MLPs.
+
 Field names follow transformers' hybrids: Llama's for attention and the MLP, Jamba's and Qwen-MoE's for the
 experts, Bamba's ``mamba_*`` names for the SSM layers. :meth:`ssm_config` turns the latter into the pure-SSM
 config (``SsmHubMambaConfig`` / ``SsmHubMamba2Config``) whose mixer classes the SSM layers reuse, so their
@@ -29,6 +34,7 @@ checks and defaults are those of the pure-SSM models.
 """
 
 from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import RopeParameters
 
 from ssm_hub.models.config_base import (
     SsmHubConfig,
@@ -51,6 +57,10 @@ CACHE_LAYER_TYPES = {
     "attention": "full_attention",
     "sliding_attention": "sliding_attention",
 }
+# What rope_parameters holds when a key is not given: transformers' default RoPE over every channel of each head.
+ROPE_DEFAULTS = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+# The RoPE fields that configs saved before rope_parameters store at the top level; accepted, and folded into it.
+LEGACY_ROPE_FIELDS = ("rope_theta", "partial_rotary_factor")
 ROUTER_SCORINGS = ("softmax", "sigmoid")
 MLP_TYPES = ("swiglu", "plain")
 NORM_TYPES = ("rms", "layer")
@@ -70,6 +80,21 @@ class SsmHubHybridConfig(SsmHubConfig):
     model_type = "ssm_hub_hybrid"
     # Stored as given; only layer_types is derived (from mixer_types).
     DERIVED_FIELDS = ("layer_types",)
+    # Tensor parallelism (from_pretrained(..., tp_plan="auto")): Llama's plan for the attention layers (heads split
+    # over the ranks) and the dense MLPs (gate / up split by columns, down by rows); the SSM mixers, the MoE and PKM
+    # feed-forwards and the norms stay whole on every rank. A Mamba mixer cannot be split by transformers'
+    # column / row styles: its in_proj packs z, x, B, C and dt (Mamba-1: x and z) into one output, its causal conv
+    # runs over x, B and C together, B and C are shared by every head of a group, the gated RMSNorm reduces over
+    # all inner channels, and Mamba-1's x_proj reduces over all of them too.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.feed_forward.gate_proj": "colwise",
+        "layers.*.feed_forward.up_proj": "colwise",
+        "layers.*.feed_forward.down_proj": "rowwise",
+    }
 
     vocab_size: int = 65536
     hidden_size: int = 1024
@@ -89,10 +114,11 @@ class SsmHubHybridConfig(SsmHubConfig):
     attention_bias: bool = False
     attention_dropout: float = 0.0
     use_rope: bool = True
-    rope_theta: float = 10000.0
+    # transformers v5's RoPE settings: {"rope_type": "default", "rope_theta": ..., "partial_rotary_factor": ...} (the
+    # first head_dim * factor channels of each head rotate; Bamba: 0.5). Missing keys take ROPE_DEFAULTS.
+    rope_parameters: RopeParameters | dict | None = None
     # Qwen3's / Persimmon's per-head norm (of norm_type) on queries and keys before RoPE.
     attention_qk_norm: bool = False
-    partial_rotary_factor: float = 1.0  # the first head_dim * factor channels of each head rotate (Bamba: 0.5)
     max_position_embeddings: int = 262144
     sliding_window: int | None = None
     # Dense feed-forward: "swiglu" (Llama's gate / up / down projections, SiLU) or "plain" (GPT-2's: up, then
@@ -149,9 +175,47 @@ class SsmHubHybridConfig(SsmHubConfig):
 
     def __post_init__(self, **kwargs):
         self.time_step_limit = tuple(self.time_step_limit)
+        self._resolve_rope_parameters(kwargs)
         self._resolve_layout()
         super().__post_init__(**kwargs)
         self.check()
+
+    def _resolve_rope_parameters(self, kwargs: dict) -> None:
+        """Fill ``rope_parameters`` (a copy: the caller's dict is left alone) from ROPE_DEFAULTS, folding in the
+        top-level ``rope_theta`` / ``partial_rotary_factor`` of configs saved before it (popped from ``kwargs``)."""
+        name = type(self).__name__
+        given = self.rope_parameters if self.rope_parameters is not None else {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{name}.rope_parameters must be a dict (rope_type, rope_theta, partial_rotary_factor) "
+                             f"or None, got {given!r}")
+        rope = dict(given)
+        for field in LEGACY_ROPE_FIELDS:
+            if field not in kwargs:
+                continue
+            value = kwargs.pop(field)
+            if field in rope and rope[field] != value:
+                raise ValueError(f"{name}: {field}={value!r} disagrees with rope_parameters[{field!r}]="
+                                 f"{rope[field]!r}; give it once, in rope_parameters")
+            rope[field] = value
+        self.rope_parameters = {**ROPE_DEFAULTS, **rope}
+
+    @property
+    def rope_theta(self) -> float:
+        """``rope_parameters["rope_theta"]``, under the name configs used before rope_parameters."""
+        return self.rope_parameters.get("rope_theta", ROPE_DEFAULTS["rope_theta"])
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters = {**self.rope_parameters, "rope_theta": value}
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        """``rope_parameters["partial_rotary_factor"]``, under the name configs used before rope_parameters."""
+        return self.rope_parameters.get("partial_rotary_factor", ROPE_DEFAULTS["partial_rotary_factor"])
+
+    @partial_rotary_factor.setter
+    def partial_rotary_factor(self, value: float) -> None:
+        self.rope_parameters = {**self.rope_parameters, "partial_rotary_factor": value}
 
     def _resolve_layout(self) -> None:
         """Turn the period form into the explicit lists (stored), defaulting to Jamba's 1 attention layer in 8."""
@@ -207,7 +271,7 @@ class SsmHubHybridConfig(SsmHubConfig):
         require_positive_int(self, "vocab_size", "hidden_size", "intermediate_size", "mamba_d_state",
                              "mamba_expand", "mamba_d_head", "mamba_n_groups", "mamba_chunk_size")
         require_int_at_least(self, "mamba_d_conv", 2)
-        require_positive_float(self, "layer_norm_epsilon", "rope_theta")
+        require_positive_float(self, "layer_norm_epsilon")
         require_choice(self, "mlp_type", MLP_TYPES)
         require_choice(self, "norm_type", NORM_TYPES)
         if self.mlp_type == "swiglu":
@@ -232,9 +296,8 @@ class SsmHubHybridConfig(SsmHubConfig):
                                  f"num_attention_heads ({self.num_attention_heads}) when head_dim is not given")
             if self.head_dim is not None:
                 require_positive_int(self, "head_dim")
-            factor = self.partial_rotary_factor
-            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
-                raise ValueError(f"{name}.partial_rotary_factor must be in (0, 1], got {factor!r}")
+            if self.use_rope:
+                self.check_rope_parameters()
             if not 0.0 <= self.attention_dropout < 1.0:
                 raise ValueError(f"{name}.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         if "sliding_attention" in self.mixer_types:
@@ -268,6 +331,34 @@ class SsmHubHybridConfig(SsmHubConfig):
                 except ValueError as error:
                     raise ValueError(f"{name}: the {kind} layers' fields (mamba_*, time_step_*) are inconsistent: "
                                      f"{error}") from error
+
+    def check_rope_parameters(self) -> None:
+        """Raise ValueError unless ``rope_parameters`` describes RoPE the attention layers implement: the default
+        kind, a positive ``rope_theta``, a ``partial_rotary_factor`` in (0, 1] leaving an even number (>= 2) of
+        rotated channels per head, and no other key (a scaling key such as ``factor`` would be silently ignored).
+        The model checks again when it is built, as the config may have changed since."""
+        name = f"{type(self).__name__}.rope_parameters"
+        rope = self.rope_parameters
+        if not isinstance(rope, dict):
+            raise ValueError(f"{name} must be a dict (rope_type, rope_theta, partial_rotary_factor), got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", ROPE_DEFAULTS["rope_type"]))
+        if rope_type != "default":
+            raise ValueError(f"{name}: rope_type must be 'default' (the attention layers have no scaled RoPE: "
+                             f"linear, dynamic, yarn ...), got {rope_type!r}")
+        unread = sorted(set(rope) - set(ROPE_DEFAULTS) - {"type"})
+        if unread:
+            raise ValueError(f"{name} holds keys that the default RoPE does not read: {unread}; it takes "
+                             f"{sorted(ROPE_DEFAULTS)} only")
+        theta = rope.get("rope_theta", ROPE_DEFAULTS["rope_theta"])
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"{name}: rope_theta must be a positive number, got {theta!r}")
+        factor = rope.get("partial_rotary_factor", ROPE_DEFAULTS["partial_rotary_factor"])
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ValueError(f"{name}: partial_rotary_factor must be in (0, 1], got {factor!r}")
+        rotary_dim = int(self.attention_head_dim * factor)
+        if rotary_dim < 2 or rotary_dim % 2:
+            raise ValueError(f"{name}: head_dim ({self.attention_head_dim}) * partial_rotary_factor ({factor}) must "
+                             f"give an even number >= 2 of rotated channels, got {rotary_dim}")
 
     def ssm_config(self, kind: str):
         """The pure-SSM config of the ``kind`` ("mamba" or "mamba2") layers, from the ``mamba_*`` fields; the SSM

@@ -19,6 +19,7 @@ the document boundaries of packed rows (``position_ids`` restarts, ``seq_idx``, 
 models do, and the attention masks keep each query inside the same documents, with or without a cache.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -46,7 +47,12 @@ from ssm_hub.layers.sequence_boundaries import (
     resolve_seq_idx,
     same_document_mask_function,
 )
-from ssm_hub.models.hybrid.configuration_hybrid import ATTENTION_MIXERS, CACHE_LAYER_TYPES, SsmHubHybridConfig
+from ssm_hub.models.hybrid.configuration_hybrid import (
+    ATTENTION_MIXERS,
+    CACHE_LAYER_TYPES,
+    ROPE_DEFAULTS,
+    SsmHubHybridConfig,
+)
 from ssm_hub.models.remote_code import save_with_remote_code
 from ssm_hub.models.ssm_lm import (
     LOSS_KWARGS,
@@ -88,11 +94,16 @@ def _check_cache_layers(cache, config) -> None:
         )
 
 
+# The outputs' fields in the order of transformers' MoE outputs (MoeModelOutputWithPast, MoeCausalLMOutputWithPast),
+# which is the order of their return_dict=False tuples (fields left None are skipped). ``attentions``, with
+# output_attentions: one [batch, heads, queries, keys] tensor of attention probabilities per attention layer, in
+# layer order; the SSM layers have none (as in transformers' Jamba and Bamba).
 @dataclass
 class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -102,6 +113,7 @@ class HybridSequenceClassifierOutput(ModelOutput):
     aux_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -112,6 +124,7 @@ class HybridCausalLMOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -169,6 +182,7 @@ class HybridBlock(GradientCheckpointingLayer):
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                 head_dim=config.attention_head_dim, attention_bias=config.attention_bias,
                 attention_dropout=config.attention_dropout, use_rope=config.use_rope, rope_theta=config.rope_theta,
+                partial_rotary_factor=config.partial_rotary_factor,
                 sliding_window=config.sliding_window if self.mixer_type == "sliding_attention" else None,
                 layer_idx=layer_idx, attn_implementation=config._attn_implementation or "sdpa",
                 qk_norm=config.norm_type if config.attention_qk_norm else None, qk_norm_eps=config.layer_norm_epsilon,
@@ -189,12 +203,13 @@ class HybridBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, residual=None, cache=None, padding_mask=None, seq_idx=None,
                 attention_masks=None, position_embeddings=None, attention_kwargs=None,
-                modality: ModalityRouting | None = None):
+                modality: ModalityRouting | None = None, output_attentions: bool = False):
         """mamba_ssm's form of the pre-norm block, which lets each residual add and the norm after it run as one op
         (one kernel without gradients): takes the previous block's last branch output and the residual stream
         before it (for the first block: the embeddings and None) and returns (this block's last branch output, the
-        residual stream entering that branch, the MoE router logits or None). The stream after the block is the sum
-        of the first two, which the next block or the model's final norm forms."""
+        residual stream entering that branch, the MoE router logits or None, the attention probabilities or None).
+        The stream after the block is the sum of the first two, which the next block or the model's final norm
+        forms. The probabilities come from an attention layer asked for them (``output_attentions``)."""
         if residual is None:
             residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
             normed = per_modality(self.input_layernorm, self.modality_input_layernorm,
@@ -202,13 +217,18 @@ class HybridBlock(GradientCheckpointingLayer):
         else:
             normed, residual = add_and_norm(self.input_layernorm, self.modality_input_layernorm, hidden_states,
                                             residual, modality)
-        if self.mixer_type in ATTENTION_MIXERS:
+        attention_probabilities = None
+        if self.mixer_type not in ATTENTION_MIXERS:
+            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
+        elif output_attentions:
+            mixed, attention_probabilities = self.self_attn(
+                normed, position_embeddings=position_embeddings, attention_mask=attention_masks[self.layer_type],
+                cache=cache, output_attentions=True, **attention_kwargs)
+        else:
             mixed = self.self_attn(normed, position_embeddings=position_embeddings,
                                    attention_mask=attention_masks[self.layer_type], cache=cache, **attention_kwargs)
-        else:
-            mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
         if self.ffn_type == "none":
-            return mixed, residual, None
+            return mixed, residual, None, attention_probabilities
         normed, residual = add_and_norm(self.pre_ff_layernorm, self.modality_pre_ff_layernorm, mixed, residual,
                                         modality)
         router_logits = None
@@ -216,7 +236,7 @@ class HybridBlock(GradientCheckpointingLayer):
             fed, router_logits = self.feed_forward(normed)
         else:
             fed = per_modality(self.feed_forward, self.modality_feed_forward, normed, modality)
-        return fed, residual, router_logits
+        return fed, residual, router_logits, attention_probabilities
 
 
 def add_and_norm(norm, modality_norms, x, residual, modality: ModalityRouting | None):
@@ -277,6 +297,29 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
                 if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
                     out_weight /= math.sqrt(self.config.num_hidden_layers)
 
+    def post_init(self):
+        super().post_init()
+        self._fit_tp_plan()
+
+    def _fit_tp_plan(self) -> None:
+        """Adjust the tensor-parallel plan transformers gathered (``self._tp_plan``, read by ``tp_plan="auto"``).
+
+        transformers applies ``config.base_model_tp_plan`` at the root of the base model, and there also splits
+        ``embed_tokens`` over the vocabulary. The plan's names start at the hybrid backbone's ``layers``; a model
+        that wraps the backbone under another name with the same config (ssm_hub_multimodal's ``language_model``)
+        gets them from that child, prefixed, so the unprefixed copies are dropped. A language-model head is split
+        over the vocabulary like the embeddings (``colwise_gather_output``, as transformers' Llama): a tied head and
+        its embeddings are one tensor, which must be split the same way."""
+        plan = getattr(self, "_tp_plan", None)
+        if not plan:
+            return
+        if "layers" not in self._modules:
+            for key in self.config.base_model_tp_plan or {}:
+                plan.pop(key, None)
+        head = getattr(self, "lm_head", None)
+        if isinstance(head, nn.Linear) and any(key.rpartition(".")[2] == "embed_tokens" for key in plan):
+            plan.setdefault("lm_head", "colwise_gather_output")
+
     def set_attn_implementation(self, attn_implementation, *args, **kwargs):
         """transformers' switch (it updates ``config._attn_implementation``), passed on to the attention layers,
         which pick their attention function by their own ``attn_implementation``."""
@@ -316,6 +359,15 @@ def _check_absolute_positions(position_ids: torch.Tensor, limit: int) -> None:
     check_position_range(low.item(), high.item(), limit)
 
 
+def _rotary_embedding(config: SsmHubHybridConfig) -> RotaryEmbedding:
+    """The attention layers' shared RoPE, from ``config.rope_parameters`` (missing keys: ROPE_DEFAULTS), checked
+    again here: it may have been edited since the config was built."""
+    config.check_rope_parameters()
+    rope = {**ROPE_DEFAULTS, **config.rope_parameters}
+    return RotaryEmbedding(config.attention_head_dim, rope_theta=rope["rope_theta"],
+                           partial_rotary_factor=rope["partial_rotary_factor"], rope_type=rope["rope_type"])
+
+
 class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
     """Embeddings (plus absolute position embeddings, if the config has them) -> hybrid blocks -> final norm.
     ``modalities``: the parts of each block copied per modality (ssm_hub_multimodal's backbone); None for text."""
@@ -329,9 +381,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
                                      for i in range(config.num_hidden_layers)])
         self.final_layernorm = _norm(config)
         self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
-        self.rotary_emb = RotaryEmbedding(
-            config.attention_head_dim, rope_theta=config.rope_theta, partial_rotary_factor=config.partial_rotary_factor
-        ) if self.has_attention and config.use_rope else None
+        self.rotary_emb = _rotary_embedding(config) if self.has_attention and config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -344,15 +394,22 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
                                      if kind != "linear_attention")
         return cache.get_seq_length(first_attention_layer)
 
-    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, seq_idx, past) -> dict:
+    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, seq_idx, past,
+                         eager: bool = False) -> dict:
         """The attention layers' masks by cache layer kind, as transformers' generate also precomputes them; with
-        ``seq_idx`` (packed rows), restricted to each query's own document."""
+        ``seq_idx`` (packed rows), restricted to each query's own document. ``eager``: the masks of the eager
+        implementation whatever the model's (output_attentions computes the probabilities on the eager path)."""
         masks = {}
         # transformers leaves out the mask of a single query unless the cache is compileable, which it takes to mean
         # static; a static cache recording SSM states for assisted decoding is not compileable, yet its attention
         # layers hold empty and rolled-back slots that only the mask hides.
         static_attention = cache is not None and any(isinstance(layer, StaticLayer) for layer in cache.layers)
-        mask_kwargs = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        config = self.config
+        if eager and config._attn_implementation != "eager":
+            # masking_utils picks the mask's form by config._attn_implementation.
+            config = copy.copy(config)
+            config._attn_implementation = "eager"
+        mask_kwargs = dict(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            cache=cache, position_ids=position_ids, allow_is_causal_skip=not static_attention)
         if seq_idx is not None:
             # Without position_ids: from them transformers would find the documents too, but only without a cache,
@@ -372,6 +429,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
@@ -385,6 +443,8 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         position_ids: positions for RoPE or the absolute position embeddings; a restart at 0 inside a row also starts
             a new document (packed rows).
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
+        output_attentions: also return ``attentions``, each attention layer's probabilities [batch, heads, queries,
+            keys]; they come from the eager path (with eager masks), whatever the attention implementation.
         modality: each token's modality, for the blocks' per-modality parts (ssm_hub_multimodal); None: text.
         kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), and
         flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``; ``cache_position`` [T], the
@@ -392,13 +452,12 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         when there are no position_ids and no document boundaries.
         """
         cache = _cache_from_aliases(cache, kwargs)
-        if kwargs.pop("output_attentions", None):
-            raise ValueError(f"{type(self).__name__} does not return attention weights: output_attentions=True")
         cache_position = kwargs.pop("cache_position", None)
         unknown = sorted(set(kwargs) - set(PACKING_KWARGS))
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward got unexpected keyword arguments {unknown}")
         config = self.config
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         return_dict = return_dict if return_dict is not None else config.return_dict
@@ -449,8 +508,8 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         attention_masks, position_embeddings = None, None
         attention_kwargs = {name: kwargs[name] for name in ATTENTION_KWARGS if kwargs.get(name) is not None}
         if self.has_attention:
-            attention_masks = precomputed_masks or self._attention_masks(inputs_embeds, attention_mask, cache,
-                                                                         position_ids, seq_idx, past)
+            attention_masks = precomputed_masks or self._attention_masks(
+                inputs_embeds, attention_mask, cache, position_ids, seq_idx, past, eager=bool(output_attentions))
             if self.rotary_emb is not None:
                 position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
             attention_kwargs["position_ids"] = position_ids
@@ -458,22 +517,25 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         # Each block's input (the residual stream entering it) for output_hidden_states, then the final normed state.
         all_hidden_states = (inputs_embeds,) if output_hidden_states else None
         all_router_logits = () if output_router_logits else None
+        all_attentions = () if output_attentions else None
         hidden_states, residual = inputs_embeds, None
         for index, block in enumerate(self.layers):
             if output_hidden_states and index > 0:
                 all_hidden_states += (residual + hidden_states,)
-            hidden_states, residual, router_logits = block(
+            hidden_states, residual, router_logits, attention_probabilities = block(
                 hidden_states, residual, cache=cache, padding_mask=ssm_padding_mask, seq_idx=seq_idx,
                 attention_masks=attention_masks, position_embeddings=position_embeddings,
-                attention_kwargs=attention_kwargs, modality=modality,
+                attention_kwargs=attention_kwargs, modality=modality, output_attentions=bool(output_attentions),
             )
             if output_router_logits and router_logits is not None:
                 all_router_logits += (router_logits,)
+            if output_attentions and attention_probabilities is not None:
+                all_attentions += (attention_probabilities,)
         hidden_states, _ = add_and_norm(self.final_layernorm, None, hidden_states, residual, None)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
         output = HybridModelOutput(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states,
-                                   router_logits=all_router_logits)
+                                   attentions=all_attentions, router_logits=all_router_logits)
         return output if return_dict else output.to_tuple()
 
 
@@ -495,6 +557,7 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GraphDecodingGenerati
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
@@ -513,13 +576,15 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GraphDecodingGenerati
         loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits, return_dict=True, **kwargs,
+            inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
+            **kwargs,
         )
         logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
         loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
         output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states, router_logits=outputs.router_logits)
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                      router_logits=outputs.router_logits)
         return output if return_dict else output.to_tuple()
 
 
@@ -541,6 +606,7 @@ class SsmHubHybridForSequenceClassification(SsmHubHybridPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
@@ -557,13 +623,14 @@ class SsmHubHybridForSequenceClassification(SsmHubHybridPreTrainedModel):
         kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits, return_dict=True, **kwargs,
+            inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
+            **kwargs,
         )
         pooled_logits, loss = pooled_classification(self, outputs.last_hidden_state, input_ids, attention_mask, labels)
         loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
         output = HybridSequenceClassifierOutput(loss=loss, aux_loss=aux_loss, logits=pooled_logits,
-                                                hidden_states=outputs.hidden_states,
+                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
                                                 router_logits=outputs.router_logits)
         return output if return_dict else output.to_tuple()
 
