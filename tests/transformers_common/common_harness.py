@@ -88,10 +88,13 @@ class TinyCausalLMTester:
     def __init__(self, parent, config_class, config_fields: dict, model_classes: tuple):
         self.parent = parent
         # The training mixin trains this head (its first model class otherwise, a base model without a loss).
-        self.causal_lm_class = next(cls for cls in model_classes if cls.__name__.endswith("ForCausalLM"))
+        self.causal_lm_class = next(
+            cls for cls in model_classes if cls.__name__.endswith(("ForCausalLM", "ForConditionalGeneration"))
+        )
         self.config_class = config_class
         self.config_fields = config_fields
-        config = self.get_config()
+        # A composite config (an image-text model's) keeps the language model's sizes in its text config.
+        config = self.get_config().get_text_config()
         self.vocab_size = config.vocab_size
         self.hidden_size = config.hidden_size
         self.num_hidden_layers = config.num_hidden_layers
@@ -100,12 +103,57 @@ class TinyCausalLMTester:
     def get_config(self):
         return self.config_class(**self.config_fields)
 
+    def text_ids(self, shape: tuple[int, ...], high: int | None = None) -> torch.LongTensor:
+        # Token 0 is the pad token: sequence classification finds each row's last token through it.
+        return torch.randint(1, high or self.vocab_size, shape)
+
     def prepare_config_and_inputs_for_common(self):
         config = self.get_config()
-        # Token 0 is the pad token: sequence classification finds each row's last token through it.
-        input_ids = torch.randint(1, self.vocab_size, (self.batch_size, self.seq_length))
+        input_ids = self.text_ids((self.batch_size, self.seq_length))
         attention_mask = torch.ones_like(input_ids)
         return config, {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+class TinyImageTextTester(TinyCausalLMTester):
+    """Inputs of an image-text model: every row holds one image, laid out as a processor would: ``text_before`` text
+    tokens, the image's ``image_grid`` (rows x cols) of placeholders (``config.image_token_id``), each row of them
+    closed by ``row_end_token_id``, then ``text_after`` text tokens (the resize test writes a new id at position -2).
+    Text ids stay below both special ids, so no text token reads as an image token; the special ids must stay below
+    vocab_size - 15, the vocabulary the resize test shrinks to (it clamps the ids into it).
+
+    One image a row keeps every image tensor ``batch_size`` long, so the tests that cut the inputs along dim 0
+    (batching equivalence, eager vs sdpa) cut the images with their rows. The eager-vs-sdpa tests run at batch 7 and
+    fill shorter inputs with random rows that hold no placeholders: at 7 rows the images go in there too.
+    A subclass says how its model takes the images (:meth:`image_inputs`), drawn the same way for every model.
+    """
+
+    batch_size = 7
+    image_grid = (2, 2)
+    text_before = 1
+    text_after = 2
+    row_end_token_id: int
+
+    def __init__(self, parent, config_class, config_fields: dict, model_classes: tuple):
+        super().__init__(parent, config_class, config_fields, model_classes)
+        config = self.get_config()
+        self.image_token_id = config.image_token_id
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        rows, cols = self.image_grid
+        self.seq_length = self.text_before + rows * (cols + 1) + self.text_after
+
+    def image_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """images [batch_size, C, H, W], one a row -> the model's image arguments."""
+        raise NotImplementedError
+
+    def prepare_config_and_inputs_for_common(self):
+        config, inputs = super().prepare_config_and_inputs_for_common()
+        rows, cols = self.image_grid
+        input_ids = self.text_ids(inputs["input_ids"].shape, high=min(self.image_token_id, self.row_end_token_id))
+        image_row = torch.tensor(([self.image_token_id] * cols + [self.row_end_token_id]) * rows)
+        input_ids[:, self.text_before:self.text_before + len(image_row)] = image_row
+        images = torch.rand(self.batch_size, self.num_channels, rows * self.patch_size, cols * self.patch_size)
+        return config, {**inputs, "input_ids": input_ids, **self.image_inputs(images)}
 
 
 @contextlib.contextmanager
@@ -179,17 +227,17 @@ def _marked(name: str, test):
 def control_and_ours(common, model_type: str, control: dict, ours: dict, flags: dict):
     """Two TestCase classes running the same mixins with the same ``flags``: the native control first, then ours.
 
-    ``control`` and ``ours`` hold ``config_class``, ``config_fields`` and ``model_classes``; ``ours`` also
-    ``head_names`` ({kind in HEAD_NAME_MAPPINGS: class name}).
+    ``control`` and ``ours`` hold ``config_class``, ``config_fields``, ``model_classes`` and optionally ``tester``
+    (the model tester class, TinyCausalLMTester by default); ``ours`` also ``head_names`` ({kind in
+    HEAD_NAME_MAPPINGS: class name}).
     """
     mixins = (common.ModelTesterMixin, common.TrainingTesterMixin, unittest.TestCase)
     control_outcomes = {}
 
     def set_up_for(side):
         def setUp(self):
-            self.model_tester = TinyCausalLMTester(
-                self, side["config_class"], side["config_fields"], side["model_classes"]
-            )
+            tester = side.get("tester", TinyCausalLMTester)
+            self.model_tester = tester(self, side["config_class"], side["config_fields"], side["model_classes"])
 
         return setUp
 

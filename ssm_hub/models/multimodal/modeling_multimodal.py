@@ -66,11 +66,13 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         self.language_model.embed_tokens = embeddings
 
     def embed_inputs(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None,
-                     image_sizes: torch.Tensor | None) -> tuple[torch.Tensor, ModalityRouting | None]:
+                     image_sizes: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, ModalityRouting | None]:
         """(token embeddings with the images' patch embeddings in place of their placeholders, the modality routing
-        or None where every token takes the text path)."""
+        or None where every token takes the text path). ``inputs_embeds``: the token embeddings, given instead of
+        looked up; ``input_ids`` then only needs to say where the image tokens are (:meth:`image_token_ids`)."""
         config = self.config
-        embeddings = self.get_input_embeddings()(input_ids)
+        embeddings = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids)
         if config.image_token_id is None:
             if pixel_values is not None:
                 raise ValueError("config.image_token_id is not set, so the images have no place in input_ids; set it "
@@ -88,6 +90,17 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         self.images_of_rows(input_ids, pixel_values, image_sizes)  # each row's placeholders take whole images
         embeddings = embeddings.masked_scatter(placeholders[..., None], patches.to(embeddings.dtype))
         return embeddings, self.modality_routing(input_ids)
+
+    def image_token_ids(self, inputs_embeds: torch.Tensor) -> torch.LongTensor:
+        """Where only embeddings are given: [B, T] ids holding ``image_token_id`` and ``image_row_end_token_id``
+        where ``inputs_embeds`` holds those tokens' embeddings, -1 elsewhere (how transformers' image-text models
+        find placeholders in inputs_embeds)."""
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        table = self.get_input_embeddings().weight
+        for token_id in (self.config.image_token_id, self.config.image_row_end_token_id):
+            if token_id is not None:
+                ids[(inputs_embeds == table[token_id].to(inputs_embeds)).all(dim=-1)] = token_id
+        return ids
 
     def modality_routing(self, input_ids: torch.LongTensor) -> ModalityRouting | None:
         """Which tokens of ``input_ids`` (holding images) take the image path: the placeholders and the row ends;
@@ -137,6 +150,7 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
@@ -146,6 +160,7 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         pixel_values: [images, channels, height, width], the batch's images in the order of their placeholders
             (row by row), padded at the bottom and right to one size.
         image_sizes: [images, 2], each image's own height and width (default: pixel_values' full size).
+        inputs_embeds: instead of input_ids; with pixel_values, the image tokens are where it holds their embeddings.
         The other arguments are the hybrid model's (ssm_hub.models.hybrid.modeling_hybrid.SsmHubHybridModel).
         """
         routing = None
@@ -156,12 +171,12 @@ class SsmHubMultimodalModel(SsmHubMultimodalPreTrainedModel):
         elif input_ids is not None:
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         elif pixel_values is not None:
-            raise ValueError("pixel_values need input_ids (the placeholders say where the images go), "
-                             "not inputs_embeds")
+            inputs_embeds, routing = self.embed_inputs(self.image_token_ids(inputs_embeds), pixel_values, image_sizes,
+                                                       inputs_embeds=inputs_embeds)
         return self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            use_cache=use_cache, output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
-            return_dict=return_dict, modality=routing, **kwargs,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, return_dict=return_dict, modality=routing, **kwargs,
         )
 
 
@@ -191,6 +206,7 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
         cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_dict: bool | None = None,
@@ -208,13 +224,14 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
             position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
-            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
-            **kwargs,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, return_dict=True, **kwargs,
         )
         logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
         loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
         output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
-                                          hidden_states=outputs.hidden_states, router_logits=outputs.router_logits)
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                      router_logits=outputs.router_logits)
         return output if return_dict else output.to_tuple()
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
