@@ -262,10 +262,19 @@ def _detect_format(config: dict, source_dir: Path) -> tuple[str, ConversionMap]:
             f"{source_dir / 'config.json'}: mamba_ssm ssm_cfg.layer = {layer!r} is not supported "
             f"(supported: {tuple(_MAMBA_SSM_FORMATS_BY_LAYER)})"
         )
+    from ssm_hub.conversion.seed_from_attention import SUPPORTED_TEACHERS
+
+    if model_type in SUPPORTED_TEACHERS or model_type == "fuyu":
+        target = "ssm_hub_multimodal" if model_type == "fuyu" else "ssm_hub_hybrid"
+        raise ValueError(
+            f"{source_dir / 'config.json'}: model_type {model_type!r} is a transformer, not an SSM checkpoint that "
+            f"convert can rewrite: to seed an {target} from it, add --to {target} --attention-layers SPEC (e.g. "
+            f"every:4:3 keeps one attention layer in four; see ssm-hub convert --help)"
+        )
     found = f"model_type {model_type!r}" if model_type is not None else f"no model_type (keys: {sorted(config)})"
     raise ValueError(
-        f"{source_dir / 'config.json'}: unsupported checkpoint format, {found}. Supported formats:\n  "
-        + "\n  ".join(SUPPORTED_FORMATS)
+        f"{source_dir / 'config.json'}: unsupported checkpoint format, {found}. Supported formats: "
+        + "; ".join(SUPPORTED_FORMATS)
     )
 
 

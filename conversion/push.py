@@ -7,9 +7,13 @@ The card (model_cards/ssm_hub_model.md) is rendered from what the folder holds: 
 its layer layout), seeding.json (the teacher and the kept attention layers, written by ``ssm-hub convert --to
 ssm_hub_hybrid``) and distillation.json (the settings and the evaluation after each stage, written by ``ssm-hub
 distill``), with the stages' loss curves. Its metadata names the teacher as ``base_model`` when the teacher is a
-Hub id; an ssm_hub_multimodal model's card says image-text-to-text and shows the processor in use. The upload holds
-the model, its code, the tokenizer (and processor), the card, the JSON reports and the loss curves, never the
-Trainer checkpoints. huggingface_hub honours HF_ENDPOINT and HF_TOKEN.
+Hub id; an ssm_hub_multimodal model's card says image-text-to-text and shows the processor in use.
+
+``push`` changes nothing in the folder: the card is rendered in memory. A README.md the folder already holds is
+uploaded as the card instead, unless ``card="replace"``. The upload is one commit of an explicit list
+(:func:`files_to_upload`): the model, its config and code, the tokenizer or processor, the reports and the loss
+curves; never the Trainer checkpoints or anything else the folder holds, unless ``include`` names it.
+huggingface_hub honours HF_ENDPOINT and HF_TOKEN.
 """
 
 import json
@@ -17,12 +21,22 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
+from ssm_hub.conversion.checkpoint import TOKENIZER_FILES
 from ssm_hub.conversion.distill import STAGES
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 
 DISTILLATION_FILE = "distillation.json"
+CARD_FILE = "README.md"
 LOSS_CURVES = (*(f"{stage}/loss_curve.png" for stage in STAGES), "loss_curve.png")
-UPLOADED = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "*.jinja", "README.md", *LOSS_CURVES)
+UPLOADED = (
+    "config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",  # the model
+    "adapter_config.json", "adapter_model.safetensors",  # a LoRA adapter (ssm-hub train with lora)
+    "*.py",  # the modelling code that auto_map names, for trust_remote_code
+    *TOKENIZER_FILES, "processor_config.json", "preprocessor_config.json",
+    SEEDING_FILE, DISTILLATION_FILE, "trainer_state.json", *LOSS_CURVES,  # the reports
+)
+"""What ``push`` uploads from a folder, as glob patterns relative to it (the card comes besides)."""
+CARD_CHOICES = ("keep", "replace")
 TEXT_USAGE = """import ssm_hub  # registers the ssm_hub model types; without it, pass trust_remote_code=True
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,18 +154,44 @@ def render_model_card(folder: str | Path, repo_id: str, base_model: str | None =
     )
 
 
-def push(folder: str | Path, repo_id: str, private: bool = False, base_model: str | None = None,
-         token: str | None = None) -> str:
-    """Write the card to ``folder``/README.md and upload the folder (module docstring) to ``repo_id``, creating the
-    repo if needed; returns the commit's URL."""
-    from huggingface_hub import HfApi
-
+def files_to_upload(folder: str | Path, include: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The paths, relative to ``folder``, that ``push`` uploads besides the card: those matching UPLOADED and the
+    ``include`` patterns (each of which must match a file). ssm-hub's own records (hidden files) are never
+    uploaded."""
     folder = Path(folder)
-    card = render_model_card(folder, repo_id, base_model)
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    names = set()
+    for pattern in (*UPLOADED, *include):
+        matched = {path.relative_to(folder).as_posix() for path in folder.glob(pattern) if path.is_file()}
+        if pattern in include and not matched:
+            raise ValueError(f"--include {pattern!r} matches no file in {folder}")
+        names |= matched
+    return sorted(name for name in names - {CARD_FILE}
+                  if not any(part.startswith(".") for part in name.split("/")))
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, base_model: str | None = None,
+         token: str | None = None, card: str = "keep", include: tuple[str, ...] | list[str] = (), log=None) -> str:
+    """Upload the model in ``folder`` with its card (module docstring) to ``repo_id`` in one commit, creating the
+    repo if needed; returns the commit's URL. ``card``: "keep" uploads the folder's own README.md when it has one,
+    "replace" the generated card. ``log``: a function given a line about what is uploaded."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if card not in CARD_CHOICES:
+        raise ValueError(f"card must be one of {CARD_CHOICES}, got {card!r}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder: give the model folder to push")
+    rendered = render_model_card(folder, repo_id, base_model).encode("utf-8")  # checks that it holds our model
+    names = files_to_upload(folder, include)
+    own_card = (folder / CARD_FILE).is_file() and card == "keep"
+    if log is not None:
+        log(f"uploading {len(names)} files from {folder} and "
+            + (f"its own {CARD_FILE} as the card (--card replace uploads the generated card instead)" if own_card
+               else f"the generated card as {CARD_FILE}"))
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in names]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_FILE,
+                                         path_or_fileobj=str(folder / CARD_FILE) if own_card else rendered))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    commit = api.upload_folder(folder_path=folder, repo_id=repo_id, allow_patterns=list(UPLOADED),
-                               ignore_patterns=["checkpoint-*/**", "*/checkpoint-*/**"],
-                               commit_message="Upload with ssm-hub push")
+    commit = api.create_commit(repo_id, operations=operations, commit_message="Upload with ssm-hub push")
     return commit.commit_url

@@ -10,13 +10,53 @@
     python -m ssm_hub.cli convert ...            # the same without the console script
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
-``run`` to the function that carries it out; ``SUBCOMMANDS`` lists them. Library imports happen inside ``run`` so
-that ``ssm-hub --help`` stays fast.
+``run`` to the function that carries it out (and ``interrupted`` to what Ctrl-C prints); ``SUBCOMMANDS`` lists them.
+Library imports happen inside ``run`` so that ``ssm-hub --help`` stays fast.
+
+Every command writes its output folder through ssm_hub.output_folder: a folder that holds anything is refused
+unless ``--overwrite`` (or ``--resume``) is given, and then only what an earlier run of the command wrote is
+replaced. Every error is one line with exit status 2, Ctrl-C exits with 130 and says how to pick up again, and
+``--debug`` adds the traceback (ssm_hub.error_reporting).
 """
 
 import argparse
 import os
+import shlex
 import sys
+from pathlib import Path
+
+from ssm_hub.error_reporting import ArgumentParser, add_reporting_flags, report_error, report_interrupt
+
+
+def _number(kind, low, low_included: bool = True, high=None):
+    """An argparse type: a ``kind`` (int or float) of at least ``low`` (above it unless ``low_included``) and below
+    ``high``; a wrong value is refused before any work, on one line."""
+    bound = f"{'at least' if low_included else 'above'} {low}" + (f" and below {high}" if high is not None else "")
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun}, {bound}, got {text!r}") from None
+        if (value < low if low_included else value <= low) or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"must be {noun}, {bound}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+steps = _number(int, 0)
+positive_int = _number(int, 1)
+positive_float = _number(float, 0, low_included=False)
+non_negative_float = _number(float, 0)
+
+
+def add_overwrite_flag(parser, what: str) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"write into a folder that is not empty: replaces what an earlier ssm-hub {what} wrote "
+                             "there (recorded in its .ssm-hub-manifest.json) and never removes anything else")
 
 
 def add_convert_command(subparsers) -> None:
@@ -51,10 +91,10 @@ def add_convert_command(subparsers) -> None:
                              "replace (attention, the default) or start them as a new model's (fresh), keeping "
                              "the teacher's other weights")
     images = parser.add_argument_group("with --to ssm_hub_multimodal, extending a hybrid")
-    images.add_argument("--patch-size", type=int, default=None, help="pixels per patch side (default: 16)")
-    images.add_argument("--merge-size", type=int, default=None,
+    images.add_argument("--patch-size", type=positive_int, default=None, help="pixels per patch side (default: 16)")
+    images.add_argument("--merge-size", type=positive_int, default=None,
                         help="patches per token side: merge-size x merge-size patches become one token (default: 1)")
-    images.add_argument("--max-image-size", type=int, default=None,
+    images.add_argument("--max-image-size", type=positive_int, default=None,
                         help="the processor resizes images to this longest side (default: 512)")
     images.add_argument("--mixture-of-mamba", action="store_true",
                         help="image tokens get their own Mamba-2 in_proj and out_proj (copies of the text ones)")
@@ -62,7 +102,8 @@ def add_convert_command(subparsers) -> None:
     images.add_argument("--modality-norms", action="store_true", help="and their own norms")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="cast floating-point weights to this dtype (default: keep the stored dtypes)")
-    parser.set_defaults(run=run_convert)
+    add_overwrite_flag(parser, "convert")
+    parser.set_defaults(run=run_convert, interrupted=lambda args: f"{args.output} was left as it was")
 
 
 def run_convert(args: argparse.Namespace) -> None:
@@ -82,31 +123,41 @@ def run_convert(args: argparse.Namespace) -> None:
     if given and (args.to != "ssm_hub_multimodal" or seeding):
         raise ValueError(f"{', '.join(given)} apply to extending a hybrid with images (--to ssm_hub_multimodal "
                          "without --attention-layers) only")
-    if args.to == "ssm_hub_multimodal" and seeding:
+    if Path(args.source).resolve() == Path(args.output).resolve():
+        raise ValueError(f"the output must be another folder than the source, got {args.output} for both")
+    from ssm_hub.output_folder import claim_output_folder
+
+    # Written into a staging folder and moved into place only once complete (ssm_hub.output_folder).
+    with claim_output_folder(args.output, "convert", overwrite=args.overwrite, staged=True) as folder:
+        convert_into(args, folder.staging)
+    print(f"wrote {args.output} ({args.to} format):")
+    for path in sorted(Path(args.output).iterdir()):
+        if not path.name.startswith("."):
+            print(f"  {path.name}")
+
+
+def convert_into(args: argparse.Namespace, output: Path) -> None:
+    if args.to == "ssm_hub_multimodal" and args.attention_layers is not None:
         from ssm_hub.conversion.seed_from_fuyu import seed_multimodal
 
-        output = seed_multimodal(args.source, args.output, args.attention_layers, dtype=args.dtype,
-                                 mixer_init=args.mixer_init or "attention")
+        seed_multimodal(args.source, output, args.attention_layers, dtype=args.dtype,
+                        mixer_init=args.mixer_init or "attention")
     elif args.to == "ssm_hub_multimodal":
         from ssm_hub.conversion.extend_with_images import extend_with_images
 
         sizes = {name: value for name, value in (("patch_size", args.patch_size), ("merge_size", args.merge_size),
                                                   ("max_image_size", args.max_image_size)) if value is not None}
-        output = extend_with_images(args.source, args.output, **sizes, mixture_of_mamba=args.mixture_of_mamba,
-                                    modality_mlps=args.modality_mlps, modality_norms=args.modality_norms,
-                                    dtype=args.dtype)
+        extend_with_images(args.source, output, **sizes, mixture_of_mamba=args.mixture_of_mamba,
+                           modality_mlps=args.modality_mlps, modality_norms=args.modality_norms, dtype=args.dtype)
     elif args.to == "ssm_hub_hybrid":
         from ssm_hub.conversion.seed_from_attention import seed_hybrid
 
-        output = seed_hybrid(args.source, args.output, args.attention_layers, dtype=args.dtype,
-                             mixer_init=args.mixer_init or "attention")
+        seed_hybrid(args.source, output, args.attention_layers, dtype=args.dtype,
+                    mixer_init=args.mixer_init or "attention")
     else:
         from ssm_hub.conversion.checkpoint import convert_checkpoint
 
-        output = convert_checkpoint(args.source, args.output, to=args.to, dtype=args.dtype)
-    print(f"wrote {output} ({args.to} format):")
-    for path in sorted(output.iterdir()):
-        print(f"  {path.name}")
+        convert_checkpoint(args.source, output, to=args.to, dtype=args.dtype)
 
 
 def add_demo_command(subparsers) -> None:
@@ -121,21 +172,21 @@ def add_demo_command(subparsers) -> None:
     parser.add_argument("--output", default="ssm-hub-demo", help="folder for everything written (default: %(default)s)")
     parser.add_argument("--teacher", help="a Llama-family model (folder or Hub id) instead of training one")
     parser.add_argument("--data", nargs="+", metavar="FILE", help="text files instead of pydoc_data.topics")
-    parser.add_argument("--teacher-seconds", type=float, default=60.0,
+    parser.add_argument("--teacher-seconds", type=positive_float, default=60.0,
                         help="training time of the demo's own teacher (default: %(default)s)")
-    parser.add_argument("--align-steps", type=int, default=100, help="(default: %(default)s)")
-    parser.add_argument("--kl-steps", type=int, default=200, help="(default: %(default)s)")
+    parser.add_argument("--align-steps", type=steps, default=100, help="(default: %(default)s)")
+    parser.add_argument("--kl-steps", type=steps, default=200, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run_demo)
+    add_overwrite_flag(parser, "demo")
+    parser.set_defaults(run=run_demo, interrupted=lambda args: "start again with: " + _command(
+        args.cli_arguments, drop=("--overwrite",), add=["--overwrite"]))
 
 
 def run_demo(args: argparse.Namespace) -> None:
     from ssm_hub.demo import run_demo as demo
 
-    if args.teacher is None and args.teacher_seconds <= 0:
-        raise ValueError(f"--teacher-seconds must be positive, got {args.teacher_seconds}")
     demo(output_dir=args.output, teacher=args.teacher, data=args.data, teacher_seconds=args.teacher_seconds,
-         align_steps=args.align_steps, kl_steps=args.kl_steps, seed=args.seed)
+         align_steps=args.align_steps, kl_steps=args.kl_steps, seed=args.seed, overwrite=args.overwrite)
 
 
 def add_train_command(subparsers) -> None:
@@ -151,7 +202,7 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted recipe keys with YAML values, e.g. train.max_steps=20 model.config.hidden_size=64")
     add_launch_flags(parser)
-    parser.set_defaults(run=run_train)
+    parser.set_defaults(run=run_train, interrupted=train_interrupted)
 
 
 LAUNCH_FLAGS = ("--accelerate-config", "--num-processes")
@@ -160,7 +211,7 @@ LAUNCH_FLAGS = ("--accelerate-config", "--num-processes")
 def add_launch_flags(parser) -> None:
     parser.add_argument(LAUNCH_FLAGS[0], default=None, metavar="NAME_OR_FILE",
                         help="launch through accelerate with this config: ddp, fsdp2, zero3 (shipped) or a file")
-    parser.add_argument(LAUNCH_FLAGS[1], type=int, default=None,
+    parser.add_argument(LAUNCH_FLAGS[1], type=positive_int, default=None,
                         help="with --accelerate-config: processes (GPUs) to launch (default: the config's)")
 
 
@@ -193,9 +244,13 @@ def without_launch_flags(arguments: list[str]) -> list[str]:
 def run_train(args: argparse.Namespace) -> int:
     from ssm_hub.training import load_recipe, train
     from ssm_hub.training.config import recipe_path
+    from ssm_hub.training.run import check_before_work
 
     recipe = recipe_path(args.config)
-    load_recipe(recipe, args.overrides)  # a bad key fails here, before any process is launched
+    # A bad key, a data file or an output_dir in use fails here, before any work or any process is launched.
+    loaded = load_recipe(recipe, args.overrides)
+    args.output_dir = loaded.train["output_dir"]
+    check_before_work(loaded)
     status = relaunched(args, ["train", "--config", str(recipe), *args.overrides])
     if status is not None:
         return status
@@ -207,6 +262,29 @@ def run_train(args: argparse.Namespace) -> int:
         for key, value in summary.items():
             print(f"{key}: {value}")
     return 0
+
+
+def train_interrupted(args: argparse.Namespace) -> str:
+    """Where the interrupted run's last complete checkpoint is, and the command that resumes from it."""
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir is None:
+        return "nothing was written"
+    again = ("train.resume_from_checkpoint=", "train.overwrite_output_dir=")
+    complete = [path for path in Path(output_dir).glob("checkpoint-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    if not complete:
+        return (f"no checkpoint was saved in {output_dir} yet; start again with: "
+                + _command(args.cli_arguments, drop=again, add=["train.overwrite_output_dir=true"]))
+    last = max(complete, key=lambda path: int(path.name.split("-")[-1]))
+    return (f"the last checkpoint is {last}; resume with: "
+            + _command(args.cli_arguments, drop=again, add=[f"train.resume_from_checkpoint={last}"]))
+
+
+def _command(arguments: list[str], drop: tuple[str, ...] = (), add: list[str] = ()) -> str:
+    """The ``ssm-hub`` command line of ``arguments`` less those starting with ``drop``, plus ``add``, quoted for a
+    shell."""
+    kept = [argument for argument in arguments if not argument.startswith(drop)]
+    return shlex.join(["ssm-hub", *kept, *add])
 
 
 def add_distill_command(subparsers) -> None:
@@ -234,47 +312,65 @@ def add_distill_command(subparsers) -> None:
                         help="text that ships with Python, the associative-recall task (ssm_hub.training.mqar), or "
                              "captioned shapes (ssm_hub.training.shapes: image-text, for an ssm_hub_multimodal "
                              "student)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per packed row (default: %(default)s)")
-    parser.add_argument("--eval-fraction", type=float, default=0.05, help="documents held out (default: %(default)s)")
-    parser.add_argument("--max-documents", type=int, default=None)
-    parser.add_argument("--orient-steps", type=int, default=0,
+    parser.add_argument("--seq-len", type=_number(int, 2), default=256,
+                        help="tokens per packed row (default: %(default)s)")
+    parser.add_argument("--eval-fraction", type=_number(float, 0, low_included=False, high=1), default=0.05,
+                        help="documents held out (default: %(default)s)")
+    parser.add_argument("--max-documents", type=positive_int, default=None)
+    parser.add_argument("--orient-steps", type=steps, default=0,
                         help="matrix-orientation steps, before alignment (default: %(default)s, skipped)")
-    parser.add_argument("--align-steps", type=int, default=100, help="hidden-state alignment steps (default: %(default)s)")
-    parser.add_argument("--kl-steps", type=int, default=200, help="end-to-end KL steps (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="rows per device and step (default: %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="(default: %(default)s)")
-    parser.add_argument("--ce-weight", type=float, default=0.0, help="cross-entropy weight in the KL stage")
+    parser.add_argument("--align-steps", type=steps, default=100,
+                        help="hidden-state alignment steps (default: %(default)s)")
+    parser.add_argument("--kl-steps", type=steps, default=200, help="end-to-end KL steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="rows per device and step (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-3, help="(default: %(default)s)")
+    parser.add_argument("--ce-weight", type=non_negative_float, default=0.0,
+                        help="cross-entropy weight in the KL stage")
     parser.add_argument("--freeze-mlp", action="store_true", help="keep the MLPs frozen in the KL stage")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on a GPU)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the seed of the data order and of anything drawn at random (default: %(default)s)")
     parser.add_argument("--resume", action="store_true",
                         help="continue each stage from its last checkpoint in --output (an interrupted run)")
-    parser.add_argument("--speed-contexts", type=int, nargs="*", default=None, metavar="TOKENS",
+    parser.add_argument("--speed-contexts", type=positive_int, nargs="*", default=None, metavar="TOKENS",
                         help="context lengths at which to time prefill and decode and measure the cache, teacher "
                              "against student (default: 2048 8192 32768 on a GPU, 512 2048 on the CPU; none: skip)")
+    add_overwrite_flag(parser, "distill")
     add_launch_flags(parser)
-    parser.set_defaults(run=run_distill)
+    parser.set_defaults(run=run_distill, interrupted=lambda args: "resume with: " + _command(
+        args.cli_arguments, drop=("--overwrite", "--resume"), add=["--resume"]))
 
 
 def run_distill(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
     from ssm_hub.conversion.distill import distill, report_lines
+    from ssm_hub.output_folder import check_output_folder, claim_output_folder
     from ssm_hub.training.config import DataSection
     from ssm_hub.training.launch import end_process_group
 
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite and --resume contradict each other: overwriting removes the checkpoints a "
+                         "resume needs; give one of them")
     data = DataSection(files=args.data or [], dataset=args.dataset, builtin=args.builtin, seq_len=args.seq_len,
                        eval_fraction=args.eval_fraction, max_documents=args.max_documents)
     data.check()
+    data.check_files()
+    output = dict(overwrite=args.overwrite, resume=args.resume, resume_flag="--resume")
+    # Under a distributed launcher, the first process checks the output folder and keeps its record.
+    main_process = os.environ.get("RANK", "0") == "0"
+    if main_process:
+        check_output_folder(args.output, "distill", **output)
     status = relaunched(args, without_launch_flags(args.cli_arguments))
     if status is not None:
         return status
-    report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
-                     align_steps=args.align_steps,
-                     kl_steps=args.kl_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                     ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp, bf16=args.bf16,
-                     seed=args.seed,
-                     speed_contexts=default_speed_contexts() if args.speed_contexts is None else args.speed_contexts,
-                     resume=args.resume)
+    speed_contexts = default_speed_contexts() if args.speed_contexts is None else args.speed_contexts
+    with claim_output_folder(args.output, "distill", **output) if main_process else nullcontext():
+        report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
+                         align_steps=args.align_steps, kl_steps=args.kl_steps, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp,
+                         bf16=args.bf16, seed=args.seed, speed_contexts=speed_contexts, resume=args.resume)
     end_process_group()
     if os.environ.get("RANK", "0") == "0":
         print("\n".join(report_lines(report)))
@@ -292,23 +388,32 @@ def add_push_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "push",
         help="upload an ssm_hub model folder to the Hugging Face Hub with a model card",
-        description="Render README.md (the architecture, how it was seeded and distilled, the evaluation table and "
-                    "the loss curves, from the folder's config.json, seeding.json and distillation.json), then "
-                    "upload the model, its code, tokenizer, card and reports (not the Trainer checkpoints). "
-                    "huggingface_hub's HF_ENDPOINT and HF_TOKEN apply.",
+        description="Render a model card (the architecture, how it was seeded and distilled, the evaluation table "
+                    "and the loss curves, from the folder's config.json, seeding.json and distillation.json) and "
+                    "upload it with the model, its config and code, the tokenizer or processor and the reports, in "
+                    "one commit; nothing else in the folder is uploaded (--include adds files) and the folder is "
+                    "not changed. huggingface_hub's HF_ENDPOINT and HF_TOKEN apply.",
     )
     parser.add_argument("folder", help="the model folder (e.g. the output of ssm-hub distill)")
     parser.add_argument("repo_id", help="the Hub repo to create or update, e.g. me/my-hybrid")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--base-model", help="the Hub id for the card's base_model (default: seeding.json's "
                                              "teacher, when that is a Hub id)")
-    parser.set_defaults(run=run_push)
+    parser.add_argument("--card", choices=("keep", "replace"), default="keep",
+                        help="when the folder has its own README.md: upload it as the card (keep, the default) or "
+                             "upload the generated card instead (replace); the folder's file is never changed")
+    parser.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
+                        help="more files to upload, as glob patterns relative to the folder (e.g. notes.md 'eval/*')")
+    parser.set_defaults(run=run_push, interrupted=lambda args: f"nothing was committed to {args.repo_id} unless "
+                                                               "'pushed' was printed; push again")
 
 
 def run_push(args: argparse.Namespace) -> int:
     from ssm_hub.conversion.push import push
 
-    print(f"pushed: {push(args.folder, args.repo_id, private=args.private, base_model=args.base_model)}")
+    url = push(args.folder, args.repo_id, private=args.private, base_model=args.base_model, card=args.card,
+               include=args.include, log=print)
+    print(f"pushed: {url}")
     return 0
 
 
@@ -317,31 +422,35 @@ SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command, add_dis
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssm-hub", description="ssm_hub: state-space models for transformers.")
+    parser = ArgumentParser(prog="ssm-hub", description="ssm_hub: state-space models for transformers.")
+    add_reporting_flags(parser, top_level=True)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add_command in SUBCOMMANDS:
         add_command(subparsers)
+    for command in subparsers.choices.values():
+        add_reporting_flags(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; returns the exit status.
-
-    Bad input (ValueError) and an unreachable or missing file or Hub repo (OSError, which huggingface_hub's errors
-    are) print their message instead of a traceback.
-    """
+    """Run one subcommand; returns the exit status: 0, 2 for any error (one line on stderr, the traceback too with
+    --debug), 130 for Ctrl-C (with how to pick up again)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help, --version, or a usage error already printed on one line
+        return exit.code if isinstance(exit.code, int) else 2
     args.cli_arguments = argv  # what a launch through accelerate runs again in each process
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
     try:
         status = args.run(args)
-    except (ValueError, OSError) as error:
-        print(f"ssm-hub: error: {error}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        return report_interrupt(args.interrupted(args) if hasattr(args, "interrupted") else None)
+    except Exception as error:
+        return report_error(error, debug=args.debug)
     return status or 0
 
 

@@ -10,7 +10,9 @@ generates.
     ssm-hub demo --teacher Qwen/Qwen2.5-0.5B --data notes.txt     # a real teacher and your text
 
 Folders written under the output: teacher/ (when the demo trains one), seeded/ (the student before distillation),
-distilled/ (the student, distillation.json with every evaluation, each stage's checkpoints and loss curve).
+distilled/ (the student, distillation.json with every evaluation, each stage's checkpoints and loss curve). An
+output folder that holds anything is refused unless ``--overwrite`` is given, which replaces what an earlier demo
+wrote there and nothing else.
 """
 
 import math
@@ -23,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
 from ssm_hub.conversion.distill import distill, evaluate_against_teacher, report_lines
 from ssm_hub.conversion.seed_from_attention import seed_hybrid
+from ssm_hub.output_folder import claim_output_folder
 from ssm_hub.training.config import DataSection
 from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
 
@@ -76,17 +79,40 @@ def _kept_layer(teacher: str | Path) -> str:
     return "every:4:3" if layers >= 4 else str(layers - 1)
 
 
+def check_settings(teacher: str | None, teacher_seconds: float, align_steps: int, kl_steps: int,
+                   speed_contexts) -> None:
+    """Every value the demo takes, checked before it trains or writes anything."""
+    if teacher is None and not teacher_seconds > 0:
+        raise ValueError(f"teacher_seconds must be positive, got {teacher_seconds}")
+    for name, steps in (("align_steps", align_steps), ("kl_steps", kl_steps)):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{name} must be a whole number of at least 0, got {steps!r}")
+    if any(not isinstance(context, int) or context < 1 for context in speed_contexts):
+        raise ValueError(f"speed_contexts must be positive token counts, got {list(speed_contexts)}")
+    if teacher is not None and Path(teacher).exists() and not (Path(teacher) / "config.json").is_file():
+        raise ValueError(f"the teacher {teacher} has no config.json: give a model folder or a Hub model id")
+
+
 def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data: list[str] | None = None,
              teacher_seconds: float = 60.0, align_steps: int = 100, kl_steps: int = 200, seed: int = 0,
-             speed_contexts: tuple[int, ...] = (512, 2048), log=print) -> dict:
+             speed_contexts: tuple[int, ...] = (512, 2048), log=print, overwrite: bool = False) -> dict:
     """Run the demo (module docstring), timing teacher and student at ``speed_contexts`` tokens of context at the
     end; returns {"teacher", "attention_layers", "evaluations", "samples", "speed", "reload_exact", "completion",
-    "output_dir"}."""
-    started = time.perf_counter()
-    output = Path(output_dir)
+    "output_dir"}. Every value is checked, and ``output_dir`` must be empty or ``overwrite`` given
+    (ssm_hub.output_folder), before any work."""
     data_section = DataSection(files=list(data or []), builtin=None if data else "python_docs", seq_len=128,
                                eval_fraction=0.05)
     data_section.check()
+    data_section.check_files()
+    check_settings(teacher, teacher_seconds, align_steps, kl_steps, speed_contexts)
+    with claim_output_folder(output_dir, "demo", overwrite=overwrite):
+        return _run_demo(Path(output_dir), teacher, data_section, teacher_seconds, align_steps, kl_steps, seed,
+                         speed_contexts, log)
+
+
+def _run_demo(output: Path, teacher: str | None, data_section: DataSection, teacher_seconds: float,
+              align_steps: int, kl_steps: int, seed: int, speed_contexts, log) -> dict:
+    started = time.perf_counter()
     if teacher is None:
         teacher = train_teacher(output / "teacher", data_section, teacher_seconds, seed, log)
     spec = _kept_layer(teacher)

@@ -5,16 +5,22 @@
     tokenizer: {pretrained: path-or-hub-id} or {train_bpe: 512}         # a byte-level BPE trained on the data
     data:      {files: [a.txt, b.jsonl]} or {dataset: name, split: train} or {builtin: python_docs | mqar};
                seq_len, text_field, eval_fraction, max_documents
-    train:     TrainingArguments fields (output_dir, max_steps, learning_rate, ...)
+    train:     TrainingArguments fields (output_dir, max_steps, learning_rate, ...), and overwrite_output_dir: true
+               to replace what an earlier run wrote into output_dir (ssm_hub.training.run.check_before_work)
     lora:      LoraConfig fields, optional (LoRA fine-tuning)
 
 Overrides use dotted keys and YAML values: ``train.max_steps=20 model.config.hidden_size=128``. An unknown key or a
 value of the wrong type is a ValueError that names the key; ``train`` and ``lora`` are checked against the
-fields of transformers' TrainingArguments and PEFT's LoraConfig.
+fields of transformers' TrainingArguments and PEFT's LoraConfig. A recipe file that is not valid YAML is named
+with the line and column, a data file that is not UTF-8 with the offset, before any work.
 """
 
+import codecs
 import dataclasses
+import difflib
 import enum
+import hashlib
+import json
 import importlib.resources
 import re
 import types
@@ -112,6 +118,42 @@ class DataSection:
         if self.max_documents is not None and self.max_documents < 1:
             raise ValueError(f"data.max_documents must be at least 1 (or null for all), got {self.max_documents}")
 
+    def check_files(self) -> None:
+        """Each of data.files exists, is .txt / .json / .jsonl and is UTF-8 text: checked where a run starts, before
+        any work (a recipe may name files of the machine it runs on, so loading it does not check them)."""
+        for name in self.files:
+            _check_data_file(Path(name))
+
+
+DATA_FILE_SUFFIXES = (".txt", ".json", ".jsonl")
+
+
+def _check_data_file(path: Path) -> None:
+    """A data file must exist, be .txt / .json / .jsonl and be UTF-8 text: said before any work, naming the file."""
+    if path.is_dir():
+        raise ValueError(f"data.files: {path} is a folder: name the text files in it")
+    if not path.is_file():
+        raise ValueError(f"data.files: {path} is not a file")
+    if path.suffix not in DATA_FILE_SUFFIXES:
+        raise ValueError(f"data.files: {path} is neither .txt, .json nor .jsonl")
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks, decoded with this one
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                position = offset - pending + error.start
+                raise ValueError(f"data.files: {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at "
+                                 f"offset {position}): convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 "
+                                 f"{path} > {path.stem}.utf8{path.suffix}") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"data.files: {path} is not UTF-8 text (it ends inside a character): convert it to "
+                             "UTF-8") from None
+
 
 @dataclass
 class Recipe:
@@ -125,13 +167,17 @@ class Recipe:
         for section in (self.model, self.tokenizer, self.data):
             section.check()
         fields = _training_argument_fields()
-        _check_fields("train", self.train, set(fields))
+        _check_fields("train", self.train, set(fields) | set(TRAIN_KEYS_OF_SSM_HUB))
         for key, value in self.train.items():
             if key == "resume_from_checkpoint" and isinstance(value, bool):
                 continue  # Trainer reads true as "the latest checkpoint in output_dir"
-            self.train[key] = _checked_value(f"train.{key}", value, fields[key])
+            annotation = TRAIN_KEYS_OF_SSM_HUB.get(key) or fields[key]
+            self.train[key] = _checked_value(f"train.{key}", value, annotation)
         if "output_dir" not in self.train:
             raise ValueError("train.output_dir is required: checkpoints, logs and the loss curve go there")
+        if self.train.get("overwrite_output_dir") and self.train.get("resume_from_checkpoint"):
+            raise ValueError("train.overwrite_output_dir and train.resume_from_checkpoint contradict each other: "
+                             "overwriting removes the checkpoints a resume needs; give one of them")
         if self.data.eval_fraction == 0 and self.train.get("eval_strategy", "no") != "no":
             raise ValueError(f"train.eval_strategy = {self.train['eval_strategy']!r} evaluates held-out data, but "
                              "data.eval_fraction = 0 holds none out: set one of them")
@@ -142,6 +188,49 @@ class Recipe:
                 raise ValueError("lora.task_type is set by ssm-hub train (CAUSAL_LM); remove it")
             for key, value in self.lora.items():
                 self.lora[key] = _checked_value(f"lora.{key}", value, lora_fields[key])
+
+
+TRAIN_KEYS_OF_SSM_HUB = {"overwrite_output_dir": bool}
+"""train keys that ssm-hub train reads itself, beside TrainingArguments' fields: overwrite_output_dir lets a run
+replace what an earlier ``ssm-hub train`` wrote into output_dir (ssm_hub.output_folder)."""
+
+MAY_CHANGE_ON_RESUME = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "max_steps",
+                        "num_train_epochs", "logging_steps", "save_steps", "eval_steps", "save_total_limit",
+                        "report_to", "dataloader_num_workers", "per_device_eval_batch_size")
+"""train keys a resumed run may change (how long it runs, how often it logs and saves); any other change to the
+recipe makes it a different run, which ``resume_from_checkpoint`` refuses."""
+
+
+def recipe_record(recipe: "Recipe") -> dict:
+    """{"recipe": the recipe as plain data, "recipe_sha256": the hash of what makes it the same run (everything but
+    MAY_CHANGE_ON_RESUME)}: recorded beside the checkpoints, so that a resume can check that they are its own."""
+    values = {"model": dataclasses.asdict(recipe.model), "tokenizer": dataclasses.asdict(recipe.tokenizer),
+              "data": dataclasses.asdict(recipe.data), "train": dict(recipe.train), "lora": recipe.lora}
+    values = json.loads(json.dumps(values, default=str))
+    identity = _identity(values)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return {"recipe": values, "recipe_sha256": digest}
+
+
+def _identity(values: dict) -> dict:
+    return {**values, "train": {key: value for key, value in values["train"].items()
+                                if key not in MAY_CHANGE_ON_RESUME}}
+
+
+def recipe_differences(earlier: dict, now: dict) -> list[str]:
+    """'key: earlier value -> value now' for each dotted key where two recipe records (:func:`recipe_record`'s
+    "recipe") differ in what makes a run."""
+    def flat(values, prefix=""):
+        if not isinstance(values, dict):
+            return {prefix: values}
+        return {key: value for name, child in values.items() for key, value in flat(child, f"{prefix}{name}.").items()}
+
+    def shown(values, key):
+        return repr(values[key]) if key in values else "unset"
+
+    before, after = flat(_identity(earlier)), flat(_identity(now))
+    return [f"{key.rstrip('.')}: {shown(before, key)} then, {shown(after, key)} now"
+            for key in sorted(before.keys() | after.keys()) if before.get(key, ...) != after.get(key, ...)]
 
 
 def _init_fields(cls) -> dict[str, Any]:
@@ -169,8 +258,7 @@ def _check_model_config(model_type: str, values: dict) -> None:
     """model.config keys must be fields of the model type's config class (a config takes unknown ones silently)."""
     from transformers import AutoConfig
 
-    import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
-
+    check_model_type(model_type)
     try:
         defaults = AutoConfig.for_model(model_type)
     except ValueError as error:
@@ -182,6 +270,23 @@ def _check_model_config(model_type: str, values: dict) -> None:
     if unknown:
         raise ValueError(f"unknown key(s) in model.config for {model_type}: "
                          f"{', '.join(f'model.config.{k}' for k in unknown)}")
+
+
+def check_model_type(model_type: str) -> None:
+    """model.type must be a registered model type; the error lists ssm_hub's and the closest names, not the hundreds
+    that transformers registers."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
+
+    if model_type in CONFIG_MAPPING:
+        return
+    known = list(CONFIG_MAPPING.keys())
+    ours = sorted(name for name in known if name.startswith("ssm_hub_"))
+    closest = difflib.get_close_matches(str(model_type), known, n=3, cutoff=0.6)
+    raise ValueError(f"model.type {model_type!r} is not a registered model type: ssm_hub's are {', '.join(ours)}"
+                     + (f"; the closest names are {', '.join(closest)}" if closest else "")
+                     + " (any transformers model type, such as llama, works too)")
 
 
 def _checked_value(path: str, value, annotation):
@@ -251,14 +356,17 @@ def shipped_file(name: str | Path, what: str, subfolder: str = "") -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    if path.suffix or len(path.parts) > 1:
-        raise ValueError(f"{what} file {str(name)!r} not found")
     shipped = importlib.resources.files("ssm_hub.recipes")
     shipped = shipped / subfolder if subfolder else shipped
+    available = sorted(entry.name.removesuffix(".yaml") for entry in shipped.iterdir() if entry.name.endswith(".yaml"))
+    if path.is_dir():
+        raise ValueError(f"{what} {str(name)!r} is a folder: give a {what} YAML file in it, or the name of a shipped "
+                         f"{what} ({', '.join(available)})")
+    if path.suffix or len(path.parts) > 1:
+        raise ValueError(f"{what} file {str(name)!r} not found")
     candidate = shipped / f"{path.name}.yaml"
     if candidate.is_file():
         return Path(str(candidate))
-    available = sorted(entry.name.removesuffix(".yaml") for entry in shipped.iterdir() if entry.name.endswith(".yaml"))
     raise ValueError(f"no {what} file {str(name)!r} and no shipped {what} of that name (shipped: {available})")
 
 
@@ -281,15 +389,37 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ValueError(f"override {override!r}: {'.'.join(parents[:index + 1])} is not a mapping")
             node = child
-        node[leaf] = _parse_yaml(text)
+        try:
+            node[leaf] = _parse_yaml(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"override {override!r}: its value is not valid YAML ({_yaml_problem(error)}): quote "
+                             "it, e.g. key='value'") from None
     return raw
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(error, "problem", None) or error).split())
+
+
+def read_recipe_file(path: str | Path):
+    """The YAML at ``path``; a syntax error or a file that is not UTF-8 is a ValueError naming the file, and for
+    syntax the line and column."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return _parse_yaml(file)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"recipe file {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}): save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: not valid YAML ({_yaml_problem(error)}): fix the recipe's syntax there") from None
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] = (), raw: dict | None = None) -> Recipe:
     """The recipe at ``path`` (or the mapping ``raw``) with ``overrides`` applied, checked."""
     if raw is None:
-        with open(path, encoding="utf-8") as file:
-            raw = _parse_yaml(file) or {}
+        raw = read_recipe_file(path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"a recipe must be a YAML mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))

@@ -10,15 +10,31 @@ Trainer with the recipe's TrainingArguments: checkpoints, ``resume_from_checkpoi
 Trainer's. Logs carry tokens/s (and peak memory on CUDA); ``loss_curve.png`` is written next to the checkpoints.
 At the end the model (adapters only for LoRA), the tokenizer and ``trainer_state.json`` (the log history) are
 saved in ``train.output_dir`` and a summary is returned.
+
+``train.output_dir`` must be empty unless ``train.overwrite_output_dir`` (replace what an earlier run wrote there,
+nothing else) or ``train.resume_from_checkpoint`` (continue that run, of the same recipe) says what to do with
+it; its manifest records what each run wrote and the recipe (ssm_hub.output_folder).
 """
 
 import math
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ssm_hub.output_folder import (
+    MANIFEST,
+    STAGING_PREFIX,
+    OutputFolder,
+    check_output_folder,
+    claim_output_folder,
+    read_manifest,
+)
 from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback, write_loss_curve
-from ssm_hub.training.config import Recipe
+from ssm_hub.training.config import TRAIN_KEYS_OF_SSM_HUB, Recipe, recipe_differences, recipe_record
 from ssm_hub.training.data import character_tokenizer, read_documents, train_and_eval_datasets, train_tokenizer
 
 
@@ -69,14 +85,49 @@ def build_model(recipe: Recipe, tokenizer, image_tokens: dict | None = None):
     return model
 
 
+_INTERRUPTED = threading.Event()
+
+
+@contextmanager
+def _interrupts_noted():
+    """While training, Ctrl-C raises KeyboardInterrupt as usual and is also noted, and the next step's end raises
+    it again: Python drops a KeyboardInterrupt that lands in a garbage collector's callback (printed as "Exception
+    ignored"), which saving a checkpoint, with its many short-lived objects, makes likely. A process that ignores
+    SIGINT, or runs this off the main thread, is left as it is."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def noted(signum, frame):
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    _INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, noted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        _INTERRUPTED.clear()
+
+
 def _recipe_trainer_class():
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
+
+    class StopWhenInterrupted(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if _INTERRUPTED.is_set():
+                raise KeyboardInterrupt
+
+        on_save = on_step_end
 
     class RecipeTrainer(Trainer):
-        """Trainer whose training logs also carry tokens/s and peak memory (ThroughputCallback.measure)."""
+        """Trainer whose training logs also carry tokens/s and peak memory (ThroughputCallback.measure), and which
+        stops at the next step when Ctrl-C was pressed (_interrupts_noted)."""
 
         def __init__(self, *args, throughput: ThroughputCallback, **kwargs):
-            super().__init__(*args, callbacks=[throughput, LossCurveCallback()], **kwargs)
+            super().__init__(*args, callbacks=[throughput, LossCurveCallback(), StopWhenInterrupted()], **kwargs)
             self.throughput = throughput
 
         def log(self, logs: dict, *args, **kwargs) -> None:
@@ -117,17 +168,84 @@ def _check_eval_batches(eval_data, arguments) -> None:
             f"{arguments.world_size} process(es); lower train.per_device_eval_batch_size or raise data.eval_fraction")
 
 
-def train(recipe: Recipe) -> dict:
-    """Run ``recipe``; returns {"train_loss", "eval_loss" (or None), "steps", "output_dir", "loss_curve"}."""
-    from transformers import TrainingArguments, set_seed
+def check_before_work(recipe: Recipe) -> None:
+    """What a run checks before any work, beyond the recipe's own checks: the data files (readable UTF-8 text), and
+    ``train.output_dir``, which must be empty unless the recipe says what to do with what it holds:
+    ``train.overwrite_output_dir`` replaces what an earlier ``ssm-hub train`` wrote there (nothing else), and
+    ``train.resume_from_checkpoint`` continues a run, which must be of the same recipe (its hash, recorded beside
+    the checkpoints). Raises ValueError naming the file or the folder and the keys; writes nothing."""
+    recipe.data.check_files()
+    if is_first_process():  # under a distributed launcher, the others would see the first one's writes
+        _check_resumed_recipe(recipe)
+        check_output_folder(recipe.train["output_dir"], "train", **_output_dir_policy(recipe))
 
+
+def _output_dir_policy(recipe: Recipe) -> dict:
+    return dict(overwrite=bool(recipe.train.get("overwrite_output_dir")), resume=_resumes_in_output_dir(recipe),
+                overwrite_flag="train.overwrite_output_dir=true", resume_flag="train.resume_from_checkpoint=true")
+
+
+def is_first_process() -> bool:
+    """Whether this is the only process, or the first that a distributed launcher started: the one that checks and
+    records train.output_dir (the others would see its writes)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _resumes_in_output_dir(recipe: Recipe) -> bool:
+    resume = recipe.train.get("resume_from_checkpoint")
+    if not resume:
+        return False
+    if resume is True:
+        return True
+    output = Path(recipe.train["output_dir"]).resolve()
+    return output == Path(resume).resolve().parent
+
+
+def _check_resumed_recipe(recipe: Recipe) -> None:
+    """A checkpoint to resume from must come from a run of this recipe, as recorded in the manifest of the folder
+    that holds it."""
+    resume = recipe.train.get("resume_from_checkpoint")
+    if not resume:
+        return
+    folder = Path(recipe.train["output_dir"]) if resume is True else Path(resume).parent
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("command") != "train" or "recipe_sha256" not in manifest:
+        if resume is True and not (folder.is_dir() and any(folder.iterdir())):
+            return  # nothing to resume from: Trainer says so
+        raise ValueError(f"cannot tell which recipe wrote the checkpoints in {folder} (no ssm-hub train record, "
+                         f"{MANIFEST}, beside them): resume only a run that ssm-hub train wrote")
+    record = recipe_record(recipe)
+    if manifest["recipe_sha256"] != record["recipe_sha256"]:
+        changed = recipe_differences(manifest.get("recipe", {}), record["recipe"])
+        raise ValueError(f"train.resume_from_checkpoint: the checkpoints in {folder} come from another recipe ("
+                         + "; ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+                         + "): resume with the same recipe, or train into a new train.output_dir")
+
+
+def train(recipe: Recipe) -> dict:
+    """Run ``recipe``; returns {"train_loss", "eval_loss" (or None), "steps", "output_dir", "loss_curve"}.
+    Everything is checked first (:func:`check_before_work`); the output_dir's manifest records what the run wrote."""
+    from transformers import TrainingArguments
+
+    arguments = {key: value for key, value in recipe.train.items() if key not in TRAIN_KEYS_OF_SSM_HUB}
     try:
-        arguments = TrainingArguments(**recipe.train)
+        arguments = TrainingArguments(**arguments)
     except (TypeError, ValueError) as error:
         raise ValueError(f"train: {error}") from None
+    check_before_work(recipe)
+    if not is_first_process():  # under a distributed launcher, the first process keeps the output_dir's record
+        return _train(recipe, arguments, None)
+    with claim_output_folder(arguments.output_dir, "train", record=recipe_record(recipe),
+                             **_output_dir_policy(recipe)) as folder:
+        return _train(recipe, arguments, folder)
+
+
+def _train(recipe: Recipe, arguments, folder: OutputFolder | None) -> dict:
+    from transformers import set_seed
+
     set_seed(arguments.seed)  # before the model is built, so that its initialisation is reproducible too
     if recipe.data.builtin == "shapes":
-        return _train_image_text(recipe, arguments)
+        return _train_image_text(recipe, arguments, folder)
     documents = read_documents(recipe.data)
     tokenizer = build_tokenizer(recipe, documents)
     train_data, eval_data = train_and_eval_datasets(documents, tokenizer, recipe.data)
@@ -142,23 +260,34 @@ def train(recipe: Recipe) -> dict:
         model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
         throughput=ThroughputCallback(tokens_per_step),
     )
-    return _train_and_save(trainer, arguments, tokenizer, eval_data is not None)
+    return _train_and_save(trainer, arguments, tokenizer, eval_data is not None, folder)
 
 
-def _train_and_save(trainer, arguments, processing, evaluate: bool) -> dict:
+FINAL_STAGING = f"{STAGING_PREFIX}final"  # one name for every process, which all take part in saving under FSDP
+
+
+def _train_and_save(trainer, arguments, processing, evaluate: bool, folder: OutputFolder | None) -> dict:
     """Train, evaluate, save the model, the trainer state, ``processing`` (tokenizer or processor) and the loss
-    curve; the summary ``train`` returns."""
-    result = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
+    curve; the summary ``train`` returns. The final files are written beside each other in a staging folder and
+    renamed into ``output_dir`` together (ssm_hub.output_folder), so an interrupted save leaves no model that loads
+    half-written."""
+    with _interrupts_noted():
+        result = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
     eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
     if trainer.is_fsdp_enabled:
         # Checkpoints may be sharded; the final model is written whole, loadable with from_pretrained.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model()
-    trainer.save_state()  # trainer_state.json: the whole log history (losses, tokens/s, memory) beside the model
-    loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
+    staging = Path(arguments.output_dir) / FINAL_STAGING
+    trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
-        processing.save_pretrained(arguments.output_dir)
-        write_loss_curve(trainer.state.log_history, loss_curve)  # now with the final evaluation
+        # trainer_state.json: the whole log history (losses, tokens/s, memory) beside the model
+        trainer.state.save_to_json(str(staging / "trainer_state.json"))
+        processing.save_pretrained(staging)
+        write_loss_curve(trainer.state.log_history, staging / LOSS_CURVE_FILE)  # now with the final evaluation
+        if folder is not None:
+            folder.commit(staging)
+    trainer.accelerator.wait_for_everyone()
+    loss_curve = Path(arguments.output_dir) / LOSS_CURVE_FILE
     return {
         "train_loss": result.training_loss, "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss) if eval_loss is not None and eval_loss < 50 else None,
@@ -167,7 +296,7 @@ def _train_and_save(trainer, arguments, processing, evaluate: bool) -> dict:
     }
 
 
-def _train_image_text(recipe: Recipe, arguments) -> dict:
+def _train_image_text(recipe: Recipe, arguments, folder: OutputFolder | None) -> dict:
     """``data.builtin: shapes``: captioned scenes (ssm_hub.training.shapes) for an ssm_hub_multimodal model; the
     processor comes from the model config's patch_size / merge_size, the loss is on the captions, and the summary
     adds the exact-match caption accuracy on the held-out scenes (captions never trained on). Each row is one scene
@@ -199,7 +328,7 @@ def _train_image_text(recipe: Recipe, arguments) -> dict:
         model=model, args=arguments, train_dataset=scenes, eval_dataset=held_out, data_collator=collator,
         throughput=ThroughputCallback(tokens_per_step),
     )
-    summary = _train_and_save(trainer, arguments, processor, held_out is not None)
+    summary = _train_and_save(trainer, arguments, processor, held_out is not None, folder)
     if held_out is not None and trainer.is_world_process_zero():
         summary["caption_accuracy"] = caption_accuracy(trainer.model.eval(), processor, held_out)
     return summary

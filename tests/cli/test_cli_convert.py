@@ -55,13 +55,14 @@ def test_convert_through_the_console_script(tmp_path):
 
 
 def test_bad_source_exits_with_a_message_not_a_traceback(tmp_path, capsys):
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "unknown").mkdir()
+    (tmp_path / "unknown" / "config.json").write_text('{"model_type": "t5"}')
 
-    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "converted")]) == 1
+    assert main(["convert", str(tmp_path / "unknown"), str(tmp_path / "converted")]) == 2
 
     error = capsys.readouterr().err
     assert error.startswith("ssm-hub: error:") and "unsupported checkpoint format" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "converted").exists()
 
 
 def test_no_command_prints_help(capsys):

@@ -26,5 +26,5 @@ def test_demo_turns_a_teacher_into_a_distilled_hybrid(tmp_path):
 
 
 def test_demo_rejects_a_non_positive_teacher_budget(tmp_path, capsys):
-    assert main(["demo", "--teacher-seconds", "0", "--output", str(tmp_path)]) == 1
-    assert "--teacher-seconds must be positive" in capsys.readouterr().err
+    assert main(["demo", "--teacher-seconds", "0", "--output", str(tmp_path)]) == 2
+    assert "argument --teacher-seconds: must be a number, above 0, got '0'" in capsys.readouterr().err

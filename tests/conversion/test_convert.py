@@ -224,10 +224,10 @@ def test_tied_lm_head_that_differs_from_embeddings_is_an_error(tmp_path):
 
 
 def test_unsupported_model_type_lists_supported_formats(tmp_path):
-    folder = tmp_path / "llama"
+    folder = tmp_path / "t5"
     folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ValueError, match="model_type 'llama'") as error:
+    (folder / "config.json").write_text('{"model_type": "t5"}')
+    with pytest.raises(ValueError, match="model_type 't5'") as error:
         convert_checkpoint(folder, tmp_path / "converted")
     assert "mamba_ssm" in str(error.value) and "Mamba2ForCausalLM" in str(error.value)
 

@@ -293,7 +293,7 @@ def test_distill_relaunches_itself_through_accelerate(teacher_and_student, tmp_p
     arguments = ["distill", "--teacher", str(teacher), "--student", str(student), "--builtin", "python_docs",
                  "--max-documents", "40", "--seq-len", "32", "--align-steps", "1", "--kl-steps", "1",
                  "--speed-contexts", "--output", str(tmp_path / "launched")]
-    assert main([*arguments, "--num-processes", "2"]) == 1
+    assert main([*arguments, "--num-processes", "2"]) == 2
     assert "--num-processes needs --accelerate-config" in capsys.readouterr().err
     config = tmp_path / "cpu.yaml"  # one CPU process: the launch path itself, end to end
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"

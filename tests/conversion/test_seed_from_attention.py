@@ -268,7 +268,7 @@ def test_cli_seeds_a_hybrid_and_needs_both_flags(tmp_path, capsys):
     assert "model.safetensors" in capsys.readouterr().out
     kinds = AutoModelForCausalLM.from_pretrained(tmp_path / "student").config.mixer_types
     assert kinds == ["sliding_attention", "mamba2", "sliding_attention", "mamba2"]
-    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--attention-layers", "all"]) == 1
+    assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--attention-layers", "all"]) == 2
     assert "--attention-layers seeds an ssm_hub_hybrid (--to ssm_hub_hybrid)" in capsys.readouterr().err
 
 
@@ -296,5 +296,5 @@ def test_fresh_mixers_start_as_a_new_models_and_keep_everything_else(tmp_path, c
     with pytest.raises(ValueError, match="mixer_init must be one of"):
         seed_hybrid(tmp_path / "teacher", tmp_path / "bad", "0", mixer_init="zeros")
     assert main(["convert", str(tmp_path / "teacher"), str(tmp_path / "other"), "--to", "mamba2",
-                 "--mixer-init", "fresh"]) == 1
+                 "--mixer-init", "fresh"]) == 2
     assert "--mixer-init applies to seeding from a transformer" in capsys.readouterr().err

@@ -95,7 +95,7 @@ def test_only_fuyu_seeds_a_multimodal_student(tmp_path, capsys):
     LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                  intermediate_size=48, vocab_size=16)).save_pretrained(tmp_path / "llama")
     assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--to", "ssm_hub_multimodal",
-                 "--attention-layers", "all"]) == 1
+                 "--attention-layers", "all"]) == 2
     assert "takes a FuyuForCausalLM (model_type 'fuyu'), got model_type 'llama'" in capsys.readouterr().err
 
 

@@ -59,7 +59,8 @@ def test_lora_recipe_trains_only_adapters_and_saves_them(tmp_path):
     assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
     assert summary["eval_loss"] < 7.0
     with pytest.raises(ValueError, match="the tokenizer has 600 tokens but .*embedding has 512 rows"):
-        run("debug_lora", tmp_path, f"model.pretrained={base}", "tokenizer.pretrained=null", "tokenizer.train_bpe=600")
+        run("debug_lora", tmp_path, f"model.pretrained={base}", "tokenizer.pretrained=null", "tokenizer.train_bpe=600",
+            "train.overwrite_output_dir=true")
 
 
 def test_an_evaluation_that_drop_last_would_empty_is_refused_before_training(tmp_path):
@@ -74,9 +75,9 @@ def test_cli_runs_a_recipe_and_names_a_bad_key(tmp_path, capsys):
     assert main(["train", "--config", "debug_mamba", f"train.output_dir={tmp_path / 'cli'}", "train.max_steps=2",
                  "train.save_steps=2", "train.eval_steps=2"]) == 0
     assert "train_loss:" in capsys.readouterr().out
-    assert main(["train", "--config", "debug_mamba", "train.max_step=3"]) == 1
+    assert main(["train", "--config", "debug_mamba", "train.max_step=3"]) == 2
     assert "unknown key(s) in train: train.max_step" in capsys.readouterr().err
-    assert main(["train", "--config", "debug_mamba", "--num-processes", "2"]) == 1
+    assert main(["train", "--config", "debug_mamba", "--num-processes", "2"]) == 2
     assert "--num-processes needs --accelerate-config" in capsys.readouterr().err
 
 
