@@ -461,10 +461,12 @@ def ssd_chunked_scan_fwd(x, dt, A, B, C, chunk_size: int, D, z, dt_bias, dt_soft
     """Launch the four kernels; shapes as ``ssm_hub.ops.ssd.ssd_chunked_scan``, documents as the module says.
 
     A, D, dt_bias and doc_ids must be contiguous. Returns (y [B, T, H, P] in x's dtype, final_states
-    [num_final, H, P, N] float32).
+    [num_final, H, P, N] float32, dt [B, H, chunks, L], a [B, H, chunks, L], states [B, chunks, H, P, N], scores
+    [B, chunks, G, L, L]): the last four are the intermediates ``ssd_chunked_scan_bwd`` reads, kept rather than
+    rebuilt (at the 130M Mamba-2's shape about 5% of the memory a layer keeps for backward, for three launches).
     """
     dt_out, cum = discretize_dt(dt, A, dt_bias, doc_ids, doc_mode, chunk_size, dt_softplus, dt_min, dt_max)
     states, final_states = pass_states(x, B, dt_out, cum, doc_ids, doc_mode, chunk_size, initial_states, num_final)
     scores = chunk_scores(C, B, chunk_size)
     y = chunk_outputs(x, C, scores, D, z, dt_out, cum, doc_ids, doc_mode, chunk_size, states)
-    return y, final_states
+    return y, final_states, dt_out, cum, states, scores

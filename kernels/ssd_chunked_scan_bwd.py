@@ -1,8 +1,8 @@
 """Triton kernels for the backward pass of the chunked SSD scan (Mamba-2); the forward and the document layouts
 (``DOC_MODE``) are in ``ssd_chunked_scan.py``. The launcher is called by ``ssm_hub.ops.ssd.triton_ops``.
 
-The forward's intermediates (dt, a, the states entering each chunk, the scores S_ts = C_t . B_s) are recomputed,
-not saved. Per head and chunk, with dy the gradient of the gate's input (written by the forward output kernel run
+The forward's intermediates (dt, a, the states entering each chunk, the scores S_ts = C_t . B_s) come from the
+forward, which returns them. Per head and chunk, with dy the gradient of the gate's input (written by the forward output kernel run
 in its GATE_BACKWARD mode), h_c the state entering chunk c and g_c the gradient of the state after it:
 
     y_t   = sum_{s <= t} S_ts exp(a_t - a_s) dt_s x_s + exp(a_t) C_t . h_c
@@ -49,11 +49,8 @@ from ssm_hub.kernels.ssd_chunked_scan import (  # noqa: E402
     chunk_documents,
     chunk_outputs,
     chunk_tokens,
-    chunk_scores,
-    discretize_dt,
     dot_config,
     launch,
-    pass_states,
 )
 
 # Launch settings per kernel, (num_warps, num_stages), tuned on an H100 with benchmarks/profile_scans.py (its last
@@ -143,6 +140,7 @@ def ssd_chunked_scan_dx_bwd_kernel(
     stride_x_row, stride_x_t, stride_x_head, stride_x_p,
     stride_B_row, stride_B_t, stride_B_group, stride_B_n,
     stride_dy_row, stride_dy_t, stride_dy_head, stride_dy_p,
+    stride_dx_row, stride_dx_t, stride_dx_head,
     batch, seqlen, heads, head_dim, state_size, groups, chunk_size, num_chunks, s_blocks,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, DOC_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -230,8 +228,8 @@ def ssd_chunked_scan_dx_bwd_kernel(
             dx += tl.load(D_ptr + head).to(tl.float32) * dy_s
         # [B * chunks * s_blocks, H, P] partials of dD.
         tl.store(dD_ptr + (program * heads + head) * head_dim + p, tl.sum(dy_s * x_s, axis=0), mask=p_mask)
-    # dx is contiguous [B, T, H, P].
-    tl.store(dx_ptr + ((row * seqlen + s[:, None]) * heads + head) * head_dim + p[None, :],
+    # dx [B, T, H, P], P contiguous.
+    tl.store(dx_ptr + row * stride_dx_row + s[:, None] * stride_dx_t + head * stride_dx_head + p[None, :],
              dx.to(dx_ptr.dtype.element_ty), mask=sp_tile)
     tl.store(ddt_ptr + chunk_offset + l_s, tl.sum(x_s * acc, axis=1), mask=l_s < chunk_size)
     tl.store(dcum_ptr + chunk_offset + l_s, -column_sums - state_part, mask=l_s < chunk_size)
@@ -298,6 +296,7 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
     stride_B_row, stride_B_t, stride_B_group, stride_B_n,
     stride_C_row, stride_C_t, stride_C_group, stride_C_n,
     stride_dy_row, stride_dy_t, stride_dy_head, stride_dy_p,
+    stride_dBC_row, stride_dBC_t, stride_dBC_group,
     seqlen, heads, head_dim, state_size, groups, chunk_size, num_chunks, blocks,
     DOC_MODE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -354,8 +353,8 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
                                 input_precision=DOT_PRECISION)
             tl.store(dcum_ptr + chunk_offset + l, tl.sum(from_state * C_t, axis=1), mask=l < chunk_size)
             grad += from_state
-        # dB and dC are contiguous [B, T, G, N].
-        tl.store(dC_ptr + ((row * seqlen + t[:, None]) * groups + group) * state_size + n[None, :],
+        # dB and dC [B, T, G, N] with the same strides, N contiguous.
+        tl.store(dC_ptr + row * stride_dBC_row + t[:, None] * stride_dBC_t + group * stride_dBC_group + n[None, :],
                  grad.to(dC_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
     else:
         for t_start in range(block * BLOCK_T, chunk_size, BLOCK_T):
@@ -384,7 +383,7 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
                 + n[None, :], mask=p_mask[:, None] & n_mask[None, :], other=0.0,
             ).to(DOT_DTYPE)
             grad += tl.dot((x.to(tl.float32) * weight[:, None]).to(DOT_DTYPE), g, input_precision=DOT_PRECISION)
-        tl.store(dB_ptr + ((row * seqlen + t[:, None]) * groups + group) * state_size + n[None, :],
+        tl.store(dB_ptr + row * stride_dBC_row + t[:, None] * stride_dBC_t + group * stride_dBC_group + n[None, :],
                  grad.to(dB_ptr.dtype.element_ty), mask=valid[:, None] & n_mask[None, :])
 
 
@@ -442,9 +441,15 @@ def ssd_chunked_scan_dt_bwd_kernel(
 
 
 def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt_bias, dt_softplus: bool,
-                         dt_min: float, dt_max: float, initial_states, doc_ids, doc_mode: int, num_final: int):
+                         dt_min: float, dt_max: float, initial_states, doc_ids, doc_mode: int, num_final: int,
+                         dt_out, cum, states, scores, packed_xBC: bool = False):
     """Gradients of ``ssd_chunked_scan_fwd`` for the upstream gradients ``dout`` (of y) and ``dfinal`` (of the
-    final states, or None). The forward's intermediates are recomputed, not saved.
+    final states, or None). ``dt_out``, ``cum``, ``states`` and ``scores`` are the intermediates that
+    ``ssd_chunked_scan_fwd`` returned.
+
+    ``packed_xBC``: dx, dB and dC are written into one [B, T, H * P + 2 * G * N] tensor, in that order (as Mamba-2's
+    conv output holds x, B and C), which comes back in dx's place (None in dB's and dC's), so that no
+    concatenation has to follow.
 
     Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial) in the dtypes of the inputs, with None for the
     inputs that are None.
@@ -459,10 +464,7 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
     dots = dot_config(x.dtype)
     blocks = triton.cdiv(chunk_size, block_t)
 
-    # The forward's intermediates, and the gradient of the gate's input.
-    dt_out, cum = discretize_dt(dt, A, dt_bias, doc_ids, doc_mode, chunk_size, dt_softplus, dt_min, dt_max)
-    states, _ = pass_states(x, B, dt_out, cum, doc_ids, doc_mode, chunk_size, initial_states, num_final)
-    scores = chunk_scores(C, B, chunk_size)
+    # The gradient of the gate's input.
     dz = None
     dy = dout
     if z is not None:
@@ -484,7 +486,13 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
     )
 
     # 2. dx, the direct part of ddt, and the row and column sums of W.
-    dx = torch.empty(x.shape, device=device, dtype=x.dtype)
+    if packed_xBC:
+        dxBC = torch.empty((batch, seqlen, heads * head_dim + 2 * groups * state_size), device=device, dtype=x.dtype)
+        dx, dB, dC = _unpack_xBC(dxBC, heads, head_dim, groups, state_size)
+    else:
+        dx = torch.empty(x.shape, device=device, dtype=x.dtype)
+        dB = torch.empty((batch, seqlen, groups, state_size), device=device, dtype=B.dtype)
+        dC = torch.empty((batch, seqlen, groups, state_size), device=device, dtype=C.dtype)
     ddt_direct = torch.empty_like(dt_out)
     dcum_x = torch.empty_like(dt_out)
     row_sums = torch.empty((blocks, *dt_out.shape), **f32)
@@ -492,7 +500,7 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
     dD_partials = torch.empty((batch * num_chunks * blocks, heads, head_dim), **f32) if D is not None else None
     ssd_chunked_scan_dx_bwd_kernel[(batch * num_chunks * blocks, heads)](
         x, B, scores, D, dy, dt_out, cum, doc_ids, dstates, dx, ddt_direct, dcum_x, row_sums, dcum_end_dx,
-        dD_partials, *x.stride(), *B.stride(), *dy.stride(),
+        dD_partials, *x.stride(), *B.stride(), *dy.stride(), *dx.stride()[:3],
         batch, seqlen, heads, head_dim, state_size, groups, chunk_size, num_chunks, blocks,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, DOC_MODE=doc_mode, **dots,
         BLOCK_S=block_t, BLOCK_P=block_p, BLOCK_N=block_n, **launch(LAUNCH["dx_bwd"]),
@@ -505,12 +513,10 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
         seqlen, heads, head_dim, groups, chunk_size, num_chunks, blocks,
         DOC_MODE=doc_mode, **dots, BLOCK_T=block_t, BLOCK_P=block_p, **launch(LAUNCH["dscores_bwd"]),
     )
-    dB = torch.empty((batch, seqlen, groups, state_size), device=device, dtype=B.dtype)
-    dC = torch.empty((batch, seqlen, groups, state_size), device=device, dtype=C.dtype)
     dcum_C = torch.empty_like(dt_out)
     ssd_chunked_scan_dB_dC_bwd_kernel[(batch * num_chunks * blocks, groups, 2)](
         x, B, C, dy, cum, dt_out, doc_ids, states, dstates, dscores, dB, dC, dcum_C,
-        *x.stride(), *B.stride(), *C.stride(), *dy.stride(),
+        *x.stride(), *B.stride(), *C.stride(), *dy.stride(), *dB.stride()[:3],
         seqlen, heads, head_dim, state_size, groups, chunk_size, num_chunks, blocks,
         DOC_MODE=doc_mode, **dots, BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_N=block_n,
         **launch(LAUNCH["dB_dC_bwd"]),
@@ -535,7 +541,17 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
     if D is not None:
         dD = dD_partials.sum(dim=0)
         dD = dD if D.dim() == 2 else dD.sum(dim=-1)
+    if packed_xBC:
+        dx, dB, dC = dxBC, None, None
     return (
         dx, ddt, cast(dA_partials.sum(dim=(0, 1)), A), dB, dC, cast(dD, D), dz,
         None if dt_bias is None else cast(ddt_bias_partials.sum(dim=(0, 1)), dt_bias), cast(dinitial, initial_states),
     )
+
+
+def _unpack_xBC(dxBC, heads: int, head_dim: int, groups: int, state_size: int):
+    """dx [B, T, H, P], dB and dC [B, T, G, N] as views of dxBC [B, T, H * P + 2 * G * N]."""
+    batch, seqlen, _ = dxBC.shape
+    dx, dB, dC = dxBC.split([heads * head_dim, groups * state_size, groups * state_size], dim=-1)
+    return (dx.view(batch, seqlen, heads, head_dim), dB.view(batch, seqlen, groups, state_size),
+            dC.view(batch, seqlen, groups, state_size))

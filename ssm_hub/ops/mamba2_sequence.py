@@ -6,13 +6,14 @@ scan -> gated RMSNorm -> (optionally) out_proj.
                                 out_weight, out_bias, padding_mask, seq_idx, sizes)
 
 It is made of the custom ops of ssm_hub.ops (causal_conv1d, ssd, gated_rms_norm) and adds no math of its own; what
-it changes is what a training step keeps for backward. Left to autograd, the chain keeps the conv output (the scan's
-x, B and C) and the normed output (out_proj's input): at 130M, 3.5 + 3 KB a token a layer. This node keeps only its
-inputs (slices of in_proj's output, which stays alive anyway) and the scan's output, and rebuilds the conv output
-and the normed output in backward: two cheap kernels, no scan. mamba_ssm's fused path makes the same trade (it
-keeps in_proj's output and the scan's output). It replaces selective activation checkpointing, which gave the same
-memory but, through its Python dispatch mode on every op, doubled a 130M step's CPU time, and the step is bound by
-the CPU.
+it changes is what a training step keeps for backward. Besides its inputs (slices of in_proj's output, which stays
+alive anyway) it keeps the conv output (the scan's x, B and C), the scan's output and intermediates (per-chunk
+states and scores) and the normed output (out_proj's input), and rebuilds nothing in backward. At 130M that is
+3.5 + 3 + 2.2 + 3 KB a token a layer. An earlier version kept only the scan's output and rebuilt the rest in
+backward: 8.7 KB a token a layer less, for five more launches a layer, and a step of this size is bound by the
+host's launch rate, not by the GPU (benchmarks/profile_training_host.py); the memory stays well under a same-size
+transformer's. mamba_ssm's fused path keeps in_proj's output and the scan's output. This node replaces selective
+activation checkpointing, which through its Python dispatch mode on every op doubled a 130M step's CPU time.
 
 Training only: no cache and no initial or final states. out_weight None leaves out_proj to the caller (for example
 when a PEFT adapter wraps it) and returns the normed output.
@@ -55,12 +56,17 @@ def mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, 
                                  out_bias, padding_mask, seq_idx, doc_ids, doc_mode, sizes)
 
 
-def _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes: Mamba2Sizes):
-    """(x [B, T, H, P], B [B, T, G, N], C [B, T, G, N]): views of the conv output."""
+def _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx):
+    """The conv output [B, T, conv_dim], padding tokens zeroed."""
     conv_out, _ = causal_conv1d_fwd_triton(xBC, conv_weight, conv_bias, None, seq_idx, None, True)
     if padding_mask is not None:
         conv_out = conv_out * padding_mask[..., None].to(conv_out.dtype)
-    batch, seqlen, _ = xBC.shape
+    return conv_out
+
+
+def _split_conv_out(conv_out, sizes: Mamba2Sizes):
+    """(x [B, T, H, P], B [B, T, G, N], C [B, T, G, N]): views of the conv output."""
+    batch, seqlen, _ = conv_out.shape
     groups = sizes.n_groups * sizes.state_size
     x, B, C = conv_out.split([sizes.intermediate_size, groups, groups], dim=-1)
     return (x.view(batch, seqlen, sizes.num_heads, sizes.head_dim),
@@ -87,37 +93,37 @@ def _norm(y, norm_weight, gate, sizes: Mamba2Sizes, dtype: torch.dtype):
 
 
 class _Mamba2Sequence(torch.autograd.Function):
-    # custom_fwd / custom_bwd: backward runs under the autocast state of forward, so the rebuilt out_proj
-    # matmuls use the same dtypes as the forward one.
+    # custom_fwd / custom_bwd: backward runs under the autocast state of forward, so out_proj's gradient matmuls use
+    # the same dtypes as the forward one.
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
                 padding_mask, seq_idx, doc_ids, doc_mode, sizes):
-        x, B, C = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes)
+        conv_out = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx)
+        x, B, C = _split_conv_out(conv_out, sizes)
         low, high = sizes.dt_limit
-        y, _ = ssd_chunked_scan_fwd_triton(
+        y, _, *scan_intermediates = ssd_chunked_scan_fwd_triton(
             x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high), None, doc_ids,
             doc_mode, xBC.shape[0],
         )
-        normed_dtype = _normed_dtype(out_weight, xBC.device.type, sizes)
-        normed, rstd = _norm(y, norm_weight, gate, sizes, normed_dtype)
+        normed, rstd = _norm(y, norm_weight, gate, sizes, _normed_dtype(out_weight, xBC.device.type, sizes))
         ctx.save_for_backward(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
-                              out_bias, padding_mask, seq_idx, doc_ids, y, rstd)
-        ctx.doc_mode, ctx.sizes, ctx.normed_dtype = doc_mode, sizes, normed_dtype
+                              out_bias, padding_mask, seq_idx, doc_ids, conv_out, y, rstd,
+                              normed if out_weight is not None else None, *scan_intermediates)
+        ctx.doc_mode, ctx.sizes = doc_mode, sizes
         return normed if out_weight is None else F.linear(normed, out_weight, out_bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
         (xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias, padding_mask,
-         seq_idx, doc_ids, y, rstd) = ctx.saved_tensors
+         seq_idx, doc_ids, conv_out, y, rstd, normed, *scan_intermediates) = ctx.saved_tensors
         sizes = ctx.sizes
         needs = ctx.needs_input_grad
         d_out_weight = d_out_bias = None
         if out_weight is None:
             d_normed = d_out
         else:
-            normed, _ = _norm(y, norm_weight, gate, sizes, ctx.normed_dtype)  # rebuilt: out_proj's input was not kept
             d_normed = d_out @ out_weight.to(d_out.dtype)
             if needs[9]:
                 d_out_weight = (d_out.flatten(0, -2).T @ normed.flatten(0, -2).to(d_out.dtype)).to(out_weight.dtype)
@@ -128,13 +134,13 @@ class _Mamba2Sequence(torch.autograd.Function):
             d_normed, y.view(batch, seqlen, sizes.intermediate_size), norm_weight, gate, rstd, sizes.norm_groups,
             sizes.norm_before_gate,
         )
-        x, B, C = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx, sizes)  # rebuilt: the scan's inputs
+        x, B, C = _split_conv_out(conv_out, sizes)
         low, high = sizes.dt_limit
-        dx, d_dt, dA, dB, dC, dD, _, d_dt_bias, _ = ssd_chunked_scan_bwd_triton(
+        # packed_xBC: dx, dB and dC come back as one tensor laid out as the conv output, its gradient.
+        d_conv_out, d_dt, dA, _, _, dD, _, d_dt_bias, _ = ssd_chunked_scan_bwd_triton(
             dy.view_as(x), None, x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high),
-            None, doc_ids, ctx.doc_mode, batch,
+            None, doc_ids, ctx.doc_mode, batch, *scan_intermediates, True,
         )
-        d_conv_out = torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1)
         if padding_mask is not None:
             d_conv_out = d_conv_out * padding_mask[..., None].to(d_conv_out.dtype)
         d_xBC, d_conv_weight, d_conv_bias, _ = causal_conv1d_bwd_triton(

@@ -184,6 +184,30 @@ def test_custom_op_is_registered_for_compile_and_autograd():
     )
 
 
+def test_backward_writes_packed_gradients_into_one_tensor():
+    # Mamba-2's x, B and C are views of one conv output; with packed_xBC the backward writes their gradients into
+    # one tensor of that layout (no concatenation after it), equal to the three separate gradients.
+    batch, seqlen, heads, head_dim, groups, state_size = 2, 9, 2, 16, 1, 16
+    inputs = make_inputs(batch, seqlen, heads, head_dim, groups, state_size, options="D_per_head")
+    xBC = torch.cat([inputs["x"].flatten(2), inputs["B"].flatten(2), inputs["C"].flatten(2)], dim=-1)
+    x, B, C = xBC.split([heads * head_dim, groups * state_size, groups * state_size], dim=-1)
+    x, B, C = x.view_as(inputs["x"]), B.view_as(inputs["B"]), C.view_as(inputs["C"])
+    ops = torch.ops.ssm_hub
+    scan = (x, inputs["dt"], inputs["A"], B, C, 4, inputs["D"], None, None, True, 0.0, float("inf"), None, None, 0,
+            batch)
+    y, _, *intermediates = ops.ssd_chunked_scan_fwd(*scan)
+    dy = torch.randn_like(y)
+    separate = ops.ssd_chunked_scan_bwd(dy, None, *scan, *intermediates, False)
+    packed = ops.ssd_chunked_scan_bwd(dy, None, *scan, *intermediates, True)
+    dx, _, _, dB, dC = separate[:5]
+    assert packed[0].shape == xBC.shape and packed[3].numel() == packed[4].numel() == 0
+    torch.testing.assert_close(packed[0], torch.cat([dx.flatten(2), dB.flatten(2), dC.flatten(2)], dim=-1),
+                               rtol=0, atol=0)
+    for got, expected in zip(packed[5:], separate[5:]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.library.opcheck(ops.ssd_chunked_scan_bwd.default, (dy, None, *scan, *intermediates, True))
+
+
 def test_environment_variable_selects_the_kernel(monkeypatch):
     inputs = make_inputs(1, 20, 4, 16, 1, 16, options="plain")
     called = []

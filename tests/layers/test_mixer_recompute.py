@@ -1,6 +1,5 @@
-"""Mamba-2's training step on the kernels (ssm_hub.ops.mamba2_sequence) keeps the scan's output, rebuilds the conv
-output and the normed output in backward, and keeps less than the plain chain of ops, with unchanged outputs and
-gradients: plain, with a padding mask, with packed documents, with out_proj left outside the node (hooked, as a PEFT
+"""Mamba-2's training step on the kernels (ssm_hub.ops.mamba2_sequence) runs each forward kernel once (its backward
+rebuilds nothing) and keeps no more than the plain chain of ops, with unchanged outputs and gradients: plain, with a padding mask, with packed documents, with out_proj left outside the node (hooked, as a PEFT
 adapter would wrap it) and, on CUDA, under bf16 autocast; and it traces whole under torch.compile.
 
 Runs the Triton kernels (on the GPU where there is one, else under TRITON_INTERPRET=1).
@@ -61,12 +60,14 @@ def _gradients(output, mixer, hidden):
     return grads
 
 
-def test_training_step_rebuilds_the_conv_and_the_norm_but_not_the_scan(kernels):
+def test_training_step_runs_each_forward_kernel_once(kernels):
+    # A step of this size is bound by the host's launch rate: a rebuild in backward costs more than the memory
+    # it saves.
     mixer, hidden = _mixer_and_inputs()
     with OpCounter() as counter:
         mixer(hidden).square().sum().backward()
     counted = ("ssm_hub.ssd_chunked_scan_fwd", "ssm_hub.causal_conv1d_fwd", "ssm_hub.gated_rms_norm_fwd")
-    assert {name: counter.counts.get(name) for name in counted} == dict(zip(counted, (1, 2, 2)))
+    assert {name: counter.counts.get(name) for name in counted} == dict.fromkeys(counted, 1)
 
 
 def _saved_bytes(function) -> int:
@@ -84,13 +85,11 @@ def _saved_bytes(function) -> int:
     return sum(storages.values())
 
 
-def test_training_step_keeps_less_than_the_plain_chain(kernels):
+def test_training_step_keeps_no_more_than_the_plain_chain(kernels):
     mixer, hidden = _mixer_and_inputs(seqlen=64)
     node = _saved_bytes(lambda: mixer(hidden))
     chain = _saved_bytes(lambda: _plain_chain(mixer, hidden))
-    tokens, element = hidden.shape[0] * hidden.shape[1], hidden.element_size()
-    conv_output, normed_output = tokens * mixer.conv_dim * element, tokens * mixer.intermediate_size * element
-    assert node <= chain - conv_output - normed_output
+    assert node <= chain
 
 
 SETTINGS = ["plain", "padding_mask", "packed_documents", "out_proj_outside"] + (["bf16_autocast"] if DEVICE == "cuda" else [])
@@ -137,14 +136,14 @@ class NormOutputs(TorchDispatchMode):
 
 
 def test_under_autocast_the_normed_output_is_written_in_out_projs_compute_dtype(kernels):
-    # out_proj reads the normed output in bf16 under autocast; writing it in float32 only to cast it (twice a
-    # step: forward and the rebuild in backward) was a tenth of the step's memory traffic.
+    # out_proj reads the normed output in bf16 under autocast; writing it in float32 only to cast it was a
+    # twentieth of the step's memory traffic.
     mixer, hidden = _mixer_and_inputs()
     with NormOutputs() as seen:
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             out = mixer(hidden)
         out.float().square().sum().backward()
-    assert seen.norm_dtypes == [torch.bfloat16, torch.bfloat16]
+    assert seen.norm_dtypes == [torch.bfloat16]
     assert (*hidden.shape[:2], mixer.intermediate_size) not in seen.cast_shapes
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         plain = _plain_chain(mixer, hidden)

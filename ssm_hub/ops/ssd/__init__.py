@@ -83,15 +83,16 @@ def _ssd_chunked_scan_triton(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softp
         def place(t):
             return None if t is None else t.new_zeros(1, length, *t.shape[2:]).index_copy(1, positions, t)
 
-        y, final_states = scan(place(x), place(dt), A, place(B), place(C), chunk_size, D, place(z), dt_bias,
-                               dt_softplus, float(low), float(high), initial_states, doc_ids, DOC_CHUNKS,
-                               len(padded))
+        y, final_states, *_ = scan(place(x), place(dt), A, place(B), place(C), chunk_size, D, place(z), dt_bias,
+                                   dt_softplus, float(low), float(high), initial_states, doc_ids, DOC_CHUNKS,
+                                   len(padded))
         return y[:, positions], final_states
     if bounds is not None:
         seq_idx = cu_seqlens_to_seq_idx(cu_seqlens)
     doc_ids, doc_mode = scan_documents(batch, seqlen, seq_idx, x.device)
-    return scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(low), float(high), initial_states,
-                doc_ids, doc_mode, batch)
+    y, final_states, *_ = scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, float(low), float(high),
+                               initial_states, doc_ids, doc_mode, batch)
+    return y, final_states
 
 
 def scan_documents(batch: int, seqlen: int, seq_idx, device) -> tuple[torch.Tensor | None, int]:

@@ -92,9 +92,10 @@ def ssd_chunked_scan_fwd_triton(
     doc_ids: torch.Tensor | None,
     doc_mode: int,
     num_final: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [B, T, H, P] in x's dtype, final states [num_final, H, P, N] float32); documents as
-    ``ssm_hub.kernels.ssd_chunked_scan`` describes them."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y [B, T, H, P] in x's dtype, final states [num_final, H, P, N] float32, then the intermediates the backward
+    reads: dt and a [B, H, chunks, L] float32, the states entering each chunk [B, chunks, H, P, N] and the scores
+    [B, chunks, G, L, L] in x's dtype); documents as ``ssm_hub.kernels.ssd_chunked_scan`` describes them."""
     from ssm_hub.kernels.ssd_chunked_scan import ssd_chunked_scan_fwd
 
     A, D, dt_bias = [t.contiguous() if t is not None else None for t in (A, D, dt_bias)]
@@ -105,8 +106,13 @@ def ssd_chunked_scan_fwd_triton(
 @ssd_chunked_scan_fwd_triton.register_fake
 def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, doc_ids, doc_mode,
       num_final):
-    _, _, heads, head_dim = x.shape
-    return torch.empty_like(x), x.new_empty((num_final, heads, head_dim, B.shape[-1]), dtype=torch.float32)
+    batch, seqlen, heads, head_dim = x.shape
+    groups, state_size = B.shape[2:]
+    chunks = -(-seqlen // chunk_size)
+    dt_out = x.new_empty((batch, heads, chunks, chunk_size), dtype=torch.float32)
+    return (torch.empty_like(x), x.new_empty((num_final, heads, head_dim, state_size), dtype=torch.float32), dt_out,
+            torch.empty_like(dt_out), x.new_empty((batch, chunks, heads, head_dim, state_size)),
+            C.new_empty((batch, chunks, groups, chunk_size, chunk_size)))
 
 
 @kernel_op("ssm_hub::ssd_chunked_scan_bwd", mutates_args=())
@@ -130,42 +136,57 @@ def ssd_chunked_scan_bwd_triton(
     doc_ids: torch.Tensor | None,
     doc_mode: int,
     num_final: int,
+    dt_out: torch.Tensor,
+    cum: torch.Tensor,
+    states: torch.Tensor,
+    scores: torch.Tensor,
+    packed_xBC: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for the inputs that are None."""
+    """(dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states); empty tensors for the inputs that are None.
+    ``dt_out``, ``cum``, ``states``, ``scores``: the last four outputs of ``ssd_chunked_scan_fwd``.
+    ``packed_xBC``: dx, dB and dC come back as one [B, T, H * P + 2 * G * N] tensor in dx's place (dB and dC
+    empty), as Mamba-2's conv output holds x, B and C; see ``ssm_hub.kernels.ssd_chunked_scan_bwd``."""
     from ssm_hub.kernels.ssd_chunked_scan_bwd import ssd_chunked_scan_bwd
 
     A, D, dt_bias = [t.contiguous() if t is not None else None for t in (A, D, dt_bias)]
     dfinal = dfinal.contiguous() if dfinal is not None else None
     grads = ssd_chunked_scan_bwd(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min,
-                                 dt_max, initial_states, doc_ids, doc_mode, num_final)
+                                 dt_max, initial_states, doc_ids, doc_mode, num_final, dt_out, cum, states, scores,
+                                 packed_xBC)
     return tuple(grad if grad is not None else x.new_empty(0) for grad in grads)
 
 
 @ssd_chunked_scan_bwd_triton.register_fake
 def _(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, doc_ids,
-      doc_mode, num_final):
+      doc_mode, num_final, dt_out, cum, states, scores, packed_xBC=False):
     def like(tensor):
         return tensor.new_empty(tensor.shape) if tensor is not None else x.new_empty(0)
 
+    if packed_xBC:
+        batch, seqlen, heads, head_dim = x.shape
+        dxBC = x.new_empty((batch, seqlen, heads * head_dim + 2 * B.shape[2] * B.shape[3]))
+        return (dxBC, *(like(t) for t in (dt, A, None, None, D, z, dt_bias, initial_states)))
     return tuple(like(t) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
 
 
 def _setup_context(ctx, inputs, output):
     x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states, doc_ids, doc_mode, \
         num_final = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, doc_ids)
+    _, _, *intermediates = output
+    ctx.mark_non_differentiable(*intermediates)
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, doc_ids, *intermediates)
     ctx.options = (chunk_size, dt_softplus, dt_min, dt_max, doc_mode, num_final)
 
 
-def _backward(ctx, dy, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, doc_ids = ctx.saved_tensors
+def _backward(ctx, dy, dfinal, *_intermediate_grads):
+    x, dt, A, B, C, D, z, dt_bias, initial_states, doc_ids, *intermediates = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max, doc_mode, num_final = ctx.options
     if dy is None:
         dy = torch.zeros_like(x)
     grads = ssd_chunked_scan_bwd_triton(
         dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
-        doc_ids, doc_mode, num_final,
+        doc_ids, doc_mode, num_final, *intermediates,
     )
     dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial = grads
     present = dict(D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
