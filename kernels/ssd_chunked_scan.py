@@ -107,7 +107,8 @@ def ssd_chunked_scan_dt_fwd_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, doc_ptr, dt_out_ptr, cum_ptr,
     stride_dt_row, stride_dt_t, stride_dt_head,
     seqlen, heads, chunk_size, num_chunks, dt_min, dt_max,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOC_MODE: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr, DOC_MODE: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
@@ -125,7 +126,10 @@ def ssd_chunked_scan_dt_fwd_kernel(
     dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
     # Tokens past the sequence, padding, and the padded end of the block neither decay nor add anything.
     dt = tl.where(valid, dt, 0.0)
-    cum = tl.cumsum(dt * tl.load(A_ptr + head).to(tl.float32), axis=0)
+    A = tl.load(A_ptr + head).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    cum = tl.cumsum(dt * A, axis=0)
 
     # Both [B, H, chunks, L], float32.
     offsets = ((row * heads + head) * num_chunks + chunk) * chunk_size + l
@@ -376,7 +380,7 @@ def block_sizes(chunk_size: int, head_dim: int, state_size: int) -> dict:
 
 
 def discretize_dt(dt, A, dt_bias, doc_ids, doc_mode: int, chunk_size: int, dt_softplus: bool, dt_min: float,
-                  dt_max: float):
+                  dt_max: float, A_is_log: bool):
     """Kernel 1: (dt, a) as [B, H, chunks, L] float32."""
     batch, seqlen, heads = dt.shape
     num_chunks = triton.cdiv(seqlen, chunk_size)
@@ -385,7 +389,7 @@ def discretize_dt(dt, A, dt_bias, doc_ids, doc_mode: int, chunk_size: int, dt_so
     ssd_chunked_scan_dt_fwd_kernel[(batch, num_chunks, heads)](
         dt, A, dt_bias, doc_ids, dt_out, cum, *dt.stride(),
         seqlen, heads, chunk_size, num_chunks, dt_min, dt_max,
-        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DOC_MODE=doc_mode,
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, A_IS_LOG=A_is_log, DOC_MODE=doc_mode,
         BLOCK_L=block_sizes(chunk_size, 1, 1)["block_l"], **launch(LAUNCH["dt"]),
     )
     return dt_out, cum
@@ -457,15 +461,18 @@ def chunk_outputs(x, C, scores, D, z, dt_out, cum, doc_ids, doc_mode: int, chunk
 
 
 def ssd_chunked_scan_fwd(x, dt, A, B, C, chunk_size: int, D, z, dt_bias, dt_softplus: bool, dt_min: float,
-                         dt_max: float, initial_states, doc_ids, doc_mode: int, num_final: int):
+                         dt_max: float, initial_states, doc_ids, doc_mode: int, num_final: int,
+                         A_is_log: bool = False):
     """Launch the four kernels; shapes as ``ssm_hub.ops.ssd.ssd_chunked_scan``, documents as the module says.
 
-    A, D, dt_bias and doc_ids must be contiguous. Returns (y [B, T, H, P] in x's dtype, final_states
+    A, D, dt_bias and doc_ids must be contiguous. ``A_is_log``: A is Mamba-2's A_log, and the kernels use
+    A = -exp(A_log) (which saves the model two launches forward and two backward). Returns (y [B, T, H, P] in x's dtype, final_states
     [num_final, H, P, N] float32, dt [B, H, chunks, L], a [B, H, chunks, L], states [B, chunks, H, P, N], scores
     [B, chunks, G, L, L]): the last four are the intermediates ``ssd_chunked_scan_bwd`` reads, kept rather than
     rebuilt (at the 130M Mamba-2's shape about 5% of the memory a layer keeps for backward, for three launches).
     """
-    dt_out, cum = discretize_dt(dt, A, dt_bias, doc_ids, doc_mode, chunk_size, dt_softplus, dt_min, dt_max)
+    dt_out, cum = discretize_dt(dt, A, dt_bias, doc_ids, doc_mode, chunk_size, dt_softplus, dt_min, dt_max,
+                                A_is_log)
     states, final_states = pass_states(x, B, dt_out, cum, doc_ids, doc_mode, chunk_size, initial_states, num_final)
     scores = chunk_scores(C, B, chunk_size)
     y = chunk_outputs(x, C, scores, D, z, dt_out, cum, doc_ids, doc_mode, chunk_size, states)

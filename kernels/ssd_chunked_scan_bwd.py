@@ -390,11 +390,11 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
 @triton.jit
 def ssd_chunked_scan_dt_bwd_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, doc_ptr, dt_out_ptr, ddt_direct_ptr, dcum_x_ptr, dcum_C_ptr, row_sums_ptr,
-    dcum_end_ptr, ddt_ptr, dA_ptr, ddt_bias_ptr,
+    dcum_end_states_ptr, dcum_end_dx_ptr, ddt_ptr, dA_ptr, ddt_bias_ptr,
     stride_dt_row, stride_dt_t, stride_dt_head,
-    batch, seqlen, heads, chunk_size, num_chunks, dt_min, dt_max, s_blocks,
-    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, DOC_MODE: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    batch, seqlen, heads, chunk_size, num_chunks, dt_min, dt_max, s_blocks, state_tiles,
+    HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr, DOC_MODE: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
@@ -414,14 +414,25 @@ def ssd_chunked_scan_dt_bwd_kernel(
     for s_block in range(s_blocks):
         dcum += tl.load(row_sums_ptr + s_block * batch * heads * num_chunks * chunk_size + chunk_offset + l,
                         mask=in_chunk & (l >= s_block * BLOCK_S), other=0.0)
-    dcum += tl.where(l == chunk_size - 1, tl.load(dcum_end_ptr + (row * heads + head) * num_chunks + chunk), 0.0)
+    # The chunk-end term, from kernel 1's partials (one per state tile) and kernel 2's (one per block of s).
+    end = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for tile in range(state_tiles):
+        end += tl.load(dcum_end_states_ptr + ((tile * batch + row) * heads + head) * num_chunks + chunk)
+    for s_block in range(s_blocks):
+        end += tl.load(dcum_end_dx_ptr + ((row * heads + head) * num_chunks + chunk) * s_blocks + s_block)
+    dcum += tl.where(l == chunk_size - 1, end, 0.0)
     dlog_decay = tl.cumsum(dcum, axis=0, reverse=True)
     dt = tl.load(dt_out_ptr + chunk_offset + l, mask=in_chunk, other=0.0)
     A = tl.load(A_ptr + head).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     ddt = tl.load(ddt_direct_ptr + chunk_offset + l, mask=in_chunk, other=0.0) + A * dlog_decay
-    # [B, chunks, H] partials of dA.
+    # [B, chunks, H] partials of dA (of d A_log = dA * A with A_IS_LOG, as A = -exp(A_log)).
     partial = (row * num_chunks + chunk) * heads + head
-    tl.store(dA_ptr + partial, tl.sum(tl.where(valid, dt * dlog_decay, 0.0)))
+    dA = tl.sum(tl.where(valid, dt * dlog_decay, 0.0))
+    if A_IS_LOG:
+        dA *= A
+    tl.store(dA_ptr + partial, dA)
 
     # Back through the clamp, softplus and bias of the forward's first kernel.
     raw = tl.load(dt_ptr + row * stride_dt_row + t * stride_dt_t + head * stride_dt_head, mask=valid, other=0.0)
@@ -442,14 +453,15 @@ def ssd_chunked_scan_dt_bwd_kernel(
 
 def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt_bias, dt_softplus: bool,
                          dt_min: float, dt_max: float, initial_states, doc_ids, doc_mode: int, num_final: int,
-                         dt_out, cum, states, scores, packed_xBC: bool = False):
+                         dt_out, cum, states, scores, packed_xBC: bool = False, A_is_log: bool = False):
     """Gradients of ``ssd_chunked_scan_fwd`` for the upstream gradients ``dout`` (of y) and ``dfinal`` (of the
     final states, or None). ``dt_out``, ``cum``, ``states`` and ``scores`` are the intermediates that
     ``ssd_chunked_scan_fwd`` returned.
 
     ``packed_xBC``: dx, dB and dC are written into one [B, T, H * P + 2 * G * N] tensor, in that order (as Mamba-2's
     conv output holds x, B and C), which comes back in dx's place (None in dB's and dC's), so that no
-    concatenation has to follow.
+    concatenation has to follow. ``A_is_log``: A is A_log, as in ``ssd_chunked_scan_fwd``, and dA is A_log's
+    gradient.
 
     Returns (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial) in the dtypes of the inputs, with None for the
     inputs that are None.
@@ -523,14 +535,15 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
     )
 
     # 4. ddt, dA, ddt_bias.
-    dcum_end = dcum_end_states.sum(dim=0) + dcum_end_dx.sum(dim=-1)
     ddt = torch.empty((batch, seqlen, heads), device=device, dtype=dt.dtype)
     dA_partials = torch.empty((batch, num_chunks, heads), **f32)
     ddt_bias_partials = torch.empty((batch, num_chunks, heads), **f32) if dt_bias is not None else None
     ssd_chunked_scan_dt_bwd_kernel[(batch, num_chunks, heads)](
-        dt, A, dt_bias, doc_ids, dt_out, ddt_direct, dcum_x, dcum_C, row_sums, dcum_end, ddt, dA_partials,
-        ddt_bias_partials, *dt.stride(), batch, seqlen, heads, chunk_size, num_chunks, dt_min, dt_max, blocks,
-        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, DOC_MODE=doc_mode, BLOCK_L=sizes["block_l"],
+        dt, A, dt_bias, doc_ids, dt_out, ddt_direct, dcum_x, dcum_C, row_sums, dcum_end_states, dcum_end_dx, ddt,
+        dA_partials, ddt_bias_partials, *dt.stride(), batch, seqlen, heads, chunk_size, num_chunks, dt_min, dt_max,
+        blocks, tiles,
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, A_IS_LOG=A_is_log, DOC_MODE=doc_mode,
+        BLOCK_L=sizes["block_l"],
         BLOCK_S=block_t, **launch(LAUNCH["dt_bwd"]),
     )
 

@@ -160,7 +160,7 @@ class Mamba2Mixer(nn.Module):
         # normed output.
         plain_out_proj = is_plain_linear(self.out_proj) and self.modality_out_proj is None
         out_weight, out_bias = (self.out_proj.weight, self.out_proj.bias) if plain_out_proj else (None, None)
-        out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, self._A(), self.D, self.dt_bias,
+        out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, self.A_log, self.D, self.dt_bias,
                                     self.norm.weight, out_weight, out_bias, padding_mask, seq_idx, sizes)
         return out if plain_out_proj else self._project_out(out, modality)
 

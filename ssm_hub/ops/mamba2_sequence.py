@@ -2,7 +2,7 @@
 scan -> gated RMSNorm -> (optionally) out_proj.
 
     from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
-    out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
+    out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight,
                                 out_weight, out_bias, padding_mask, seq_idx, sizes)
 
 It is made of the custom ops of ssm_hub.ops (causal_conv1d, ssd, gated_rms_norm) and adds no math of its own; what
@@ -46,13 +46,14 @@ class Mamba2Sizes(NamedTuple):
     out_dtype: torch.dtype
 
 
-def mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
+def mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, out_weight, out_bias,
                           padding_mask, seq_idx, sizes: Mamba2Sizes) -> torch.Tensor:
     """xBC [B, T, conv_dim] (before the conv), dt [B, T, H], gate [B, T, d_inner] -> out_proj(norm(scan(conv(xBC))))
     [B, T, hidden], or the normed output [B, T, d_inner] in ``sizes.out_dtype`` when out_weight is None.
-    ``padding_mask`` [B, T] zeroes the conv output of padding tokens; ``seq_idx`` [B, T] marks packed documents."""
+    ``A_log`` [H]: the scan's A is -exp(A_log), computed in its kernels. ``padding_mask`` [B, T] zeroes the conv
+    output of padding tokens; ``seq_idx`` [B, T] marks packed documents."""
     doc_ids, doc_mode = scan_documents(xBC.shape[0], xBC.shape[1], seq_idx, xBC.device)
-    return _Mamba2Sequence.apply(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
+    return _Mamba2Sequence.apply(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, out_weight,
                                  out_bias, padding_mask, seq_idx, doc_ids, doc_mode, sizes)
 
 
@@ -97,17 +98,17 @@ class _Mamba2Sequence(torch.autograd.Function):
     # the same dtypes as the forward one.
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
+    def forward(ctx, xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, out_weight, out_bias,
                 padding_mask, seq_idx, doc_ids, doc_mode, sizes):
         conv_out = _conv(xBC, conv_weight, conv_bias, padding_mask, seq_idx)
         x, B, C = _split_conv_out(conv_out, sizes)
         low, high = sizes.dt_limit
         y, _, *scan_intermediates = ssd_chunked_scan_fwd_triton(
-            x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high), None, doc_ids,
-            doc_mode, xBC.shape[0],
+            x, dt, A_log, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high), None, doc_ids,
+            doc_mode, xBC.shape[0], True,
         )
         normed, rstd = _norm(y, norm_weight, gate, sizes, _normed_dtype(out_weight, xBC.device.type, sizes))
-        ctx.save_for_backward(xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
+        ctx.save_for_backward(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, out_weight,
                               out_bias, padding_mask, seq_idx, doc_ids, conv_out, y, rstd,
                               normed if out_weight is not None else None, *scan_intermediates)
         ctx.doc_mode, ctx.sizes = doc_mode, sizes
@@ -116,7 +117,7 @@ class _Mamba2Sequence(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out):
-        (xBC, dt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias, padding_mask,
+        (xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, out_weight, out_bias, padding_mask,
          seq_idx, doc_ids, conv_out, y, rstd, normed, *scan_intermediates) = ctx.saved_tensors
         sizes = ctx.sizes
         needs = ctx.needs_input_grad
@@ -137,15 +138,15 @@ class _Mamba2Sequence(torch.autograd.Function):
         x, B, C = _split_conv_out(conv_out, sizes)
         low, high = sizes.dt_limit
         # packed_xBC: dx, dB and dC come back as one tensor laid out as the conv output, its gradient.
-        d_conv_out, d_dt, dA, _, _, dD, _, d_dt_bias, _ = ssd_chunked_scan_bwd_triton(
-            dy.view_as(x), None, x, dt, A, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low), float(high),
-            None, doc_ids, ctx.doc_mode, batch, *scan_intermediates, True,
+        d_conv_out, d_dt, dA_log, _, _, dD, _, d_dt_bias, _ = ssd_chunked_scan_bwd_triton(
+            dy.view_as(x), None, x, dt, A_log, B, C, sizes.chunk_size, D, None, dt_bias, True, float(low),
+            float(high), None, doc_ids, ctx.doc_mode, batch, *scan_intermediates, True, True,
         )
         if padding_mask is not None:
             d_conv_out = d_conv_out * padding_mask[..., None].to(d_conv_out.dtype)
         d_xBC, d_conv_weight, d_conv_bias, _ = causal_conv1d_bwd_triton(
             xBC, conv_weight, conv_bias, None, seq_idx, None, True, d_conv_out, None
         )
-        return (d_xBC, d_dt, d_gate, d_conv_weight, d_conv_bias if conv_bias is not None else None, dA,
+        return (d_xBC, d_dt, d_gate, d_conv_weight, d_conv_bias if conv_bias is not None else None, dA_log,
                 dD if D is not None else None, d_dt_bias if dt_bias is not None else None, d_norm_weight,
                 d_out_weight, d_out_bias, None, None, None, None, None)

@@ -208,6 +208,24 @@ def test_backward_writes_packed_gradients_into_one_tensor():
     torch.library.opcheck(ops.ssd_chunked_scan_bwd.default, (dy, None, *scan, *intermediates, True))
 
 
+def test_kernel_takes_A_log():
+    # Mamba-2 keeps A as A_log; the kernels compute A = -exp(A_log) themselves, and give A_log's gradient.
+    inputs = make_inputs(2, 13, 2, 16, 1, 16)
+    A_log = torch.log(-inputs["A"]).requires_grad_(True)
+    A = -torch.exp(A_log)
+    results = []
+    for a, is_log in ((A, False), (A_log, True)):
+        args = (inputs["x"], inputs["dt"], a, inputs["B"], inputs["C"], 4, inputs["D"], inputs["z"], inputs["dt_bias"],
+                True, 0.05, 1.5, None, None, 0, 2, is_log)
+        y = torch.ops.ssm_hub.ssd_chunked_scan_fwd(*args)[0]
+        (grad,) = torch.autograd.grad((y.float() * torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)).sum(),
+                                      A_log)
+        results.append((y, grad))
+    (y_plain, grad_plain), (y_log, grad_log) = results
+    assert_close(y_log, y_plain, torch.float32)
+    assert_close(grad_log, grad_plain, torch.float32, "through_decay")
+
+
 def test_environment_variable_selects_the_kernel(monkeypatch):
     inputs = make_inputs(1, 20, 4, 16, 1, 16, options="plain")
     called = []
