@@ -183,9 +183,11 @@ def causal_conv1d_bwd_kernel(
     c_ok = c < channels
     c2, c_ok2 = c[None, :], c_ok[None, :]
     x_row = x_ptr + row * stride_x_b
-    taps = tl.arange(0, K_BLOCK)[:, None]
-    dw = tl.zeros((K_BLOCK, BLOCK_C), dtype=tl.float32)
-    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # Products summed elementwise over the steps and reduced over T once at the end: a reduction across the
+    # tile's rows goes between warps, and five of them a step were most of this kernel's time.
+    taps = tl.arange(0, K_BLOCK)[:, None, None]
+    dw = tl.zeros((K_BLOCK, BLOCK_T, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
 
     for step in range(steps):
         t = (tl.program_id(0).to(tl.int64) * steps + step) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -211,16 +213,18 @@ def causal_conv1d_bwd_kernel(
             g = g * sig * (1.0 + z * (1.0 - sig))
             tl.store(g_ptr + row * stride_g_b + t2 * stride_g_t + c2 * stride_g_c, g, mask=tile_ok)
 
-        # 2. dbias and dweight: sums over T of g and of g times each tap.
-        db += tl.sum(g, axis=0)
+        # 2. dbias and dweight: g and g times each tap, summed over T below.
+        db += g
         for k in tl.static_range(WIDTH):
             v = _tap(x_row, state_ptr, t2, t_ok2, c2, c_ok2, WIDTH - 1 - k, run2, state_idx2, state_ok2, any_state,
                      stride_x_t, stride_x_c, stride_s_n, stride_s_c, stride_s_k, WIDTH, HAS_STATE)
-            dw += tl.where(taps == k, tl.sum(g * v, axis=0)[None, :], 0.0)
+            dw += tl.where(taps == k, (g * v)[None, :, :], 0.0)
 
     partial = row * tl.num_programs(0) + tl.program_id(0)
-    tl.store(db_ptr + partial * channels + c, db, mask=c_ok)
-    tl.store(dw_ptr + (partial * channels + c2) * WIDTH + taps, dw, mask=(taps < WIDTH) & c_ok2)
+    tl.store(db_ptr + partial * channels + c, tl.sum(db, axis=0), mask=c_ok)
+    tap_ids = tl.arange(0, K_BLOCK)[:, None]
+    tl.store(dw_ptr + (partial * channels + c2) * WIDTH + tap_ids, tl.sum(dw, axis=1),
+             mask=(tap_ids < WIDTH) & c_ok2)
 
 
 @triton.jit
@@ -321,16 +325,25 @@ def causal_conv1d_bwd_initial_state_kernel(
              acc.to(dstate_ptr.dtype.element_ty), mask=(slot < WIDTH - 1)[:, None] & c_ok[None, :])
 
 
-def _tiles() -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_C, blocks of T per program in the dweight pass at most). Tiles are BLOCK_C channels (contiguous
-    in memory) by BLOCK_T tokens; walking several blocks per program keeps the dweight partial buffer small next to
-    x. 32 x 128 with 4 warps was the fastest of a sweep of 16-64 tokens by 64-256 channels and 2-8 warps for all three
-    kernels, at the 130M Mamba-2's training shape on an H100 (8 x 2048 tokens, 1792 channels, read from in_proj's
+def _tiles() -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C) of the forward and dx kernels: tiles of BLOCK_C channels (contiguous in memory) by BLOCK_T
+    tokens. 32 x 128 with 4 warps was the fastest of a sweep of 16-64 tokens by 64-256 channels and 2-8 warps for
+    both, at the 130M Mamba-2's training shape on an H100 (8 x 2048 tokens, 1792 channels, read from in_proj's
     output). Triton's CPU interpreter pays per operation rather than per element, so there tiles are larger (still
     several blocks and programs at the tests' T = 257)."""
     if triton_interpreter_enabled():
-        return 128, 64, 2
-    return 32, 128, 8
+        return 128, 64
+    return 32, 128
+
+
+def _dweight_tiles() -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_C, blocks of T per program at most, num_warps) of the dweight pass, which holds a
+    [K, BLOCK_T, BLOCK_C] float32 accumulator. Walking several blocks per program keeps its partial buffer small
+    next to x. 16 x 128, 8 blocks, 4 warps: 0.252 ms at the 130M training shape on an H100, the fastest of 16-32
+    tokens by 64-256 channels, 4-8 warps and 8-16 blocks (the kernel that reduced every block took 0.383 ms)."""
+    if triton_interpreter_enabled():
+        return 128, 64, 2, 4
+    return 16, 128, 8, 4
 
 
 def _document_numbers(cu_seqlens, seqlen: int):
@@ -356,7 +369,7 @@ def causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     num_states = cu_seqlens.shape[0] - 1 if per_doc else batch
     y = torch.empty((batch, seqlen, channels), device=x.device, dtype=x.dtype)
     final = torch.empty((num_states, channels, width - 1), device=x.device, dtype=x.dtype)
-    block_t, block_c, _ = _tiles()
+    block_t, block_c = _tiles()
     block_t, block_c = min(block_t, triton.next_power_of_2(seqlen)), min(block_c, triton.next_power_of_2(channels))
     grid = (triton.cdiv(seqlen, block_t), batch, triton.cdiv(channels, block_c))
     causal_conv1d_fwd_kernel[grid](
@@ -382,30 +395,33 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     if per_doc:
         seq_idx = _document_numbers(cu_seqlens, seqlen)
     varlen = dict(WIDTH=width, HAS_SEQ_IDX=seq_idx is not None, PER_DOC=per_doc)
-    block_t, block_c, max_steps = _tiles()
+    block_t, block_c = _tiles()
     block_t, block_c = min(block_t, triton.next_power_of_2(seqlen)), min(block_c, triton.next_power_of_2(channels))
-    num_blocks = triton.cdiv(seqlen, block_t)
-    num_chunks = triton.cdiv(num_blocks, max_steps)
-    steps = triton.cdiv(num_blocks, num_chunks)
     num_c = triton.cdiv(channels, block_c)
 
     # 1. g (silu only: without an activation g is dy), dweight and dbias.
+    dw_block_t, dw_block_c, max_steps, dw_warps = _dweight_tiles()
+    dw_block_t = min(dw_block_t, triton.next_power_of_2(seqlen))
+    dw_block_c = min(dw_block_c, triton.next_power_of_2(channels))
+    dw_blocks = triton.cdiv(seqlen, dw_block_t)
+    num_chunks = triton.cdiv(dw_blocks, max_steps)
+    steps = triton.cdiv(dw_blocks, num_chunks)
     g = torch.empty((batch, seqlen, channels), device=x.device, dtype=torch.float32) if silu else dy
     dw_partial = torch.empty((batch * num_chunks, channels, width), device=x.device, dtype=torch.float32)
     db_partial = torch.empty((batch * num_chunks, channels), device=x.device, dtype=torch.float32)
-    causal_conv1d_bwd_kernel[(num_chunks, batch, num_c)](
+    causal_conv1d_bwd_kernel[(num_chunks, batch, triton.cdiv(channels, dw_block_c))](
         x, weight, bias, initial_state, seq_idx, dy, g, dw_partial, db_partial,
         *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *dy.stride(),
         *g.stride(), seqlen, channels, steps,
         HAS_BIAS=bias is not None, SILU=silu, HAS_STATE=initial_state is not None,
-        K_BLOCK=triton.next_power_of_2(width), BLOCK_T=block_t, BLOCK_C=block_c, **varlen,
+        K_BLOCK=triton.next_power_of_2(width), BLOCK_T=dw_block_t, BLOCK_C=dw_block_c, num_warps=dw_warps, **varlen,
     )
     dweight = dw_partial.sum(dim=0).to(weight.dtype)
     dbias = db_partial.sum(dim=0).to(bias.dtype if bias is not None else torch.float32)
 
     # 2. dx.
     dx = torch.empty((batch, seqlen, channels), device=x.device, dtype=x.dtype)
-    causal_conv1d_bwd_dx_kernel[(num_blocks, batch, num_c)](
+    causal_conv1d_bwd_dx_kernel[(triton.cdiv(seqlen, block_t), batch, num_c)](
         weight, seq_idx, g, dfinal, dx,
         *weight.stride(), *_strides(seq_idx, 2), *g.stride(), *_strides(dfinal, 3), *dx.stride(),
         seqlen, channels,
