@@ -8,8 +8,13 @@ microseconds a call, which a small model's decode or training step pays a hundre
 :func:`kernel_op` registers the function as a custom op as ``torch.library.custom_op`` does and returns a
 :class:`KernelOp`, which calls the function itself when nothing needs the dispatcher: not while compiling or
 exporting or FX tracing, not under a dispatch mode (FakeTensorMode, FlopCounterMode, ...), a functorch transform
-or forward-mode AD, not for tensor subclasses, and not when autograd has to record the call (grad enabled and an
-input that requires grad). Everything else is the op's.
+or forward-mode AD, and not for tensor subclasses. Everything else is the op's.
+
+When autograd has to record the call (grad enabled and an input that requires grad), a plain
+``torch.autograd.Function`` made of the op's registered formula records it, with the same setup_context, backward
+and default arguments as the op's own autograd wrapper. That wrapper re-enters the dispatcher below autograd and
+fills defaults from the schema: about 0.2 ms of Python for each of forward and backward, measured on an H100
+host, which a training step pays for every norm of every layer.
 """
 
 import inspect
@@ -29,15 +34,32 @@ def _transforms_active() -> bool:
 
 
 def needs_dispatcher(args) -> bool:
-    """Whether a call with these positional arguments must go through the registered op."""
+    """Whether a call with these positional arguments must go through the registered op (autograd aside: see
+    :func:`records_autograd`)."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or _transforms_active():
         return True
     if torch.overrides.has_torch_function(args):  # FX proxies, __torch_function__ subclasses
         return True
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if any(type(t) not in PLAIN_TENSOR_TYPES for t in tensors):
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return any(type(a) not in PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
+
+
+def records_autograd(args) -> bool:
+    """Whether autograd records a call with these positional arguments."""
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+def _autograd_function(name: str, function, backward, setup_context) -> type[torch.autograd.Function]:
+    """``function`` with the formula registered for its op, as a plain autograd.Function (what the op's own
+    autograd wrapper builds, without its trip back through the dispatcher). ``apply`` takes every argument,
+    defaults filled in, as setup_context and backward see them there."""
+
+    def forward(ctx, *args):
+        output = function(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(f"Direct{name.replace('::', '_')}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 class KernelOp:
@@ -49,18 +71,28 @@ class KernelOp:
         self.op = torch.library.custom_op(name, mutates_args=mutates_args)(function)
         # Positions of the arguments the op writes: a direct call bumps their version counters as the op would,
         # so that autograd still notices a tensor it saved being overwritten.
-        names = list(inspect.signature(function).parameters)
+        parameters = inspect.signature(function).parameters
+        names = list(parameters)
         self._mutated_positions = [names.index(name) for name in mutates_args]
+        self._name = name
+        self._defaults = tuple(parameter.default for parameter in parameters.values())
+        self._autograd = None
 
     def register_fake(self, function):
         return self.op.register_fake(function)
 
     def register_autograd(self, backward, setup_context):
         self.op.register_autograd(backward, setup_context=setup_context)
+        if not self._mutated_positions:  # an op that writes its inputs keeps the op's own autograd checks
+            self._autograd = _autograd_function(self._name, self.function, backward, setup_context)
 
     def __call__(self, *args):
         if needs_dispatcher(args):
             return self.op(*args)
+        if records_autograd(args):
+            if self._autograd is None:
+                return self.op(*args)
+            return self._autograd.apply(*args, *self._defaults[len(args):])
         result = self.function(*args)
         for position in self._mutated_positions:
             torch.autograd.graph.increment_version(args[position])

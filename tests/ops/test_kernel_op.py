@@ -1,8 +1,12 @@
-"""ssm_hub.ops.kernel_op: a kernel's custom op is called directly in plain eager code and through the dispatcher
-wherever something needs it (autograd, torch.compile, dispatch modes). Run: pytest tests/ops/test_kernel_op.py"""
+"""ssm_hub.ops.kernel_op: a kernel's custom op is called directly in plain eager code, recorded for autograd by a
+plain autograd.Function with the op's formula, and goes through the dispatcher wherever something needs it
+(torch.compile, dispatch modes, forward AD, subclasses). Run: pytest tests/ops/test_kernel_op.py"""
 
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from ssm_hub.backend import triton_available
 
 from ssm_hub.ops.kernel_op import kernel_op, needs_dispatcher
 
@@ -59,12 +63,31 @@ def test_plain_eager_calls_skip_the_dispatcher_and_bump_version_counters():
     assert not dispatched
 
 
-def test_autograd_goes_through_the_op_and_its_formula():
+def test_autograd_records_the_call_with_the_ops_formula_without_the_dispatcher():
     x = torch.randn(4, requires_grad=True)
     result, dispatched = _dispatched(scale, x, 3.0)
-    assert dispatched
+    assert not dispatched and type(result.grad_fn).__name__ == "Directssm_hub_test_scaleBackward"
     result.sum().backward()
     torch.testing.assert_close(x.grad, torch.full((4,), 3.0))
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_direct_autograd_matches_the_op_on_a_kernel_with_defaults():
+    # The gated norm's op has default arguments its setup_context reads; both paths give the same outputs and the
+    # same gradients for every input.
+    from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_fwd_op
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 5, 8, generator=generator), torch.randn(8, generator=generator),
+              torch.randn(2, 5, 8, generator=generator)]
+    results = []
+    for call in (gated_rms_norm_fwd_op, gated_rms_norm_fwd_op.op):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out, _ = call(leaves[0], leaves[1], leaves[2], 2, 1e-5, True)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), *(leaf.grad for leaf in leaves)])
+    for direct, dispatched in zip(*results):
+        torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
 
 
 def test_compile_and_fake_tensors_see_the_op():
