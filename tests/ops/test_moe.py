@@ -130,6 +130,19 @@ def test_auto_falls_back_to_the_loop(monkeypatch, case):
         moe_experts(**inputs, implementation="grouped_mm")
 
 
+@needs_grouped_mm
+def test_auto_takes_the_dense_form_while_a_cuda_graph_is_captured(monkeypatch):
+    # torch's CUDA grouped_mm copies between host and device, which a capture (generate's decode step) refuses,
+    # and the loop reads token counts on the host: auto runs every expert on every token instead.
+    calls = _spy_on_grouped(monkeypatch)
+    monkeypatch.setattr(moe_op, "_capturing", lambda device: True)
+    inputs = make_inputs()
+    out = moe_experts(**inputs)
+    assert calls == []
+    torch.testing.assert_close(out, moe_experts(**inputs, implementation="dense"), rtol=0, atol=0)
+    torch.testing.assert_close(out, moe_experts(**inputs, implementation="loop"))
+
+
 def test_unknown_implementation_names_the_valid_ones():
     with pytest.raises(ValueError, match="implementation.*'auto', 'loop', 'grouped_mm', 'dense'"):
         moe_experts(**make_inputs(), implementation="sparse")

@@ -52,9 +52,14 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def _capturing(device: torch.device) -> bool:
+    """While a CUDA graph is captured on ``device`` (generate's decode step)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _tracing_or_capturing(device: torch.device) -> bool:
     """Under torch.compile, or while a CUDA graph is captured on ``device``: nothing may wait for the host."""
-    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    return torch.compiler.is_compiling() or _capturing(device)
 
 
 def grouped_mm_supported(device, dtype) -> bool:
@@ -73,6 +78,9 @@ def _unsupported_reason(hidden, gate_up_proj, down_proj) -> str | None:
         return f"this torch ({torch.__version__}) has neither torch.nn.functional.grouped_mm nor torch._grouped_mm"
     if not grouped_mm_supported(gate_up_proj.device, gate_up_proj.dtype):
         return f"torch's grouped_mm does not run on {gate_up_proj.device.type} in {gate_up_proj.dtype}"
+    if _capturing(gate_up_proj.device):
+        # torch 2.11's CUDA grouped_mm copies between host and device, which a capture refuses.
+        return "torch's grouped_mm cannot be captured in a CUDA graph"
     if torch.compiler.is_compiling() and gate_up_proj.dtype != torch.bfloat16:
         # Its fake (meta) implementation, which torch.compile traces, accepts bf16 only (torch 2.11 to 2.13).
         return f"torch.compile traces grouped_mm in bfloat16 only, got {gate_up_proj.dtype}"
