@@ -552,8 +552,7 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
 
     dD = None
     if D is not None:
-        dD = dD_partials.sum(dim=0)
-        dD = dD if D.dim() == 2 else dD.sum(dim=-1)
+        dD = dD_partials.sum(dim=0 if D.dim() == 2 else (0, 2))  # [H, P], or [H] for a D per head
     if packed_xBC:
         dx, dB, dC = dxBC, None, None
     return (
