@@ -317,10 +317,16 @@ class _Decoder:
         torch.cuda.current_stream().wait_stream(side)
         started = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
+        generator = torch.cuda.default_generators[self.tokens.device.index]
+        generator_before = generator.clone_state()
         try:
             with torch.cuda.graph(graph):
                 self.step(model)
         except RuntimeError as error:
+            # A capture that fails midway leaves the device's default generator in capture mode, and every later
+            # random op on the device would raise "Offset increment outside graph capture": give it back its state
+            # from before the capture.
+            generator.graphsafe_set_state(generator_before)
             self.capture_failed = True
             logger.info("%s's decode step could not be captured as a CUDA graph, so it runs uncaptured: %s",
                         type(model).__name__, error)

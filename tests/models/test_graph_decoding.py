@@ -326,6 +326,10 @@ def test_a_step_that_waits_for_the_host_runs_uncaptured(caplog):
     torch.testing.assert_close(got, expected)
     assert "could not be captured" in caplog.text
     assert _decoders()[model].graph is None
+    # The failed capture left the device's random numbers usable (it used to leave the generator in capture mode).
+    torch.randn(4, device="cuda")
+    sampled = model.generate(input_ids, do_sample=True, max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    assert sampled.shape == (2, 10)
 
 
 def test_model_key_sees_what_changes_the_step_without_moving_weights():
