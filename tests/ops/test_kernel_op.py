@@ -78,8 +78,8 @@ def test_direct_autograd_matches_the_op_on_a_kernel_with_defaults():
     from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_fwd_op
 
     generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(2, 5, 8, generator=generator), torch.randn(8, generator=generator),
-              torch.randn(2, 5, 8, generator=generator)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, Triton's interpreter (conftest.py)
+    inputs = [torch.randn(shape, generator=generator).to(device) for shape in ((2, 5, 8), (8,), (2, 5, 8))]
     results = []
     for call in (gated_rms_norm_fwd_op, gated_rms_norm_fwd_op.op):
         leaves = [t.clone().requires_grad_(True) for t in inputs]
