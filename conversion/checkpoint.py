@@ -11,10 +11,14 @@ or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2|jamba|bamb
 Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative
 maps of :mod:`ssm_hub.conversion.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
 only: ssm_hub never unpickles a ``pytorch_model.bin``. The output is written by the target model class's own
-``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code.
+``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code. The source's tokenizer, chat
+templates and generation settings are copied beside it (a source without a tokenizer is said so, in a warning), and
+:func:`describe_checkpoint` sums up what a folder holds.
 """
 
 import json
+import logging
+import math
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,12 +58,15 @@ from ssm_hub.conversion.weight_maps import (
     apply_config_map,
     apply_weight_map,
 )
+from ssm_hub.models.checkpoint_loading import PICKLED_WEIGHTS, pickled_weight_files, safetensors_only_message
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba.modeling_mamba import SsmHubMambaForCausalLM
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 from ssm_hub.models.mamba2.modeling_mamba2 import SsmHubMamba2ForCausalLM
+
+logger = logging.getLogger(__name__)
 
 TARGETS = ("ssm_hub", "mamba", "mamba2", "jamba", "bamba")
 """``to`` values: ssm_hub's own format, or transformers' native MambaForCausalLM / Mamba2ForCausalLM /
@@ -106,14 +113,17 @@ _TRANSFORMERS_CLASSES = {
 }
 _ARCHITECTURE_NAMES = {"mamba": "Mamba-1", "mamba2": "Mamba-2", "hybrid": "hybrid"}
 
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model",
+                    "sentencepiece.bpe.model", "*.tiktoken")
+"""The files that hold a tokenizer's vocabulary (one of them is enough): a folder without any has no tokenizer."""
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja")
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
+    *VOCABULARY_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+    *CHAT_TEMPLATE_FILES, "generation_config.json",
 )
-"""Files copied unchanged from the source next to the converted weights."""
-
-_UNREADABLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+"""Files (glob patterns relative to the folder) copied unchanged from the source next to the converted weights: the
+tokenizer, its chat templates (a template may also sit in tokenizer_config.json) and the generation settings."""
+DISTILL_NEEDS_TOKENIZER = "`ssm-hub distill` will need --tokenizer (the teacher's tokenizer: its folder or Hub id)"
 
 
 def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ssm_hub",
@@ -182,9 +192,84 @@ def read_weights(source_dir: Path, source: str | Path, dtype: torch.dtype | None
 
 
 def copy_tokenizer_files(source_dir: Path, output_dir: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, output_dir / name)
+    """Copy the source's tokenizer, chat templates and generation settings (TOKENIZER_FILES). A source without a
+    tokenizer is said so, as a warning on this module's logger: the converted model will have none either."""
+    for pattern in TOKENIZER_FILES:
+        for path in sorted(source_dir.glob(pattern)):
+            if path.is_file():
+                name = path.relative_to(source_dir)
+                (output_dir / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, output_dir / name)
+    if not has_tokenizer(output_dir):
+        logger.warning("%s holds no tokenizer (none of %s), so the converted model has none: %s", source_dir,
+                       ", ".join(VOCABULARY_FILES), DISTILL_NEEDS_TOKENIZER)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any(path.is_file() for pattern in VOCABULARY_FILES for path in Path(folder).glob(pattern))
+
+
+def chat_templates(folder: Path) -> list[str]:
+    """Where ``folder``'s tokenizer keeps chat templates: files, or tokenizer_config.json's "chat_template"."""
+    found = sorted(path.relative_to(folder).as_posix() for pattern in CHAT_TEMPLATE_FILES
+                   for path in folder.glob(pattern) if path.is_file())
+    config = folder / "tokenizer_config.json"
+    if config.is_file() and _read_json(config).get("chat_template"):
+        found.append("tokenizer_config.json")
+    return found
+
+
+def describe_checkpoint(folder: str | Path) -> list[str]:
+    """What a written checkpoint folder holds, as lines for a person: the model type and its layers by kind, the
+    parameter count, the weight files, the tokenizer and chat template (or that there is none) and the other files,
+    the model code counted rather than listed."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    kinds = layer_kinds(config)
+    weights = sorted(folder.glob("*.safetensors"))
+    parameters = 0
+    for path in weights:
+        with safe_open(path, framework="pt") as file:
+            parameters += sum(math.prod(file.get_slice(name).get_shape()) for name in file.keys())
+    megabytes = sum(path.stat().st_size for path in weights) / 2**20
+    classes = ", ".join(config.architectures or [])
+    lines = [
+        f"model: {config.model_type}" + (f" ({classes})" if classes else "") + f", {sum(kinds.values())} layers ("
+        + ", ".join(f"{count} {kind}" for kind, count in kinds.items()) + f"), {parameters:,} parameters",
+        f"weights: {', '.join(path.name for path in weights)} ({megabytes:.1f} MiB)",
+    ]
+    tokenizer = sorted({path.relative_to(folder).as_posix() for pattern in TOKENIZER_FILES
+                        for path in folder.glob(pattern) if path.is_file()} - {"generation_config.json"})
+    if has_tokenizer(folder):
+        templates = chat_templates(folder)
+        lines.append(f"tokenizer: {', '.join(tokenizer)}; chat template: "
+                     + (", ".join(templates) if templates else "none"))
+    else:
+        lines.append(f"tokenizer: none, as the source had none: {DISTILL_NEEDS_TOKENIZER}")
+    code = sorted(folder.glob("*.py"))
+    listed = {*(path.name for path in weights), *tokenizer, *(path.name for path in code)}
+    files = (path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+    # Names starting with a dot are ssm-hub's bookkeeping (the manifest), not the model's.
+    others = sorted(name.as_posix() for name in files
+                    if name.as_posix() not in listed and not any(part.startswith(".") for part in name.parts))
+    if code:
+        others.append(f"{len(code)} code files (*.py, for trust_remote_code)")
+    lines.append(f"also: {', '.join(others)}")
+    return lines
+
+
+def layer_kinds(config: PreTrainedConfig) -> dict[str, int]:
+    """How many layers of each kind ``config`` describes, in order of first appearance."""
+    kinds = getattr(config, "mixer_types", None) or getattr(config, "layers_block_type", None)
+    if not kinds:  # a pure SSM: every layer one kind, named by its model type
+        kinds = [config.model_type.removeprefix("ssm_hub_")] * config.num_hidden_layers
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -214,7 +299,7 @@ def _resolve_source(source: str | Path) -> Path:
     shards = sorted(set(_read_json(index)["weight_map"].values())) if index else ["*.safetensors"]
     folder = Path(snapshot_download(repo_id, allow_patterns=metadata + shards))
     if not any(folder.glob("*.safetensors")):
-        _raise_no_safetensors(repo_id, _hub_files_matching(repo_id, _UNREADABLE_WEIGHTS))
+        _raise_no_safetensors(repo_id, _hub_files_matching(repo_id, PICKLED_WEIGHTS))
     return folder
 
 
@@ -228,12 +313,10 @@ def _hub_files_matching(repo_id: str, patterns: tuple[str, ...]) -> list[str]:
 
 
 def _raise_no_safetensors(where: str, unreadable: list[str]) -> None:
-    found = f"it has only {', '.join(unreadable)}; " if unreadable else ""
     raise ValueError(
-        f"no *.safetensors weights in {where}: {found}ssm_hub reads safetensors only and never unpickles "
-        f"pytorch_model.bin (loading a pickle can run arbitrary code). mamba_ssm's own repos (state-spaces/mamba-130m, "
-        f"state-spaces/mamba2-130m ...) ship only pytorch_model.bin: convert the transformers-native '-hf' repos "
-        f"instead (e.g. state-spaces/mamba-130m-hf), or re-save the weights with safetensors.torch.save_file"
+        safetensors_only_message(where, unreadable) + ". mamba_ssm's own repos (state-spaces/mamba-130m, "
+        "state-spaces/mamba2-130m ...) ship only pytorch_model.bin: convert the transformers-native '-hf' repos "
+        "instead (e.g. state-spaces/mamba-130m-hf)"
     )
 
 
@@ -306,8 +389,7 @@ def _read_safetensors(folder: Path, source: str | Path) -> dict[str, torch.Tenso
         return load_file(folder / "model.safetensors")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        unreadable = sorted(path.name for pattern in _UNREADABLE_WEIGHTS for path in folder.glob(pattern))
-        _raise_no_safetensors(str(source), unreadable)
+        _raise_no_safetensors(str(source), pickled_weight_files(folder))
     weights = {}
     for file in files:
         shard = load_file(file)

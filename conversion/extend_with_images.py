@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from ssm_hub.conversion.checkpoint import parse_dtype, read_config, read_weights, source_and_output
+from ssm_hub.conversion.checkpoint import (
+    VOCABULARY_FILES,
+    has_tokenizer,
+    parse_dtype,
+    read_config,
+    read_weights,
+    source_and_output,
+)
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalConfig
 from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
@@ -59,6 +66,10 @@ def extend_with_images(source: str | Path, output_dir: str | Path, patch_size: i
     if text_config.get("model_type") != SsmHubHybridConfig.model_type:
         raise ValueError(f"{source}: extending with images takes an {SsmHubHybridConfig.model_type} checkpoint, got "
                          f"model_type {text_config.get('model_type')!r}")
+    if not has_tokenizer(source_dir):
+        raise ValueError(f"{source}: extending with images adds the image tokens to the model's tokenizer, and the "
+                         f"folder holds none (none of {', '.join(VOCABULARY_FILES)}): copy into it the tokenizer of "
+                         "the model it was converted or seeded from")
     tokenizer = AutoTokenizer.from_pretrained(source_dir)
     known_tokens = len(tokenizer)
     processor = SsmHubMultimodalProcessor(

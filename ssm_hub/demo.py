@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
 from ssm_hub.conversion.distill import distill, evaluate_against_teacher, report_lines
 from ssm_hub.conversion.seed_from_attention import seed_hybrid
+from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
 from ssm_hub.output_folder import claim_output_folder
 from ssm_hub.training.config import DataSection
 from ssm_hub.training.data import read_documents, train_and_eval_datasets, train_tokenizer
@@ -134,7 +135,7 @@ def _run_demo(output: Path, teacher: str | None, data_section: DataSection, teac
     last = list(report["evaluations"])[-1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, held_out = train_and_eval_datasets(read_documents(data_section), tokenizer, data_section)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
+    teacher_model = from_pretrained_safetensors(AutoModelForCausalLM, teacher).to(device).eval()
     reloaded = evaluate_against_teacher(student.to(device), teacher_model, held_out)
     reload_exact = reloaded["student_perplexity"] == report["evaluations"][last]["student_perplexity"]
 

@@ -51,7 +51,7 @@ from transformers.generation.logits_process import (
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from ssm_hub.backend import environment_backend
-from ssm_hub.layers.sequence_boundaries import check_position_range
+from ssm_hub.layers.sequence_boundaries import check_mask_length, check_position_range
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ DECODER_MODEL_KWARGS = ("cache", "attention_mask", "position_ids", "use_cache", 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 # The cache_implementation values whose cache the decoder's own static cache stands in for.
 DECODER_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+# Names under which a cache may reach generate() (transformers' own, and the older ones it still accepts).
+GENERATE_CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
 # generate() arguments that transformers hands to greedy search, sampling and beam search mixed with the model's
 # keyword arguments (the tokenizer, already used by then for stop strings and token healing). They are no model inputs:
 # transformers' models swallow them in **kwargs, ours reject unknown keyword arguments.
@@ -429,6 +431,18 @@ def _run(decoder: _Decoder, run_step, steps: int, check_every: int) -> torch.Lon
 
 class GraphDecodingGenerationMixin(GenerationMixin):
     """transformers' GenerationMixin whose greedy search and sampling run on a captured decode step (see module)."""
+
+    def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
+        """transformers' preparation of generate's inputs, plus the attention mask checked against the prompt: as
+        long as it without a cache passed in, at least as long with one (the mask then also covers the cached
+        tokens). transformers would cut a longer mask to the prompt's length in the masks it builds for a static
+        cache, and the SSM layers would read its last columns, silently."""
+        inputs_tensor, input_name, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        mask = model_kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and inputs_tensor.ndim >= 2:
+            cached = any(model_kwargs.get(name) is not None for name in GENERATE_CACHE_KWARGS)
+            check_mask_length(mask, inputs_tensor.shape[1], None if cached else 0)
+        return inputs_tensor, input_name, model_kwargs
 
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)

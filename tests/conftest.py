@@ -101,6 +101,25 @@ def randomised(model, scale: float = 0.05):
     return model.eval()
 
 
+def scaled_rope_parameters(rope_type: str, head_dim: int, original_max_position_embeddings: int,
+                           partial_rotary_factor: float = 1.0, rope_theta: float = 500.0) -> dict:
+    """transformers v5 ``rope_parameters`` of each scaled RoPE type (every type of transformers' ROPE_INIT_FUNCTIONS)
+    for heads of ``head_dim`` channels, with values away from the defaults, so that a key left unread shows."""
+    frequencies = int(head_dim * partial_rotary_factor) // 2
+    keys = {
+        "linear": dict(factor=4.0),
+        "dynamic": dict(factor=4.0),
+        "yarn": dict(factor=4.0, original_max_position_embeddings=original_max_position_embeddings, beta_fast=8.0),
+        "longrope": dict(original_max_position_embeddings=original_max_position_embeddings,
+                         short_factor=[1.0 + i / 8 for i in range(frequencies)],
+                         long_factor=[2.0 + i for i in range(frequencies)]),
+        "llama3": dict(factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=original_max_position_embeddings),
+        "proportional": dict(factor=2.0),
+    }[rope_type]
+    return {"rope_type": rope_type, "rope_theta": rope_theta, "partial_rotary_factor": partial_rotary_factor, **keys}
+
+
 def assert_backend_rules(call, op_name: str, has_kernel: bool, monkeypatch) -> None:
     """The dispatch rules of ssm_hub.backend for one op, on CPU tensors without Triton's interpreter.
 

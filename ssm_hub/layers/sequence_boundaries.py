@@ -14,6 +14,35 @@ import torch
 
 # Names under which transformers' collators and attention kwargs hand over flash-attention style boundaries.
 CU_SEQLENS_KWARGS = ("cu_seqlens", "cu_seq_lens_q")
+# The packing keyword arguments that hold token indices, with the dtype a Python list of them becomes (flash
+# attention's varlen path takes int32 cumulative lengths).
+INDEX_KWARGS = {"seq_idx": torch.int32, "cu_seqlens": torch.int32, "cu_seq_lens_q": torch.int32,
+                "cu_seq_lens_k": torch.int32}
+
+
+def as_index_tensor(name: str, value, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as a tensor: a tensor as it is, a (nested) list or tuple of whole numbers, as a collator without
+    ``return_tensors="pt"`` gives it, as a ``dtype`` tensor on ``device``; anything else is a ValueError naming
+    ``name``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        tensor = torch.tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a tensor or a list of whole numbers (rows of equal length), got a "
+                         f"{type(value).__name__}: {error}") from None
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{name} must hold whole numbers, got {tensor.dtype} values")
+    return tensor.to(dtype)
+
+
+def packing_inputs_as_tensors(position_ids, kwargs: dict, device: torch.device) -> torch.Tensor | None:
+    """``position_ids`` and the index-valued packing keyword arguments in ``kwargs`` (INDEX_KWARGS, replaced in
+    place) as tensors on ``device`` where they came as lists (:func:`as_index_tensor`); returns the position_ids."""
+    for name, dtype in INDEX_KWARGS.items():
+        if kwargs.get(name) is not None:
+            kwargs[name] = as_index_tensor(name, kwargs[name], device, dtype)
+    return None if position_ids is None else as_index_tensor("position_ids", position_ids, device, torch.long)
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -93,11 +122,14 @@ def same_document_mask_function(seq_idx: torch.Tensor, first_position: int | tor
     return same_document
 
 
-def padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+def padding_mask(attention_mask: torch.Tensor | None, seq_len: int, past: int | None) -> torch.Tensor | None:
     """The 2-D padding mask sliced to the current tokens, or None when nothing is padded.
 
     Padded positions get zero input to the conv and the scan, so a left-padded row computes exactly what the
-    unpadded row computes (the state before the first real token stays zero).
+    unpadded row computes (the state before the first real token stays zero). The mask covers the cached tokens
+    and the current ones, as transformers' generate passes it; ``past`` is how many tokens the cache holds (0
+    without a cache), or None where it holds some but the count cannot be read without waiting for the device. A
+    mask of another length is a ValueError naming both: the current tokens' part of it would be a guess.
     """
     if attention_mask is None:
         return None
@@ -105,12 +137,28 @@ def padding_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Ten
         raise ValueError(
             f"ssm_hub SSM models take a 2-D padding attention_mask [batch, seq_len], got {attention_mask.ndim}-D"
         )
+    check_mask_length(attention_mask, seq_len, past)
     if seq_len == 1:
         return None
     mask = attention_mask[:, -seq_len:]
     if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return mask
+
+
+def check_mask_length(attention_mask: torch.Tensor, seq_len: int, past: int | None) -> None:
+    """ValueError unless the 2-D ``attention_mask`` covers ``past`` cached tokens and ``seq_len`` current ones
+    (``past`` None: some cached tokens, as many as the mask says; then it only has to cover the current ones)."""
+    length = attention_mask.shape[-1]
+    if past is None:
+        if length < seq_len:
+            raise ValueError(f"attention_mask covers {length} positions, fewer than the input's {seq_len} tokens: it "
+                             "must cover the cached tokens and the current ones")
+    elif length != past + seq_len:
+        cached = f" after {past} cached tokens" if past else " and no cached tokens precede them"
+        raise ValueError(f"attention_mask covers {length} positions but the input has {seq_len} tokens{cached}: "
+                         f"the mask must cover exactly {past + seq_len} positions (the cached tokens and the "
+                         "current ones)")
 
 
 def check_position_range(low: int, high: int, limit: int) -> None:

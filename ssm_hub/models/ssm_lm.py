@@ -22,7 +22,8 @@ from transformers.utils import ModelOutput
 
 from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
-from ssm_hub.layers.sequence_boundaries import padding_mask, resolve_seq_idx
+from ssm_hub.layers.sequence_boundaries import packing_inputs_as_tensors, padding_mask, resolve_seq_idx
+from ssm_hub.models.checkpoint_loading import StrictLoadingMixin
 from ssm_hub.models.remote_code import save_with_remote_code
 from ssm_hub.ops.cross_entropy import cross_entropy
 
@@ -178,8 +179,10 @@ class SSMBlock(GradientCheckpointingLayer):
         return self.mixer(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx), residual
 
 
-class SSMPreTrainedModel(PreTrainedModel):
-    """Base of every ssm_hub SSM model class; an architecture sets ``config_class`` and ``mixer_class``."""
+class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Base of every ssm_hub SSM model class; an architecture sets ``config_class`` and ``mixer_class``.
+    ``from_pretrained`` raises for a checkpoint with missing or unexpected tensors (``strict=False`` loads it anyway)
+    and reads safetensors only (ssm_hub.models.checkpoint_loading)."""
 
     mixer_class: type[nn.Module]
     base_model_prefix = "backbone"
@@ -250,12 +253,14 @@ class SSMBackbone(SSMPreTrainedModel):
         **kwargs,
     ) -> SSMModelOutput | tuple:
         r"""
-        attention_mask: 2-D padding mask; padded positions feed zeros into the conv and the scan.
+        attention_mask: 2-D padding mask; padded positions feed zeros into the conv and the scan. As in
+            transformers, it covers the cached tokens and the current ones: as long as the input without a cache
+            (or before the cache's first tokens), at least as long with one; another length is a ValueError.
         position_ids: only used to find document starts in packed rows (a restart at 0 resets the state).
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
-        kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1);
-        ``cache_position`` (transformers' older convention) is accepted and has nothing to say: SSM layers use no
-        positions, and the cached state already carries what came before.
+        kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), as
+        tensors or Python lists; ``cache_position`` (transformers' older convention) is accepted and has nothing to
+        say: SSM layers use no positions, and the cached state already carries what came before.
         """
         cache = _cache_from_aliases(cache, kwargs)
         kwargs.pop("cache_position", None)
@@ -281,7 +286,9 @@ class SSMBackbone(SSMPreTrainedModel):
         if cache is not None:
             _check_cache_layers(cache, self.config)
 
-        mask = padding_mask(attention_mask, seq_len)
+        position_ids = packing_inputs_as_tensors(position_ids, kwargs, inputs_embeds.device)
+        # The SSM layers' cache slots count no tokens: after earlier tokens, how many there were is not known.
+        mask = padding_mask(attention_mask, seq_len, None if cache is not None and cache.has_previous_state() else 0)
         seq_idx = resolve_seq_idx(batch_size, seq_len, position_ids, kwargs)
 
         # Each block's input (the residual stream entering it) for output_hidden_states, then the final normed state.

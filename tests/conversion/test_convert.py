@@ -177,6 +177,36 @@ def test_sharded_source_with_tokenizer_files(tmp_path):
     assert_same_logits(MambaForCausalLM.from_pretrained(output), source)
 
 
+def test_every_tokenizer_file_and_chat_template_is_copied(tmp_path, caplog):
+    folder = save(tiny_mamba(), tmp_path / "source")
+    names = ["spiece.model", "qwen.tiktoken", "chat_template.jinja", "additional_chat_templates/tool_use.jinja"]
+    for name in names:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(name)
+
+    with caplog.at_level("WARNING", logger="ssm_hub"):
+        output = convert_checkpoint(folder, tmp_path / "converted")
+
+    assert all((output / name).read_text() == name for name in names)
+    assert checkpoint.has_tokenizer(output)
+    assert checkpoint.chat_templates(output) == ["additional_chat_templates/tool_use.jinja", "chat_template.jinja"]
+    assert not caplog.records
+
+
+def test_a_source_without_a_tokenizer_is_said_so(tmp_path, caplog):
+    folder = save(tiny_mamba(), tmp_path / "source")
+    (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')  # no vocabulary: no tokenizer
+
+    with caplog.at_level("WARNING", logger="ssm_hub"):
+        output = convert_checkpoint(folder, tmp_path / "converted")
+
+    assert not checkpoint.has_tokenizer(output)
+    assert checkpoint.chat_templates(output) == ["tokenizer_config.json"]
+    message, = (record.getMessage() for record in caplog.records)
+    assert message.startswith(f"{folder} holds no tokenizer (none of tokenizer.json, ")
+    assert "`ssm-hub distill` will need --tokenizer" in message
+
+
 def test_dtype_casts_every_floating_tensor(tmp_path):
     folder = save(tiny_mamba2(), tmp_path / "source")
     output = convert_checkpoint(folder, tmp_path / "converted", to="mamba2", dtype="bfloat16")

@@ -88,3 +88,12 @@ def test_a_padded_vocabulary_gets_trained_rows_for_the_image_tokens_and_stored_d
     assert torch.equal(table[len(WORDS)], expected) and torch.equal(table[len(WORDS) + 1], expected)
     assert weights["model.language_model.layers.0.mamba.A_log"].dtype == torch.float32
     assert weights["model.patch_embed.proj.weight"].dtype == torch.bfloat16
+
+
+def test_a_hybrid_without_a_tokenizer_is_refused_by_name(text_model, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(text_model).save_pretrained(bare)
+    assert main(["convert", str(bare), str(tmp_path / "vl"), "--to", "ssm_hub_multimodal"]) == 2
+    error = capsys.readouterr().err
+    assert f"{bare}: extending with images adds the image tokens to the model's tokenizer, and the folder holds none" \
+        in error

@@ -1,6 +1,9 @@
 """Self-attention and rotary embedding against transformers' Llama / Mistral / Jamba / Bamba: weights load by name,
 outputs match for eager and sdpa with masks from transformers' masking_utils (left padding, sliding window, packed
-sequences), prefill + decode through a DynamicCache equals full recomputation, and bad arguments are refused."""
+sequences), prefill + decode through a DynamicCache equals full recomputation, every rope_type gives Llama's cos and
+sin (dynamic and longrope through the same sequence of lengths), and bad arguments are refused."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,15 +22,22 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 from transformers.models.mistral.configuration_mistral import MistralConfig
 from transformers.models.mistral.modeling_mistral import MistralAttention
 
-from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention, apply_rotary
+from conftest import scaled_rope_parameters
+from ssm_hub.layers.attention import ROPE_TYPES, RotaryEmbedding, SelfAttention, apply_rotary, rope_config
 
 H, HEADS, KV_HEADS, D, THETA, WINDOW = 32, 4, 2, 8, 500.0, 3
+# Scaled RoPE for a context of MAX_POSITIONS extended from ORIGINAL_POSITIONS: positions up to LONG cross both.
+ORIGINAL_POSITIONS, MAX_POSITIONS, LONG = 8, 32, 48
 
 
-def tiny_config(kind: str, implementation: str):
+def scaled_rope(rope_type: str, partial_rotary_factor: float = 1.0) -> dict:
+    return scaled_rope_parameters(rope_type, D, ORIGINAL_POSITIONS, partial_rotary_factor, rope_theta=THETA)
+
+
+def tiny_config(kind: str, implementation: str, rope_parameters: dict | None = None):
     common = dict(hidden_size=H, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=D,
-                  num_hidden_layers=1, intermediate_size=64, vocab_size=16,
-                  rope_parameters={"rope_type": "default", "rope_theta": THETA})
+                  num_hidden_layers=1, intermediate_size=64, vocab_size=16, max_position_embeddings=MAX_POSITIONS,
+                  rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": THETA})
     config = MistralConfig(sliding_window=WINDOW, **common) if kind == "sliding" else LlamaConfig(**common)
     config._attn_implementation = implementation
     return config
@@ -40,7 +50,7 @@ def pair(kind: str, implementation: str):
     with torch.no_grad():
         for param in theirs.parameters():
             param.normal_(0.0, 0.3)
-    ours = SelfAttention(H, HEADS, KV_HEADS, head_dim=D, rope_theta=THETA,
+    ours = SelfAttention(H, HEADS, KV_HEADS, head_dim=D, rope_parameters={"rope_type": "default", "rope_theta": THETA},
                          sliding_window=WINDOW if kind == "sliding" else None,
                          attn_implementation=implementation).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
@@ -64,7 +74,7 @@ def test_rotary_matches_llamas_cos_sin_and_rotation():
     config = tiny_config("full", "eager")
     positions = torch.tensor([[0, 1, 2, 3, 4000], [5, 0, 70, 9, 123456]])
     for dtype in (torch.float32, torch.bfloat16):
-        cos, sin = RotaryEmbedding(D, THETA)(positions, dtype)
+        cos, sin = RotaryEmbedding(config)(torch.empty(0, dtype=dtype), positions)
         ref_cos, ref_sin = LlamaRotaryEmbedding(config)(torch.empty(0, dtype=dtype), positions)
         assert cos.dtype == sin.dtype == dtype and cos.shape == (2, 5, D)
         torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
@@ -81,7 +91,7 @@ def test_partial_rotary_matches_bamba():
                          rope_parameters={"rope_type": "default", "rope_theta": THETA})
     assert config.rope_parameters["partial_rotary_factor"] == 0.5
     positions = torch.arange(6)[None].expand(2, -1) * 7
-    cos, sin = RotaryEmbedding(D, THETA, partial_rotary_factor=0.5)(positions)
+    cos, sin = RotaryEmbedding(config)(torch.empty(0), positions)
     ref_cos, ref_sin = BambaRotaryEmbedding(config)(torch.empty(0), positions)
     assert cos.shape == (2, 6, D // 2)
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
@@ -98,7 +108,7 @@ def test_left_padded_batch_matches_transformers(kind, implementation):
     x, padding, position_ids = left_padded_batch()
     mask = make_mask(config, x, padding, position_ids=position_ids)
     cos_sin = LlamaRotaryEmbedding(config)(x, position_ids)
-    out = ours(x, ours.rotary_emb(position_ids, x.dtype), mask)
+    out = ours(x, ours.rotary_emb(x, position_ids), mask)
     ref, _ = theirs(x, cos_sin, mask)
     valid = padding.bool()
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-5, atol=1e-5)
@@ -112,7 +122,7 @@ def test_left_padded_batch_matches_transformers(kind, implementation):
 def test_prefill_then_decode_through_dynamic_cache_equals_recomputation(kind, implementation):
     theirs, ours, config = pair(kind, implementation)
     x, padding, position_ids = left_padded_batch(length=8)
-    full_out = ours(x, ours.rotary_emb(position_ids), make_mask(config, x, padding, position_ids=position_ids))
+    full_out = ours(x, ours.rotary_emb(x, position_ids), make_mask(config, x, padding, position_ids=position_ids))
 
     cache, their_cache = DynamicCache(config=config), DynamicCache(config=config)
     steps = ((slice(0, 6), 6), (slice(6, 7), 7), (slice(7, 8), 8))  # prefill 6, then two single-token decodes
@@ -120,7 +130,7 @@ def test_prefill_then_decode_through_dynamic_cache_equals_recomputation(kind, im
     for span, seen in steps:
         chunk, pos = x[:, span], position_ids[:, span]
         mask = make_mask(config, chunk, padding[:, :seen], cache=cache, position_ids=pos)
-        outs.append(ours(chunk, ours.rotary_emb(pos), mask, cache=cache))
+        outs.append(ours(chunk, ours.rotary_emb(chunk, pos), mask, cache=cache))
         their_mask = make_mask(config, chunk, padding[:, :seen], cache=their_cache, position_ids=pos)
         ref, _ = theirs(chunk, LlamaRotaryEmbedding(config)(chunk, pos), their_mask, cache=their_cache)
         torch.testing.assert_close(outs[-1][:, -1], ref[:, -1], rtol=1e-5, atol=1e-5)
@@ -139,8 +149,8 @@ def test_packed_documents_equal_separate_runs(implementation):
     mask = create_causal_mask(config=config, inputs_embeds=packed, attention_mask=None, cache=None,
                               position_ids=position_ids)
     assert mask is not None  # transformers detected the packing from the restarting positions
-    out = ours(packed, ours.rotary_emb(position_ids), mask)
-    separate = torch.cat([ours(doc, ours.rotary_emb(torch.arange(doc.shape[1])[None]),
+    out = ours(packed, ours.rotary_emb(packed, position_ids), mask)
+    separate = torch.cat([ours(doc, ours.rotary_emb(doc, torch.arange(doc.shape[1])[None]),
                                create_causal_mask(config=config, inputs_embeds=doc, attention_mask=None, cache=None))
                           for doc in docs], dim=1)
     torch.testing.assert_close(out, separate, rtol=1e-5, atol=1e-5)
@@ -150,7 +160,7 @@ def test_without_position_embeddings_rope_comes_from_position_ids_or_the_cache_l
     _, ours, _ = pair("full", "sdpa")
     x = torch.randn(2, 5, H)
     positions = torch.arange(5)[None].expand(2, -1)
-    expected = ours(x, ours.rotary_emb(positions))
+    expected = ours(x, ours.rotary_emb(x, positions))
     torch.testing.assert_close(ours(x, position_ids=positions), expected)
     cache = DynamicCache()
     ours(x[:, :4], cache=cache)
@@ -196,10 +206,9 @@ def test_layer_norm_on_queries_and_keys_matches_persimmon():
     x = torch.randn(2, 6, H)
     positions = torch.arange(6)[None].expand(2, -1)
     mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None, cache=None)
-    rotary = RotaryEmbedding(head_dim, config.rope_parameters["rope_theta"],
-                             partial_rotary_factor=config.rope_parameters["partial_rotary_factor"])
+    rotary = RotaryEmbedding(config)
     expected = theirs(x, mask, position_embeddings=PersimmonRotaryEmbedding(config)(x, positions))[0]
-    torch.testing.assert_close(ours(x, position_embeddings=rotary(positions), attention_mask=mask), expected,
+    torch.testing.assert_close(ours(x, position_embeddings=rotary(x, positions), attention_mask=mask), expected,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -251,7 +260,8 @@ def test_eager_dropout_only_in_training_and_boolean_masks_work():
     (dict(sliding_window=0), "sliding_window"),
     (dict(layer_idx=-1), "layer_idx"),
     (dict(attn_implementation="flash_attention_9"), "attn_implementation"),
-    (dict(rope_theta=0.0), "rope_theta"),
+    (dict(rope_parameters={"rope_theta": 0.0}), "SelfAttention.rope_parameters: rope_theta"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}), "max_position_embeddings"),
     (dict(qk_norm="batch"), "qk_norm"),
 ])
 def test_self_attention_refuses_bad_arguments(kwargs, name):
@@ -260,20 +270,102 @@ def test_self_attention_refuses_bad_arguments(kwargs, name):
         SelfAttention(**arguments)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(head_dim=0), "head_dim"),
-    (dict(rope_theta=-1.0), "rope_theta"),
-    (dict(partial_rotary_factor=1.5), "partial_rotary_factor"),
-    (dict(partial_rotary_factor=0.1), "partial_rotary_factor"),
-    (dict(rope_type="yarn"), "rope_type"),
+@pytest.mark.parametrize("rope_type", [t for t in ROPE_TYPES if t != "default"])
+@pytest.mark.parametrize("partial_rotary_factor", [1.0, 0.5])
+def test_every_rope_type_matches_llamas_rotary(rope_type, partial_rotary_factor):
+    """Same config, same cos and sin, bit for bit, through a sequence of lengths that makes dynamic RoPE grow and
+    reset and longrope switch between its factors (transformers' Llama reads partial_rotary_factor for every type but
+    the default)."""
+    config = tiny_config("full", "eager", scaled_rope(rope_type, partial_rotary_factor))
+    ours, theirs = RotaryEmbedding(config), LlamaRotaryEmbedding(config)
+    assert ours.rotary_dim == (D if rope_type == "proportional" else int(D * partial_rotary_factor))
+    assert ours.attention_scaling == theirs.attention_scaling
+    default = RotaryEmbedding(tiny_config("full", "eager", {"rope_type": "default", "rope_theta": THETA,
+                                                            "partial_rotary_factor": partial_rotary_factor}))
+    x = torch.empty(0)
+    for length in (6, LONG, 6, LONG + 5):
+        positions = torch.arange(length)[None]
+        cos, sin = ours(x, positions)
+        ref_cos, ref_sin = theirs(x, positions)
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
+        torch.testing.assert_close(ours.inv_freq, theirs.inv_freq, rtol=0, atol=0)
+        if rope_type != "proportional":
+            # Dynamic RoPE scales only beyond max_position_embeddings; every other type scales at once.
+            assert torch.equal(cos, default(x, positions)[0]) == (rope_type == "dynamic" and length <= MAX_POSITIONS)
+
+
+def test_the_rotary_keeps_its_own_standardised_copy_of_rope_parameters():
+    config = tiny_config("full", "eager", scaled_rope("yarn"))
+    rotary = RotaryEmbedding(config)
+    config.rope_parameters["factor"] = 8.0
+    assert rotary.config.rope_parameters["factor"] == 4.0
+    given = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    standardised = rope_config(D, given, MAX_POSITIONS).rope_parameters
+    assert standardised == {**given, "rope_theta": 10000.0, "original_max_position_embeddings": MAX_POSITIONS}
+    assert "rope_theta" not in given  # transformers' standardisation edited the copy only
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(head_dim=0), "head_dim must be a positive int"),
+    (dict(rope_parameters={"rope_theta": -1.0}), "rope_parameters: rope_theta must be a positive number, got -1.0"),
+    (dict(rope_parameters={"partial_rotary_factor": 1.5}), r"partial_rotary_factor must be in \(0, 1\], got 1.5"),
+    (dict(rope_parameters={"partial_rotary_factor": 0.1}), "must give an even number >= 2 of rotated channels"),
+    (dict(rope_parameters={"rope_type": "ntk"}), "rope_type must be one of"),
+    (dict(rope_parameters=[THETA]), "rope_parameters must be a dict"),
+    (dict(rope_parameters={"rope_type": "linear"}), r"Missing required keys .*'linear'.*factor"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 0.5}), "factor must be a number >= 1"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": None}), r"factor must be a number >= 1 .*, got None"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=None),
+     "with rope_type 'dynamic': max_position_embeddings must be a positive int, got None"),
+    (dict(rope_parameters={**scaled_rope("yarn"), "original_max_position_embeddings": 0}),
+     "original_max_position_embeddings must be a positive int, got 0"),
+    (dict(rope_parameters={**scaled_rope("yarn"), "beta_fast": "fast"}), "beta_fast must be a number"),
+    (dict(rope_parameters={**scaled_rope("yarn"), "attention_factor": -1.0}), "attention_factor must be a positive"),
+    (dict(rope_parameters={**scaled_rope("llama3"), "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+     "high_freq_factor must exceed low_freq_factor"),
+    (dict(rope_parameters={**scaled_rope("longrope"), "long_factor": [1.0, 2.0]}),
+     r"long_factor must hold one number per rotary frequency \(rotary_dim / 2 = 4\), got 2"),
+    (dict(rope_parameters={**scaled_rope("longrope"), "short_factor": "ones"}),
+     "short_factor must be a list of positive numbers"),
 ])
-def test_rotary_refuses_bad_arguments(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        RotaryEmbedding(**(dict(head_dim=D) | kwargs))
+def test_rotary_refuses_bad_arguments(kwargs, message):
+    config = SimpleNamespace(**{"head_dim": D, "max_position_embeddings": MAX_POSITIONS, "rope_parameters": {},
+                                **kwargs})
+    with pytest.raises(ValueError, match=message):
+        RotaryEmbedding(config)
 
 
-def test_rotary_holds_no_state_and_survives_a_dtype_cast():
-    layer = nn.Sequential(SelfAttention(H, HEADS, KV_HEADS)).to(torch.bfloat16)
-    assert not list(layer[0].rotary_emb.buffers()) and not list(layer[0].rotary_emb.parameters())
-    cos, _ = layer[0].rotary_emb(torch.tensor([[100000]]), torch.float32)
-    torch.testing.assert_close(cos, RotaryEmbedding(H // HEADS)(torch.tensor([[100000]]))[0], rtol=0, atol=0)
+def test_yarn_and_longrope_compute_what_is_left_unset():
+    """None (or no key) for yarn's and longrope's factor and attention factor: transformers computes them from
+    max_position_embeddings / original_max_position_embeddings, and so do we."""
+    for rope_type in ("yarn", "longrope"):
+        rope = {**scaled_rope(rope_type), "factor": None, "attention_factor": None}
+        config = tiny_config("full", "eager", rope)
+        ours, theirs = RotaryEmbedding(config), LlamaRotaryEmbedding(config)
+        assert ours.attention_scaling == theirs.attention_scaling > 1
+        positions = torch.arange(LONG)[None]
+        torch.testing.assert_close(ours(torch.empty(0), positions), theirs(torch.empty(0), positions), rtol=0, atol=0)
+
+
+def test_a_rotary_built_on_the_meta_device_computes_its_frequencies_at_its_first_call():
+    # What a model built under torch.device("meta") and given its weights by load_state_dict(assign=True) holds.
+    config = tiny_config("full", "eager", scaled_rope("longrope"))
+    with torch.device("meta"):
+        rotary = RotaryEmbedding(config)
+    assert rotary.inv_freq.is_meta
+    positions = torch.arange(LONG)[None]
+    expected = RotaryEmbedding(config)(torch.empty(0), positions)
+    torch.testing.assert_close(rotary(torch.empty(0), positions), expected, rtol=0, atol=0)
+    assert rotary.inv_freq.device.type == rotary.original_inv_freq.device.type == "cpu"
+
+
+def test_rotary_keeps_float32_frequencies_through_a_dtype_cast():
+    layer = nn.Sequential(SelfAttention(H, HEADS, KV_HEADS, rope_parameters=scaled_rope("yarn"),
+                                        max_position_embeddings=MAX_POSITIONS)).to(torch.bfloat16)
+    rotary = layer[0].rotary_emb
+    assert rotary.inv_freq.dtype == rotary.original_inv_freq.dtype == torch.float32
+    assert not list(rotary.parameters()) and not rotary.state_dict()  # nothing to save or load
+    fresh = RotaryEmbedding(rope_config(D, scaled_rope("yarn"), MAX_POSITIONS))
+    positions = torch.tensor([[100000]])
+    torch.testing.assert_close(rotary(torch.empty(0), positions), fresh(torch.empty(0), positions), rtol=0, atol=0)

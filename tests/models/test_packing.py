@@ -136,3 +136,28 @@ def test_trainer_evaluation_on_packed_documents_gives_their_unpacked_loss(causal
     unpacked = Trainer(model=model, args=args, data_collator=default_data_collator,
                        eval_dataset=[{"input_ids": doc, "labels": doc} for doc in docs]).evaluate()
     assert abs(packed["eval_loss"] - unpacked["eval_loss"]) <= 1e-5, (packed["eval_loss"], unpacked["eval_loss"])
+
+
+def test_packing_keys_given_as_lists_work_as_tensors(causal_lm_type):
+    """A collator without return_tensors="pt" (or a hand-written batch) gives Python lists."""
+    model = AutoModelForCausalLM.from_config(tiny_config(causal_lm_type)).eval()
+    docs = _documents()
+    packed = torch.cat(docs)[None]
+    expected = _separate_logits(model, docs)
+    positions = [[position for n in LENGTHS for position in range(n)]]
+    seq_idx = [[document for document, n in enumerate(LENGTHS) for _ in range(n)]]
+    for kwargs in ({"cu_seqlens": [0, 5, 14, 17]}, {"cu_seq_lens_q": (0, 5, 14, 17)}, {"seq_idx": seq_idx},
+                   {"position_ids": positions}):
+        got = model(packed, use_cache=False, **kwargs).logits[0]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=str(kwargs))
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("cu_seqlens", [0, 5.5, 17], "cu_seqlens must hold whole numbers"),
+    ("seq_idx", [[0, 0], [1]], "seq_idx must be a tensor or a list of whole numbers"),
+    ("position_ids", "0 1 2", "position_ids must be a tensor or a list of whole numbers"),
+])
+def test_packing_keys_that_are_no_whole_numbers_are_refused_by_name(causal_lm_type, name, value, message):
+    model = AutoModelForCausalLM.from_config(tiny_config(causal_lm_type)).eval()
+    with pytest.raises(ValueError, match=message):
+        model(torch.randint(1, 64, (1, 17)), use_cache=False, **{name: value})

@@ -14,9 +14,10 @@ from transformers_test_sources import load_common_tests
 pytestmark = pytest.mark.transformers_common
 
 common_tests = load_common_tests()
+# max_position_embeddings: the RoPE scaling tests run a sequence of 1.5 times it (the default, 262144, would not fit).
 SIZES = dict(
     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=48, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, pad_token_id=0,
+    intermediate_size=48, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, pad_token_id=0, max_position_embeddings=64,
 )
 OUR_CLASSES = dict(
     model_classes=(

@@ -8,6 +8,8 @@ the placeholders, ``image_token_id``, replace ``image_patches_indices``), ours t
 [images, channels, height, width] with ``image_sizes``).
 """
 
+import sys
+
 import pytest
 import torch
 from transformers import FuyuConfig, FuyuForCausalLM, FuyuModel
@@ -20,12 +22,28 @@ from transformers_test_sources import load_common_tests
 pytestmark = pytest.mark.transformers_common
 
 IMAGE_TOKEN_ID, ROW_END_TOKEN_ID = 70, 71
+# max_position_embeddings on both sides (Fuyu's default is 16384, ours 262144): the RoPE scaling tests run a sequence
+# of 1.5 times it.
 TEXT_SIZES = dict(
     vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, pad_token_id=0,
+    max_position_embeddings=64,
 )
 IMAGE_SIDE = dict(patch_size=4, num_channels=3, image_token_id=IMAGE_TOKEN_ID)
 # The eager-vs-sdpa tests keep only the main input and these: the images go in too.
 FLAGS = dict(additional_model_inputs=("pixel_values", "image_sizes"), **COMMON_FLAGS)
+COMMON_TESTS = load_common_tests()
+
+
+@pytest.fixture(autouse=True)
+def input_ids_without_placeholders(monkeypatch):
+    """The RoPE tests draw input_ids over the whole vocabulary (ids_tensor), so a row holds the image placeholder by
+    chance: ours refuses an image token without an image, Fuyu reads it as text. Both sides draw below the special
+    ids instead, as the testers' own inputs do."""
+    module = sys.modules[COMMON_TESTS.ModelTesterMixin.__module__]
+    draw = module.ids_tensor
+    first_special_id = min(IMAGE_TOKEN_ID, ROW_END_TOKEN_ID)
+    monkeypatch.setattr(module, "ids_tensor", lambda shape, vocab_size, rng=None, name=None:
+                        draw(shape, min(vocab_size, first_special_id), rng, name))
 
 
 class FuyuImageInputs(TinyImageTextTester):
@@ -44,7 +62,7 @@ class SsmHubImageInputs(TinyImageTextTester):
 
 
 TestFuyuControl, TestMultimodalAsFuyu = control_and_ours(
-    load_common_tests(),
+    COMMON_TESTS,
     "multimodal",
     control=dict(
         config_class=FuyuConfig,

@@ -22,8 +22,11 @@ The mixers map onto transformers' cache vocabulary (``layer_types``): SSM layers
 window and one recurrent state), attention layers ``full_attention`` or ``sliding_attention`` (keys and values), so
 transformers' own ``DynamicCache`` / ``StaticCache`` build the hybrid cache from the config.
 
-RoPE in the attention layers is set as transformers v5 sets it, by ``rope_parameters`` (``rope_type`` "default",
-``rope_theta``, ``partial_rotary_factor``); configs saved before it, with top-level ``rope_theta`` /
+RoPE in the attention layers is set as transformers v5 sets it, by ``rope_parameters``: ``rope_type`` (every type
+transformers has: "default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional"), ``rope_theta``,
+``partial_rotary_factor`` and the scaling keys of the type (``factor``, ``original_max_position_embeddings`` ...),
+checked and computed by transformers' own RoPE code (ssm_hub.layers.attention); dynamic RoPE reads
+``max_position_embeddings`` as the original context. Configs saved before it, with top-level ``rope_theta`` /
 ``partial_rotary_factor``, still load (those two are accepted as arguments and folded into it, and still read as
 properties). ``base_model_tp_plan`` is transformers' tensor-parallel plan for the attention layers and dense MLPs.
 
@@ -36,6 +39,7 @@ checks and defaults are those of the pure-SSM models.
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import RopeParameters
 
+from ssm_hub.layers.attention import RopeConfig, rope_config
 from ssm_hub.models.config_base import (
     SsmHubConfig,
     require_choice,
@@ -114,8 +118,10 @@ class SsmHubHybridConfig(SsmHubConfig):
     attention_bias: bool = False
     attention_dropout: float = 0.0
     use_rope: bool = True
-    # transformers v5's RoPE settings: {"rope_type": "default", "rope_theta": ..., "partial_rotary_factor": ...} (the
-    # first head_dim * factor channels of each head rotate; Bamba: 0.5). Missing keys take ROPE_DEFAULTS.
+    # transformers v5's RoPE settings: {"rope_type": ..., "rope_theta": ..., "partial_rotary_factor": ..., and the
+    # type's scaling keys} (the first head_dim * factor channels of each head rotate; Bamba: 0.5). Missing keys take
+    # ROPE_DEFAULTS; transformers' standardisation adds original_max_position_embeddings (= max_position_embeddings)
+    # for yarn, longrope and llama3 when it is not given.
     rope_parameters: RopeParameters | dict | None = None
     # Qwen3's / Persimmon's per-head norm (of norm_type) on queries and keys before RoPE.
     attention_qk_norm: bool = False
@@ -182,13 +188,25 @@ class SsmHubHybridConfig(SsmHubConfig):
 
     def _resolve_rope_parameters(self, kwargs: dict) -> None:
         """Fill ``rope_parameters`` (a copy: the caller's dict is left alone) from ROPE_DEFAULTS, folding in the
-        top-level ``rope_theta`` / ``partial_rotary_factor`` of configs saved before it (popped from ``kwargs``)."""
+        names used before it (popped from ``kwargs``): the top-level ``rope_theta`` / ``partial_rotary_factor`` of
+        ssm_hub's earlier configs, transformers' ``rope_scaling`` (the dict's earlier name) and its ``type`` key
+        (``rope_type``'s, dropped)."""
         name = type(self).__name__
         given = self.rope_parameters if self.rope_parameters is not None else {}
+        scaling = kwargs.pop("rope_scaling", None)
+        if scaling is not None:
+            if given:
+                raise ValueError(f"{name}: rope_scaling is the earlier name of rope_parameters; give one of them, "
+                                 f"got rope_scaling={scaling!r} and rope_parameters={given!r}")
+            given = scaling
         if not isinstance(given, dict):
             raise ValueError(f"{name}.rope_parameters must be a dict (rope_type, rope_theta, partial_rotary_factor) "
                              f"or None, got {given!r}")
         rope = dict(given)
+        if "type" in rope:
+            # As transformers reads it: rope_type wins where both are there (its standardisation keeps the old key,
+            # e.g. Phi-3's "su" beside the "longrope" it stands for).
+            rope.setdefault("rope_type", rope.pop("type"))
         for field in LEGACY_ROPE_FIELDS:
             if field not in kwargs:
                 continue
@@ -333,32 +351,18 @@ class SsmHubHybridConfig(SsmHubConfig):
                                      f"{error}") from error
 
     def check_rope_parameters(self) -> None:
-        """Raise ValueError unless ``rope_parameters`` describes RoPE the attention layers implement: the default
-        kind, a positive ``rope_theta``, a ``partial_rotary_factor`` in (0, 1] leaving an even number (>= 2) of
-        rotated channels per head, and no other key (a scaling key such as ``factor`` would be silently ignored).
-        The model checks again when it is built, as the config may have changed since."""
-        name = f"{type(self).__name__}.rope_parameters"
-        rope = self.rope_parameters
-        if not isinstance(rope, dict):
-            raise ValueError(f"{name} must be a dict (rope_type, rope_theta, partial_rotary_factor), got {rope!r}")
-        rope_type = rope.get("rope_type", rope.get("type", ROPE_DEFAULTS["rope_type"]))
-        if rope_type != "default":
-            raise ValueError(f"{name}: rope_type must be 'default' (the attention layers have no scaled RoPE: "
-                             f"linear, dynamic, yarn ...), got {rope_type!r}")
-        unread = sorted(set(rope) - set(ROPE_DEFAULTS) - {"type"})
-        if unread:
-            raise ValueError(f"{name} holds keys that the default RoPE does not read: {unread}; it takes "
-                             f"{sorted(ROPE_DEFAULTS)} only")
-        theta = rope.get("rope_theta", ROPE_DEFAULTS["rope_theta"])
-        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-            raise ValueError(f"{name}: rope_theta must be a positive number, got {theta!r}")
-        factor = rope.get("partial_rotary_factor", ROPE_DEFAULTS["partial_rotary_factor"])
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
-            raise ValueError(f"{name}: partial_rotary_factor must be in (0, 1], got {factor!r}")
-        rotary_dim = int(self.attention_head_dim * factor)
-        if rotary_dim < 2 or rotary_dim % 2:
-            raise ValueError(f"{name}: head_dim ({self.attention_head_dim}) * partial_rotary_factor ({factor}) must "
-                             f"give an even number >= 2 of rotated channels, got {rotary_dim}")
+        """Raise ValueError unless ``rope_parameters`` describes RoPE the attention layers implement: a rope_type of
+        transformers' with its required keys and sound values, and a ``partial_rotary_factor`` leaving an even
+        number (>= 2) of rotated channels per head (ssm_hub.layers.attention.rope_config, which names the key). The
+        model checks again when it is built, as the config may have changed since."""
+        rope_config(self.attention_head_dim, self.rope_parameters, self.max_position_embeddings,
+                    owner=f"{type(self).__name__}.rope_parameters")
+
+    def _validate_longrope_rope_parameters(self, rope_parameters: dict, ignore_keys: set | None = None) -> None:
+        # transformers' save-time validation (validate_rope) runs this with the config itself, and it reads
+        # config.head_dim, None here when the head size derives from hidden_size: run it with the head size set.
+        view = RopeConfig(head_dim=self.attention_head_dim, max_position_embeddings=self.max_position_embeddings)
+        view._validate_longrope_rope_parameters(rope_parameters, ignore_keys=ignore_keys)
 
     def ssm_config(self, kind: str):
         """The pure-SSM config of the ``kind`` ("mamba" or "mamba2") layers, from the ``mamba_*`` fields; the SSM

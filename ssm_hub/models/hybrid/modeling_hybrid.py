@@ -43,14 +43,15 @@ from ssm_hub.layers.pkm import ProductKeyMemory
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.sequence_boundaries import (
     check_position_range,
+    packing_inputs_as_tensors,
     padding_mask,
     resolve_seq_idx,
     same_document_mask_function,
 )
+from ssm_hub.models.checkpoint_loading import StrictLoadingMixin
 from ssm_hub.models.hybrid.configuration_hybrid import (
     ATTENTION_MIXERS,
     CACHE_LAYER_TYPES,
-    ROPE_DEFAULTS,
     SsmHubHybridConfig,
 )
 from ssm_hub.models.remote_code import save_with_remote_code
@@ -181,8 +182,8 @@ class HybridBlock(GradientCheckpointingLayer):
             self.self_attn = SelfAttention(
                 config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                 head_dim=config.attention_head_dim, attention_bias=config.attention_bias,
-                attention_dropout=config.attention_dropout, use_rope=config.use_rope, rope_theta=config.rope_theta,
-                partial_rotary_factor=config.partial_rotary_factor,
+                attention_dropout=config.attention_dropout, use_rope=config.use_rope,
+                rope_parameters=config.rope_parameters, max_position_embeddings=config.max_position_embeddings,
                 sliding_window=config.sliding_window if self.mixer_type == "sliding_attention" else None,
                 layer_idx=layer_idx, attn_implementation=config._attn_implementation or "sdpa",
                 qk_norm=config.norm_type if config.attention_qk_norm else None, qk_norm_eps=config.layer_norm_epsilon,
@@ -248,7 +249,11 @@ def add_and_norm(norm, modality_norms, x, residual, modality: ModalityRouting | 
     return per_modality(norm, modality_norms, total.to(norm.weight.dtype), modality), total
 
 
-class SsmHubHybridPreTrainedModel(PreTrainedModel):
+class SsmHubHybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    """Base of the hybrid (and multimodal) model classes. ``from_pretrained`` raises for a checkpoint with missing or
+    unexpected tensors (``strict=False`` loads it anyway) and reads safetensors only
+    (ssm_hub.models.checkpoint_loading)."""
+
     # get_input_embeddings / set_input_embeddings: transformers' defaults find embed_tokens (here or in .model).
     config_class = SsmHubHybridConfig
     base_model_prefix = "model"
@@ -262,7 +267,8 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """N(0, initializer_range) for every projection, embedding and expert (as Jamba and Llama), unit norms, and the
-        SSM mixers' own parameters as the pure-SSM models initialise them, out_proj scaled by 1/sqrt(layers)."""
+        SSM mixers' own parameters as the pure-SSM models initialise them, out_proj scaled by 1/sqrt(layers), and
+        the RoPE frequencies recomputed."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=std)
@@ -283,6 +289,9 @@ class SsmHubHybridPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RotaryEmbedding):
+            # Its frequencies are non-persistent buffers: after loading on the meta device they hold nothing yet.
+            module.reset_frequencies(module.inv_freq.device)
         elif isinstance(module, ProductKeyMemory):
             # Lample et al.: sub-keys uniform within 1 / sqrt(their size), values N(0, 1 / hidden_size); the query
             # projection is a Linear, initialised above like every projection.
@@ -359,15 +368,6 @@ def _check_absolute_positions(position_ids: torch.Tensor, limit: int) -> None:
     check_position_range(low.item(), high.item(), limit)
 
 
-def _rotary_embedding(config: SsmHubHybridConfig) -> RotaryEmbedding:
-    """The attention layers' shared RoPE, from ``config.rope_parameters`` (missing keys: ROPE_DEFAULTS), checked
-    again here: it may have been edited since the config was built."""
-    config.check_rope_parameters()
-    rope = {**ROPE_DEFAULTS, **config.rope_parameters}
-    return RotaryEmbedding(config.attention_head_dim, rope_theta=rope["rope_theta"],
-                           partial_rotary_factor=rope["partial_rotary_factor"], rope_type=rope["rope_type"])
-
-
 class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
     """Embeddings (plus absolute position embeddings, if the config has them) -> hybrid blocks -> final norm.
     ``modalities``: the parts of each block copied per modality (ssm_hub_multimodal's backbone); None for text."""
@@ -377,11 +377,13 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size) \
             if config.absolute_position_embeddings else None
+        self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
+        # The attention layers' shared RoPE, from config.rope_parameters as it is now (it may have been edited since
+        # the config was built). Built before the layers, so that a bad value is reported against the config.
+        self.rotary_emb = RotaryEmbedding(config) if self.has_attention and config.use_rope else None
         self.layers = nn.ModuleList([HybridBlock(config, layer_idx=i, modalities=modalities)
                                      for i in range(config.num_hidden_layers)])
         self.final_layernorm = _norm(config)
-        self.has_attention = any(mixer in ATTENTION_MIXERS for mixer in config.mixer_types)
-        self.rotary_emb = _rotary_embedding(config) if self.has_attention and config.use_rope else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -393,6 +395,16 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         first_attention_layer = next(index for index, kind in enumerate(self.config.layer_types)
                                      if kind != "linear_attention")
         return cache.get_seq_length(first_attention_layer)
+
+    def _known_past_length(self, cache, past) -> int | None:
+        """How many tokens came before the current ones, where the host knows it without waiting for the device: 0
+        without a cache or before its first tokens, ``past`` (:meth:`_past_length`) from a dynamic attention slot;
+        None after earlier tokens otherwise (a static slot counts them on the device, an SSM slot not at all)."""
+        if cache is None:
+            return 0
+        if "linear_attention" in self.config.layer_types and not cache.has_previous_state():
+            return 0
+        return past if self.has_attention and isinstance(past, int) else None
 
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids, seq_idx, past,
                          eager: bool = False) -> dict:
@@ -437,9 +449,11 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         **kwargs,
     ) -> HybridModelOutput | tuple:
         r"""
-        attention_mask: 2-D padding mask [batch, seq_len] (attention masks are built from it), or the masks by cache
-            layer kind ("full_attention", "sliding_attention", "linear_attention": the SSM layers' 2-D padding
-            mask) as transformers' generate precomputes them.
+        attention_mask: 2-D padding mask (attention masks are built from it) covering the cached tokens and the
+            current ones, as in transformers: [batch, past + seq_len] (a mask of another length is a ValueError, where
+            the cached tokens can be counted; after a static cache's first tokens it only has to be long enough); or
+            the masks by cache layer kind ("full_attention", "sliding_attention", "linear_attention": the SSM layers'
+            2-D padding mask) as transformers' generate precomputes them.
         position_ids: positions for RoPE or the absolute position embeddings; a restart at 0 inside a row also starts
             a new document (packed rows).
         cache: a transformers ``Cache`` built from this config (``DynamicCache(config=...)`` or ``StaticCache``).
@@ -447,7 +461,8 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             keys]; they come from the eager path (with eager masks), whatever the attention implementation.
         modality: each token's modality, for the blocks' per-modality parts (ssm_hub_multimodal); None: text.
         kwargs: packing boundaries ``seq_idx`` [B, T], ``cu_seqlens`` / ``cu_seq_lens_q`` [S+1] (batch 1), and
-        flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k``; ``cache_position`` [T], the
+        flash attention's ``cu_seq_lens_k`` / ``max_length_q`` / ``max_length_k`` (the index ones, and position_ids,
+        as tensors or Python lists); ``cache_position`` [T], the
         current tokens' positions in the whole sequence (transformers' older convention), used as the positions
         when there are no position_ids and no document boundaries.
         """
@@ -478,19 +493,20 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             _check_cache_layers(cache, config)
 
         # Document boundaries for the SSM layers come from the caller's position_ids (before any default).
+        position_ids = packing_inputs_as_tensors(position_ids, kwargs, inputs_embeds.device)
         seq_idx = resolve_seq_idx(batch_size, seq_len, position_ids, kwargs)
+        past = self._past_length(cache)
         precomputed_masks = attention_mask if isinstance(attention_mask, dict) else None
         if precomputed_masks is not None:
             ssm_padding_mask = precomputed_masks.get("linear_attention")
         else:
-            ssm_padding_mask = padding_mask(attention_mask, seq_len)
+            ssm_padding_mask = padding_mask(attention_mask, seq_len, self._known_past_length(cache, past))
         if position_ids is None and seq_idx is not None:
             # Documents given as seq_idx / cu_seqlens only: positions restart with each document, so that each one is
             # positioned (RoPE, absolute embeddings) as it would be alone.
             position_ids = positions_within_documents(seq_idx)
         if position_ids is None and cache_position is not None:
             position_ids = cache_position[None]
-        past = self._past_length(cache)
         if position_ids is None:
             if self.embed_positions is not None and not self.has_attention and cache is not None \
                     and cache.has_previous_state():
@@ -511,7 +527,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
             attention_masks = precomputed_masks or self._attention_masks(
                 inputs_embeds, attention_mask, cache, position_ids, seq_idx, past, eager=bool(output_attentions))
             if self.rotary_emb is not None:
-                position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
+                position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
             attention_kwargs["position_ids"] = position_ids
 
         # Each block's input (the residual stream entering it) for output_hidden_states, then the final normed state.
