@@ -42,6 +42,9 @@ from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 from ssm_hub.conversion.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.layers.patch_embedding import image_patches
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
+from ssm_hub.output_folder import staged_into
+from ssm_hub.progress import progress_bar, status
+from ssm_hub.training.checkpoints import StagedCheckpoints
 
 STAGES = ("orient", "align", "kl")
 
@@ -182,10 +185,11 @@ class ReplacedLayers(torch.nn.Module):
         return results
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(StagedCheckpoints, Trainer):
     """Trainer whose loss is the stage's (module docstring) against a frozen ``teacher``, which it moves to the
     training device. ``model`` is the student for the ``kl`` stage and its :class:`ReplacedLayers` for the others.
-    ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage."""
+    ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage. Its checkpoints appear whole
+    (ssm_hub.training.checkpoints)."""
 
     def __init__(self, *args, teacher, stage: str, ce_weight: float = 0.0, **kwargs):
         if stage not in STAGES:
@@ -287,7 +291,7 @@ def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8, col
     device = next(student.parameters()).device
     totals = dict(teacher_nll=0.0, student_nll=0.0, kl=0.0, agree=0.0)
     tokens = 0
-    for begin in range(0, len(dataset), batch_size):
+    for begin in progress_bar(range(0, len(dataset), batch_size), "evaluating"):
         rows = [dataset[index] for index in range(begin, min(begin + batch_size, len(dataset)))]
         if collate is None:
             batch = {name: torch.stack([row[name] for row in rows]) for name in ("input_ids", "position_ids", "labels")}
@@ -360,9 +364,10 @@ def report_lines(report: dict) -> list[str]:
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
             orient_steps: int = 0, batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0,
             freeze_mlp: bool = False, bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None,
-            resume: bool = False) -> dict:
+            resume: bool = False, tokenizer: str | None = None) -> dict:
     """Run the stages on ``data`` (an ``ssm_hub.training.config.DataSection``) and write the distilled student
-    (with the student folder's tokenizer), ``distillation.json`` (the evaluations after seeding and after each
+    (with the student folder's tokenizer, or ``tokenizer``'s: a folder or Hub id, for a student that ``ssm-hub
+    convert`` wrote without one), ``distillation.json`` (the evaluations after seeding and after each
     stage, and the settings) and each stage's Trainer output under ``output_dir/<stage>``. A stage with 0 steps is
     skipped. ``speed_contexts``: also measure prefill and decode tokens/s and the cache memory of the teacher and
     the distilled student at these context lengths (ssm_hub.conversion.speed). ``resume``: each stage continues
@@ -376,6 +381,8 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
+    from ssm_hub.conversion.checkpoint import has_tokenizer
+    from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
     from ssm_hub.training.callbacks import write_loss_curve
     from ssm_hub.training.data import read_documents, split_held_out, train_and_eval_datasets
 
@@ -394,11 +401,18 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
 
         if orient_steps:
             raise ValueError("matrix orientation takes text data; distil image-text data with --orient-steps 0")
+        if tokenizer is not None:
+            raise ValueError("--tokenizer applies to text data: an image-text student carries its own processor")
         processing = AutoProcessor.from_pretrained(student)  # the tokenizer and the image processor
         train_data, eval_data = train_and_held_out_scenes(data.max_documents, data.eval_fraction)
+        status(f"data: {len(train_data):,} captioned scenes, {len(eval_data):,} held out")
         collate, prompts = ImageTextCollator(processing), []
     else:
-        processing = AutoTokenizer.from_pretrained(student)
+        if tokenizer is None and Path(student).is_dir() and not has_tokenizer(Path(student)):
+            raise ValueError(f"the student {student} has no tokenizer (ssm-hub convert found none in the teacher to "
+                             "copy): pass the teacher's tokenizer, its folder or Hub id, as --tokenizer (tokenizer= "
+                             "in Python)")
+        processing = AutoTokenizer.from_pretrained(tokenizer or student)
         documents = read_documents(data)
         train_data, eval_data = train_and_eval_datasets(documents, processing, data)
         collate, prompts = None, sample_prompts(split_held_out(documents, data.eval_fraction)[1])
@@ -409,7 +423,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     use_cpu = not torch.cuda.is_available()
     device = TrainingArguments(output_dir=str(output), report_to="none", bf16=bf16, use_cpu=use_cpu).device
     processes = PartialState()
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).to(device).eval()
+    status(f"teacher: loading {teacher}")
+    teacher_model = from_pretrained_safetensors(AutoModelForCausalLM, teacher).to(device).eval()
+    status(f"student: loading {student}")
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).to(device)
     teacher_vocabulary = teacher_model.config.get_text_config().vocab_size  # Fuyu's is its decoder's
     if teacher_vocabulary != student_model.config.vocab_size:
@@ -423,9 +439,14 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     def evaluate(after):
         if processes.is_main_process:
             student_model.eval()
-            report["evaluations"][after] = evaluate_against_teacher(student_model, teacher_model, eval_data,
-                                                                    collate=collate)
+            status(f"evaluation {after}: teacher and student on {len(eval_data):,} held-out rows")
+            scores = evaluate_against_teacher(student_model, teacher_model, eval_data, collate=collate)
+            report["evaluations"][after] = scores
+            status(f"evaluation {after}: student perplexity {scores['student_perplexity']:.2f} (teacher "
+                   f"{scores['teacher_perplexity']:.2f}), token KL {scores['mean_token_kl']:.4f}, greedy agreement "
+                   f"{scores['greedy_agreement']:.1%}")
             if prompts:
+                status(f"evaluation {after}: greedy completions of {len(prompts)} held-out openings")
                 report["samples"][after] = generation_samples(teacher_model, student_model, processing, prompts)
         processes.wait_for_everyone()
 
@@ -433,7 +454,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     for stage, steps in (("orient", orient_steps), ("align", align_steps), ("kl", kl_steps)):
         if steps == 0:
             continue
-        set_trainable(student_model, stage, freeze_mlp)
+        trained = set_trainable(student_model, stage, freeze_mlp)
+        resumed = resume and any((output / stage).glob("checkpoint-*"))
+        status(f"stage {stage}: {steps:,} steps, {trained:,} parameters train" + (", resumed" if resumed else ""))
         arguments = TrainingArguments(
             output_dir=str(output / stage), max_steps=steps, per_device_train_batch_size=batch_size,
             learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
@@ -448,7 +471,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         trainer = DistillationTrainer(model=student_model if stage == "kl" else ReplacedLayers(student_model),
                                       teacher=teacher_model, stage=stage, ce_weight=ce_weight, args=arguments,
                                       train_dataset=train_data, data_collator=collate)
-        trainer.train(resume_from_checkpoint=resume and any((output / stage).glob("checkpoint-*")) or None)
+        trainer.train(resume_from_checkpoint=resumed or None)
         teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
         report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
                                        if "loss" in entry]
@@ -457,11 +480,6 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         evaluate(f"after_{stage}")
     student_model.requires_grad_(True)
     if processes.is_main_process:
-        student_model.save_pretrained(output)
-        processing.save_pretrained(output)
-        seeding = Path(student) / SEEDING_FILE
-        if seeding.is_file():  # the model card tells how the student was seeded
-            (output / SEEDING_FILE).write_bytes(seeding.read_bytes())
         if speed_contexts:
             longest = longest_context(teacher_model, student_model)
             timed = [context for context in speed_contexts if longest is None or context <= longest]
@@ -471,6 +489,16 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
                     "why": f"a model has learned absolute positions, and the timing decodes {DECODE_STEPS} tokens "
                            f"past the context: at most {longest} tokens of context"}
             report["speed"] = speed_table(teacher_model, student_model, timed)
-        (output / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
+        # Written beside each other in a staging folder and renamed into the output together, so that an interrupted
+        # save leaves no student that loads half-written or without its report (ssm_hub.output_folder).
+        status(f"saving: the distilled student and distillation.json in {output}")
+        output.mkdir(parents=True, exist_ok=True)
+        with staged_into(output) as staging:
+            student_model.save_pretrained(staging)
+            processing.save_pretrained(staging)
+            seeding = Path(student) / SEEDING_FILE
+            if seeding.is_file():  # the model card tells how the student was seeded
+                (staging / SEEDING_FILE).write_bytes(seeding.read_bytes())
+            (staging / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
     processes.wait_for_everyone()
     return report

@@ -16,6 +16,8 @@ import time
 import torch
 from transformers import StaticCache
 
+from ssm_hub.progress import status
+
 PREFILL_CHUNK = 4096
 DECODE_STEPS = 16  # timed decode steps after the prompt, each one token past the context
 
@@ -88,8 +90,10 @@ def speed_table(teacher, student, contexts: list[int], batch: int = 1) -> list[d
     (``decode_speedup``, ``prefill_speedup``, ``cache_ratio``)."""
     rows = []
     for context in contexts:
-        measured = {name: measure_speed(model.eval(), context, batch) for name, model in
-                    (("teacher", teacher), ("student", student))}
+        measured = {}
+        for name, model in (("teacher", teacher), ("student", student)):
+            status(f"speed: the {name}'s prefill and {DECODE_STEPS} decode steps at a context of {context:,} tokens")
+            measured[name] = measure_speed(model.eval(), context, batch)
         teacher_row, student_row = measured["teacher"], measured["student"]
         rows.append({"context": context, "batch": batch, **measured,
                      "prefill_speedup": student_row["prefill_tokens_per_second"] / teacher_row["prefill_tokens_per_second"],

@@ -16,7 +16,8 @@ Library imports happen inside ``run`` so that ``ssm-hub --help`` stays fast.
 Every command writes its output folder through ssm_hub.output_folder: a folder that holds anything is refused
 unless ``--overwrite`` (or ``--resume``) is given, and then only what an earlier run of the command wrote is
 replaced. Every error is one line with exit status 2, Ctrl-C exits with 130 and says how to pick up again, and
-``--debug`` adds the traceback (ssm_hub.error_reporting).
+``--debug`` adds the traceback (ssm_hub.error_reporting). Long work says what it is doing as it goes, in status
+lines and bars on stderr (ssm_hub.progress).
 """
 
 import argparse
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 
 from ssm_hub.error_reporting import ArgumentParser, add_reporting_flags, report_error, report_interrupt
+from ssm_hub.progress import show_status
 
 
 def _number(kind, low, low_included: bool = True, high=None):
@@ -69,7 +71,10 @@ def add_convert_command(subparsers) -> None:
                     "ssm_hub_hybrid --attention-layers SPEC, seed an ssm_hub_hybrid from a Llama, Mistral, Qwen2, "
                     "Qwen3, Phi-3, Persimmon or GPT-2 model, its replaced attention layers becoming Mamba-2 layers "
                     "built from their weights (--to ssm_hub_multimodal: an ssm_hub_multimodal from Fuyu likewise, "
-                    "or without --attention-layers a hybrid given a patch embedding). Reads safetensors only.",
+                    "or without --attention-layers a hybrid given a patch embedding). Reads safetensors only. The "
+                    "source's tokenizer, chat templates and generation settings are copied (a source without a "
+                    "tokenizer is said so: distill then needs --tokenizer), and a summary of what was written is "
+                    "printed.",
     )
     parser.add_argument("source", help="a checkpoint folder or a Hub model id (e.g. state-spaces/mamba-130m-hf)")
     parser.add_argument("output", help="the folder to write the converted checkpoint to")
@@ -130,10 +135,11 @@ def run_convert(args: argparse.Namespace) -> None:
     # Written into a staging folder and moved into place only once complete (ssm_hub.output_folder).
     with claim_output_folder(args.output, "convert", overwrite=args.overwrite, staged=True) as folder:
         convert_into(args, folder.staging)
+    from ssm_hub.conversion.checkpoint import describe_checkpoint
+
     print(f"wrote {args.output} ({args.to} format):")
-    for path in sorted(Path(args.output).iterdir()):
-        if not path.name.startswith("."):
-            print(f"  {path.name}")
+    for line in describe_checkpoint(args.output):
+        print(f"  {line}")
 
 
 def convert_into(args: argparse.Namespace, output: Path) -> None:
@@ -304,6 +310,10 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--teacher", required=True, help="the teacher (a folder or Hub id)")
     parser.add_argument("--student", required=True, help="the seeded student (a folder or Hub id)")
     parser.add_argument("--output", required=True, help="the folder for the distilled student and the report")
+    parser.add_argument("--tokenizer", default=None, metavar="FOLDER_OR_HUB_ID",
+                        help="the tokenizer to use (the teacher's, a folder or Hub id) when the student folder has "
+                             "none: ssm-hub convert says so when the teacher had none to copy (default: the "
+                             "student's)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", nargs="+", metavar="FILE", help="text (.txt, documents split at blank lines) or "
                         ".json/.jsonl files")
@@ -370,7 +380,8 @@ def run_distill(args: argparse.Namespace) -> int:
         report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
                          align_steps=args.align_steps, kl_steps=args.kl_steps, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp,
-                         bf16=args.bf16, seed=args.seed, speed_contexts=speed_contexts, resume=args.resume)
+                         bf16=args.bf16, seed=args.seed, speed_contexts=speed_contexts, resume=args.resume,
+                         tokenizer=args.tokenizer)
     end_process_group()
     if os.environ.get("RANK", "0") == "0":
         print("\n".join(report_lines(report)))
@@ -445,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
+    show_status()  # what long work is doing, on stderr (ssm_hub.progress)
     try:
         status = args.run(args)
     except KeyboardInterrupt:

@@ -16,7 +16,9 @@
 - Unstaged (train, distill, demo: their checkpoints must land in place to be resumed), the manifest is written before
   the work, listing what the folder held, and completed after it, even when the work fails or is interrupted, so
   that what a run wrote is known to the next one. Their final files can still be staged, with
-  :meth:`OutputFolder.commit`.
+  :meth:`OutputFolder.commit` or :func:`staged_into`, and so can each checkpoint, with :func:`move_into_place` (a
+  staging folder's name is ignored by Trainer's search for checkpoints and by the manifest, and the next claim
+  removes it).
 """
 
 import fnmatch
@@ -90,6 +92,32 @@ def _remove(folder: Path, names) -> None:
             path.unlink(missing_ok=True)
 
 
+def move_into_place(staging: Path, folder: Path) -> list[str]:
+    """Rename every entry of ``staging`` (a folder inside ``folder``, so on the same file system) into ``folder``,
+    replacing the entries of the same names, then remove ``staging``; return the names. ``config.json`` goes out
+    first and comes in last, so that a folder interrupted on the way holds the earlier files, or no model that
+    loads, never a half-written one."""
+    new = sorted(entry.name for entry in staging.iterdir())
+    _remove(folder, new)
+    for name in sorted(new, key=lambda name: (name in _LAST, name)):
+        os.replace(staging / name, folder / name)
+    staging.rmdir()
+    return new
+
+
+@contextmanager
+def staged_into(folder: Path, commit=move_into_place):
+    """A temporary folder inside ``folder``, whose entries are moved into ``folder`` by ``commit(staging, folder)``
+    (:func:`move_into_place`) when the block returns; removed, with whatever was written in it, if the block raises."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    commit(staging, folder)
+
+
 def _listing(names, limit: int = 4) -> str:
     """Up to ``limit`` names, those of a model or a run first."""
     names = sorted(names, key=lambda name: (not any(fnmatch.fnmatch(name, p) for p in MODEL_PATTERNS), name))
@@ -152,10 +180,9 @@ class OutputFolder:
             raise ValueError(f"{self.path} holds {_listing(clashing)}, which ssm-hub {self.command} did not write and "
                              f"will not replace: move them away; the new files are in {staging}")
         self.write_manifest("running")  # from here on, anything new in the folder is known to be ours
-        _remove(self.path, self.ours() if replace_all else set(new) & self.ours())
-        for name in sorted(new, key=lambda name: (name in _LAST, name)):
-            os.replace(staging / name, self.path / name)
-        staging.rmdir()
+        if replace_all:
+            _remove(self.path, self.ours())
+        move_into_place(staging, self.path)
         self.write_manifest("complete")
         return new
 
@@ -163,13 +190,8 @@ class OutputFolder:
     def staged(self, replace_all: bool = False):
         """A temporary folder inside the output, committed (:meth:`commit`) when the block returns and removed if
         it raises."""
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.path))
-        try:
+        with staged_into(self.path, commit=lambda staging, _: self.commit(staging, replace_all)) as staging:
             yield staging
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        self.commit(staging, replace_all)
 
 
 @contextmanager

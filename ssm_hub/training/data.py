@@ -13,12 +13,14 @@ from pathlib import Path
 
 import torch
 
+from ssm_hub.progress import status
 from ssm_hub.training.config import DataSection
 
 
 def read_documents(data: DataSection) -> list[str]:
     """The documents of ``data``: .txt files split at blank lines, .json / .jsonl records' ``text_field``, a
     datasets split's ``text_field``, or the builtin text; empty documents dropped, at most ``max_documents``."""
+    status(f"data: reading {_source(data)}")
     if data.builtin == "python_docs":
         from pydoc_data.topics import topics
 
@@ -42,7 +44,17 @@ def read_documents(data: DataSection) -> list[str]:
         documents = documents[: data.max_documents]
     if not documents:
         raise ValueError("the training data holds no non-empty document")
+    status(f"data: {len(documents):,} documents, {sum(map(len, documents)):,} characters")
     return documents
+
+
+def _source(data: DataSection) -> str:
+    if data.builtin is not None:
+        return f"{data.builtin} (builtin)"
+    if data.dataset is not None:
+        return f"the {data.split} split of {data.dataset}"
+    files = [str(path) for path in data.files]
+    return ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
 
 
 def _file_documents(path: Path, text_field: str) -> list[str]:
@@ -183,18 +195,23 @@ def tokenize_documents(tokenizer, documents: list[str]) -> list[list[int]]:
 def train_and_eval_datasets(documents: list[str], tokenizer, data: DataSection):
     """(train, eval or None) packed datasets; the eval documents are the last ``eval_fraction`` of them
     (:func:`split_held_out`)."""
+    status(f"data: tokenizing {len(documents):,} documents and packing them into rows of {data.seq_len} tokens")
     token_lists = tokenize_documents(tokenizer, documents)
     masks = _loss_masks(documents, token_lists) if data.builtin == "mqar" else None
     train_tokens, eval_tokens = split_held_out(token_lists, data.eval_fraction)
     train_masks, eval_masks = split_held_out(masks, data.eval_fraction) if masks else (None, None)
     train = PackedDataset(pack(train_tokens, data.seq_len, tokenizer.eos_token_id, train_masks))
+    packed = (f"data: {len(train_tokens):,} documents ({sum(map(len, train_tokens)):,} tokens) packed into "
+              f"{len(train):,} training rows of {data.seq_len} tokens")
     if not eval_tokens:
+        status(packed)
         return train, None
     try:
         evaluation = PackedDataset(pack(eval_tokens, data.seq_len, tokenizer.eos_token_id, eval_masks))
     except ValueError as error:
         raise ValueError(f"the held-out documents (the last data.eval_fraction = {data.eval_fraction} of them): "
                          f"{error}; raise eval_fraction or set it to 0") from None
+    status(f"{packed}; {len(eval_tokens):,} held out, {len(evaluation):,} rows")
     return train, evaluation
 
 

@@ -7,7 +7,9 @@ It builds the tokenizer (pretrained, a byte-level BPE trained on the data, or on
 (a new one of any registered model_type, ssm_hub's or transformers', or a pretrained one, optionally with LoRA
 through PEFT), packs the data, and runs
 Trainer with the recipe's TrainingArguments: checkpoints, ``resume_from_checkpoint``, evaluation and logging are
-Trainer's. Logs carry tokens/s (and peak memory on CUDA); ``loss_curve.png`` is written next to the checkpoints.
+Trainer's, and each checkpoint is renamed into place once complete (ssm_hub.training.checkpoints). Status lines say
+what the run does before Trainer's bar appears (ssm_hub.progress). Logs carry tokens/s (and peak memory on CUDA);
+``loss_curve.png`` is written next to the checkpoints.
 At the end the model (adapters only for LoRA), the tokenizer and ``trainer_state.json`` (the log history) are
 saved in ``train.output_dir`` and a summary is returned.
 
@@ -33,7 +35,9 @@ from ssm_hub.output_folder import (
     claim_output_folder,
     read_manifest,
 )
+from ssm_hub.progress import status
 from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback, write_loss_curve
+from ssm_hub.training.checkpoints import StagedCheckpoints
 from ssm_hub.training.config import TRAIN_KEYS_OF_SSM_HUB, Recipe, recipe_differences, recipe_record
 from ssm_hub.training.data import character_tokenizer, read_documents, train_and_eval_datasets, train_tokenizer
 
@@ -42,10 +46,14 @@ def build_tokenizer(recipe: Recipe, documents: list[str]):
     if recipe.tokenizer.pretrained is not None:
         from transformers import AutoTokenizer
 
+        status(f"tokenizer: loading {recipe.tokenizer.pretrained}")
         tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer.pretrained)
     elif recipe.tokenizer.characters:
         tokenizer = character_tokenizer(documents)
+        status(f"tokenizer: one token per character of the data, {len(tokenizer):,} tokens")
     else:
+        status(f"tokenizer: training a byte-level BPE of {recipe.tokenizer.train_bpe:,} tokens on "
+               f"{len(documents):,} documents")
         tokenizer = train_tokenizer(documents, recipe.tokenizer.train_bpe)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -58,10 +66,12 @@ def build_model(recipe: Recipe, tokenizer, image_tokens: dict | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import ssm_hub  # noqa: F401  (registers the ssm_hub model types)
+    from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
 
     dtype = getattr(torch, recipe.model.dtype)
     if recipe.model.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(recipe.model.pretrained, dtype=dtype)
+        status(f"model: loading {recipe.model.pretrained}")
+        model = from_pretrained_safetensors(AutoModelForCausalLM, recipe.model.pretrained, dtype=dtype)
         rows = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > rows:
             raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but {recipe.model.pretrained}'s embedding "
@@ -82,6 +92,10 @@ def build_model(recipe: Recipe, tokenizer, image_tokens: dict | None = None):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    trained = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    status(f"model: {model.config.model_type}, {parameters:,} parameters"
+           + (f", {trained:,} of them trained (LoRA)" if recipe.lora is not None else ""))
     return model
 
 
@@ -122,9 +136,10 @@ def _recipe_trainer_class():
 
         on_save = on_step_end
 
-    class RecipeTrainer(Trainer):
-        """Trainer whose training logs also carry tokens/s and peak memory (ThroughputCallback.measure), and which
-        stops at the next step when Ctrl-C was pressed (_interrupts_noted)."""
+    class RecipeTrainer(StagedCheckpoints, Trainer):
+        """Trainer whose training logs also carry tokens/s and peak memory (ThroughputCallback.measure), whose
+        checkpoints appear whole (StagedCheckpoints), and which stops at the next step when Ctrl-C was pressed
+        (_interrupts_noted)."""
 
         def __init__(self, *args, throughput: ThroughputCallback, **kwargs):
             super().__init__(*args, callbacks=[throughput, LossCurveCallback(), StopWhenInterrupted()], **kwargs)
@@ -271,12 +286,14 @@ def _train_and_save(trainer, arguments, processing, evaluate: bool, folder: Outp
     curve; the summary ``train`` returns. The final files are written beside each other in a staging folder and
     renamed into ``output_dir`` together (ssm_hub.output_folder), so an interrupted save leaves no model that loads
     half-written."""
+    status(_training_plan(trainer, evaluate))
     with _interrupts_noted():
         result = trainer.train(resume_from_checkpoint=arguments.resume_from_checkpoint)
-    eval_loss = trainer.evaluate()["eval_loss"] if evaluate else None
+    eval_loss = final_eval_loss(trainer) if evaluate else None
     if trainer.is_fsdp_enabled:
         # Checkpoints may be sharded; the final model is written whole, loadable with from_pretrained.
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    status(f"saving: the final model in {arguments.output_dir}")
     staging = Path(arguments.output_dir) / FINAL_STAGING
     trainer.save_model(str(staging))
     if trainer.is_world_process_zero():
@@ -296,6 +313,31 @@ def _train_and_save(trainer, arguments, processing, evaluate: bool, folder: Outp
     }
 
 
+def _training_plan(trainer, evaluate: bool) -> str:
+    """The status line that opens training: how long it runs, on how much data, and where it writes."""
+    arguments = trainer.args
+    length = (f"{arguments.max_steps:,} steps" if arguments.max_steps > 0
+              else f"{arguments.num_train_epochs:g} epochs")
+    held_out = f", {len(trainer.eval_dataset):,} held-out rows" if evaluate else ""
+    resumed = arguments.resume_from_checkpoint
+    resuming = ", resuming from its last checkpoint" if resumed is True else f", resuming from {resumed}"
+    return (f"training: {length} on {len(trainer.train_dataset):,} rows{held_out}; output in {arguments.output_dir}"
+            + (resuming if resumed else ""))
+
+
+def final_eval_loss(trainer) -> float:
+    """The held-out loss of the model that training ended with. Trainer's own evaluation at the last step gave it
+    when there was one (a step-based eval_strategy always ends with one, whether or not eval_steps divides the steps):
+    evaluating the same weights on the same rows again would double the evaluation's cost for the same number. A
+    model that load_best_model_at_end swapped in is evaluated anew."""
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if (evaluations and evaluations[-1].get("step") == trainer.state.global_step
+            and not trainer.args.load_best_model_at_end):
+        return evaluations[-1]["eval_loss"]
+    status(f"evaluation: the final model on {len(trainer.eval_dataset):,} held-out rows")
+    return trainer.evaluate()["eval_loss"]
+
+
 def _train_image_text(recipe: Recipe, arguments, folder: OutputFolder | None) -> dict:
     """``data.builtin: shapes``: captioned scenes (ssm_hub.training.shapes) for an ssm_hub_multimodal model; the
     processor comes from the model config's patch_size / merge_size, the loss is on the captions, and the summary
@@ -310,6 +352,8 @@ def _train_image_text(recipe: Recipe, arguments, folder: OutputFolder | None) ->
         raise ValueError(f"data.builtin: shapes trains a new ssm_hub_multimodal model; model.type is "
                          f"{recipe.model.type!r}" + (", model.pretrained is set" if recipe.model.pretrained else ""))
     scenes, held_out = train_and_held_out_scenes(recipe.data.max_documents, recipe.data.eval_fraction)
+    status(f"data: {len(scenes):,} captioned scenes"
+           + (f", {len(held_out):,} held out" if held_out is not None else ""))
     if held_out is None and arguments.eval_strategy != "no":
         raise ValueError(f"train.eval_strategy = {arguments.eval_strategy.value!r}, but data.eval_fraction is 0")
     _check_eval_batches(held_out, arguments)

@@ -1,13 +1,17 @@
 """Distillation (ssm_hub.conversion.distill): the losses, what each stage trains, the teacher's per-layer states,
-and ``ssm-hub distill`` end to end on a tiny Llama teacher and a student seeded from it, on CPU."""
+and ``ssm-hub distill`` end to end on a tiny Llama teacher and a student seeded from it, on CPU: what it reports as
+it goes, and a final save that, interrupted, leaves no student that loads."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ssm_hub.cli import main
@@ -20,6 +24,7 @@ from ssm_hub.conversion.distill import (
     token_kl,
 )
 from ssm_hub.conversion.seed_from_attention import seed_hybrid
+from ssm_hub.output_folder import STAGING_PREFIX
 
 
 def test_token_kl_is_the_mean_kl_of_the_next_token_distributions():
@@ -130,7 +135,21 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
                    "--learning-rate", "3e-3",
                    "--speed-contexts", "64", "128"])
     assert status == 0
-    assert "greedy agreement" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "greedy agreement" in printed.out
+    # Every stage says what it does as it starts (issue 22, point 4): these status lines, in this order.
+    error = printed.err.replace("\r", "\n")  # a bar that closes leaves a carriage return before the next line
+    lines = iter(re.findall(r"^\[\d+:\d\d\] (.*)$", error, re.MULTILINE))
+    for expected in ("teacher: loading", "student: loading", "evaluation seeded: teacher and student on",
+                     "evaluation seeded: student perplexity", "evaluation seeded: greedy completions of 3",
+                     "stage orient: 3 steps", "evaluation after_orient: teacher and student on",
+                     "stage align: 12 steps", "evaluation after_align: teacher and student on",
+                     "stage kl: 12 steps", "evaluation after_kl: student perplexity",
+                     "speed: the teacher's prefill and 16 decode steps at a context of 64 tokens",
+                     "speed: the student's prefill and 16 decode steps at a context of 64 tokens",
+                     "speed: the student's prefill and 16 decode steps at a context of 128 tokens",
+                     "saving: the distilled student and distillation.json"):
+        assert any(line.startswith(expected) for line in lines), expected
     report = json.loads((output / "distillation.json").read_text())
     evaluations = report["evaluations"]
     assert list(evaluations) == ["seeded", "after_orient", "after_align", "after_kl"]
@@ -151,6 +170,28 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     assert distilled.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
     assert (output / "tokenizer.json").is_file()
     assert json.loads((output / "seeding.json").read_text())["attention_layers"] == "every:2:1"
+
+
+def test_an_interrupted_final_save_leaves_no_student_that_loads(teacher_and_student, tmp_path, monkeypatch):
+    """The distilled student, its tokenizer and distillation.json are written into a staging folder and renamed
+    into the output together: Ctrl-C after the weights were written, before the tokenizer, leaves no model there
+    (issue 22, point 1)."""
+    from transformers import AutoTokenizer
+
+    teacher, student = teacher_and_student
+    output = tmp_path / "distilled"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(AutoTokenizer.from_pretrained(student)), "save_pretrained", interrupted)
+    assert main(["distill", "--teacher", str(teacher), "--student", str(student), "--output", str(output),
+                 "--builtin", "python_docs", "--max-documents", "40", "--seq-len", "32", "--eval-fraction", "0.1",
+                 "--align-steps", "1", "--kl-steps", "1", "--batch-size", "4", "--speed-contexts"]) == 130
+    assert (output / "kl" / "checkpoint-1").is_dir()  # the stages ran
+    assert sorted(path.name for path in output.iterdir()) == [".ssm-hub-manifest.json", "align", "kl"]
+    with pytest.raises((OSError, ValueError)):  # no config.json
+        AutoModelForCausalLM.from_pretrained(output)
 
 
 def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matrices(teacher_and_student, tmp_path):
@@ -320,3 +361,40 @@ def test_sharding_engines_are_refused(teacher_and_student, tmp_path, monkeypatch
     arguments = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(ValueError, match="distillation runs data-parallel \\(accelerate config ddp\\)"):
         DistillationTrainer(model=student, teacher=teacher, stage="kl", args=arguments)
+
+
+def short_run(teacher, student, output) -> list[str]:
+    return ["distill", "--teacher", str(teacher), "--student", str(student), "--output", str(output), "--builtin",
+            "python_docs", "--max-documents", "40", "--seq-len", "32", "--eval-fraction", "0.1", "--align-steps", "0",
+            "--kl-steps", "1", "--batch-size", "2", "--speed-contexts"]
+
+
+def test_a_student_without_a_tokenizer_takes_the_teachers_through_the_tokenizer_flag(teacher_and_student, tmp_path,
+                                                                                      capsys):
+    """What ``ssm-hub convert`` writes from a teacher folder without tokenizer files."""
+    from ssm_hub.conversion.checkpoint import VOCABULARY_FILES
+
+    teacher, student = teacher_and_student
+    bare = tmp_path / "bare"
+    shutil.copytree(student, bare)
+    for pattern in VOCABULARY_FILES:
+        for path in bare.glob(pattern):
+            path.unlink()
+
+    assert main(short_run(teacher, bare, tmp_path / "refused")) == 2
+    error = capsys.readouterr().err
+    assert f"the student {bare} has no tokenizer" in error and "as --tokenizer" in error
+    assert main([*short_run(teacher, bare, tmp_path / "distilled"), "--tokenizer", str(teacher)]) == 0
+    assert (tmp_path / "distilled" / "tokenizer.json").is_file()
+
+
+def test_a_teacher_with_only_pickled_weights_is_refused_naming_the_file(teacher_and_student, tmp_path, capsys):
+    teacher, student = teacher_and_student
+    pickled = tmp_path / "pickled"
+    shutil.copytree(teacher, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+
+    assert main(short_run(pickled, student, tmp_path / "distilled")) == 2
+    error = capsys.readouterr().err
+    assert f"no *.safetensors weights in {pickled}: it has only pytorch_model.bin" in error

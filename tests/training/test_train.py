@@ -1,18 +1,23 @@
 """``ssm-hub train`` end to end on CPU: every shipped debug recipe (each model type and LoRA) trains, evaluates,
 saves a loadable model, logs tokens/s and writes the loss curve; a resumed run continues from its checkpoint; a
-launch through accelerate works; two data-parallel processes train like one with the same global batch."""
+launch through accelerate works; two data-parallel processes train like one with the same global batch; the
+command says what it does before training starts; the held-out rows are not evaluated twice for one number."""
 
 import json
+import math
+import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer
 
 from ssm_hub.cli import main
 from ssm_hub.training import load_recipe, train
 from ssm_hub.training.config import recipe_path
+from ssm_hub.training.run import final_eval_loss
 
 
 def run(name: str, tmp_path, *overrides):
@@ -28,7 +33,15 @@ def log_history(output_dir) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", ["debug_mamba", "debug_mamba2", "debug_hybrid"])
-def test_debug_recipe_trains_saves_and_reloads(name, tmp_path):
+def test_debug_recipe_trains_saves_and_reloads(name, tmp_path, monkeypatch):
+    evaluated_rows = []  # the rows of each forward call that evaluates
+    prediction_step = Trainer.prediction_step
+
+    def counted(self, model, inputs, *args, **kwargs):
+        evaluated_rows.append(inputs["input_ids"].shape[0])
+        return prediction_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "prediction_step", counted)
     summary = run(name, tmp_path)
     output = tmp_path / name
     assert summary["steps"] == 4 and summary["eval_loss"] < 7.0 and summary["loss_curve"] == str(output / "loss_curve.png")
@@ -36,8 +49,13 @@ def test_debug_recipe_trains_saves_and_reloads(name, tmp_path):
     assert all(entry["tokens_per_second"] > 0 for entry in history if "loss" in entry)
     assert sum("loss" in entry for entry in history) == 4 and sum("eval_loss" in entry for entry in history) == 2
     final_history = json.loads((output / "trainer_state.json").read_text())["log_history"]
-    assert final_history[-1]["eval_loss"] == pytest.approx(summary["eval_loss"])  # saved after the final evaluation
-    assert sum("eval_loss" in entry for entry in final_history) == 3
+    # The final model's eval loss is Trainer's evaluation at the last step: the held-out rows are not evaluated a
+    # third time for the same weights.
+    evaluations = [entry for entry in final_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert evaluations[-1]["eval_loss"] == summary["eval_loss"]
+    # In batches of 64 rows, not Trainer's default 8 (issue 22, point 5: the recipe's comment says why).
+    assert max(evaluated_rows) == 64 and len(evaluated_rows) == 2 * math.ceil(sum(evaluated_rows) / 2 / 64)
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     assert torch.isfinite(model(ids, labels=ids).loss)
@@ -79,6 +97,56 @@ def test_cli_runs_a_recipe_and_names_a_bad_key(tmp_path, capsys):
     assert "unknown key(s) in train: train.max_step" in capsys.readouterr().err
     assert main(["train", "--config", "debug_mamba", "--num-processes", "2"]) == 2
     assert "--num-processes needs --accelerate-config" in capsys.readouterr().err
+
+
+def status_lines(error: str) -> list[str]:
+    """The status lines of ssm_hub.progress ("[0:03] data: ...") in a command's stderr, without their times."""
+    lines = error.replace("\r", "\n")  # a bar that closes leaves a carriage return before the next line
+    return re.findall(r"^\[\d+:\d\d\] (.*)$", lines, re.MULTILINE)
+
+
+def test_the_cli_says_what_it_does_before_training_starts(tmp_path, capsys):
+    """Reading the data, training the tokenizer and packing take most of a short run before Trainer's first bar
+    (issue 22, point 4): each says so from the start, with its counts."""
+    output = tmp_path / "cli"
+    assert main(["train", "--config", "debug_mamba", f"train.output_dir={output}", "train.max_steps=2",
+                 "train.save_steps=2", "train.eval_steps=2"]) == 0
+    error = capsys.readouterr().err
+    expected = [
+        r"data: reading python_docs \(builtin\)",
+        r"data: \d+ documents, [\d,]+ characters",
+        r"tokenizer: training a byte-level BPE of 512 tokens on \d+ documents",
+        r"data: tokenizing \d+ documents and packing them into rows of 64 tokens",
+        r"data: \d+ documents \([\d,]+ tokens\) packed into [\d,]+ training rows of 64 tokens; "
+        r"\d+ held out, [\d,]+ rows",
+        r"model: ssm_hub_mamba, [\d,]+ parameters",
+        rf"training: 2 steps on [\d,]+ rows, [\d,]+ held-out rows; output in {re.escape(str(output))}",
+        rf"saving: the final model in {re.escape(str(output))}",
+    ]
+    lines = status_lines(error)
+    assert len(lines) == len(expected), lines
+    for pattern, line in zip(expected, lines):
+        assert re.fullmatch(pattern, line), (pattern, line)
+    assert error.index("training: 2 steps") < error.index("%|")  # the lines up to this one come before any bar
+
+
+def test_the_final_evaluation_reuses_trainers_evaluation_of_the_same_weights():
+    """The summary's eval loss comes from Trainer's evaluation at the last step when it made one (issue 22, point
+    5: the debug recipes evaluated their held-out rows again after training, for the same number)."""
+    evaluated = []
+
+    def trainer(log_history, load_best=False):
+        return SimpleNamespace(state=SimpleNamespace(log_history=log_history, global_step=8), eval_dataset=[0] * 3,
+                               args=SimpleNamespace(load_best_model_at_end=load_best),
+                               evaluate=lambda: evaluated.append(1) or {"eval_loss": 1.5})
+
+    at_the_end = [{"eval_loss": 2.0, "step": 4}, {"loss": 3.0, "step": 8}, {"eval_loss": 2.5, "step": 8},
+                  {"train_loss": 3.1, "step": 8}]
+    assert final_eval_loss(trainer(at_the_end)) == 2.5 and not evaluated
+    # No evaluation at the last step (an epoch strategy that ended mid-epoch), or the best model swapped in: anew.
+    assert final_eval_loss(trainer(at_the_end[:2])) == 1.5
+    assert final_eval_loss(trainer(at_the_end, load_best=True)) == 1.5
+    assert len(evaluated) == 2
 
 
 def test_accelerate_launch_runs_the_recipe_in_a_child_process(tmp_path):

@@ -1,7 +1,8 @@
 """``ssm-hub train`` and its output_dir (issue 22): an output_dir that holds an earlier run is refused unless the
 recipe says what to do (train.overwrite_output_dir: replace what that run wrote, nothing else;
 train.resume_from_checkpoint: continue it, with the same recipe); Ctrl-C says where the last checkpoint is and the
-exact command that resumes it, with exit status 130, even when Python drops the KeyboardInterrupt."""
+exact command that resumes it, with exit status 130, even when Python drops the KeyboardInterrupt; a checkpoint
+interrupted while it is written leaves nothing that loads or that a resume would pick up."""
 
 import json
 import shlex
@@ -10,8 +11,10 @@ import weakref
 
 import pytest
 from transformers import AutoModelForCausalLM, Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from ssm_hub.cli import main
+from ssm_hub.output_folder import STAGING_PREFIX
 
 RECIPE = """
 model:
@@ -136,3 +139,28 @@ def test_ctrl_c_that_python_drops_in_a_garbage_collector_callback_still_stops_tr
         signal.signal(signal.SIGINT, previous)
     assert status == 130
     assert f"the last checkpoint is {output / 'checkpoint-2'}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_checkpoint_interrupted_while_it_is_written_leaves_none_that_loads(recipe, tmp_path, monkeypatch, capsys):
+    """Trainer writes a checkpoint's model first, then its optimizer, RNG state and trainer_state.json: Ctrl-C in
+    between must not leave a checkpoint-N that from_pretrained loads and a resume takes for the latest (issue 22,
+    point 1). It is written under a staging name and renamed into place once complete."""
+    output = tmp_path / "run"
+    save_rng_state = Trainer._save_rng_state
+
+    def interrupted_in_the_second_checkpoint(self, output_dir):
+        if output_dir.endswith("checkpoint-2"):
+            raise KeyboardInterrupt
+        return save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", interrupted_in_the_second_checkpoint)
+    command = ["train", "--config", str(recipe), f"train.output_dir={output}"]
+    assert main(command) == 130
+    assert f"the last checkpoint is {output / 'checkpoint-1'}" in last_line(capsys)
+    monkeypatch.undo()
+
+    assert sorted(path.name for path in output.iterdir() if "checkpoint-" in path.name) == ["checkpoint-1"]
+    assert get_last_checkpoint(str(output)) == str(output / "checkpoint-1")
+    assert main([*command, "train.resume_from_checkpoint=true"]) == 0
+    assert trained_steps(output) == [1, 2, 3]
+    assert not any(path.name.startswith(STAGING_PREFIX) for path in output.iterdir())
