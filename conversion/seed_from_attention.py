@@ -51,6 +51,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from ssm_hub.conversion.checkpoint import (
     copy_tokenizer_files,
@@ -136,11 +137,6 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
     heads = teacher["num_attention_heads"]
     kv_heads = teacher.get("num_key_value_heads") or heads
     head_dim = teacher.get("head_dim") or hidden // heads
-    rope = teacher.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default" or teacher.get("rope_scaling"):
-        raise ValueError(f"{model_type} teacher with rope_type {rope_type!r}: ssm_hub_hybrid's attention has the "
-                         f"default RoPE only, so its logits would not match the teacher's")
     if teacher.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{model_type} teacher with hidden_act {teacher['hidden_act']!r}: ssm_hub_hybrid's MLP "
                          f"is SwiGLU (silu)")
@@ -160,8 +156,7 @@ def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridCo
     mixers = [attention_kind[kinds[layer]] if layer in attention_layers else "mamba2" for layer in range(layers)]
     return _student_config(
         teacher, hidden, heads, kv_heads, head_dim, mixers, tie_default=False,
-        attention_bias=bias, rope_theta=rope.get("rope_theta", teacher.get("rope_theta", 10000.0)),
-        partial_rotary_factor=rope.get("partial_rotary_factor", teacher.get("partial_rotary_factor", 1.0)),
+        attention_bias=bias, rope_parameters=_teacher_rope_parameters(teacher),
         max_position_embeddings=teacher.get("max_position_embeddings", 4096),
         sliding_window=window if "sliding_attention" in kinds else None,
         intermediate_size=teacher["intermediate_size"], mlp_bias=bool(teacher.get("mlp_bias", False)),
@@ -215,6 +210,16 @@ def _gpt2_student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHy
     )
 
 
+def _teacher_rope_parameters(teacher: dict) -> dict:
+    """The teacher's RoPE as transformers reads its config: ``rope_parameters`` with the class's defaults (theta,
+    partial rotary factor), the older ``rope_theta`` / ``rope_scaling`` fields and Phi-3's ``"su"`` / ``"yarn"``
+    names standardised. The student's attention computes every rope_type transformers has the same way
+    (ssm_hub.layers.attention), so scaled RoPE (Llama 3, YaRN, LongRoPE, ...) seeds too."""
+    fields = dict(teacher)
+    model_type = fields.pop("model_type")
+    return dict(AutoConfig.for_model(model_type, **fields).rope_parameters)
+
+
 def _persimmon_student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridConfig:
     """Persimmon's block in the hybrid: LayerNorms, per-head LayerNorms on queries and keys, partial RoPE, a plain
     MLP (relu^2), biases everywhere; full multi-head attention."""
@@ -222,15 +227,10 @@ def _persimmon_student_config(teacher: dict, attention_layers: list[int]) -> Ssm
     if hidden % heads:
         raise ValueError(f"persimmon teacher: hidden_size ({hidden}) must be divisible by num_attention_heads "
                          f"({heads})")
-    rope = teacher.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or teacher.get("rope_scaling"):
-        raise ValueError(f"persimmon teacher with rope_type {rope.get('rope_type')!r}: ssm_hub_hybrid's attention "
-                         "has the default RoPE only, so its logits would not match the teacher's")
     mixers = ["attention" if layer in attention_layers else "mamba2" for layer in range(layers)]
     return _student_config(
         teacher, hidden, heads, heads, hidden // heads, mixers, tie_default=False,
-        attention_bias=True, rope_theta=rope.get("rope_theta", teacher.get("rope_theta", 25000.0)),
-        partial_rotary_factor=rope.get("partial_rotary_factor", teacher.get("partial_rotary_factor", 0.5)),
+        attention_bias=True, rope_parameters=_teacher_rope_parameters(teacher),
         max_position_embeddings=teacher.get("max_position_embeddings", 16384), mlp_type="plain",
         hidden_act=teacher.get("hidden_act", "relu2"), mlp_bias=True, intermediate_size=teacher["intermediate_size"],
         norm_type="layer", mamba_proj_bias=True, layer_norm_epsilon=teacher.get("layer_norm_eps", 1e-5),

@@ -64,6 +64,25 @@ def test_keeping_every_attention_layer_reproduces_the_teachers_logits(name, tmp_
         torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "longrope", "llama3"])
+def test_a_teacher_with_scaled_rope_seeds_a_student_with_its_logits(rope_type, tmp_path):
+    # Llama 3's, long-context Qwen's and Mistral's and Phi-3.5's RoPE: the student's attention computes each as
+    # transformers does, so keeping every layer reproduces the teacher past its original context.
+    from conftest import scaled_rope_parameters
+
+    torch.manual_seed(0)
+    head_dim = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+    rope = scaled_rope_parameters(rope_type, head_dim, original_max_position_embeddings=8)
+    teacher = LlamaForCausalLM(LlamaConfig(**{**SIZES, "max_position_embeddings": 32}, rope_parameters=rope)).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "all")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert student.config.rope_parameters["rope_type"] == rope_type
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 40))  # past max_position_embeddings, where the scaling acts
+    with torch.no_grad():
+        torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_replaced_layer_is_a_mamba2_layer_built_from_the_attention_weights(tmp_path):
     teacher = _teacher("qwen2", tmp_path / "teacher")
     seed_hybrid(tmp_path / "teacher", tmp_path / "student", "every:2:1")
