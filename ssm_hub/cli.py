@@ -178,8 +178,8 @@ def add_demo_command(subparsers) -> None:
     parser.add_argument("--output", default="ssm-hub-demo", help="folder for everything written (default: %(default)s)")
     parser.add_argument("--teacher", help="a Llama-family model (folder or Hub id) instead of training one")
     parser.add_argument("--data", nargs="+", metavar="FILE", help="text files instead of pydoc_data.topics")
-    parser.add_argument("--teacher-seconds", type=positive_float, default=60.0,
-                        help="training time of the demo's own teacher (default: %(default)s)")
+    parser.add_argument("--teacher-steps", type=positive_int, default=500,
+                        help="optimizer steps of the demo's own teacher (default: %(default)s)")
     parser.add_argument("--align-steps", type=steps, default=100, help="(default: %(default)s)")
     parser.add_argument("--kl-steps", type=steps, default=200, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
@@ -191,7 +191,7 @@ def add_demo_command(subparsers) -> None:
 def run_demo(args: argparse.Namespace) -> None:
     from ssm_hub.demo import run_demo as demo
 
-    demo(output_dir=args.output, teacher=args.teacher, data=args.data, teacher_seconds=args.teacher_seconds,
+    demo(output_dir=args.output, teacher=args.teacher, data=args.data, teacher_steps=args.teacher_steps,
          align_steps=args.align_steps, kl_steps=args.kl_steps, seed=args.seed, overwrite=args.overwrite)
 
 

@@ -6,7 +6,7 @@ evaluates teacher and student on held-out documents, saves, reloads the student 
 generates.
 
     ssm-hub demo                                   # a few minutes on a laptop CPU, writes ./ssm-hub-demo
-    ssm-hub demo --teacher-seconds 10 --align-steps 20 --kl-steps 40 --output /tmp/demo    # a quick look
+    ssm-hub demo --teacher-steps 80 --align-steps 20 --kl-steps 40 --output /tmp/demo    # a quick look
     ssm-hub demo --teacher Qwen/Qwen2.5-0.5B --data notes.txt     # a real teacher and your text
 
 Folders written under the output: teacher/ (when the demo trains one), seeded/ (the student before distillation),
@@ -35,8 +35,8 @@ TEACHER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_
                intermediate_size=384, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def train_teacher(folder: Path, data: DataSection, seconds: float, seed: int, log) -> Path:
-    """A small Llama trained for ``seconds`` on ``data``'s training documents (the held-out ones stay unseen), with a
+def train_teacher(folder: Path, data: DataSection, steps: int, seed: int, log) -> Path:
+    """A small Llama trained for ``steps`` optimizer steps on ``data``'s training documents (the held-out ones stay unseen), with a
     2048-token byte-level BPE trained on the same text; saved with its tokenizer to ``folder``."""
     torch.manual_seed(seed)
     documents = read_documents(data)
@@ -50,12 +50,14 @@ def train_teacher(folder: Path, data: DataSection, seconds: float, seed: int, lo
     batch_size, peak_lr, warmup = 16, 3e-3, 20
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=0.1, betas=(0.9, 0.95))
     model.train()
-    step, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
+    started = time.perf_counter()
+    # A budget in steps, not seconds: the teacher, and so every number the demo prints, is the same on a loaded
+    # machine as on an idle one.
+    for step in range(steps):
         rows = [train[int(index)] for index in torch.randint(len(train), (batch_size,))]
         ids = torch.stack([row["input_ids"] for row in rows])
         positions = torch.stack([row["position_ids"] for row in rows])
-        progress = min((time.perf_counter() - started) / seconds, 1.0)
+        progress = step / steps
         lr = peak_lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -64,10 +66,9 @@ def train_teacher(folder: Path, data: DataSection, seconds: float, seed: int, lo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % 25 == 0:
-            log(f"  teacher step {step:4d}  loss {loss.item():.3f}  {time.perf_counter() - started:5.1f}s")
-    log(f"teacher trained {step} steps in {time.perf_counter() - started:.0f}s")
+        if (step + 1) % 25 == 0:
+            log(f"  teacher step {step + 1:4d}  loss {loss.item():.3f}  {time.perf_counter() - started:5.1f}s")
+    log(f"teacher trained {steps} steps in {time.perf_counter() - started:.0f}s")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -80,11 +81,12 @@ def _kept_layer(teacher: str | Path) -> str:
     return "every:4:3" if layers >= 4 else str(layers - 1)
 
 
-def check_settings(teacher: str | None, teacher_seconds: float, align_steps: int, kl_steps: int,
+def check_settings(teacher: str | None, teacher_steps: int, align_steps: int, kl_steps: int,
                    speed_contexts) -> None:
     """Every value the demo takes, checked before it trains or writes anything."""
-    if teacher is None and not teacher_seconds > 0:
-        raise ValueError(f"teacher_seconds must be positive, got {teacher_seconds}")
+    if teacher is None and (isinstance(teacher_steps, bool) or not isinstance(teacher_steps, int)
+                            or teacher_steps < 1):
+        raise ValueError(f"teacher_steps must be a whole number of at least 1, got {teacher_steps!r}")
     for name, steps in (("align_steps", align_steps), ("kl_steps", kl_steps)):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{name} must be a whole number of at least 0, got {steps!r}")
@@ -95,7 +97,7 @@ def check_settings(teacher: str | None, teacher_seconds: float, align_steps: int
 
 
 def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data: list[str] | None = None,
-             teacher_seconds: float = 60.0, align_steps: int = 100, kl_steps: int = 200, seed: int = 0,
+             teacher_steps: int = 500, align_steps: int = 100, kl_steps: int = 200, seed: int = 0,
              speed_contexts: tuple[int, ...] = (512, 2048), log=print, overwrite: bool = False) -> dict:
     """Run the demo (module docstring), timing teacher and student at ``speed_contexts`` tokens of context at the
     end; returns {"teacher", "attention_layers", "evaluations", "samples", "speed", "reload_exact", "completion",
@@ -105,17 +107,17 @@ def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data:
                                eval_fraction=0.05)
     data_section.check()
     data_section.check_files()
-    check_settings(teacher, teacher_seconds, align_steps, kl_steps, speed_contexts)
+    check_settings(teacher, teacher_steps, align_steps, kl_steps, speed_contexts)
     with claim_output_folder(output_dir, "demo", overwrite=overwrite):
-        return _run_demo(Path(output_dir), teacher, data_section, teacher_seconds, align_steps, kl_steps, seed,
+        return _run_demo(Path(output_dir), teacher, data_section, teacher_steps, align_steps, kl_steps, seed,
                          speed_contexts, log)
 
 
-def _run_demo(output: Path, teacher: str | None, data_section: DataSection, teacher_seconds: float,
+def _run_demo(output: Path, teacher: str | None, data_section: DataSection, teacher_steps: int,
               align_steps: int, kl_steps: int, seed: int, speed_contexts, log) -> dict:
     started = time.perf_counter()
     if teacher is None:
-        teacher = train_teacher(output / "teacher", data_section, teacher_seconds, seed, log)
+        teacher = train_teacher(output / "teacher", data_section, teacher_steps, seed, log)
     spec = _kept_layer(teacher)
     seeded = seed_hybrid(teacher, output / "seeded", spec)
     kinds = AutoConfig.from_pretrained(seeded).mixer_types

@@ -9,7 +9,7 @@ from ssm_hub.demo import run_demo
 
 def test_demo_turns_a_teacher_into_a_distilled_hybrid(tmp_path):
     lines = []
-    result = run_demo(output_dir=str(tmp_path / "demo"), teacher_seconds=4, align_steps=4, kl_steps=8,
+    result = run_demo(output_dir=str(tmp_path / "demo"), teacher_steps=30, align_steps=4, kl_steps=8,
                       speed_contexts=(64,), log=lines.append)
     evaluations = result["evaluations"]
     assert list(evaluations) == ["seeded", "after_align", "after_kl"]
@@ -26,5 +26,5 @@ def test_demo_turns_a_teacher_into_a_distilled_hybrid(tmp_path):
 
 
 def test_demo_rejects_a_non_positive_teacher_budget(tmp_path, capsys):
-    assert main(["demo", "--teacher-seconds", "0", "--output", str(tmp_path)]) == 2
-    assert "argument --teacher-seconds: must be a number, above 0, got '0'" in capsys.readouterr().err
+    assert main(["demo", "--teacher-steps", "0", "--output", str(tmp_path)]) == 2
+    assert "argument --teacher-steps: must be" in capsys.readouterr().err
