@@ -13,7 +13,9 @@ maps of :mod:`ssm_hub.conversion.weight_maps`) -> optionally transformers' forma
 only: ssm_hub never unpickles a ``pytorch_model.bin``. The output is written by the target model class's own
 ``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code. The source's tokenizer, chat
 templates and generation settings are copied beside it (a source without a tokenizer is said so, in a warning), and
-:func:`describe_checkpoint` sums up what a folder holds.
+:func:`describe_checkpoint` sums up what a folder holds. Every function here (and in seeding) that writes a model
+folder writes it into a staging folder first and moves it into place once complete
+(ssm_hub.output_folder.staged_model_folder): an interrupted call leaves no half-written model that loads.
 """
 
 import json
@@ -65,6 +67,7 @@ from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba.modeling_mamba import SsmHubMambaForCausalLM
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 from ssm_hub.models.mamba2.modeling_mamba2 import SsmHubMamba2ForCausalLM
+from ssm_hub.output_folder import staged_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +171,9 @@ def convert_checkpoint(source: str | Path, output_dir: str | Path, to: str = "ss
             config = config_class(**apply_config_map(config.to_dict(), to_transformers))
             weights = apply_weight_map(weights, to_transformers.weight_rules(config), config)
 
-    save_weights(model_class, config, weights, output_dir)
-    copy_tokenizer_files(source_dir, output_dir)
+    with staged_model_folder(output_dir) as staging:
+        save_weights(model_class, config, weights, staging)
+        copy_tokenizer_files(source_dir, staging)
     return output_dir
 
 

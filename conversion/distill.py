@@ -42,11 +42,15 @@ from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 from ssm_hub.conversion.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.layers.patch_embedding import image_patches
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
-from ssm_hub.output_folder import staged_into
+from ssm_hub.output_folder import staged_model_folder
 from ssm_hub.progress import progress_bar, status
-from ssm_hub.training.checkpoints import StagedCheckpoints
+from ssm_hub.training.checkpoints import CheckpointsWithoutPickle, StagedCheckpoints
 
 STAGES = ("orient", "align", "kl")
+EVAL_BATCH_SIZE = 64
+"""Held-out rows per forward call of the evaluations, as the debug recipes' per_device_eval_batch_size: each call is
+hundreds of small ops, so on a CPU fewer, larger calls take a fraction of the time (ssm-hub distill --eval-batch-size;
+lower it where a batch's logits, rows x seq_len x vocabulary, do not fit)."""
 
 
 def token_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,11 +189,11 @@ class ReplacedLayers(torch.nn.Module):
         return results
 
 
-class DistillationTrainer(StagedCheckpoints, Trainer):
+class DistillationTrainer(StagedCheckpoints, CheckpointsWithoutPickle, Trainer):
     """Trainer whose loss is the stage's (module docstring) against a frozen ``teacher``, which it moves to the
     training device. ``model`` is the student for the ``kl`` stage and its :class:`ReplacedLayers` for the others.
-    ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage. Its checkpoints appear whole
-    (ssm_hub.training.checkpoints)."""
+    ``ce_weight`` adds the cross-entropy on the labels in the ``kl`` stage. Its checkpoints appear whole and hold no
+    pickle (ssm_hub.training.checkpoints)."""
 
     def __init__(self, *args, teacher, stage: str, ce_weight: float = 0.0, **kwargs):
         if stage not in STAGES:
@@ -283,11 +287,11 @@ def teacher_inputs(teacher, batch: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_against_teacher(student, teacher, dataset, batch_size: int = 8, collate=None) -> dict:
+def evaluate_against_teacher(student, teacher, dataset, batch_size: int = EVAL_BATCH_SIZE, collate=None) -> dict:
     """Held-out perplexity of teacher and student, mean token KL(teacher || student) and greedy next-token agreement
     over ``dataset`` (rows of input_ids, position_ids and labels; or rows that ``collate`` turns into batches, as
-    image-text scenes), at the tokens that carry the loss: those whose label is not -100 (every token but where the
-    data masks the loss, as the recall task and the captions do)."""
+    image-text scenes), ``batch_size`` rows per forward call, at the tokens that carry the loss: those whose label is
+    not -100 (every token but where the data masks the loss, as the recall task and the captions do)."""
     device = next(student.parameters()).device
     totals = dict(teacher_nll=0.0, student_nll=0.0, kl=0.0, agree=0.0)
     tokens = 0
@@ -364,13 +368,14 @@ def report_lines(report: dict) -> list[str]:
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
             orient_steps: int = 0, batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0,
             freeze_mlp: bool = False, bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None,
-            resume: bool = False, tokenizer: str | None = None) -> dict:
+            resume: bool = False, tokenizer: str | None = None, eval_batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Run the stages on ``data`` (an ``ssm_hub.training.config.DataSection``) and write the distilled student
     (with the student folder's tokenizer, or ``tokenizer``'s: a folder or Hub id, for a student that ``ssm-hub
     convert`` wrote without one), ``distillation.json`` (the evaluations after seeding and after each
     stage, and the settings) and each stage's Trainer output under ``output_dir/<stage>``. A stage with 0 steps is
-    skipped. ``speed_contexts``: also measure prefill and decode tokens/s and the cache memory of the teacher and
-    the distilled student at these context lengths (ssm_hub.conversion.speed). ``resume``: each stage continues
+    skipped. The evaluations run ``eval_batch_size`` held-out rows per forward call. ``speed_contexts``: also measure
+    prefill and decode tokens/s and the cache memory of the teacher and the distilled student at these context
+    lengths (ssm_hub.conversion.speed). ``resume``: each stage continues
     from its last checkpoint under ``output_dir/<stage>`` where there is one (a finished stage just restores its
     final weights), so an interrupted run picks up where it stopped. Under a distributed launcher every process
     trains; the first alone evaluates, times and writes (the others wait), and every process returns the same
@@ -389,6 +394,8 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     for name, steps in (("orient_steps", orient_steps), ("align_steps", align_steps), ("kl_steps", kl_steps)):
         if steps < 0:
             raise ValueError(f"{name} must be at least 0, got {steps}")
+    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be a positive whole number, got {eval_batch_size!r}")
     output = Path(output_dir)
     set_seed(seed)
     image_text = data.builtin == "shapes"
@@ -433,14 +440,15 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
                          f"({student_model.config.vocab_size}) differ: distil a student seeded from this teacher")
     report = {"teacher": str(teacher), "student": str(student), "settings": dict(
         orient_steps=orient_steps, align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size,
-        learning_rate=learning_rate, ce_weight=ce_weight, freeze_mlp=freeze_mlp, seq_len=data.seq_len, bf16=bf16, seed=seed),
+        eval_batch_size=eval_batch_size, learning_rate=learning_rate, ce_weight=ce_weight, freeze_mlp=freeze_mlp,
+        seq_len=data.seq_len, bf16=bf16, seed=seed),
         "evaluations": {}, "samples": {}, "train_loss": {}}
 
     def evaluate(after):
         if processes.is_main_process:
             student_model.eval()
             status(f"evaluation {after}: teacher and student on {len(eval_data):,} held-out rows")
-            scores = evaluate_against_teacher(student_model, teacher_model, eval_data, collate=collate)
+            scores = evaluate_against_teacher(student_model, teacher_model, eval_data, eval_batch_size, collate)
             report["evaluations"][after] = scores
             status(f"evaluation {after}: student perplexity {scores['student_perplexity']:.2f} (teacher "
                    f"{scores['teacher_perplexity']:.2f}), token KL {scores['mean_token_kl']:.4f}, greedy agreement "
@@ -492,8 +500,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
         # Written beside each other in a staging folder and renamed into the output together, so that an interrupted
         # save leaves no student that loads half-written or without its report (ssm_hub.output_folder).
         status(f"saving: the distilled student and distillation.json in {output}")
-        output.mkdir(parents=True, exist_ok=True)
-        with staged_into(output) as staging:
+        with staged_model_folder(output) as staging:
             student_model.save_pretrained(staging)
             processing.save_pretrained(staging)
             seeding = Path(student) / SEEDING_FILE

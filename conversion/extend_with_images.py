@@ -35,6 +35,7 @@ from ssm_hub.models.multimodal.configuration_multimodal import SsmHubMultimodalC
 from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
 from ssm_hub.models.multimodal.modeling_multimodal import SsmHubMultimodalForConditionalGeneration
 from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
+from ssm_hub.output_folder import staged_model_folder
 
 # A hybrid's config.json fields that are not the architecture's.
 NOT_ARCHITECTURE = ("model_type", "architectures", "auto_map", "transformers_version", "dtype")
@@ -106,6 +107,7 @@ def extend_with_images(source: str | Path, output_dir: str | Path, patch_size: i
     model.tie_weights()
     model.model.patch_embed.to(model.get_input_embeddings().weight.dtype)
     model.config.dtype = model.get_input_embeddings().weight.dtype
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    with staged_model_folder(output_dir) as staging:  # moved into place once complete
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
     return output_dir

@@ -64,6 +64,7 @@ from ssm_hub.conversion.checkpoint import (
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import SSM_MIXER_CLASSES, SsmHubHybridForCausalLM
+from ssm_hub.output_folder import staged_model_folder
 
 SUPPORTED_TEACHERS = {
     "llama": "LlamaForCausalLM",
@@ -522,9 +523,10 @@ def seed_hybrid(teacher: str | Path, output_dir: str | Path, attention_layers: s
     student_config(config_dict, [])  # an unsupported teacher fails here, before its weights are read
     weights = read_weights(source_dir, teacher, parse_dtype(dtype))
     config, seeded, record = seeded_student(config_dict, weights, source_dir, attention_layers, seed, mixer_init)
-    save_weights(SsmHubHybridForCausalLM, config, seeded, output_dir)
-    copy_tokenizer_files(source_dir, output_dir)
-    (output_dir / SEEDING_FILE).write_text(json.dumps({"teacher": str(teacher), **record}, indent=1) + "\n")
+    with staged_model_folder(output_dir) as staging:  # moved into place once complete
+        save_weights(SsmHubHybridForCausalLM, config, seeded, staging)
+        copy_tokenizer_files(source_dir, staging)
+        (staging / SEEDING_FILE).write_text(json.dumps({"teacher": str(teacher), **record}, indent=1) + "\n")
     return output_dir
 
 

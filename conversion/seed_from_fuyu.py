@@ -26,6 +26,7 @@ from ssm_hub.conversion.seed_from_attention import SEEDING_FILE, seeded_student
 from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
 from ssm_hub.models.multimodal.modeling_multimodal import SsmHubMultimodalForConditionalGeneration
 from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor
+from ssm_hub.output_folder import staged_model_folder
 
 NEWLINE_TOKEN = "|NEWLINE|"  # Fuyu's row end
 # Where Fuyu's parts are, in transformers v5's layout and in the older one of the Hub checkpoints: (prefix in the
@@ -81,11 +82,12 @@ def seed_multimodal(teacher: str | Path, output_dir: str | Path, attention_layer
         image_token_id=fuyu["image_token_id"], image_row_end_token_id=newline)
     weights = under_language_model(seeded)
     weights.update({f"model.patch_embed.proj.{kind}": tensor for kind, tensor in patch.items()})
-    save_weights(SsmHubMultimodalForConditionalGeneration, multimodal, weights, output_dir)
     image_processor = SsmHubMultimodalImageProcessor(patch_size=fuyu["patch_size"], image_mean=[0.5] * 3,
                                                      image_std=[0.5] * 3)
-    SsmHubMultimodalProcessor(image_processor, tokenizer, image_token=image_token,
-                              image_row_end_token=NEWLINE_TOKEN).save_pretrained(output_dir)
-    (output_dir / SEEDING_FILE).write_text(
-        json.dumps({"teacher": str(teacher), **record, "teacher_model_type": "fuyu"}, indent=1) + "\n")
+    with staged_model_folder(output_dir) as staging:  # moved into place once complete
+        save_weights(SsmHubMultimodalForConditionalGeneration, multimodal, weights, staging)
+        SsmHubMultimodalProcessor(image_processor, tokenizer, image_token=image_token,
+                                  image_row_end_token=NEWLINE_TOKEN).save_pretrained(staging)
+        (staging / SEEDING_FILE).write_text(
+            json.dumps({"teacher": str(teacher), **record, "teacher_model_type": "fuyu"}, indent=1) + "\n")
     return output_dir

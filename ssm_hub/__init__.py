@@ -6,7 +6,14 @@ AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForSequenceClassificati
 PEFT default LoRA targets for them.
 """
 
-from ssm_hub import auto  # noqa: F401  (registration happens on import)
+# The console script `ssm-hub` imports this package, and with it torch and transformers (seconds), before its own code
+# runs: its first status line is said here, before those imports (ssm_hub.cli and ssm_hub.progress take the standard
+# library only).
+from ssm_hub.cli import announce_console_command
+
+announce_console_command()
+
+from ssm_hub import auto  # noqa: E402, F401  (registration happens on import)
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import (
     SsmHubHybridForCausalLM,

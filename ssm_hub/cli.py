@@ -11,7 +11,9 @@
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that declares its arguments and sets
 ``run`` to the function that carries it out (and ``interrupted`` to what Ctrl-C prints); ``SUBCOMMANDS`` lists them.
-Library imports happen inside ``run`` so that ``ssm-hub --help`` stays fast.
+Building the parser and parsing take the standard library only (and PyYAML, which the recipe reader imports), and
+the library is imported inside ``run``: a command says what it is about to do on its first status line before torch
+and transformers load, which takes seconds.
 
 Every command writes its output folder through ssm_hub.output_folder: a folder that holds anything is refused
 unless ``--overwrite`` (or ``--resume``) is given, and then only what an earlier run of the command wrote is
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 from ssm_hub.error_reporting import ArgumentParser, add_reporting_flags, report_error, report_interrupt
-from ssm_hub.progress import show_status
+from ssm_hub import progress
 
 
 def _number(kind, low, low_included: bool = True, high=None):
@@ -248,14 +250,14 @@ def without_launch_flags(arguments: list[str]) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ssm_hub.training import load_recipe, train
-    from ssm_hub.training.config import recipe_path
-    from ssm_hub.training.run import check_before_work
+    from ssm_hub.training.config import load_recipe, recipe_path
 
     recipe = recipe_path(args.config)
     # A bad key, a data file or an output_dir in use fails here, before any work or any process is launched.
     loaded = load_recipe(recipe, args.overrides)
     args.output_dir = loaded.train["output_dir"]
+    from ssm_hub.training.run import check_before_work, train
+
     check_before_work(loaded)
     status = relaunched(args, ["train", "--config", str(recipe), *args.overrides])
     if status is not None:
@@ -334,6 +336,9 @@ def add_distill_command(subparsers) -> None:
     parser.add_argument("--kl-steps", type=steps, default=200, help="end-to-end KL steps (default: %(default)s)")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="rows per device and step (default: %(default)s)")
+    parser.add_argument("--eval-batch-size", type=positive_int, default=64,
+                        help="held-out rows per forward call of the evaluations; lower it if a batch's logits (rows "
+                             "x seq-len x vocabulary, for each model) do not fit (default: %(default)s)")
     parser.add_argument("--learning-rate", type=positive_float, default=1e-3, help="(default: %(default)s)")
     parser.add_argument("--ce-weight", type=non_negative_float, default=0.0,
                         help="cross-entropy weight in the KL stage")
@@ -379,6 +384,7 @@ def run_distill(args: argparse.Namespace) -> int:
     with claim_output_folder(args.output, "distill", **output) if main_process else nullcontext():
         report = distill(args.teacher, args.student, data, args.output, orient_steps=args.orient_steps,
                          align_steps=args.align_steps, kl_steps=args.kl_steps, batch_size=args.batch_size,
+                         eval_batch_size=args.eval_batch_size,
                          learning_rate=args.learning_rate, ce_weight=args.ce_weight, freeze_mlp=args.freeze_mlp,
                          bf16=args.bf16, seed=args.seed, speed_contexts=speed_contexts, resume=args.resume,
                          tokenizer=args.tokenizer)
@@ -435,12 +441,41 @@ SUBCOMMANDS = (add_demo_command, add_train_command, add_convert_command, add_dis
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="ssm-hub", description="ssm_hub: state-space models for transformers.")
     add_reporting_flags(parser, top_level=True)
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     for add_command in SUBCOMMANDS:
         add_command(subparsers)
     for command in subparsers.choices.values():
         add_reporting_flags(command)
     return parser
+
+
+_SAID_AT_IMPORT: list[str] = []
+"""The command whose first line the console script said from ssm_hub's __init__ (:func:`announce_console_command`),
+until :func:`main` takes it up."""
+
+
+def announce(command: str) -> None:
+    """Show status lines (what long work is doing, on stderr) from now on, starting with the command's first line,
+    which is said before the library loads: torch and transformers take seconds, and silence looks hung."""
+    if _SAID_AT_IMPORT == [command]:
+        _SAID_AT_IMPORT.clear()
+        return
+    progress.show_status()
+    progress.status(f"ssm-hub {command}: loading torch and transformers")
+
+
+def announce_console_command() -> None:
+    """In the console script (``ssm-hub COMMAND ...``), the command's first status line, said from ssm_hub's __init__
+    before it imports torch and transformers: the console script imports the package before :func:`main` runs.
+    Nothing for ``--help`` or ``--version``, or when no known command is named: :func:`main` reports those."""
+    if Path(sys.argv[0]).name != "ssm-hub":
+        return
+    argv = sys.argv[1:]
+    commands = {add_command.__name__.removeprefix("add_").removesuffix("_command") for add_command in SUBCOMMANDS}
+    command = next((argument for argument in argv if not argument.startswith("-")), None)
+    if command in commands and not {"-h", "--help", "--version"} & set(argv):
+        announce(command)
+        _SAID_AT_IMPORT.append(command)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
-    show_status()  # what long work is doing, on stderr (ssm_hub.progress)
+    announce(args.command)
     try:
         status = args.run(args)
     except KeyboardInterrupt:

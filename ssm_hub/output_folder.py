@@ -16,9 +16,15 @@
 - Unstaged (train, distill, demo: their checkpoints must land in place to be resumed), the manifest is written before
   the work, listing what the folder held, and completed after it, even when the work fails or is interrupted, so
   that what a run wrote is known to the next one. Their final files can still be staged, with
-  :meth:`OutputFolder.commit` or :func:`staged_into`, and so can each checkpoint, with :func:`move_into_place` (a
-  staging folder's name is ignored by Trainer's search for checkpoints and by the manifest, and the next claim
-  removes it).
+  :meth:`OutputFolder.commit` or :func:`staged_model_folder`, and so can each checkpoint, with
+  :func:`move_into_place` (a staging folder's name is ignored by Trainer's search for checkpoints and by the
+  manifest, and the next claim removes it).
+- The Python functions that write a model folder (ssm_hub.conversion's, called by the commands with the staging
+  folder and by Python programs with theirs) stage their writes the same way, without a manifest, so that an
+  interrupted call leaves the folder as it was: :func:`staged_model_folder`.
+
+    with staged_model_folder(output_dir) as staging:
+        model.save_pretrained(staging)                 # the files reach output_dir only if this returns
 """
 
 import fnmatch
@@ -35,6 +41,8 @@ STAGING_PREFIX = ".ssm-hub-staging-"
 MODEL_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "checkpoint-*")
 """Entries that make a folder a model or a run: never removed or written over unless a manifest says they are ours."""
 _LAST = ("config.json",)  # out first, in last: a folder without it does not load
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+"""A model's weights: a new model in a folder replaces the earlier one's (staged_model_folder), never mixes with it."""
 
 
 def _entries(folder: Path) -> set[str]:
@@ -92,13 +100,13 @@ def _remove(folder: Path, names) -> None:
             path.unlink(missing_ok=True)
 
 
-def move_into_place(staging: Path, folder: Path) -> list[str]:
+def move_into_place(staging: Path, folder: Path, replacing=()) -> list[str]:
     """Rename every entry of ``staging`` (a folder inside ``folder``, so on the same file system) into ``folder``,
-    replacing the entries of the same names, then remove ``staging``; return the names. ``config.json`` goes out
-    first and comes in last, so that a folder interrupted on the way holds the earlier files, or no model that
-    loads, never a half-written one."""
+    replacing the entries of the same names (and removing those named in ``replacing``), then remove ``staging``;
+    return the names. ``config.json`` goes out first and comes in last, so that a folder interrupted on the way
+    holds the earlier files, or no model that loads, never a half-written one."""
     new = sorted(entry.name for entry in staging.iterdir())
-    _remove(folder, new)
+    _remove(folder, {*new, *replacing})
     for name in sorted(new, key=lambda name: (name in _LAST, name)):
         os.replace(staging / name, folder / name)
     staging.rmdir()
@@ -116,6 +124,40 @@ def staged_into(folder: Path, commit=move_into_place):
         shutil.rmtree(staging, ignore_errors=True)
         raise
     commit(staging, folder)
+
+
+@contextmanager
+def _created_if_missing(folder: Path):
+    """Create ``folder`` (and its parents) if it does not exist; if the block raises, remove it again when this
+    created it and it is still empty, so that a failed command leaves no trace."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _replace_model(staging: Path, folder: Path) -> list[str]:
+    """:func:`move_into_place`, also removing the weights of the model that ``folder`` held: an earlier model's
+    shards and index beside a new single file (or the reverse) would mix two models."""
+    earlier = {name for name in _entries(folder) if any(fnmatch.fnmatch(name, p) for p in WEIGHT_PATTERNS)}
+    return move_into_place(staging, folder, replacing=earlier)
+
+
+@contextmanager
+def staged_model_folder(folder: str | Path):
+    """For a Python function that writes a model folder: a staging folder inside ``folder`` (created if need be),
+    whose entries are moved into ``folder`` when the block returns, replacing the files of the same names and the
+    weights of the model that was there; if the block raises, the staging folder is removed with what was written
+    in it, and so is ``folder`` if it was created for this call. An interrupted or failed call leaves ``folder`` as
+    it was, never a half-written model that loads. (The command line claims its output first:
+    :func:`claim_output_folder`.)"""
+    folder = Path(folder)
+    with _created_if_missing(folder), staged_into(folder, commit=_replace_model) as staging:
+        yield staging
 
 
 def _listing(names, limit: int = 4) -> str:
@@ -204,34 +246,26 @@ def claim_output_folder(folder: str | Path, command: str, overwrite: bool = Fals
     moved into place only when the block returns (module docstring)."""
     folder = Path(folder)
     check_output_folder(folder, command, overwrite, resume, overwrite_flag, resume_flag)
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    _remove(folder, {entry.name for entry in folder.iterdir() if entry.name.startswith(STAGING_PREFIX)})
-    earlier = written_by(folder, command)
-    if overwrite and not resume and not staged:
-        _remove(folder, earlier)  # a staged command removes them only once its new files are ready
-        earlier = set()
-    claimed = OutputFolder(folder, command, _entries(folder) - earlier, dict(record or {}))
-    if staged:
-        try:
+    with _created_if_missing(folder):
+        _remove(folder, {entry.name for entry in folder.iterdir() if entry.name.startswith(STAGING_PREFIX)})
+        earlier = written_by(folder, command)
+        if overwrite and not resume and not staged:
+            _remove(folder, earlier)  # a staged command removes them only once its new files are ready
+            earlier = set()
+        claimed = OutputFolder(folder, command, _entries(folder) - earlier, dict(record or {}))
+        if staged:
             with claimed.staged(replace_all=True) as staging:
                 claimed.staging = staging
                 yield claimed
+            return
+        had_manifest = (folder / MANIFEST).is_file()
+        claimed.write_manifest("running")
+        try:
+            yield claimed
         except BaseException:
-            if created and not any(folder.iterdir()):
-                folder.rmdir()
+            if claimed.ours() or had_manifest:
+                claimed.write_manifest("complete")
+            else:  # a run that failed before writing anything leaves nothing behind
+                (folder / MANIFEST).unlink(missing_ok=True)
             raise
-        return
-    had_manifest = (folder / MANIFEST).is_file()
-    claimed.write_manifest("running")
-    try:
-        yield claimed
-    except BaseException:
-        if claimed.ours() or had_manifest:
-            claimed.write_manifest("complete")
-        else:  # a run that failed before writing anything leaves nothing behind
-            (folder / MANIFEST).unlink(missing_ok=True)
-            if created and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
-    claimed.write_manifest("complete")
+        claimed.write_manifest("complete")

@@ -13,7 +13,8 @@ since the command started (:func:`show_status`). Bars are transformers' tqdm, hi
 (``transformers.utils.logging.disable_progress_bar()``, ``HF_HUB_DISABLE_PROGRESS_BARS=1``). The quiet mode is
 transformers' too: with its verbosity above warnings (``TRANSFORMERS_VERBOSITY=error``), which turns Trainer's bars
 off, these lines and bars are off as well. Under a distributed launcher only the first process reports, as Trainer
-does.
+does. Showing and writing status lines imports nothing beyond the standard library, so that a command's first line
+("ssm-hub train: loading torch and transformers") comes before those load.
 """
 
 import logging
@@ -26,9 +27,19 @@ logger = logging.getLogger("ssm_hub.progress")
 
 def _reports() -> bool:
     """Whether this process shows progress: the first one (or the only one), unless transformers is made quiet."""
-    from transformers.utils import logging as transformers_logging
+    return os.environ.get("RANK", "0") == "0" and _transformers_verbosity() <= logging.WARNING
 
-    return os.environ.get("RANK", "0") == "0" and transformers_logging.get_verbosity() <= logging.WARNING
+
+def _transformers_verbosity() -> int:
+    """transformers' verbosity once it is imported; before, the level it starts from: TRANSFORMERS_VERBOSITY's (a
+    logging level's name in lower case), or warnings without it or for a name it does not know, as transformers
+    does."""
+    transformers_logging = sys.modules.get("transformers.utils.logging")
+    if transformers_logging is not None:
+        return transformers_logging.get_verbosity()
+    name = os.environ.get("TRANSFORMERS_VERBOSITY", "")
+    level = logging.getLevelName(name.upper()) if name.islower() else None
+    return level if isinstance(level, int) else logging.WARNING
 
 
 def status(message: str) -> None:

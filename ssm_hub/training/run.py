@@ -7,9 +7,9 @@ It builds the tokenizer (pretrained, a byte-level BPE trained on the data, or on
 (a new one of any registered model_type, ssm_hub's or transformers', or a pretrained one, optionally with LoRA
 through PEFT), packs the data, and runs
 Trainer with the recipe's TrainingArguments: checkpoints, ``resume_from_checkpoint``, evaluation and logging are
-Trainer's, and each checkpoint is renamed into place once complete (ssm_hub.training.checkpoints). Status lines say
-what the run does before Trainer's bar appears (ssm_hub.progress). Logs carry tokens/s (and peak memory on CUDA);
-``loss_curve.png`` is written next to the checkpoints.
+Trainer's; each checkpoint is renamed into place once complete and holds no pickle (ssm_hub.training.checkpoints).
+Status lines say what the run does before Trainer's bar appears (ssm_hub.progress). Logs carry tokens/s (and peak
+memory on CUDA); ``loss_curve.png`` is written next to the checkpoints.
 At the end the model (adapters only for LoRA), the tokenizer and ``trainer_state.json`` (the log history) are
 saved in ``train.output_dir`` and a summary is returned.
 
@@ -37,7 +37,7 @@ from ssm_hub.output_folder import (
 )
 from ssm_hub.progress import status
 from ssm_hub.training.callbacks import LOSS_CURVE_FILE, LossCurveCallback, ThroughputCallback, write_loss_curve
-from ssm_hub.training.checkpoints import StagedCheckpoints
+from ssm_hub.training.checkpoints import CheckpointsWithoutPickle, StagedCheckpoints
 from ssm_hub.training.config import TRAIN_KEYS_OF_SSM_HUB, Recipe, recipe_differences, recipe_record
 from ssm_hub.training.data import character_tokenizer, read_documents, train_and_eval_datasets, train_tokenizer
 
@@ -136,10 +136,10 @@ def _recipe_trainer_class():
 
         on_save = on_step_end
 
-    class RecipeTrainer(StagedCheckpoints, Trainer):
+    class RecipeTrainer(StagedCheckpoints, CheckpointsWithoutPickle, Trainer):
         """Trainer whose training logs also carry tokens/s and peak memory (ThroughputCallback.measure), whose
-        checkpoints appear whole (StagedCheckpoints), and which stops at the next step when Ctrl-C was pressed
-        (_interrupts_noted)."""
+        checkpoints appear whole and hold no pickle (ssm_hub.training.checkpoints), and which stops at the next step
+        when Ctrl-C was pressed (_interrupts_noted)."""
 
         def __init__(self, *args, throughput: ThroughputCallback, **kwargs):
             super().__init__(*args, callbacks=[throughput, LossCurveCallback(), StopWhenInterrupted()], **kwargs)

@@ -23,6 +23,7 @@ from transformers import (
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
 from conftest import randomised
 from ssm_hub.cli import main
+from test_cli_errors import error_line
 
 INPUT_IDS = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(1))
 
@@ -72,9 +73,8 @@ def test_bad_source_exits_with_a_message_not_a_traceback(tmp_path, capsys):
 
     assert main(["convert", str(tmp_path / "unknown"), str(tmp_path / "converted")]) == 2
 
-    error = capsys.readouterr().err
-    assert error.startswith("ssm-hub: error:") and "unsupported checkpoint format" in error
-    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "converted").exists()
+    assert "unsupported checkpoint format" in error_line(capsys)
+    assert not (tmp_path / "converted").exists()
 
 
 def test_no_command_prints_help(capsys):

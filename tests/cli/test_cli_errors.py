@@ -1,6 +1,9 @@
 """Every ``ssm-hub`` error is one line on stderr that names the thing and the fix, with exit status 2, and every value
-is checked before any work (issue 22, point 2); ``--debug`` adds the traceback; ``--version``."""
+is checked before any work (issue 22, point 2); ``--debug`` adds the traceback; ``--version``. The status lines of the
+work that came before the error ("[0:00] ssm-hub train: loading torch and transformers", ssm_hub.progress) are not
+part of it."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +15,13 @@ from ssm_hub.cli import main
 from ssm_hub.demo import run_demo
 
 
+def without_status_lines(error: str) -> list[str]:
+    """The lines of ``error`` (a command's stderr) less ssm_hub.progress's status lines ("[0:03] data: ...")."""
+    return [line for line in error.strip().splitlines() if not re.match(r"\[\d+:\d\d\] ", line)]
+
+
 def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = without_status_lines(capsys.readouterr().err)
     assert len(lines) == 1, lines
     assert lines[0].startswith("ssm-hub")
     return lines[0]
@@ -30,7 +38,7 @@ def test_a_broken_yaml_recipe_is_one_line_with_the_line_and_column_through_the_c
                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
     assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines() == [
+    assert without_status_lines(completed.stderr) == [
         f"ssm-hub: error: {recipe}, line 4, column 10: not valid YAML (expected ',' or '}}', but got ':'): fix the "
         "recipe's syntax there"]
 
@@ -39,11 +47,11 @@ def test_debug_adds_the_traceback_and_version_names_the_versions(tmp_path, capsy
     recipe = tmp_path / "broken.yaml"
     recipe.write_text(BROKEN_RECIPE)
     assert main(["train", "--config", str(recipe), "--debug"]) == 2
-    error = capsys.readouterr().err
-    assert error.startswith("Traceback") and "ValueError" in error
-    assert error.strip().splitlines()[-1].startswith(f"ssm-hub: error: {recipe}, line 4")
+    error = without_status_lines(capsys.readouterr().err)
+    assert error[0].startswith("Traceback") and "ValueError" in "\n".join(error)
+    assert error[-1].startswith(f"ssm-hub: error: {recipe}, line 4")
     assert main(["--debug", "train", "--config", str(recipe)]) == 2  # before the subcommand too
-    assert capsys.readouterr().err.startswith("Traceback")
+    assert without_status_lines(capsys.readouterr().err)[0].startswith("Traceback")
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("ssm-hub 0.")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
+from test_cli_errors import error_line
 
 import ssm_hub
 from ssm_hub.cli import main
@@ -76,7 +77,7 @@ def test_a_network_failure_during_push_is_one_line_naming_the_endpoint(model_fol
 
     assert main(["push", str(model_folder), "me/tiny"]) == 2
 
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"ssm-hub: error: cannot reach {endpoint} (ConnectError")
-    assert "set HF_ENDPOINT (the Hub's address) / HF_TOKEN" in lines[0]
+    line = error_line(capsys)
+    assert line.startswith(f"ssm-hub: error: cannot reach {endpoint} (ConnectError")
+    assert "set HF_ENDPOINT (the Hub's address) / HF_TOKEN" in line
     assert snapshot(model_folder) == before

@@ -166,6 +166,10 @@ def test_distill_runs_both_stages_and_brings_the_student_closer(teacher_and_stud
     align_losses = [loss for _, loss in report["train_loss"]["align"]]
     assert align_losses[-1] < align_losses[0]
     assert (output / "align" / "loss_curve.png").is_file() and (output / "kl" / "checkpoint-12").is_dir()
+    # The checkpoints hold the optimizer, scheduler and RNG states as safetensors, not Trainer's pickles.
+    checkpoint = sorted(path.name for path in (output / "kl" / "checkpoint-12").iterdir())
+    assert "optimizer.safetensors" in checkpoint
+    assert not [name for name in checkpoint if name.endswith((".pt", ".pth", ".bin"))], checkpoint
     distilled = AutoModelForCausalLM.from_pretrained(output)
     assert distilled.config.mixer_types == ["mamba2", "attention", "mamba2", "attention"]
     assert (output / "tokenizer.json").is_file()
@@ -386,6 +390,48 @@ def test_a_student_without_a_tokenizer_takes_the_teachers_through_the_tokenizer_
     assert f"the student {bare} has no tokenizer" in error and "as --tokenizer" in error
     assert main([*short_run(teacher, bare, tmp_path / "distilled"), "--tokenizer", str(teacher)]) == 0
     assert (tmp_path / "distilled" / "tokenizer.json").is_file()
+
+
+def test_the_evaluations_run_eval_batch_size_rows_per_forward_call(teacher_and_student, tmp_path, monkeypatch,
+                                                                   capsys):
+    """--eval-batch-size (eval_batch_size=) sets how many held-out rows each evaluation call takes (issue 22, point 5:
+    distill evaluated in batches of 8, whatever the run); a value that is not a positive whole number is refused,
+    naming it."""
+    from ssm_hub import SsmHubHybridForCausalLM
+    from ssm_hub.conversion import distill as distillation
+    from ssm_hub.training.config import DataSection
+
+    teacher, student = teacher_and_student
+    rows_per_call, evaluating = [], []  # the student's forward calls while an evaluation runs: their rows
+    evaluate, forward = distillation.evaluate_against_teacher, SsmHubHybridForCausalLM.forward
+
+    def evaluate_noted(*args, **kwargs):
+        evaluating.append(True)
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            evaluating.clear()
+
+    def forward_counted(self, input_ids=None, **kwargs):
+        if evaluating:
+            rows_per_call.append(input_ids.shape[0])
+        return forward(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(distillation, "evaluate_against_teacher", evaluate_noted)
+    monkeypatch.setattr(SsmHubHybridForCausalLM, "forward", forward_counted)
+    assert main([*short_run(teacher, student, tmp_path / "distilled"), "--kl-steps", "0",
+                 "--eval-batch-size", "3"]) == 0
+    held_out = int(re.search(r"evaluation seeded: teacher and student on (\d+) held-out rows",
+                             capsys.readouterr().err).group(1))
+    assert held_out > 3 and rows_per_call == [3] * (held_out // 3) + ([held_out % 3] if held_out % 3 else [])
+    assert json.loads((tmp_path / "distilled" / "distillation.json").read_text())["settings"]["eval_batch_size"] == 3
+
+    assert main([*short_run(teacher, student, tmp_path / "refused"), "--eval-batch-size", "0"]) == 2
+    assert "argument --eval-batch-size: must be a whole number, at least 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="eval_batch_size must be a positive whole number, got 0"):
+        distillation.distill(str(teacher), str(student), DataSection(builtin="python_docs"), str(tmp_path / "python"),
+                             eval_batch_size=0)
+    assert not (tmp_path / "python").exists()
 
 
 def test_a_teacher_with_only_pickled_weights_is_refused_naming_the_file(teacher_and_student, tmp_path, capsys):

@@ -113,6 +113,7 @@ def test_the_cli_says_what_it_does_before_training_starts(tmp_path, capsys):
                  "train.save_steps=2", "train.eval_steps=2"]) == 0
     error = capsys.readouterr().err
     expected = [
+        r"ssm-hub train: loading torch and transformers",
         r"data: reading python_docs \(builtin\)",
         r"data: \d+ documents, [\d,]+ characters",
         r"tokenizer: training a byte-level BPE of 512 tokens on \d+ documents",

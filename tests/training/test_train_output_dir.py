@@ -15,6 +15,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ssm_hub.cli import main
 from ssm_hub.output_folder import STAGING_PREFIX
+from ssm_hub.training.checkpoints import CheckpointsWithoutPickle
 
 RECIPE = """
 model:
@@ -146,14 +147,14 @@ def test_a_checkpoint_interrupted_while_it_is_written_leaves_none_that_loads(rec
     between must not leave a checkpoint-N that from_pretrained loads and a resume takes for the latest (issue 22,
     point 1). It is written under a staging name and renamed into place once complete."""
     output = tmp_path / "run"
-    save_rng_state = Trainer._save_rng_state
+    save_rng_state = CheckpointsWithoutPickle._save_rng_state
 
     def interrupted_in_the_second_checkpoint(self, output_dir):
         if output_dir.endswith("checkpoint-2"):
             raise KeyboardInterrupt
         return save_rng_state(self, output_dir)
 
-    monkeypatch.setattr(Trainer, "_save_rng_state", interrupted_in_the_second_checkpoint)
+    monkeypatch.setattr(CheckpointsWithoutPickle, "_save_rng_state", interrupted_in_the_second_checkpoint)
     command = ["train", "--config", str(recipe), f"train.output_dir={output}"]
     assert main(command) == 130
     assert f"the last checkpoint is {output / 'checkpoint-1'}" in last_line(capsys)
