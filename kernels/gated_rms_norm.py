@@ -81,7 +81,10 @@ def gated_rms_norm_bwd_kernel(
     col = group.to(tl.int64) * group_size + k
     k_mask = k < group_size
     w = tl.load(weight_ptr + col, mask=k_mask, other=0.0).to(tl.float32)
-    grad_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # dweight's products are summed elementwise over the tiles and reduced over rows once at the end, not once per
+    # tile: at a 130M Mamba-2's training shape (16K rows) on an H100 the backward took 0.073 ms instead of 0.085 for
+    # the residual stream's norm (768, fp32) and 0.182 instead of 0.187 for the gated one (1536, bf16).
+    grad_w = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
 
     for tile in range(0, tiles_per_program):
         row = (program.to(tl.int64) * tiles_per_program + tile) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,7 +112,7 @@ def gated_rms_norm_bwd_kernel(
                 n = xhat * silu
 
         # 2. dweight += dy * n (n as the forward rounded it); g = dy * w reaches n.
-        grad_w += tl.sum(dy * n.to(x_ptr.dtype.element_ty).to(tl.float32), axis=0)
+        grad_w += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
         grad_n = dy * w[None, :]
         grad_xhat = grad_n
         if HAS_GATE:
@@ -130,7 +133,7 @@ def gated_rms_norm_bwd_kernel(
         tl.store(grad_x_ptr + row[:, None] * stride_grad_x_row + col[None, :],
                  grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(grad_weight_partial_ptr + program.to(tl.int64) * dim + col, grad_w, mask=k_mask)
+    tl.store(grad_weight_partial_ptr + program.to(tl.int64) * dim + col, tl.sum(grad_w, axis=0), mask=k_mask)
 
 
 def _launch_config(rows: int, group_size: int):
