@@ -284,18 +284,26 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise ValueError(f"dtype must be None or one of {tuple(DTYPES)}, got {dtype!r}")
 
 
+def check_model_reference(reference: str | Path, what: str = "source") -> None:
+    """Raise ValueError, naming ``what`` and ``reference``, unless it is an existing folder or could be a Hub model
+    id: checked before any work, so that a mistyped path is not tried on the Hub after minutes of data building."""
+    path = Path(reference)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"{what} must be a checkpoint folder or a Hub model id, got the file {str(reference)!r}")
+    try:
+        validate_repo_id(str(reference))
+    except HFValidationError:
+        raise ValueError(f"{what} {str(reference)!r} is neither an existing folder nor a valid Hub model id") from None
+
+
 def _resolve_source(source: str | Path) -> Path:
     """A local folder as is; anything else is a Hub model id, downloaded (config and safetensors only)."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"source must be a checkpoint folder or a Hub model id, got the file {str(source)!r}")
+    check_model_reference(source)
+    if Path(source).is_dir():
+        return Path(source)
     repo_id = str(source)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise ValueError(f"source {repo_id!r} is neither an existing folder nor a valid Hub model id") from None
     metadata = ["config.json", "*.safetensors.index.json", *TOKENIZER_FILES]
     folder = Path(snapshot_download(repo_id, allow_patterns=metadata))
     index = _find_index(folder)

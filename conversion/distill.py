@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ssm_hub.conversion.checkpoint import check_model_reference
 from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
 from ssm_hub.conversion.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.layers.patch_embedding import image_patches
@@ -396,6 +397,9 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
             raise ValueError(f"{name} must be at least 0, got {steps}")
     if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be a positive whole number, got {eval_batch_size!r}")
+    for what, reference in (("teacher", teacher), ("student", student), ("tokenizer", tokenizer)):
+        if reference is not None:
+            check_model_reference(reference, what)
     output = Path(output_dir)
     set_seed(seed)
     image_text = data.builtin == "shapes"

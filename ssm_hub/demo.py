@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
+from ssm_hub.conversion.checkpoint import check_model_reference
 from ssm_hub.conversion.distill import distill, evaluate_against_teacher, report_lines
 from ssm_hub.conversion.seed_from_attention import seed_hybrid
 from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
@@ -92,8 +93,10 @@ def check_settings(teacher: str | None, teacher_steps: int, align_steps: int, kl
             raise ValueError(f"{name} must be a whole number of at least 0, got {steps!r}")
     if any(not isinstance(context, int) or context < 1 for context in speed_contexts):
         raise ValueError(f"speed_contexts must be positive token counts, got {list(speed_contexts)}")
-    if teacher is not None and Path(teacher).exists() and not (Path(teacher) / "config.json").is_file():
-        raise ValueError(f"the teacher {teacher} has no config.json: give a model folder or a Hub model id")
+    if teacher is not None:
+        check_model_reference(teacher, "teacher")
+        if Path(teacher).is_dir() and not (Path(teacher) / "config.json").is_file():
+            raise ValueError(f"the teacher {teacher} has no config.json: give a model folder or a Hub model id")
 
 
 def run_demo(output_dir: str = "ssm-hub-demo", teacher: str | None = None, data: list[str] | None = None,

@@ -173,6 +173,9 @@ class Recipe:
                 continue  # Trainer reads true as "the latest checkpoint in output_dir"
             annotation = TRAIN_KEYS_OF_SSM_HUB.get(key) or fields[key]
             self.train[key] = _checked_value(f"train.{key}", value, annotation)
+        for key in NON_NEGATIVE_TRAIN_KEYS:
+            if key in self.train and self.train[key] < 0:
+                raise ValueError(f"train.{key} must be at least 0, got {self.train[key]}")
         if "output_dir" not in self.train:
             raise ValueError("train.output_dir is required: checkpoints, logs and the loss curve go there")
         if self.train.get("overwrite_output_dir") and self.train.get("resume_from_checkpoint"):
@@ -189,6 +192,9 @@ class Recipe:
             for key, value in self.lora.items():
                 self.lora[key] = _checked_value(f"lora.{key}", value, lora_fields[key])
 
+
+NON_NEGATIVE_TRAIN_KEYS = ("learning_rate", "weight_decay")
+"""TrainingArguments fields that it takes at any value and the optimizer refuses when negative, after the data work."""
 
 TRAIN_KEYS_OF_SSM_HUB = {"overwrite_output_dir": bool}
 """train keys that ssm-hub train reads itself, beside TrainingArguments' fields: overwrite_output_dir lets a run
@@ -270,6 +276,10 @@ def _check_model_config(model_type: str, values: dict) -> None:
     if unknown:
         raise ValueError(f"unknown key(s) in model.config for {model_type}: "
                          f"{', '.join(f'model.config.{k}' for k in unknown)}")
+    try:  # the config class's own checks of the values (the tokenizer's ids come later, from the data)
+        AutoConfig.for_model(model_type, **values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model.config: {error}") from None
 
 
 def check_model_type(model_type: str) -> None:

@@ -89,6 +89,35 @@ def test_a_data_file_that_is_not_utf8_is_named_before_any_work(tmp_path, capsys)
     assert not output.exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=-1", "train.learning_rate must be at least 0, got -1.0"),
+    ("model.config.hidden_size=-4", "model.config: SsmHubMambaConfig.hidden_size must be a positive integer, got -4"),
+])
+def test_a_bad_training_value_is_named_before_any_work(override, message, tmp_path, capsys):
+    """The optimizer and the config class would refuse these too, but only after the tokenizer and data work, and
+    the optimizer without naming the key."""
+    output = tmp_path / "run"
+    assert main(["train", "--config", "debug_mamba", f"train.output_dir={output}", override]) == 2
+    assert message in error_line(capsys)
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("flag", ["--teacher", "--student", "--tokenizer"])
+def test_distill_names_a_model_folder_that_does_not_exist_before_any_work(flag, tmp_path, capsys):
+    folders = {name: tmp_path / name for name in ("teacher", "student", "tokenizer")}
+    for folder in folders.values():
+        folder.mkdir()
+    folders[flag.removeprefix("--")] = tmp_path / "no" / "such" / "folder"
+    arguments = [argument for name, folder in folders.items() for argument in (f"--{name}", str(folder))]
+    assert main(["distill", *arguments, "--output", str(tmp_path / "out"), "--builtin", "python_docs"]) == 2
+    error = capsys.readouterr().err
+    assert "] data: " not in error  # refused before the data is read
+    (line,) = without_status_lines(error)
+    assert (f"{flag.removeprefix('--')} '{tmp_path / 'no' / 'such' / 'folder'}' is neither an existing folder nor a "
+            "valid Hub model id") in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_converting_a_transformer_without_to_says_how_to_seed_a_hybrid(tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
