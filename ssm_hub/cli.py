@@ -23,6 +23,7 @@ lines and bars on stderr (ssm_hub.progress).
 """
 
 import argparse
+import logging
 import os
 import shlex
 import sys
@@ -492,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     announce(args.command)
+    if not args.debug:
+        # huggingface_hub warns at each retry of a request (about 20 lines over 50 s when the Hub cannot be reached);
+        # the error that ends them is reported on one line, naming the endpoint.
+        logging.getLogger("huggingface_hub.utils._http").setLevel(logging.ERROR)
     try:
         status = args.run(args)
     except KeyboardInterrupt:

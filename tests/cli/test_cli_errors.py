@@ -118,6 +118,32 @@ def test_distill_names_a_model_folder_that_does_not_exist_before_any_work(flag, 
     assert not (tmp_path / "out").exists()
 
 
+UNREACHABLE_HUB = """
+import sys, httpx2
+from huggingface_hub.utils import _http
+from ssm_hub.cli import main
+from ssm_hub.conversion import checkpoint
+
+def unreachable(repo_id, **kwargs):
+    for attempt in range(1, 6):
+        _http.logger.warning(f"Retrying in {2 ** attempt}s [Retry {attempt}/5].")
+    raise httpx2.ConnectError("[Errno 111] Connection refused")
+
+checkpoint.snapshot_download = unreachable
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_hub_that_cannot_be_reached_is_one_line_without_the_retry_warnings(tmp_path):
+    """huggingface_hub warns at each retry before it gives up (about 20 lines over 50 s); the command shows only its
+    one error line. In a process of its own: under pytest, log records go to pytest's capture, not to stderr."""
+    completed = subprocess.run([sys.executable, "-c", UNREACHABLE_HUB, "convert", "someone/some-model",
+                                str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert completed.returncode == 2
+    (line,) = without_status_lines(completed.stderr)
+    assert line.startswith("ssm-hub: error: cannot reach ") and "HF_ENDPOINT" in line
+
+
 def test_converting_a_transformer_without_to_says_how_to_seed_a_hybrid(tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
