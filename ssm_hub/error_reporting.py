@@ -18,6 +18,7 @@ network failure names the endpoint and HF_ENDPOINT / HF_TOKEN, a Hub refusal its
 import argparse
 import sys
 import traceback
+from pathlib import Path
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
@@ -84,6 +85,22 @@ def _network_error_classes() -> tuple[type, ...]:
     return tuple(classes)
 
 
+def _not_a_local_folder(error: BaseException) -> str:
+    """Where the failed request was for a repository (its id in the URL's path), that no local folder of that name
+    exists either: a mistyped or not yet written folder (``model.pretrained: runs/mine``) has the form of a Hub id,
+    and only reaches the Hub because it is missing."""
+    try:
+        parts = [part for part in error.request.url.path.split("/") if part]
+    except (AttributeError, RuntimeError):  # no request: httpx raises RuntimeError when none was set
+        return ""
+    if parts[:1] == ["api"]:
+        parts = parts[2:]  # /api/models/NAMESPACE/NAME/...
+    if len(parts) < 2:
+        return ""
+    repo_id = "/".join(parts[:2])
+    return "" if Path(repo_id).exists() else f"; and {repo_id!r} is not a folder here ({Path.cwd()}) either"
+
+
 def _chain(error: BaseException):
     seen = set()
     while error is not None and id(error) not in seen:
@@ -100,7 +117,7 @@ def describe(error: BaseException) -> tuple[str, bool]:
             detail = _one_line(link) or "no answer"
             return (f"cannot reach {_hub_endpoint()} ({type(link).__name__}: {detail}): check the network, or set "
                     "HF_ENDPOINT (the Hub's address) / HF_TOKEN (an access token); HF_HUB_OFFLINE=1 uses the local "
-                    "cache only"), True
+                    "cache only" + _not_a_local_folder(link)), True
     hub_errors = sys.modules.get("huggingface_hub.errors")
     if hub_errors is not None and isinstance(error, hub_errors.HfHubHTTPError):
         answer = _one_line(error) or type(error).__name__

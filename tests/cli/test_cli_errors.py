@@ -144,6 +144,24 @@ def test_a_hub_that_cannot_be_reached_is_one_line_without_the_retry_warnings(tmp
     assert line.startswith("ssm-hub: error: cannot reach ") and "HF_ENDPOINT" in line
 
 
+def test_a_missing_folder_looked_up_on_an_unreachable_hub_is_said_to_be_missing(tmp_path, monkeypatch):
+    """``model.pretrained: ssm-hub-runs/debug_mamba2`` (debug_lora's) before that run has written it: a folder path
+    with the form of a Hub id, tried on the Hub because it is missing. The network error says it is not here either."""
+    import httpx2
+
+    from ssm_hub.error_reporting import describe
+
+    monkeypatch.chdir(tmp_path)
+    request = httpx2.Request("GET", "https://huggingface.co/api/models/ssm-hub-runs/debug_mamba2/revision/main")
+    error = httpx2.ConnectError("[Errno 111] Connection refused", request=request)
+    message, named = describe(error)
+    assert named and message.startswith("cannot reach ")
+    assert message.endswith(f"; and 'ssm-hub-runs/debug_mamba2' is not a folder here ({tmp_path}) either")
+    (tmp_path / "ssm-hub-runs" / "debug_mamba2").mkdir(parents=True)  # there: the Hub was asked for another reason
+    assert "not a folder here" not in describe(error)[0]
+    assert "not a folder here" not in describe(httpx2.ConnectError("refused"))[0]  # no request to read
+
+
 def test_converting_a_transformer_without_to_says_how_to_seed_a_hybrid(tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
