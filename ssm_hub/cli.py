@@ -351,7 +351,7 @@ def add_distill_command(subparsers) -> None:
                         help="continue each stage from its last checkpoint in --output (an interrupted run)")
     parser.add_argument("--speed-contexts", type=positive_int, nargs="*", default=None, metavar="TOKENS",
                         help="context lengths at which to time prefill and decode and measure the cache, teacher "
-                             "against student (default: 2048 8192 32768 on a GPU, 512 2048 on the CPU; none: skip)")
+                             "against student (default: 2048 8192 32768 on a GPU, 512 2048 on the CPU; the flag alone: skip)")
     add_overwrite_flag(parser, "distill")
     add_launch_flags(parser)
     parser.set_defaults(run=run_distill, interrupted=lambda args: "resume with: " + _command(

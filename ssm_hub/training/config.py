@@ -373,7 +373,8 @@ def shipped_file(name: str | Path, what: str, subfolder: str = "") -> Path:
         raise ValueError(f"{what} {str(name)!r} is a folder: give a {what} YAML file in it, or the name of a shipped "
                          f"{what} ({', '.join(available)})")
     if path.suffix or len(path.parts) > 1:
-        raise ValueError(f"{what} file {str(name)!r} not found")
+        raise ValueError(f"{what} file {str(name)!r} not found (from {Path.cwd()}): check the path, or give the name "
+                         f"of a shipped {what} ({', '.join(available)})")
     candidate = shipped / f"{path.name}.yaml"
     if candidate.is_file():
         return Path(str(candidate))

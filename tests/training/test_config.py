@@ -88,7 +88,8 @@ def test_shipped_recipes_are_found_by_name_and_load():
         assert load_recipe(recipe_path(name)).train["output_dir"].endswith(name)
     with pytest.raises(ValueError, match="no shipped recipe of that name .*debug_mamba2"):
         recipe_path("no_such_recipe")
-    with pytest.raises(ValueError, match="recipe file 'my_runs/debug_mamba2.yaml' not found"):
+    with pytest.raises(ValueError, match=r"recipe file 'my_runs/debug_mamba2.yaml' not found \(from .*\): check the "
+                                         r"path, or give the name of a shipped recipe \(.*debug_mamba2"):
         recipe_path("my_runs/debug_mamba2.yaml")  # a missing file is never replaced by the shipped namesake
 
 
