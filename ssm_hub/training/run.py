@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ssm_hub.output_folder import (
     MANIFEST,
@@ -223,10 +224,11 @@ def _check_resumed_recipe(recipe: Recipe) -> None:
     if not resume:
         return
     folder = Path(recipe.train["output_dir"]) if resume is True else Path(resume).parent
+    if resume is True and not any(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        raise ValueError(f"train.resume_from_checkpoint=true, but {folder} holds no {PREFIX_CHECKPOINT_DIR}-* folder "
+                         "to resume from: leave it out to start a new run")
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("command") != "train" or "recipe_sha256" not in manifest:
-        if resume is True and not (folder.is_dir() and any(folder.iterdir())):
-            return  # nothing to resume from: Trainer says so
         raise ValueError(f"cannot tell which recipe wrote the checkpoints in {folder} (no ssm-hub train record, "
                          f"{MANIFEST}, beside them): resume only a run that ssm-hub train wrote")
     record = recipe_record(recipe)

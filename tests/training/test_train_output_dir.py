@@ -91,6 +91,22 @@ def test_an_output_dir_in_use_is_refused_and_overwrite_replaces_only_the_earlier
     AutoModelForCausalLM.from_pretrained(output)
 
 
+@pytest.mark.parametrize("holds", ["nothing", "notes of the user's"])
+def test_a_resume_with_no_checkpoint_to_resume_from_says_so_before_any_work(holds, recipe, tmp_path, capsys):
+    output = tmp_path / "run"
+    if holds != "nothing":
+        output.mkdir()
+        (output / "notes.txt").write_text("mine\n")
+    assert main(["train", "--config", str(recipe), f"train.output_dir={output}",
+                 "train.resume_from_checkpoint=true"]) == 2
+    error = capsys.readouterr().err
+    assert "] data: " not in error  # before the data is read
+    assert (f"train.resume_from_checkpoint=true, but {output} holds no checkpoint-* folder to resume from: leave it "
+            "out to start a new run") in error.strip().splitlines()[-1]
+    assert (sorted(path.name for path in output.iterdir()) == ["notes.txt"]) if holds != "nothing" else (
+        not output.exists())
+
+
 def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(recipe, tmp_path, monkeypatch, capsys):
     output = tmp_path / "run"
     step = Trainer.training_step
