@@ -24,6 +24,7 @@ from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, reco
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
 from ssm_hub.ops.linear import gated_rms_norm_linear, linear_conv_step
+from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, mamba2_decode_on_kernels, mamba2_decode_step
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
 from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
@@ -87,6 +88,12 @@ class Mamba2Mixer(nn.Module):
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
         decoding = conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens
+        if decoding and padding_mask is None and self.modality_in_proj is None:
+            weights = self._decode_weights()
+            sizes = self._sizes(hidden_states.dtype)
+            if weights is not None and mamba2_decode_on_kernels(hidden_states, conv_state, ssm_state, weights, sizes):
+                # One row on the kernels: the whole step as one op, three launches (see ssm_hub.ops.mamba2_decode).
+                return mamba2_decode_step(hidden_states, conv_state, ssm_state, weights, sizes)
         if decoding and padding_mask is None and self.modality_in_proj is None and is_plain_linear(self.in_proj):
             # Decode: in_proj and the conv step as one op (one kernel on one row), the conv window updated in place.
             conv_weight, conv_bias = self._conv_parameters()
@@ -148,13 +155,27 @@ class Mamba2Mixer(nn.Module):
                               ("gated_rms_norm", {"has_triton_kernel": group_size <= MAX_GROUP_SIZE}))
         )
 
-    def _sequence_for_training(self, gate, xBC, dt, padding_mask, seq_idx, out_dtype, modality=None):
-        conv_weight, conv_bias = self._conv_parameters()
-        sizes = Mamba2Sizes(
+    def _sizes(self, out_dtype: torch.dtype) -> Mamba2Sizes:
+        return Mamba2Sizes(
             self.intermediate_size, self.n_groups, self.state_size, self.num_heads, self.head_dim, self.chunk_size,
             self.time_step_limit, self.norm.n_groups, self.norm.variance_epsilon, self.norm.norm_before_gate,
             out_dtype,
         )
+
+    def _decode_weights(self) -> Mamba2DecodeWeights | None:
+        """The tensors the one-op decode step reads, or None when a module it would bypass is wrapped, hooked or
+        routed per modality (then each runs as itself)."""
+        norm = self.norm
+        if not (is_plain_linear(self.in_proj) and is_plain_linear(self.out_proj) and self.modality_out_proj is None
+                and type(norm) is GatedRMSNorm and is_unhooked(norm)):
+            return None
+        conv_weight, conv_bias = self._conv_parameters()
+        return Mamba2DecodeWeights(self.in_proj.weight, self.in_proj.bias, conv_weight, conv_bias, self.A_log, self.D,
+                                   self.dt_bias, norm.weight, self.out_proj.weight, self.out_proj.bias)
+
+    def _sequence_for_training(self, gate, xBC, dt, padding_mask, seq_idx, out_dtype, modality=None):
+        conv_weight, conv_bias = self._conv_parameters()
+        sizes = self._sizes(out_dtype)
         # out_proj goes into the node (so its input need not be kept) unless something wraps or hooks it, such as
         # a PEFT adapter, or tokens are routed to per-modality out_projs: then it runs as itself on the node's
         # normed output.

@@ -1,0 +1,129 @@
+"""Mamba-2's one-op decode step (ssm_hub.ops.mamba2_decode) against the ops it chains: the same kernels on the same
+inputs, so outputs and both updated states are bit for bit those of linear_conv_step, ssd_step(in_place=True) and
+gated_rms_norm_linear. Also which calls it declines, and that a model's eager decode runs it."""
+
+import pytest
+import torch
+
+from kernel_testing import DEVICE, requires_triton
+from ssm_hub.ops.linear import gated_rms_norm_linear, linear_conv_step
+from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, mamba2_decode_on_kernels, mamba2_decode_step
+from ssm_hub.ops.mamba2_sequence import Mamba2Sizes
+from ssm_hub.ops.ssd import ssd_step
+
+pytestmark = requires_triton
+
+HIDDEN, D_INNER, HEADS, HEAD_DIM, STATE, WIDTH = 24, 48, 6, 8, 16, 4
+
+
+def _sizes(n_groups, norm_groups, norm_before_gate, dtype):
+    return Mamba2Sizes(D_INNER, n_groups, STATE, HEADS, HEAD_DIM, 8, (0.001, 0.5), norm_groups, 1e-5,
+                       norm_before_gate, dtype)
+
+
+def _inputs(sizes, dtype, bias):
+    conv_dim = D_INNER + 2 * sizes.n_groups * STATE
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+    weights = Mamba2DecodeWeights(
+        in_weight=randn(D_INNER + conv_dim + HEADS, HIDDEN, scale=HIDDEN ** -0.5),
+        in_bias=randn(D_INNER + conv_dim + HEADS) if bias else None,
+        conv_weight=randn(conv_dim, WIDTH, scale=0.5), conv_bias=randn(conv_dim) if bias else None,
+        A_log=randn(HEADS), D=randn(HEADS), dt_bias=randn(HEADS),
+        norm_weight=(torch.rand(D_INNER, device=DEVICE) + 0.5).to(dtype),
+        out_weight=randn(HIDDEN, D_INNER, scale=D_INNER ** -0.5), out_bias=randn(HIDDEN) if bias else None,
+    )
+    hidden = randn(1, 1, HIDDEN)
+    conv_state = randn(1, conv_dim, WIDTH - 1)
+    ssm_state = torch.randn(1, HEADS, HEAD_DIM, STATE, device=DEVICE)
+    return hidden, conv_state, ssm_state, weights
+
+
+def _op_by_op(hidden, conv_state, ssm_state, w, sizes):
+    """The mixer's decode as the three ops, each on the kernels."""
+    groups = sizes.n_groups * STATE
+    projected, xBC = linear_conv_step(hidden, w.in_weight, w.in_bias, conv_state, w.conv_weight, w.conv_bias,
+                                      conv_start=D_INNER, activation="silu", backend="triton")
+    gate, dt = projected[..., :D_INNER], projected[..., D_INNER + xBC.shape[-1]:]
+    x, B, C = xBC.split([D_INNER, groups, groups], -1)
+    y, _ = ssd_step(ssm_state, x.view(1, HEADS, HEAD_DIM), dt[:, 0], w.A_log, B.view(1, sizes.n_groups, STATE),
+                    C.view(1, sizes.n_groups, STATE), D=w.D, dt_bias=w.dt_bias, dt_softplus=True,
+                    dt_limit=sizes.dt_limit, A_is_log=True, in_place=True, backend="triton")
+    return gated_rms_norm_linear(y.reshape(1, 1, D_INNER), gate, w.norm_weight, w.out_weight, w.out_bias,
+                                 n_groups=sizes.norm_groups, eps=sizes.norm_eps,
+                                 norm_before_gate=sizes.norm_before_gate, backend="triton")
+
+
+# Each option once in each value, in four runs (the interpreter takes seconds a run).
+@pytest.mark.parametrize("dtype, n_groups, norm_groups, norm_before_gate, bias", [
+    (torch.bfloat16, 1, 1, False, False), (torch.bfloat16, 2, 3, True, True), (torch.float16, 2, 3, False, True),
+    (torch.float16, 1, 1, True, False),
+])
+def test_the_one_op_step_is_the_three_ops(dtype, n_groups, norm_groups, norm_before_gate, bias, monkeypatch):
+    # CPU runs need the interpreter chosen explicitly ("auto" dispatches CPU tensors to torch).
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    sizes = _sizes(n_groups, norm_groups, norm_before_gate, dtype)
+    hidden, conv_state, ssm_state, weights = _inputs(sizes, dtype, bias)
+    want_conv_state, want_ssm_state = conv_state.clone(), ssm_state.clone()
+    with torch.no_grad():
+        assert mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes)
+        for _ in range(3):  # the states carry from step to step
+            want = _op_by_op(hidden, want_conv_state, want_ssm_state, weights, sizes)
+            got = mamba2_decode_step(hidden, conv_state, ssm_state, weights, sizes)
+            assert got.shape == (1, 1, HIDDEN) and got.dtype == dtype
+            assert torch.equal(got, want)
+            assert torch.equal(conv_state, want_conv_state) and torch.equal(ssm_state, want_ssm_state)
+    assert bool(torch.isfinite(got).all())
+
+
+def test_calls_the_kernels_do_not_cover_go_op_by_op(monkeypatch):
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    sizes = _sizes(1, 1, False, torch.bfloat16)
+    hidden, conv_state, ssm_state, weights = _inputs(sizes, torch.bfloat16, True)
+    with torch.no_grad():
+        assert mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes)
+        assert not mamba2_decode_on_kernels(hidden.expand(2, 1, HIDDEN), conv_state.expand(2, -1, -1),
+                                            ssm_state.expand(2, -1, -1, -1), weights, sizes)  # two rows
+        assert not mamba2_decode_on_kernels(hidden.float(), conv_state, ssm_state, weights, sizes)  # float32 row
+        assert not mamba2_decode_on_kernels(hidden, conv_state[..., :1], ssm_state, weights, sizes)  # wrong window
+        assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state[..., :8], weights, sizes)  # wrong state
+        wide = sizes._replace(intermediate_size=8192)
+        assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, wide)  # norm row > one block
+    trainable = weights._replace(out_weight=weights.out_weight.clone().requires_grad_())
+    assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, trainable, sizes)  # gradients needed
+    monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
+    with torch.no_grad():
+        assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes)
+
+
+def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
+    """A bf16 model's generate on the kernels (the interpreter on CPU): every decode step of every layer runs the
+    one op, and the tokens and logits are those of the op-by-op path."""
+    import ssm_hub.layers.mamba2_mixer as mixer_module
+    from conftest import tiny_config
+    from ssm_hub import SsmHubMamba2ForCausalLM
+
+    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+    torch.manual_seed(0)
+    config = tiny_config("ssm_hub_mamba2", hidden_size=32, head_dim=16)
+    model = SsmHubMamba2ForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    prompt = torch.randint(1, config.vocab_size, (1, 5), device=DEVICE)
+
+    def generate():
+        # The eager loop (custom_generate's capture is for CUDA and would hide the per-step calls).
+        return model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True, pad_token_id=0, cache_implementation="dynamic")
+
+    one_op = mixer_module.mamba2_decode_step
+    calls = []
+    monkeypatch.setattr(mixer_module, "mamba2_decode_step", lambda *args: calls.append(1) or one_op(*args))
+    with torch.no_grad():
+        got = generate()
+        assert len(calls) == 3 * config.num_hidden_layers  # the prefill makes the first token, 3 steps the rest
+        monkeypatch.setattr(mixer_module, "mamba2_decode_on_kernels", lambda *args: False)
+        want = generate()
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for got_logits, want_logits in zip(got.logits, want.logits):
+        assert torch.equal(got_logits, want_logits)
