@@ -11,7 +11,9 @@ summed in float32, the bias added and the SwiGLU gate applied in float32, and th
 
 With the norm, every program norms the whole input row itself (a few thousand values, read from L2) before its
 columns: the norm needs no launch of its own, which on one row costs more than the norm. Its math and roundings are
-those of ``ssm_hub.ops.gated_rms_norm``: n rounded to x's dtype, times the norm's weight, rounded again.
+those of ``ssm_hub.ops.gated_rms_norm``: n rounded to x's dtype, times the norm's weight, rounded again. The norm
+may also add a residual first, as ``add_rms_norm`` does in a pre-norm block (the block's norm and Mamba-2's in_proj
+in one launch); the first program writes the sum back.
 
 With the conv step, the program that owns an output column that is also a conv channel runs that channel's step on
 its rounded output (the window of the cached inputs and this one, the bias, SiLU) and shifts the channel's cached
@@ -38,12 +40,21 @@ MAX_BLOCK_K = 4096
 
 
 @triton.jit
-def _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, in_features, eps, HAS_GATE: tl.constexpr,
-                        NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The gated RMSNorm of the row x [K] (K <= BLOCK_K) in float32, with ssm_hub.ops.gated_rms_norm's roundings."""
+def _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, residual_ptr, residual_out_ptr, in_features, eps,
+                        HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The gated RMSNorm of the row x [K] (K <= BLOCK_K) in float32, with ssm_hub.ops.gated_rms_norm's roundings;
+    with a residual, the RMSNorm of residual + x with add_rms_norm's, the sum written to residual_out once."""
     k = tl.arange(0, BLOCK_K)
     k_mask = k < in_features
     x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # The sum goes back to the residual stream in its dtype; the norm sees it in x's dtype.
+        residual = tl.load(residual_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
+        total = (x + residual).to(residual_out_ptr.dtype.element_ty)
+        if tl.program_id(0) == 0:
+            tl.store(residual_out_ptr + k, total, mask=k_mask)
+        x = total.to(x_ptr.dtype.element_ty).to(tl.float32)
     h = x
     if HAS_GATE:
         z = tl.load(gate_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
@@ -104,12 +115,13 @@ def _conv_step_epilogue(projected, n, n_mask, conv_state_ptr, conv_weight_ptr, c
 
 @triton.jit
 def gemv_fwd_kernel(
-    x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr, gate_ptr, norm_weight_ptr,
-    conv_state_ptr, conv_weight_ptr, conv_bias_ptr, conv_out_ptr,
+    x_ptr, weight_ptr, bias_ptr, up_weight_ptr, up_bias_ptr, out_ptr, gate_ptr, norm_weight_ptr, residual_ptr,
+    residual_out_ptr, conv_state_ptr, conv_weight_ptr, conv_bias_ptr, conv_out_ptr,
     out_features, in_features, eps, conv_start, conv_channels,
     stride_state_c, stride_state_k, stride_conv_weight_c, stride_conv_weight_k,
     HAS_BIAS: tl.constexpr, HAS_UP_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, CONV: tl.constexpr,
+    HAS_GATE: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr, NORM_GROUPS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    CONV: tl.constexpr,
     CONV_WIDTH: tl.constexpr, CONV_HAS_BIAS: tl.constexpr, CONV_SILU: tl.constexpr, BLOCK_W: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -121,8 +133,8 @@ def gemv_fwd_kernel(
         k = k_start + tl.arange(0, BLOCK_K)
         k_mask = k < in_features
         if NORM:  # the launcher guarantees one step: the whole row is one block
-            x = _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, in_features, eps, HAS_GATE, NORM_BEFORE_GATE,
-                                    NORM_GROUPS, BLOCK_K)
+            x = _gated_rms_norm_row(x_ptr, gate_ptr, norm_weight_ptr, residual_ptr, residual_out_ptr, in_features,
+                                    eps, HAS_GATE, NORM_BEFORE_GATE, NORM_GROUPS, HAS_RESIDUAL, BLOCK_K)
         else:
             x = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
         weight_offsets = n[:, None] * in_features + k[None, :]
@@ -152,34 +164,45 @@ def launch_config(in_features: int) -> tuple[int, int]:
     return block_k, 4 if block_k <= 1024 else 8
 
 
-def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None, conv=None):
+def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None, conv=None, residual=None):
     """Launch the kernel: x [K] contiguous, weight (and up_weight) [N, K] and bias [N] contiguous.
 
     Returns x W^T + b [N], or with ``up_weight`` silu(x W^T + b) * (x W_up^T + b_up), in x's dtype. ``norm``:
     (gate [K] contiguous or None, norm weight [K] contiguous, n_groups, eps, norm_before_gate) to project the gated
-    RMSNorm of x instead of x, for K <= MAX_BLOCK_K; its weight has x's dtype. ``conv``: (conv_state [C, K_conv - 1],
-    conv weight [C, K_conv], conv bias [C] contiguous or None, start, silu) to also run the causal conv1d's decode step
-    on outputs start .. start + C - 1 and shift conv_state in place; then returns (the projection, the step's
-    output [C] in x's dtype)."""
+    RMSNorm of x instead of x, for K <= MAX_BLOCK_K; its weight has x's dtype. ``residual`` [K] contiguous, with an
+    ungated ``norm``: project the RMSNorm of residual + x (add_rms_norm's step, the sum rounded to the dtype promoted
+    from x's and residual's) and also return that sum. ``conv``: (conv_state [C, K_conv - 1], conv weight
+    [C, K_conv], conv bias [C] contiguous or None, start, silu) to also run the causal conv1d's decode step on
+    outputs start .. start + C - 1 and shift conv_state in place, and also return the step's output [C] in x's
+    dtype. The extra outputs follow the projection in that order: (projection, conv output, sum)."""
     out_features, in_features = weight.shape
     out = torch.empty(out_features, device=x.device, dtype=x.dtype)
     conv_state, conv_weight, conv_bias, conv_start, conv_silu = conv if conv is not None else (None,) * 4 + (False,)
     conv_channels, conv_width = conv_weight.shape if conv is not None else (0, 2)
     conv_out = torch.empty(conv_channels, device=x.device, dtype=x.dtype) if conv is not None else None
+    residual_out = (torch.empty(in_features, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
+                    if residual is not None else None)
+    extras = [t for t in (conv_out, residual_out) if t is not None]
     if out_features == 0:
-        return out if conv is None else (out, conv_out)
+        if residual is not None:
+            residual_out.copy_(x + residual)
+        return (out, *extras) if extras else out
     block_k, num_warps = launch_config(in_features)
     gate, norm_weight, n_groups, eps, norm_before_gate = norm if norm is not None else (None, None, 1, 0.0, False)
     if norm is not None and in_features > block_k:
         raise ValueError(f"the normed projection takes rows of at most {MAX_BLOCK_K} channels, got {in_features}")
+    if residual is not None and (norm is None or gate is not None):
+        raise ValueError("a residual goes with an ungated norm")
     state_strides = conv_state.stride() if conv is not None else (0, 0)
     conv_weight_strides = conv_weight.stride() if conv is not None else (0, 0)
     gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
-        x, weight, bias, up_weight, up_bias, out, gate, norm_weight, conv_state, conv_weight, conv_bias, conv_out,
-        out_features, in_features, eps, conv_start or 0, conv_channels, *state_strides, *conv_weight_strides,
+        x, weight, bias, up_weight, up_bias, out, gate, norm_weight, residual, residual_out, conv_state, conv_weight,
+        conv_bias, conv_out, out_features, in_features, eps, conv_start or 0, conv_channels, *state_strides,
+        *conv_weight_strides,
         HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None,
         NORM=norm is not None, HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, NORM_GROUPS=n_groups,
-        CONV=conv is not None, CONV_WIDTH=conv_width, CONV_HAS_BIAS=conv_bias is not None, CONV_SILU=conv_silu,
-        BLOCK_W=triton.next_power_of_2(conv_width), BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, CONV=conv is not None, CONV_WIDTH=conv_width,
+        CONV_HAS_BIAS=conv_bias is not None, CONV_SILU=conv_silu, BLOCK_W=triton.next_power_of_2(conv_width),
+        BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
     )
-    return out if conv is None else (out, conv_out)
+    return (out, *extras) if extras else out

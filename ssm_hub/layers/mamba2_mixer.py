@@ -24,7 +24,7 @@ from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, reco
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
 from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
 from ssm_hub.ops.linear import gated_rms_norm_linear, linear_conv_step
-from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, mamba2_decode_on_kernels, mamba2_decode_step
+from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, PreNorm, mamba2_decode_on_kernels, mamba2_decode_step
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
 from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
@@ -88,12 +88,10 @@ class Mamba2Mixer(nn.Module):
         ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
 
         decoding = conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens
-        if decoding and padding_mask is None and self.modality_in_proj is None:
-            weights = self._decode_weights()
-            sizes = self._sizes(hidden_states.dtype)
-            if weights is not None and mamba2_decode_on_kernels(hidden_states, conv_state, ssm_state, weights, sizes):
-                # One row on the kernels: the whole step as one op, three launches (see ssm_hub.ops.mamba2_decode).
-                return mamba2_decode_step(hidden_states, conv_state, ssm_state, weights, sizes)
+        if decoding:
+            out = self.one_op_decode(hidden_states, cache, padding_mask)
+            if out is not None:
+                return out
         if decoding and padding_mask is None and self.modality_in_proj is None and is_plain_linear(self.in_proj):
             # Decode: in_proj and the conv step as one op (one kernel on one row), the conv window updated in place.
             conv_weight, conv_bias = self._conv_parameters()
@@ -132,6 +130,27 @@ class Mamba2Mixer(nn.Module):
                 cache.update_conv_state(conv_state, self.layer_idx, conv_kernel_size=self.conv_kernel_size - 1)
             cache.update_recurrent_state(ssm_state, self.layer_idx)
         return out
+
+    def one_op_decode(self, hidden_states: torch.Tensor, cache, padding_mask: torch.Tensor | None = None,
+                      pre_norm: PreNorm | None = None):
+        """The decode step of one row as one op on the kernels (see ssm_hub.ops.mamba2_decode), or None where that
+        op does not cover the call. With ``pre_norm`` the op also takes the block's residual step and norm in front,
+        so ``hidden_states`` is the previous block's output and (output, residual stream) come back; SSMBlock calls
+        it so. It reads the module weights directly, so it declines when a module it would bypass is wrapped or
+        hooked."""
+        if (cache is None or hidden_states.shape[1] != 1 or padding_mask is not None
+                or self.modality_in_proj is not None
+                or recorded_state_count(cache, self.layer_idx, 1, None, self.conv_kernel_size)):
+            return None
+        conv_state, ssm_state = cache.get_conv_state(self.layer_idx), cache.get_recurrent_state(self.layer_idx)
+        if conv_state is None or ssm_state is None:
+            return None
+        weights = self._decode_weights()
+        sizes = self._sizes(hidden_states.dtype)
+        if weights is None or not mamba2_decode_on_kernels(hidden_states, conv_state, ssm_state, weights, sizes,
+                                                           pre_norm):
+            return None
+        return mamba2_decode_step(hidden_states, conv_state, ssm_state, weights, sizes, pre_norm)
 
     def _decode_step(self, xBC, gate, dt, ssm_state, out_dtype, modality) -> torch.Tensor:
         """The SSM step and the output of one token: xBC [B, conv_dim] after the conv, gate [B, 1, d_inner], dt

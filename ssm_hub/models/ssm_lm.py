@@ -22,10 +22,12 @@ from transformers.utils import ModelOutput
 
 from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
+from ssm_hub.layers.peft_compat import is_unhooked
 from ssm_hub.layers.sequence_boundaries import packing_inputs_as_tensors, padding_mask, resolve_seq_idx
 from ssm_hub.models.checkpoint_loading import StrictLoadingMixin
 from ssm_hub.models.remote_code import save_with_remote_code
 from ssm_hub.ops.cross_entropy import cross_entropy
+from ssm_hub.ops.mamba2_decode import PreNorm
 
 # Keyword arguments a packing collator or an attention-style caller may pass; the boundary ones become seq_idx,
 # the max_length ones only matter to flash attention and carry nothing an SSM needs.
@@ -175,8 +177,22 @@ class SSMBlock(GradientCheckpointingLayer):
             residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
             normed = self.norm(hidden_states.to(self.norm.weight.dtype))
         else:
+            decoded = self._one_op_decode(hidden_states, residual, cache, padding_mask, seq_idx)
+            if decoded is not None:
+                return decoded
             normed, residual = self.norm.add_and_norm(hidden_states, residual)
         return self.mixer(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx), residual
+
+    def _one_op_decode(self, hidden_states, residual, cache, padding_mask, seq_idx):
+        """(mixer output, residual stream) of a decode step whose mixer runs it, the residual add and this block's
+        norm included, as one op (Mamba2Mixer.one_op_decode), or None: then the norm and the mixer run as modules.
+        Neither may be hooked or replaced, since the op reads their weights."""
+        one_op_decode = getattr(self.mixer, "one_op_decode", None)
+        if (cache is None or seq_idx is not None or one_op_decode is None or type(self.norm) is not RMSNorm
+                or not is_unhooked(self.norm) or not is_unhooked(self.mixer)):
+            return None
+        return one_op_decode(hidden_states, cache, padding_mask,
+                             PreNorm(residual, self.norm.weight, self.norm.variance_epsilon))
 
 
 class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):

@@ -1,13 +1,15 @@
 """Mamba-2's one-op decode step (ssm_hub.ops.mamba2_decode) against the ops it chains: the same kernels on the same
-inputs, so outputs and both updated states are bit for bit those of linear_conv_step, ssd_step(in_place=True) and
-gated_rms_norm_linear. Also which calls it declines, and that a model's eager decode runs it."""
+inputs, so outputs and both updated states are bit for bit those of (add_rms_norm,) linear_conv_step,
+ssd_step(in_place=True) and gated_rms_norm_linear. Also which calls it declines, and that a model's eager decode runs
+it."""
 
 import pytest
 import torch
 
 from kernel_testing import DEVICE, requires_triton
+from ssm_hub.ops.gated_rms_norm import add_rms_norm
 from ssm_hub.ops.linear import gated_rms_norm_linear, linear_conv_step
-from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, mamba2_decode_on_kernels, mamba2_decode_step
+from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, PreNorm, mamba2_decode_on_kernels, mamba2_decode_step
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes
 from ssm_hub.ops.ssd import ssd_step
 
@@ -56,22 +58,34 @@ def _op_by_op(hidden, conv_state, ssm_state, w, sizes):
                                  norm_before_gate=sizes.norm_before_gate, backend="triton")
 
 
-# Each option once in each value, in four runs (the interpreter takes seconds a run).
-@pytest.mark.parametrize("dtype, n_groups, norm_groups, norm_before_gate, bias", [
-    (torch.bfloat16, 1, 1, False, False), (torch.bfloat16, 2, 3, True, True), (torch.float16, 2, 3, False, True),
-    (torch.float16, 1, 1, True, False),
+# Each option once in each value, in four runs (the interpreter takes seconds a run). residual: the dtype of the
+# residual stream a pre-norm block hands in (float32 with residual_in_fp32), or None for the mixer's op alone.
+@pytest.mark.parametrize("dtype, n_groups, norm_groups, norm_before_gate, bias, residual", [
+    (torch.bfloat16, 1, 1, False, False, torch.float32), (torch.bfloat16, 2, 3, True, True, None),
+    (torch.float16, 2, 3, False, True, torch.float16), (torch.float16, 1, 1, True, False, None),
 ])
-def test_the_one_op_step_is_the_three_ops(dtype, n_groups, norm_groups, norm_before_gate, bias, monkeypatch):
+def test_the_one_op_step_is_the_ops_it_chains(dtype, n_groups, norm_groups, norm_before_gate, bias, residual,
+                                              monkeypatch):
     # CPU runs need the interpreter chosen explicitly ("auto" dispatches CPU tensors to torch).
     monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
     sizes = _sizes(n_groups, norm_groups, norm_before_gate, dtype)
     hidden, conv_state, ssm_state, weights = _inputs(sizes, dtype, bias)
+    pre_norm = None
+    if residual is not None:
+        pre_norm = PreNorm(torch.randn(1, 1, HIDDEN, device=DEVICE).to(residual),
+                           (torch.rand(HIDDEN, device=DEVICE) + 0.5).to(dtype), 1e-5)
     want_conv_state, want_ssm_state = conv_state.clone(), ssm_state.clone()
     with torch.no_grad():
-        assert mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes)
+        assert mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes, pre_norm)
         for _ in range(3):  # the states carry from step to step
-            want = _op_by_op(hidden, want_conv_state, want_ssm_state, weights, sizes)
-            got = mamba2_decode_step(hidden, conv_state, ssm_state, weights, sizes)
+            mixer_input = hidden
+            if pre_norm is not None:
+                mixer_input, want_total = add_rms_norm(hidden, *pre_norm, backend="triton")
+            want = _op_by_op(mixer_input, want_conv_state, want_ssm_state, weights, sizes)
+            got = mamba2_decode_step(hidden, conv_state, ssm_state, weights, sizes, pre_norm)
+            if pre_norm is not None:
+                got, total = got
+                assert total.dtype == residual and torch.equal(total, want_total)
             assert got.shape == (1, 1, HIDDEN) and got.dtype == dtype
             assert torch.equal(got, want)
             assert torch.equal(conv_state, want_conv_state) and torch.equal(ssm_state, want_ssm_state)
@@ -91,6 +105,12 @@ def test_calls_the_kernels_do_not_cover_go_op_by_op(monkeypatch):
         assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state[..., :8], weights, sizes)  # wrong state
         wide = sizes._replace(intermediate_size=8192)
         assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, wide)  # norm row > one block
+        pre_norm = PreNorm(hidden.float(), torch.ones(HIDDEN, device=DEVICE, dtype=torch.bfloat16), 1e-5)
+        assert mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes, pre_norm)
+        assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes,
+                                            pre_norm._replace(residual=hidden.float()[0]))  # residual of another shape
+        assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes,
+                                            pre_norm._replace(weight=pre_norm.weight.float()))  # float32 norm weight
     trainable = weights._replace(out_weight=weights.out_weight.clone().requires_grad_())
     assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, trainable, sizes)  # gradients needed
     monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
@@ -100,7 +120,8 @@ def test_calls_the_kernels_do_not_cover_go_op_by_op(monkeypatch):
 
 def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
     """A bf16 model's generate on the kernels (the interpreter on CPU): every decode step of every layer runs the
-    one op, and the tokens and logits are those of the op-by-op path."""
+    one op (all but the first layer with the block's residual step and norm in it), and the tokens and logits are
+    those of the op-by-op path."""
     import ssm_hub.layers.mamba2_mixer as mixer_module
     from conftest import tiny_config
     from ssm_hub import SsmHubMamba2ForCausalLM
@@ -118,10 +139,12 @@ def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
 
     one_op = mixer_module.mamba2_decode_step
     calls = []
-    monkeypatch.setattr(mixer_module, "mamba2_decode_step", lambda *args: calls.append(1) or one_op(*args))
+    monkeypatch.setattr(mixer_module, "mamba2_decode_step",
+                        lambda *args: calls.append(args[-1] is not None) or one_op(*args))
     with torch.no_grad():
         got = generate()
-        assert len(calls) == 3 * config.num_hidden_layers  # the prefill makes the first token, 3 steps the rest
+        # The prefill makes the first token, 3 steps the rest; the first layer has no residual stream to add to.
+        assert calls == [False, *[True] * (config.num_hidden_layers - 1)] * 3
         monkeypatch.setattr(mixer_module, "mamba2_decode_on_kernels", lambda *args: False)
         want = generate()
     assert got.sequences.tolist() == want.sequences.tolist()

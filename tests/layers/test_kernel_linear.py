@@ -87,13 +87,14 @@ def test_bf16_decode_step_on_the_kernels_matches_the_torch_path(monkeypatch):
     launches = {"gemv": [], "normed gemv": [], "gemv with conv step": [], "rms_norm": [], "add_rms_norm": []}
     launch_gemv, launch_norm = gemv.gemv_fwd, gated_rms_norm.gated_rms_norm_fwd
 
-    def counted_gemv(*args, norm=None, conv=None):
+    def counted_gemv(*args, norm=None, conv=None, residual=None):
         launches["gemv"].append(args)
         if norm is not None:
             launches["normed gemv"].append(args)
         if conv is not None:
             launches["gemv with conv step"].append(args)
-        return launch_gemv(*args, norm=norm, conv=conv)
+        assert residual is None  # the hybrid's blocks add their residual in add_rms_norm
+        return launch_gemv(*args, norm=norm, conv=conv, residual=residual)
 
     def counted_norm(*args, residual=None, out_dtype=None):
         launches["add_rms_norm" if residual is not None else "rms_norm"].append(args)
