@@ -105,6 +105,11 @@ def mamba2_decode_step(hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state
     return out if pre_norm is None else (out, total.view(hidden.shape))
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t.contiguous()`` without its trip through the dispatcher for the tensor that already is (every weight)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 @kernel_op("ssm_hub::mamba2_decode_step", mutates_args=("conv_state", "ssm_state"))
 @on_input_device
 def _mamba2_decode_step_triton(
@@ -138,15 +143,14 @@ def _mamba2_decode_step_triton(
     from ssm_hub.kernels.gemv import gemv_fwd
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
-    in_weight, in_bias, conv_bias, A_log, D, dt_bias, norm_weight, out_weight, out_bias = [
-        t.contiguous() if t is not None else None
-        for t in (in_weight, in_bias, conv_bias, A_log, D, dt_bias, norm_weight, out_weight, out_bias)
-    ]
+    (hidden, residual, pre_norm_weight, in_weight, in_bias, conv_bias, A_log, D, dt_bias, norm_weight, out_weight,
+     out_bias) = map(_contiguous, (hidden, residual, pre_norm_weight, in_weight, in_bias, conv_bias, A_log, D, dt_bias,
+                                   norm_weight, out_weight, out_bias))
     # in_proj's columns: gate z [d_inner], conv input xBC [d_inner + 2 G N], dt [H].
-    pre_norm = (None, pre_norm_weight.contiguous(), 1, pre_norm_eps, False) if residual is not None else None
-    projected, xBC, *total = gemv_fwd(hidden.contiguous(), in_weight, in_bias, norm=pre_norm,
+    pre_norm = (None, pre_norm_weight, 1, pre_norm_eps, False) if residual is not None else None
+    projected, xBC, *total = gemv_fwd(hidden, in_weight, in_bias, norm=pre_norm,
                                       conv=(conv_state[0], conv_weight, conv_bias, intermediate_size, True),
-                                      residual=residual.contiguous() if residual is not None else None)
+                                      residual=residual)
     _, heads, head_dim, _ = ssm_state.shape
     groups = n_groups * state_size
     x, B, C = xBC.split([intermediate_size, groups, groups])
