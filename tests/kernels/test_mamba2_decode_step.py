@@ -5,6 +5,7 @@ it."""
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from kernel_testing import DEVICE, requires_triton
 from ssm_hub.ops.gated_rms_norm import add_rms_norm
@@ -119,34 +120,35 @@ def test_calls_the_kernels_do_not_cover_go_op_by_op(monkeypatch):
 
 
 def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
-    """A bf16 model's generate on the kernels (the interpreter on CPU): every decode step of every layer runs the
-    one op (all but the first layer with the block's residual step and norm in it), and the tokens and logits are
-    those of the op-by-op path."""
+    """A bf16 model's decode steps on the kernels (the interpreter on CPU): every layer runs the one op, all but the
+    first with the block's residual step and norm in it, and the logits are those of the op-by-op path."""
     import ssm_hub.layers.mamba2_mixer as mixer_module
     from conftest import tiny_config
     from ssm_hub import SsmHubMamba2ForCausalLM
 
-    monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
     torch.manual_seed(0)
-    config = tiny_config("ssm_hub_mamba2", hidden_size=32, head_dim=16)
+    config = tiny_config("ssm_hub_mamba2")
     model = SsmHubMamba2ForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
     prompt = torch.randint(1, config.vocab_size, (1, 5), device=DEVICE)
+    tokens = torch.randint(1, config.vocab_size, (2, 1, 1), device=DEVICE)
 
-    def generate():
-        # The eager loop (custom_generate's capture is for CUDA and would hide the per-step calls).
-        return model.generate(prompt, max_new_tokens=4, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0, cache_implementation="dynamic")
+    def decode():
+        monkeypatch.setenv("SSM_HUB_BACKEND", "torch")  # the prefill's scan would take seconds in the interpreter
+        cache = DynamicCache(config=config)
+        model(prompt, cache=cache, use_cache=True)
+        monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+        return [model(token, cache=cache, use_cache=True).logits for token in tokens]
 
     one_op = mixer_module.mamba2_decode_step
     calls = []
     monkeypatch.setattr(mixer_module, "mamba2_decode_step",
                         lambda *args: calls.append(args[-1] is not None) or one_op(*args))
     with torch.no_grad():
-        got = generate()
-        # The prefill makes the first token, 3 steps the rest; the first layer has no residual stream to add to.
-        assert calls == [False, *[True] * (config.num_hidden_layers - 1)] * 3
+        got = decode()
+        # The first layer has no residual stream to add to.
+        assert calls == [False, *[True] * (config.num_hidden_layers - 1)] * len(tokens)
         monkeypatch.setattr(mixer_module, "mamba2_decode_on_kernels", lambda *args: False)
-        want = generate()
-    assert got.sequences.tolist() == want.sequences.tolist()
-    for got_logits, want_logits in zip(got.logits, want.logits):
+        want = decode()
+    assert len(calls) == len(tokens) * config.num_hidden_layers  # the op-by-op run did not call it
+    for got_logits, want_logits in zip(got, want):
         assert torch.equal(got_logits, want_logits)
