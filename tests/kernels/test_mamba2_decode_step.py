@@ -5,7 +5,7 @@ it."""
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from kernel_testing import DEVICE, requires_triton
 from ssm_hub.ops.gated_rms_norm import add_rms_norm
@@ -152,3 +152,33 @@ def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
     assert len(calls) == len(tokens) * config.num_hidden_layers  # the op-by-op run did not call it
     for got_logits, want_logits in zip(got, want):
         assert torch.equal(got_logits, want_logits)
+
+
+def test_the_one_op_step_traces_into_one_compiled_graph(monkeypatch):
+    """generate(cache_implementation="static") compiles the decode step: through its fake implementation the op
+    traces into one graph (aot_eager here, as tests/models/test_compile_training.py does on CPU), which runs it with
+    eager's logits and states."""
+    from conftest import tiny_config
+    from ssm_hub import SsmHubMamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config("ssm_hub_mamba2")
+    model = SsmHubMamba2ForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    prompt = torch.randint(1, config.vocab_size, (1, 5), device=DEVICE)
+    token = torch.randint(1, config.vocab_size, (1, 1), device=DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    results = []
+    with torch.no_grad():
+        for run in (model, compiled):
+            monkeypatch.setenv("SSM_HUB_BACKEND", "torch")
+            cache = StaticCache(config=config, max_cache_len=8)
+            model(prompt, cache=cache, use_cache=True)
+            monkeypatch.setenv("SSM_HUB_BACKEND", "triton")
+            logits = run(token, cache=cache, use_cache=True).logits
+            results.append((logits, cache.get_conv_state(1).clone(), cache.get_recurrent_state(1).clone()))
+        graph = torch._dynamo.explain(lambda t: model(t, cache=cache, use_cache=True).logits)(token)
+    assert graph.graph_count == 1 and graph.graph_break_count == 0
+    assert "ssm_hub.mamba2_decode_step" in "".join(str(g.graph) for g in graph.graphs)
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
