@@ -39,11 +39,6 @@ class SsmHubMultimodalConfig(SsmHubHybridConfig):
     modality_norms: bool = False
 
     @property
-    def image_unit(self) -> int:
-        """The side in pixels of the square that becomes one token."""
-        return self.patch_size * self.merge_size
-
-    @property
     def routes_modalities(self) -> bool:
         """Whether any part of the blocks is copied per modality (image tokens routed apart from text)."""
         return self.mixture_of_mamba or self.modality_mlps or self.modality_norms
