@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
@@ -55,19 +55,17 @@ from ssm_hub.models.hybrid.configuration_hybrid import (
     SsmHubHybridConfig,
 )
 from ssm_hub.models.remote_code import save_with_remote_code
-from ssm_hub.models.ssm_lm import (
+from ssm_hub.models.common import (
     LOSS_KWARGS,
     PACKING_KWARGS,
-    _cache_from_aliases,
+    cache_from_aliases,
+    check_cache_layers,
     lm_head_logits_and_loss,
     pooled_classification,
+    reject_unknown_kwargs,
 )
 
 SSM_MIXER_CLASSES = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
-# transformers' cache layer class for each cache layer kind (DynamicCache's; StaticCache's are subclasses of the
-# same mixins).
-CACHE_LAYER_MIXINS = {"linear_attention": LinearAttentionCacheLayerMixin, "full_attention": CacheLayerMixin,
-                      "sliding_attention": CacheLayerMixin}
 # Keyword arguments the attention implementations take for packed rows (flash attention's varlen path).
 ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -79,20 +77,6 @@ def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
     starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
     first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
     return positions - first
-
-
-def _check_cache_layers(cache, config) -> None:
-    """Each layer reads its own kind of cache slot (conv + recurrent state, or keys and values): only a cache built
-    from this config has the right kind at every index."""
-    layers = getattr(cache, "layers", None)
-    if layers is None or len(layers) < config.num_hidden_layers or not all(
-        isinstance(layer, CACHE_LAYER_MIXINS[kind]) for layer, kind in zip(layers, config.layer_types)
-    ):
-        raise ValueError(
-            "the cache must be built from the model's config, with a slot of the right kind for every layer "
-            f"({config.layer_types}): use DynamicCache(config=model.config) or "
-            "StaticCache(config=model.config, max_cache_len=...)"
-        )
 
 
 # The outputs' fields in the order of transformers' MoE outputs (MoeModelOutputWithPast, MoeCausalLMOutputWithPast),
@@ -466,11 +450,9 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         current tokens' positions in the whole sequence (transformers' older convention), used as the positions
         when there are no position_ids and no document boundaries.
         """
-        cache = _cache_from_aliases(cache, kwargs)
+        cache = cache_from_aliases(cache, kwargs)
         cache_position = kwargs.pop("cache_position", None)
-        unknown = sorted(set(kwargs) - set(PACKING_KWARGS))
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.forward got unexpected keyword arguments {unknown}")
+        reject_unknown_kwargs(type(self).__name__, kwargs, PACKING_KWARGS)
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -490,7 +472,7 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         if not use_cache:
             cache = None
         if cache is not None:
-            _check_cache_layers(cache, config)
+            check_cache_layers(cache, config)
 
         # Document boundaries for the SSM layers come from the caller's position_ids (before any default).
         position_ids = packing_inputs_as_tensors(position_ids, kwargs, inputs_embeds.device)

@@ -37,7 +37,7 @@ from ssm_hub.models.hybrid.modeling_hybrid import (
     SsmHubHybridPreTrainedModel,
 )
 from ssm_hub.models.multimodal.configuration_multimodal import MODALITIES, SsmHubMultimodalConfig
-from ssm_hub.models.ssm_lm import LOSS_KWARGS, lm_head_logits_and_loss
+from ssm_hub.models.common import LOSS_KWARGS, lm_head_logits_and_loss
 
 IMAGE = MODALITIES.index("image")
 
