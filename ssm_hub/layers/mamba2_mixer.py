@@ -14,7 +14,6 @@ from torch import nn
 
 from transformers import initialization as init
 
-from ssm_hub.backend import resolve_backend
 from ssm_hub.layers.linear import KernelLinear, is_plain_linear
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import GatedRMSNorm
@@ -22,10 +21,9 @@ from ssm_hub.layers.peft_compat import is_unhooked, unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, recorded_state_count, scan_then_step
 from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
-from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE
 from ssm_hub.ops.linear import gated_rms_norm_linear, linear_conv_step
 from ssm_hub.ops.mamba2_decode import Mamba2DecodeWeights, PreNorm, mamba2_decode_on_kernels, mamba2_decode_step
-from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
+from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_on_kernels, mamba2_sequence_train
 from ssm_hub.ops.ssd import ssd_chunked_scan, ssd_mixing_matrix, ssd_step
 
 
@@ -167,12 +165,7 @@ class Mamba2Mixer(nn.Module):
         return self._output(y.reshape(batch_size, 1, self.intermediate_size), gate, out_dtype, modality)
 
     def _sequence_on_kernels(self, hidden_states: torch.Tensor) -> bool:
-        group_size = self.intermediate_size // self.n_groups
-        return all(
-            resolve_backend(op, "auto", hidden_states, **extra) == "triton"
-            for op, extra in (("causal_conv1d", {}), ("ssd_chunked_scan", {}),
-                              ("gated_rms_norm", {"has_triton_kernel": group_size <= MAX_GROUP_SIZE}))
-        )
+        return mamba2_sequence_on_kernels(hidden_states, self._sizes(hidden_states.dtype))
 
     def _sizes(self, out_dtype: torch.dtype) -> Mamba2Sizes:
         return Mamba2Sizes(

@@ -1,9 +1,10 @@
 """Mamba-2's sequence path for training on the kernels, as one autograd node: causal conv1d + SiLU -> chunked SSD
 scan -> gated RMSNorm -> (optionally) out_proj.
 
-    from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_train
-    out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight,
-                                out_weight, out_bias, padding_mask, seq_idx, sizes)
+    from ssm_hub.ops.mamba2_sequence import Mamba2Sizes, mamba2_sequence_on_kernels, mamba2_sequence_train
+    if mamba2_sequence_on_kernels(hidden_states, sizes):
+        out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight,
+                                    out_weight, out_bias, padding_mask, seq_idx, sizes)
 
 It is made of the custom ops of ssm_hub.ops (causal_conv1d, ssd, gated_rms_norm) and adds no math of its own; what
 it changes is what a training step keeps for backward. Besides its inputs (slices of in_proj's output, which stays
@@ -24,8 +25,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_bwd_triton, causal_conv1d_fwd_triton
-from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_bwd_op, gated_rms_norm_fwd_op
+from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE, gated_rms_norm_bwd_op, gated_rms_norm_fwd_op
 from ssm_hub.ops.ssd import scan_documents
 from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_bwd_triton, ssd_chunked_scan_fwd_triton
 
@@ -44,6 +46,16 @@ class Mamba2Sizes(NamedTuple):
     norm_eps: float
     norm_before_gate: bool
     out_dtype: torch.dtype
+
+
+def mamba2_sequence_on_kernels(hidden_states: torch.Tensor, sizes: Mamba2Sizes) -> bool:
+    """Whether :func:`mamba2_sequence_train` serves a training call on ``hidden_states``' device: the conv, the scan
+    and the gated norm each resolve to their kernel (see ssm_hub.backend), the norm's groups within the kernel's
+    ``MAX_GROUP_SIZE``."""
+    norm_fits = sizes.intermediate_size // sizes.norm_groups <= MAX_GROUP_SIZE
+    ops = (("causal_conv1d", True), ("ssd_chunked_scan", True), ("gated_rms_norm", norm_fits))
+    return all(resolve_backend(op, "auto", hidden_states, has_triton_kernel=supported) == "triton"
+               for op, supported in ops)
 
 
 def mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight, out_weight, out_bias,
