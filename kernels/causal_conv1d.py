@@ -37,7 +37,7 @@ try:
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
-from ssm_hub.backend import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
+from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 
 
 @triton.jit

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from ssm_hub.kernels.interpreter import triton_interpreter_enabled
+
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "SSM_HUB_BACKEND"
 
@@ -40,10 +42,6 @@ _TRITON_AVAILABLE = _find_triton()
 
 def triton_available() -> bool:
     return _TRITON_AVAILABLE
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(op_name: str, backend: str, *tensors, has_triton_kernel: bool = True) -> str:
