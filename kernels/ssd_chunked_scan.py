@@ -1,5 +1,5 @@
 """Triton kernels for the forward pass of the chunked SSD scan (Mamba-2); the backward is in
-``ssd_chunked_scan_bwd.py``. The launchers are called by ``ssm_hub.ops.ssd.triton_ops``.
+``ssd_chunked_scan_bwd.py``. The launchers are called by ``ssm_hub.ops.ssd.custom_ops``.
 
 The algorithm is ``_ssd_chunks`` of ``ssm_hub.ops.ssd.reference``, in four kernels over chunks of L tokens:
 
@@ -17,7 +17,7 @@ The algorithm is ``_ssd_chunks`` of ``ssm_hub.ops.ssd.reference``, in four kerne
 Kernels 2 to 4 walk a chunk in blocks of at most ``MAX_BLOCK_L`` tokens, so that a chunk of 256 (Mamba-2's
 default) needs [64, 64] score tiles rather than [256, 256].
 
-Documents (``DOC_MODE``), from ``doc_ids`` [B, T] int32 made by ``ssm_hub.ops.ssd.triton_ops``:
+Documents (``DOC_MODE``), from ``doc_ids`` [B, T] int32 made by ``ssm_hub.ops.ssd.custom_ops``:
 
 - ``NO_DOCS``: each row is one document.
 - ``DOC_MASKS`` (``seq_idx``): doc_ids numbers the documents of each row in order (0, 0, 1, 1, 1, 2 ...), and

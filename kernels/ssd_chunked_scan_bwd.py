@@ -1,5 +1,5 @@
 """Triton kernels for the backward pass of the chunked SSD scan (Mamba-2); the forward and the document layouts
-(``DOC_MODE``) are in ``ssd_chunked_scan.py``. The launcher is called by ``ssm_hub.ops.ssd.triton_ops``.
+(``DOC_MODE``) are in ``ssd_chunked_scan.py``. The launcher is called by ``ssm_hub.ops.ssd.custom_ops``.
 
 The forward's intermediates (dt, a, the states entering each chunk, the scores S_ts = C_t . B_s) come from the
 forward, which returns them. Per head and chunk, with dy the gradient of the gate's input (written by the forward output kernel run

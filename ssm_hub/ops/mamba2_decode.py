@@ -25,7 +25,7 @@ import torch
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.device import on_input_device
 from ssm_hub.ops.kernel_op import PLAIN_TENSOR_TYPES, kernel_op
-from ssm_hub.ops.linear.triton_ops import NORMED_GEMV_MAX_FEATURES
+from ssm_hub.ops.linear.custom_ops import NORMED_GEMV_MAX_FEATURES
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ssm_hub.backend import resolve_backend
-from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_bwd_triton, causal_conv1d_fwd_triton
-from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE, gated_rms_norm_bwd_op, gated_rms_norm_fwd_op
+from ssm_hub.ops.causal_conv1d.custom_ops import causal_conv1d_bwd_triton, causal_conv1d_fwd_triton
+from ssm_hub.ops.gated_rms_norm.custom_ops import MAX_GROUP_SIZE, gated_rms_norm_bwd_op, gated_rms_norm_fwd_op
 from ssm_hub.ops.ssd import scan_documents
-from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_bwd_triton, ssd_chunked_scan_fwd_triton
+from ssm_hub.ops.ssd.custom_ops import ssd_chunked_scan_bwd_triton, ssd_chunked_scan_fwd_triton
 
 
 class Mamba2Sizes(NamedTuple):

@@ -75,7 +75,7 @@ def test_autograd_records_the_call_with_the_ops_formula_without_the_dispatcher()
 def test_direct_autograd_matches_the_op_on_a_kernel_with_defaults():
     # The gated norm's op has default arguments its setup_context reads; both paths give the same outputs and the
     # same gradients for every input.
-    from ssm_hub.ops.gated_rms_norm.triton_ops import gated_rms_norm_fwd_op
+    from ssm_hub.ops.gated_rms_norm.custom_ops import gated_rms_norm_fwd_op
 
     generator = torch.Generator().manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU, Triton's interpreter (conftest.py)

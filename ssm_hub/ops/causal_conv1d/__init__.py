@@ -9,8 +9,11 @@ from ssm_hub.ops.causal_conv1d.reference import (
     check_inputs,
     check_step_inputs,
 )
-from ssm_hub.ops.causal_conv1d.conv_triton_ops import causal_conv1d_fwd_triton
-from ssm_hub.ops.causal_conv1d.triton_ops import causal_conv1d_step_in_place_triton, causal_conv1d_step_triton
+from ssm_hub.ops.causal_conv1d.custom_ops import (
+    causal_conv1d_fwd_triton,
+    causal_conv1d_step_in_place_triton,
+    causal_conv1d_step_triton,
+)
 
 __all__ = ["causal_conv1d", "causal_conv1d_step", "causal_conv1d_ref", "causal_conv1d_step_ref"]
 

@@ -10,7 +10,7 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.cross_entropy.reference import check_inputs, cross_entropy_ref
-from ssm_hub.ops.cross_entropy.triton_ops import cross_entropy_fwd_op
+from ssm_hub.ops.cross_entropy.custom_ops import cross_entropy_fwd_op
 
 __all__ = ["cross_entropy", "cross_entropy_ref"]
 

@@ -5,7 +5,7 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.gated_rms_norm.reference import add_rms_norm_ref, check_inputs, gated_rms_norm_ref
-from ssm_hub.ops.gated_rms_norm.triton_ops import MAX_GROUP_SIZE, add_rms_norm_fwd_op, gated_rms_norm_fwd_op
+from ssm_hub.ops.gated_rms_norm.custom_ops import MAX_GROUP_SIZE, add_rms_norm_fwd_op, gated_rms_norm_fwd_op
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 
 __all__ = ["gated_rms_norm", "gated_rms_norm_ref", "add_rms_norm", "add_rms_norm_ref"]

@@ -23,7 +23,7 @@ from ssm_hub.ops.linear.reference import (
     linear_ref,
     swiglu_linear_ref,
 )
-from ssm_hub.ops.linear.triton_ops import (
+from ssm_hub.ops.linear.custom_ops import (
     NORMED_GEMV_MAX_FEATURES,
     gated_rms_norm_gemv_triton,
     gemv_conv_step_triton,

@@ -12,7 +12,7 @@ from ssm_hub.ops.selective_scan.reference import (
     selective_scan_ref,
     selective_scan_step_ref,
 )
-from ssm_hub.ops.selective_scan.triton_ops import (
+from ssm_hub.ops.selective_scan.custom_ops import (
     selective_scan_fwd_triton,
     selective_scan_step_in_place_triton,
     selective_scan_step_triton,

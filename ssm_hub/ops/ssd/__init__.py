@@ -6,7 +6,7 @@ from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.decode_state import write_new_state
 from ssm_hub.ops.recompute import call_recomputing_in_backward
 from ssm_hub.ops.varlen import cu_seqlens_to_seq_idx, document_ids, document_starts
-from ssm_hub.ops.ssd.triton_ops import ssd_chunked_scan_fwd_triton, ssd_step_in_place_triton, ssd_step_triton
+from ssm_hub.ops.ssd.custom_ops import ssd_chunked_scan_fwd_triton, ssd_step_in_place_triton, ssd_step_triton
 from ssm_hub.ops.ssd.reference import (
     check_scan_inputs,
     check_step_inputs,
