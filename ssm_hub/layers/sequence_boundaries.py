@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from ssm_hub.ops.varlen import cu_seqlens_to_seq_idx
+
 # Names under which transformers' collators and attention kwargs hand over flash-attention style boundaries.
 CU_SEQLENS_KWARGS = ("cu_seqlens", "cu_seq_lens_q")
 # The packing keyword arguments that hold token indices, with the dtype a Python list of them becomes (flash
@@ -52,11 +54,18 @@ def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Ten
             f"cu_seqlens must be a 1-D tensor starting at 0 and ending at the sequence length {seq_len}, "
             f"got {cu_seqlens.tolist()}"
         )
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if bool((lengths < 0).any()):
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
-    positions = torch.arange(seq_len, device=cu_seqlens.device)
-    return (torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)).to(torch.int32)[None]
+    return cu_seqlens_to_seq_idx(cu_seqlens)
+
+
+def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
+    """seq_idx [B, T] -> each token's position inside its document [B, T] (int64), counting from 0."""
+    positions = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
+    return positions - first
 
 
 def seq_idx_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor | None:

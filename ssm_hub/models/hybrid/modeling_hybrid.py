@@ -45,6 +45,7 @@ from ssm_hub.layers.sequence_boundaries import (
     check_position_range,
     packing_inputs_as_tensors,
     padding_mask,
+    positions_within_documents,
     resolve_seq_idx,
     same_document_mask_function,
 )
@@ -68,15 +69,6 @@ from ssm_hub.models.common import (
 SSM_MIXER_CLASSES = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
 # Keyword arguments the attention implementations take for packed rows (flash attention's varlen path).
 ATTENTION_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-
-
-def positions_within_documents(seq_idx: torch.Tensor) -> torch.Tensor:
-    """seq_idx [B, T] -> each token's position inside its document [B, T] (int64), counting from 0."""
-    positions = torch.arange(seq_idx.shape[1], device=seq_idx.device).expand_as(seq_idx)
-    starts = torch.ones_like(seq_idx, dtype=torch.bool)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    first = torch.where(starts, positions, torch.zeros_like(positions)).cummax(dim=1).values
-    return positions - first
 
 
 # The outputs' fields in the order of transformers' MoE outputs (MoeModelOutputWithPast, MoeCausalLMOutputWithPast),
