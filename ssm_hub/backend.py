@@ -15,8 +15,6 @@ import os
 
 import torch
 
-from ssm_hub.kernels.interpreter import triton_interpreter_enabled
-
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "SSM_HUB_BACKEND"
 
@@ -42,6 +40,12 @@ _TRITON_AVAILABLE = _find_triton()
 
 def triton_available() -> bool:
     return _TRITON_AVAILABLE
+
+
+def triton_interpreter_enabled() -> bool:
+    # Read here as in ssm_hub.kernels.interpreter, not imported from it: ``import ssm_hub`` must not need the kernels
+    # package, which a source checkout on sys.path ahead of the installed wheel does not have at ssm_hub.kernels.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def resolve_backend(op_name: str, backend: str, *tensors, has_triton_kernel: bool = True) -> str:
