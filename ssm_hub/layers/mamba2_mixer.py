@@ -16,7 +16,7 @@ from transformers import initialization as init
 
 from ssm_hub.layers.linear import KernelLinear, is_plain_linear
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
-from ssm_hub.layers.norms import GatedRMSNorm
+from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.peft_compat import is_unhooked, unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, recorded_state_count, scan_then_step
@@ -149,6 +149,18 @@ class Mamba2Mixer(nn.Module):
                                                            pre_norm):
             return None
         return mamba2_decode_step(hidden_states, conv_state, ssm_state, weights, sizes, pre_norm)
+
+    def decode_after_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: nn.Module, cache,
+                          padding_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None):
+        """A pre-norm block's residual add, its RMSNorm ``norm`` and this mixer's decode step as one op:
+        (mixer output, residual stream entering the block), or None where the op does not cover the call, and the
+        block runs the norm and the mixer as modules. ``hidden_states`` is the previous block's output. Neither the
+        norm nor this mixer may be hooked or replaced, since the op reads their weights."""
+        if (cache is None or seq_idx is not None or type(norm) is not RMSNorm or not is_unhooked(norm)
+                or not is_unhooked(self)):
+            return None
+        return self.one_op_decode(hidden_states, cache, padding_mask,
+                                  PreNorm(residual, norm.weight, norm.variance_epsilon))
 
     def _decode_step(self, xBC, gate, dt, ssm_state, out_dtype, modality) -> torch.Tensor:
         """The SSM step and the output of one token: xBC [B, conv_dim] after the conv, gate [B, 1, d_inner], dt

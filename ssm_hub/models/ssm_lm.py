@@ -20,7 +20,6 @@ from transformers.utils import ModelOutput
 
 from ssm_hub.generation import GraphDecodingGenerationMixin
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
-from ssm_hub.layers.peft_compat import is_unhooked
 from ssm_hub.layers.sequence_boundaries import packing_inputs_as_tensors, padding_mask, resolve_seq_idx
 from ssm_hub.models.checkpoint_loading import StrictLoadingMixin
 from ssm_hub.models.common import (
@@ -33,7 +32,6 @@ from ssm_hub.models.common import (
     reject_unknown_kwargs,
 )
 from ssm_hub.models.remote_code import save_with_remote_code
-from ssm_hub.ops.mamba2_decode import PreNorm
 
 @dataclass
 class SSMModelOutput(ModelOutput):
@@ -78,22 +76,14 @@ class SSMBlock(GradientCheckpointingLayer):
             residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
             normed = self.norm(hidden_states.to(self.norm.weight.dtype))
         else:
-            decoded = self._one_op_decode(hidden_states, residual, cache, padding_mask, seq_idx)
+            # A mixer that can (Mamba2Mixer) takes this residual add and norm into its one-op decode step.
+            decode_after_norm = getattr(self.mixer, "decode_after_norm", None)
+            decoded = (decode_after_norm(hidden_states, residual, self.norm, cache, padding_mask, seq_idx)
+                       if decode_after_norm is not None else None)
             if decoded is not None:
                 return decoded
             normed, residual = self.norm.add_and_norm(hidden_states, residual)
         return self.mixer(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx), residual
-
-    def _one_op_decode(self, hidden_states, residual, cache, padding_mask, seq_idx):
-        """(mixer output, residual stream) of a decode step whose mixer runs it, the residual add and this block's
-        norm included, as one op (Mamba2Mixer.one_op_decode), or None: then the norm and the mixer run as modules.
-        Neither may be hooked or replaced, since the op reads their weights."""
-        one_op_decode = getattr(self.mixer, "one_op_decode", None)
-        if (cache is None or seq_idx is not None or one_op_decode is None or type(self.norm) is not RMSNorm
-                or not is_unhooked(self.norm) or not is_unhooked(self.mixer)):
-            return None
-        return one_op_decode(hidden_states, cache, padding_mask,
-                             PreNorm(residual, self.norm.weight, self.norm.variance_epsilon))
 
 
 class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):

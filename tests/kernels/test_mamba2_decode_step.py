@@ -119,16 +119,29 @@ def test_calls_the_kernels_do_not_cover_go_op_by_op(monkeypatch):
         assert not mamba2_decode_on_kernels(hidden, conv_state, ssm_state, weights, sizes)
 
 
-def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
-    """A bf16 model's decode steps on the kernels (the interpreter on CPU): every layer runs the one op, all but the
-    first with the block's residual step and norm in it, and the logits are those of the op-by-op path."""
+# (model type, config overrides, the residual step per Mamba-2 layer call of one decode step: whether the layer's
+# block hands its residual add and norm to the op). The pure model's first block has no residual stream to add to;
+# the hybrid's Mamba-2 layer follows an attention layer.
+MODELS = {
+    "mamba2": ("ssm_hub_mamba2", {}, [False, True]),
+    "hybrid": ("ssm_hub_hybrid", dict(mixer_types=["attention", "mamba2", "mamba"], ffn_types=["mlp", "mlp", "none"]),
+               [True]),
+}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_an_eager_decode_step_of_the_model_runs_the_one_op(model, monkeypatch):
+    """A bf16 model's decode steps on the kernels (the interpreter on CPU): every Mamba-2 layer runs the one op, with
+    its block's residual step and norm where there is a residual stream, and the logits are those of the
+    op-by-op path."""
     import ssm_hub.layers.mamba2_mixer as mixer_module
     from conftest import tiny_config
-    from ssm_hub import SsmHubMamba2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    model_type, overrides, pattern = MODELS[model]
     torch.manual_seed(0)
-    config = tiny_config("ssm_hub_mamba2")
-    model = SsmHubMamba2ForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(DEVICE, torch.bfloat16).eval()
     prompt = torch.randint(1, config.vocab_size, (1, 5), device=DEVICE)
     tokens = torch.randint(1, config.vocab_size, (2, 1, 1), device=DEVICE)
 
@@ -145,11 +158,10 @@ def test_an_eager_decode_step_of_the_model_runs_the_one_op(monkeypatch):
                         lambda *args: calls.append(args[-1] is not None) or one_op(*args))
     with torch.no_grad():
         got = decode()
-        # The first layer has no residual stream to add to.
-        assert calls == [False, *[True] * (config.num_hidden_layers - 1)] * len(tokens)
+        assert calls == pattern * len(tokens)
         monkeypatch.setattr(mixer_module, "mamba2_decode_on_kernels", lambda *args: False)
         want = decode()
-    assert len(calls) == len(tokens) * config.num_hidden_layers  # the op-by-op run did not call it
+    assert len(calls) == len(pattern) * len(tokens)  # the op-by-op run did not call it
     for got_logits, want_logits in zip(got, want):
         assert torch.equal(got_logits, want_logits)
 

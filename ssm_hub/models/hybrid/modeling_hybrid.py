@@ -187,15 +187,24 @@ class HybridBlock(GradientCheckpointingLayer):
         residual stream entering that branch, the MoE router logits or None, the attention probabilities or None).
         The stream after the block is the sum of the first two, which the next block or the model's final norm
         forms. The probabilities come from an attention layer asked for them (``output_attentions``)."""
+        decoded = None
         if residual is None:
             residual = hidden_states.float() if self.residual_in_fp32 else hidden_states
             normed = per_modality(self.input_layernorm, self.modality_input_layernorm,
                                   hidden_states.to(self.input_layernorm.weight.dtype), modality)
         else:
-            normed, residual = add_and_norm(self.input_layernorm, self.modality_input_layernorm, hidden_states,
-                                            residual, modality)
+            # A Mamba-2 mixer takes this residual add and the input norm into its one-op decode step.
+            decode_after_norm = getattr(getattr(self, "mamba", None), "decode_after_norm", None)
+            if decode_after_norm is not None and self.modality_input_layernorm is None:
+                decoded = decode_after_norm(hidden_states, residual, self.input_layernorm, cache, padding_mask,
+                                            seq_idx)
+            if decoded is None:
+                normed, residual = add_and_norm(self.input_layernorm, self.modality_input_layernorm, hidden_states,
+                                                residual, modality)
         attention_probabilities = None
-        if self.mixer_type not in ATTENTION_MIXERS:
+        if decoded is not None:
+            mixed, residual = decoded
+        elif self.mixer_type not in ATTENTION_MIXERS:
             mixed = self.mamba(normed, cache=cache, padding_mask=padding_mask, seq_idx=seq_idx, modality=modality)
         elif output_attentions:
             mixed, attention_probabilities = self.self_attn(
