@@ -84,7 +84,8 @@ def mamba2_decode_on_kernels(hidden: torch.Tensor, conv_state: torch.Tensor, ssm
             or tuple(conv_state.shape) != (1, conv_dim, weights.conv_weight.shape[1] - 1)
             or tuple(ssm_state.shape) != state_shape):
         return False
-    return resolve_backend("mamba2_decode_step", "auto", hidden, conv_state, ssm_state, *tensors) == "triton"
+    residual = pre_norm.residual if pre_norm is not None else None
+    return resolve_backend("mamba2_decode_step", "auto", hidden, residual, conv_state, ssm_state, *tensors) == "triton"
 
 
 def mamba2_decode_step(hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
