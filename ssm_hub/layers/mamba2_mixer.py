@@ -133,8 +133,8 @@ class Mamba2Mixer(nn.Module):
                       pre_norm: PreNorm | None = None):
         """The decode step of one row as one op on the kernels (see ssm_hub.ops.mamba2_decode), or None where that
         op does not cover the call. With ``pre_norm`` the op also takes the block's residual step and norm in front,
-        so ``hidden_states`` is the previous block's output and (output, residual stream) come back; SSMBlock calls
-        it so. It reads the module weights directly, so it declines when a module it would bypass is wrapped or
+        so ``hidden_states`` is the previous block's output and (output, residual stream) come back (see
+        decode_after_norm). It reads the module weights directly, so it declines when a module it would bypass is wrapped or
         hooked."""
         if (cache is None or hidden_states.shape[1] != 1 or padding_mask is not None
                 or self.modality_in_proj is not None
