@@ -50,12 +50,6 @@ from ssm_hub.layers.sequence_boundaries import (
     same_document_mask_function,
 )
 from ssm_hub.models.checkpoint_loading import StrictLoadingMixin
-from ssm_hub.models.hybrid.configuration_hybrid import (
-    ATTENTION_MIXERS,
-    CACHE_LAYER_TYPES,
-    SsmHubHybridConfig,
-)
-from ssm_hub.models.remote_code import save_with_remote_code
 from ssm_hub.models.common import (
     LOSS_KWARGS,
     PACKING_KWARGS,
@@ -65,6 +59,12 @@ from ssm_hub.models.common import (
     pooled_classification,
     reject_unknown_kwargs,
 )
+from ssm_hub.models.hybrid.configuration_hybrid import (
+    ATTENTION_MIXERS,
+    CACHE_LAYER_TYPES,
+    SsmHubHybridConfig,
+)
+from ssm_hub.models.remote_code import save_with_remote_code
 
 SSM_MIXER_CLASSES = {"mamba": MambaMixer, "mamba2": Mamba2Mixer}
 # Keyword arguments the attention implementations take for packed rows (flash attention's varlen path).
