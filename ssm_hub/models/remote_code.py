@@ -14,6 +14,7 @@ preprocessor_config.json (an image processor saved alone), which is where AutoPr
 """
 
 import ast
+import functools
 import importlib.util
 import json
 import os
@@ -179,17 +180,33 @@ def write_remote_code(model_or_config_class: type, save_directory: str | os.Path
     return written
 
 
+def _code_bundle(start_modules: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """(module name -> flat file name, flat file name -> rewritten source) of ``start_modules`` and every package
+    module they import."""
+    modules = collect_modules(list(start_modules))
+    names = flat_names(modules, list(start_modules))
+    sources = {names[module_name]: rewrite_imports(source, module_name, is_package, names)
+               for module_name, (source, is_package) in modules.items()}
+    return names, sources
+
+
+# ssm_hub's own bundles, kept per process: the walk parses every module twice (about a second a save), and an
+# installed package's sources do not change while it runs. Code loaded from a checkpoint is walked each time, since
+# another checkpoint may bring other files under the same module names.
+_ssm_hub_code_bundle = functools.lru_cache(maxsize=32)(_code_bundle)
+
+
 def write_code_bundle(start_modules: list[str], save_directory: Path) -> tuple[dict[str, str], list[Path]]:
     """Write ``start_modules`` and every package module they import as flat files in ``save_directory``; returns
     (module name -> file name without ``.py``, the files written)."""
-    modules = collect_modules(start_modules)
-    names = flat_names(modules, start_modules)
+    bundle = _ssm_hub_code_bundle if _root_package(start_modules[0]) == "ssm_hub" else _code_bundle
+    names, sources = bundle(tuple(start_modules))
     written = []
-    for module_name, (source, is_package) in modules.items():
-        path = save_directory / f"{names[module_name]}.py"
-        path.write_text(rewrite_imports(source, module_name, is_package, names), encoding="utf-8")
+    for file_name, source in sources.items():
+        path = save_directory / f"{file_name}.py"
+        path.write_text(source, encoding="utf-8")
         written.append(path)
-    return names, written
+    return dict(names), written
 
 
 def write_processing_remote_code(processing, save_directory: str | os.PathLike) -> list[Path]:
