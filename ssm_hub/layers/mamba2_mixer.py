@@ -87,7 +87,7 @@ class Mamba2Mixer(nn.Module):
 
         decoding = conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens
         if decoding:
-            out = self.one_op_decode(hidden_states, cache, padding_mask)
+            out = self._one_op_decode(hidden_states, conv_state, ssm_state, padding_mask)
             if out is not None:
                 return out
         if decoding and padding_mask is None and self.modality_in_proj is None and is_plain_linear(self.in_proj):
@@ -129,19 +129,28 @@ class Mamba2Mixer(nn.Module):
             cache.update_recurrent_state(ssm_state, self.layer_idx)
         return out
 
-    def one_op_decode(self, hidden_states: torch.Tensor, cache, padding_mask: torch.Tensor | None = None,
-                      pre_norm: PreNorm | None = None):
-        """The decode step of one row as one op on the kernels (see ssm_hub.ops.mamba2_decode), or None where that
-        op does not cover the call. With ``pre_norm`` the op also takes the block's residual step and norm in front,
-        so ``hidden_states`` is the previous block's output and (output, residual stream) come back (see
-        decode_after_norm). It reads the module weights directly, so it declines when a module it would bypass is wrapped or
-        hooked."""
-        if (cache is None or hidden_states.shape[1] != 1 or padding_mask is not None
-                or self.modality_in_proj is not None
+    def decode_after_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: nn.Module, cache,
+                          padding_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None):
+        """A pre-norm block's residual add, its RMSNorm ``norm`` and this mixer's decode step as one op:
+        (mixer output, residual stream entering the block), or None where the op does not cover the call, and the
+        block runs the norm and the mixer as modules. ``hidden_states`` is the previous block's output. Neither the
+        norm nor this mixer may be hooked or replaced, since the op reads their weights."""
+        if (cache is None or seq_idx is not None or hidden_states.shape[1] != 1 or type(norm) is not RMSNorm
+                or not is_unhooked(norm) or not is_unhooked(self)
                 or recorded_state_count(cache, self.layer_idx, 1, None, self.conv_kernel_size)):
             return None
         conv_state, ssm_state = cache.get_conv_state(self.layer_idx), cache.get_recurrent_state(self.layer_idx)
         if conv_state is None or ssm_state is None:
+            return None
+        return self._one_op_decode(hidden_states, conv_state, ssm_state, padding_mask,
+                                   PreNorm(residual, norm.weight, norm.variance_epsilon))
+
+    def _one_op_decode(self, hidden_states, conv_state, ssm_state, padding_mask, pre_norm: PreNorm | None = None):
+        """A decode step (one token against this layer's cached states) as one op on the kernels (see
+        ssm_hub.ops.mamba2_decode), or None where that op does not cover the call. With ``pre_norm`` the op also takes
+        the block's residual step and norm in front (see decode_after_norm). It reads the module weights directly, so
+        it declines when a module it would bypass is wrapped, hooked or routed per modality."""
+        if padding_mask is not None or self.modality_in_proj is not None:
             return None
         weights = self._decode_weights()
         sizes = self._sizes(hidden_states.dtype)
@@ -149,18 +158,6 @@ class Mamba2Mixer(nn.Module):
                                                            pre_norm):
             return None
         return mamba2_decode_step(hidden_states, conv_state, ssm_state, weights, sizes, pre_norm)
-
-    def decode_after_norm(self, hidden_states: torch.Tensor, residual: torch.Tensor, norm: nn.Module, cache,
-                          padding_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None):
-        """A pre-norm block's residual add, its RMSNorm ``norm`` and this mixer's decode step as one op:
-        (mixer output, residual stream entering the block), or None where the op does not cover the call, and the
-        block runs the norm and the mixer as modules. ``hidden_states`` is the previous block's output. Neither the
-        norm nor this mixer may be hooked or replaced, since the op reads their weights."""
-        if (cache is None or seq_idx is not None or type(norm) is not RMSNorm or not is_unhooked(norm)
-                or not is_unhooked(self)):
-            return None
-        return self.one_op_decode(hidden_states, cache, padding_mask,
-                                  PreNorm(residual, norm.weight, norm.variance_epsilon))
 
     def _decode_step(self, xBC, gate, dt, ssm_state, out_dtype, modality) -> torch.Tensor:
         """The SSM step and the output of one token: xBC [B, conv_dim] after the conv, gate [B, 1, d_inner], dt
