@@ -183,6 +183,8 @@ def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None, conv=None
     residual_out = (torch.empty(in_features, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
                     if residual is not None else None)
     extras = [t for t in (conv_out, residual_out) if t is not None]
+    if residual is not None and (norm is None or norm[0] is not None):
+        raise ValueError("a residual goes with an ungated norm")
     if out_features == 0:
         if residual is not None:
             residual_out.copy_(x + residual)
@@ -191,8 +193,6 @@ def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None, conv=None
     gate, norm_weight, n_groups, eps, norm_before_gate = norm if norm is not None else (None, None, 1, 0.0, False)
     if norm is not None and in_features > block_k:
         raise ValueError(f"the normed projection takes rows of at most {MAX_BLOCK_K} channels, got {in_features}")
-    if residual is not None and (norm is None or gate is not None):
-        raise ValueError("a residual goes with an ungated norm")
     state_strides = conv_state.stride() if conv is not None else (0, 0)
     conv_weight_strides = conv_weight.stride() if conv is not None else (0, 0)
     gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
