@@ -66,15 +66,15 @@ def mamba2_decode_on_kernels(hidden: torch.Tensor, conv_state: torch.Tensor, ssm
         return False
     if sizes.intermediate_size > NORMED_GEMV_MAX_FEATURES or torch.is_autocast_enabled(hidden.device.type):
         return False
+    grad = torch.is_grad_enabled()
     tensors = [t for t in weights if t is not None]
+    residual = pre_norm.residual if pre_norm is not None else None
     if pre_norm is not None:
-        residual = pre_norm.residual
         if (hidden.shape[-1] > NORMED_GEMV_MAX_FEATURES or type(residual) not in PLAIN_TENSOR_TYPES
                 or residual.shape != hidden.shape or not residual.is_floating_point()
-                or (torch.is_grad_enabled() and residual.requires_grad)):
+                or (grad and residual.requires_grad)):
             return False
         tensors.append(pre_norm.weight)
-    grad = torch.is_grad_enabled()
     for t in (hidden, *tensors):
         if type(t) not in PLAIN_TENSOR_TYPES or (grad and t.requires_grad) or t.dtype != dtype:
             return False
@@ -84,7 +84,6 @@ def mamba2_decode_on_kernels(hidden: torch.Tensor, conv_state: torch.Tensor, ssm
             or tuple(conv_state.shape) != (1, conv_dim, weights.conv_weight.shape[1] - 1)
             or tuple(ssm_state.shape) != state_shape):
         return False
-    residual = pre_norm.residual if pre_norm is not None else None
     return resolve_backend("mamba2_decode_step", "auto", hidden, residual, conv_state, ssm_state, *tensors) == "triton"
 
 
