@@ -38,6 +38,7 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
 
 
 @triton.jit
@@ -370,8 +371,8 @@ def causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     y = torch.empty((batch, seqlen, channels), device=x.device, dtype=x.dtype)
     final = torch.empty((num_states, channels, width - 1), device=x.device, dtype=x.dtype)
     block_t, block_c = _tiles()
-    block_t, block_c = min(block_t, triton.next_power_of_2(seqlen)), min(block_c, triton.next_power_of_2(channels))
-    grid = (triton.cdiv(seqlen, block_t), batch, triton.cdiv(channels, block_c))
+    block_t, block_c = min(block_t, next_power_of_2(seqlen)), min(block_c, next_power_of_2(channels))
+    grid = (cdiv(seqlen, block_t), batch, cdiv(channels, block_c))
     causal_conv1d_fwd_kernel[grid](
         x, weight, bias, initial_state, seq_idx, y, final,
         *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *y.stride(),
@@ -396,32 +397,32 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
         seq_idx = _document_numbers(cu_seqlens, seqlen)
     varlen = dict(WIDTH=width, HAS_SEQ_IDX=seq_idx is not None, PER_DOC=per_doc)
     block_t, block_c = _tiles()
-    block_t, block_c = min(block_t, triton.next_power_of_2(seqlen)), min(block_c, triton.next_power_of_2(channels))
-    num_c = triton.cdiv(channels, block_c)
+    block_t, block_c = min(block_t, next_power_of_2(seqlen)), min(block_c, next_power_of_2(channels))
+    num_c = cdiv(channels, block_c)
 
     # 1. g (silu only: without an activation g is dy), dweight and dbias.
     dw_block_t, dw_block_c, max_steps, dw_warps = _dweight_tiles()
-    dw_block_t = min(dw_block_t, triton.next_power_of_2(seqlen))
-    dw_block_c = min(dw_block_c, triton.next_power_of_2(channels))
-    dw_blocks = triton.cdiv(seqlen, dw_block_t)
-    num_chunks = triton.cdiv(dw_blocks, max_steps)
-    steps = triton.cdiv(dw_blocks, num_chunks)
+    dw_block_t = min(dw_block_t, next_power_of_2(seqlen))
+    dw_block_c = min(dw_block_c, next_power_of_2(channels))
+    dw_blocks = cdiv(seqlen, dw_block_t)
+    num_chunks = cdiv(dw_blocks, max_steps)
+    steps = cdiv(dw_blocks, num_chunks)
     g = torch.empty((batch, seqlen, channels), device=x.device, dtype=torch.float32) if silu else dy
     dw_partial = torch.empty((batch * num_chunks, channels, width), device=x.device, dtype=torch.float32)
     db_partial = torch.empty((batch * num_chunks, channels), device=x.device, dtype=torch.float32)
-    causal_conv1d_bwd_kernel[(num_chunks, batch, triton.cdiv(channels, dw_block_c))](
+    causal_conv1d_bwd_kernel[(num_chunks, batch, cdiv(channels, dw_block_c))](
         x, weight, bias, initial_state, seq_idx, dy, g, dw_partial, db_partial,
         *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *dy.stride(),
         *g.stride(), seqlen, channels, steps,
         HAS_BIAS=bias is not None, SILU=silu, HAS_STATE=initial_state is not None,
-        K_BLOCK=triton.next_power_of_2(width), BLOCK_T=dw_block_t, BLOCK_C=dw_block_c, num_warps=dw_warps, **varlen,
+        K_BLOCK=next_power_of_2(width), BLOCK_T=dw_block_t, BLOCK_C=dw_block_c, num_warps=dw_warps, **varlen,
     )
     dweight = dw_partial.sum(dim=0).to(weight.dtype)
     dbias = db_partial.sum(dim=0).to(bias.dtype if bias is not None else torch.float32)
 
     # 2. dx.
     dx = torch.empty((batch, seqlen, channels), device=x.device, dtype=x.dtype)
-    causal_conv1d_bwd_dx_kernel[(triton.cdiv(seqlen, block_t), batch, num_c)](
+    causal_conv1d_bwd_dx_kernel[(cdiv(seqlen, block_t), batch, num_c)](
         weight, seq_idx, g, dfinal, dx,
         *weight.stride(), *_strides(seq_idx, 2), *g.stride(), *_strides(dfinal, 3), *dx.stride(),
         seqlen, channels,
@@ -436,7 +437,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
             weight, seq_idx, cu_seqlens, g, dfinal, dstate,
             *weight.stride(), *_strides(seq_idx, 2), *g.stride(), *_strides(dfinal, 3), *dstate.stride(),
             seqlen, channels,
-            HAS_DFINAL=dfinal is not None, BLOCK_S=max(2, triton.next_power_of_2(width - 1)), BLOCK_C=block_c,
+            HAS_DFINAL=dfinal is not None, BLOCK_S=max(2, next_power_of_2(width - 1)), BLOCK_C=block_c,
             **varlen,
         )
     return dx, dweight, dbias, dstate

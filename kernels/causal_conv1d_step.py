@@ -17,6 +17,8 @@ try:
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402  (after the guarded triton import)
+
 
 @triton.jit
 def causal_conv1d_step_fwd_kernel(
@@ -78,9 +80,9 @@ def causal_conv1d_step_fwd(x, conv_state, weight, bias, silu: bool, state_indice
     width = weight.shape[1]
     y = torch.empty_like(x)
     new_state = conv_state if in_place else x.new_empty((batch, channels, width - 1), dtype=conv_state.dtype)
-    block_k = triton.next_power_of_2(width)
-    block_c = max(1, min(triton.next_power_of_2(channels), 1024 // block_k))
-    grid = (batch, triton.cdiv(channels, block_c))
+    block_k = next_power_of_2(width)
+    block_c = max(1, min(next_power_of_2(channels), 1024 // block_k))
+    grid = (batch, cdiv(channels, block_c))
     causal_conv1d_step_fwd_kernel[grid](
         x, conv_state, weight, bias, state_indices, y, new_state,
         *x.stride(), *conv_state.stride(), *weight.stride(), *y.stride(), *new_state.stride(),

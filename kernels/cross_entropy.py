@@ -21,6 +21,7 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
+from ssm_hub.kernels.launch_sizes import next_power_of_2  # noqa: E402
 
 
 @triton.jit
@@ -72,8 +73,8 @@ def _block_and_warps(vocab: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps): up to 4096 columns a block, 8 a thread. Under Triton's CPU interpreter (the tests)
     blocks are small, so that the tests' small vocabularies still take several blocks a row."""
     if triton_interpreter_enabled():
-        return min(32, triton.next_power_of_2(vocab)), 1
-    block = min(4096, triton.next_power_of_2(vocab))
+        return min(32, next_power_of_2(vocab)), 1
+    block = min(4096, next_power_of_2(vocab))
     return block, max(1, min(16, block // 256))
 
 

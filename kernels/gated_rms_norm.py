@@ -17,6 +17,8 @@ try:
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402  (after the guarded triton import)
+
 # The backward's programs per group: enough to fill a GPU, few enough that the dweight buffer stays small.
 MAX_BWD_ROW_PROGRAMS = 512
 
@@ -138,8 +140,8 @@ def gated_rms_norm_bwd_kernel(
 
 def _launch_config(rows: int, group_size: int):
     """(BLOCK_M, BLOCK_K, num_warps): a whole group per row, and rows stacked up to a tile of about 4K elements."""
-    block_k = triton.next_power_of_2(group_size)
-    block_m = max(1, min(16, 4096 // block_k, triton.next_power_of_2(rows)))
+    block_k = next_power_of_2(group_size)
+    block_m = max(1, min(16, 4096 // block_k, next_power_of_2(rows)))
     num_warps = min(16, max(1, block_m * block_k // 512))
     return block_m, block_k, num_warps
 
@@ -170,7 +172,7 @@ def gated_rms_norm_fwd(x, weight, gate, n_groups: int, eps: float, norm_before_g
         residual_out_rows = residual_out.view(-1, dim)
     if rows > 0:
         block_m, block_k, num_warps = _launch_config(rows, group_size)
-        gated_rms_norm_fwd_kernel[(triton.cdiv(rows, block_m), n_groups)](
+        gated_rms_norm_fwd_kernel[(cdiv(rows, block_m), n_groups)](
             x_rows, gate_rows, weight, out_rows, rstd, residual_rows, residual_out_rows,
             x_rows.stride(0), gate_rows.stride(0) if gate is not None else 0, out_rows.stride(0),
             residual_rows.stride(0) if residual is not None else 0,
@@ -199,9 +201,9 @@ def gated_rms_norm_bwd(grad_out, x, weight, gate, rstd, n_groups: int, norm_befo
     if rows == 0:
         return grad_x, grad_gate, torch.zeros_like(weight)
     block_m, block_k, num_warps = _launch_config(rows, group_size)
-    tiles = triton.cdiv(rows, block_m)
-    tiles_per_program = triton.cdiv(tiles, max_row_programs)
-    programs = triton.cdiv(tiles, tiles_per_program)
+    tiles = cdiv(rows, block_m)
+    tiles_per_program = cdiv(tiles, max_row_programs)
+    programs = cdiv(tiles, tiles_per_program)
     grad_weight_partial = torch.empty((programs, dim), device=x.device, dtype=torch.float32)
     gated_rms_norm_bwd_kernel[(programs, n_groups)](
         grad_out_rows, x_rows, gate_rows, weight, rstd, grad_x_rows, grad_gate_rows, grad_weight_partial,

@@ -31,6 +31,8 @@ try:
 except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402  (after the guarded triton import)
+
 # The launch rule (see launch_config), chosen on an H100 by timing rules that varied the tile (4 to 64 columns),
 # the step along K (512 to 4096) and the warps (2, 4, 8) on the projections of benchmarks/gemv.py: on each shape the
 # fastest had 4 columns a program and the whole row of K in one step, with 4 warps for rows up to 1024 long and 8
@@ -160,7 +162,7 @@ def gemv_fwd_kernel(
 
 def launch_config(in_features: int) -> tuple[int, int]:
     """(BLOCK_K, num_warps): the row of K in one step up to MAX_BLOCK_K, then in steps of it."""
-    block_k = max(16, min(triton.next_power_of_2(in_features), MAX_BLOCK_K))
+    block_k = max(16, min(next_power_of_2(in_features), MAX_BLOCK_K))
     return block_k, 4 if block_k <= 1024 else 8
 
 
@@ -195,14 +197,14 @@ def gemv_fwd(x, weight, bias, up_weight=None, up_bias=None, norm=None, conv=None
         raise ValueError(f"the normed projection takes rows of at most {MAX_BLOCK_K} channels, got {in_features}")
     state_strides = conv_state.stride() if conv is not None else (0, 0)
     conv_weight_strides = conv_weight.stride() if conv is not None else (0, 0)
-    gemv_fwd_kernel[(triton.cdiv(out_features, BLOCK_N),)](
+    gemv_fwd_kernel[(cdiv(out_features, BLOCK_N),)](
         x, weight, bias, up_weight, up_bias, out, gate, norm_weight, residual, residual_out, conv_state, conv_weight,
         conv_bias, conv_out, out_features, in_features, eps, conv_start or 0, conv_channels, *state_strides,
         *conv_weight_strides,
         HAS_BIAS=bias is not None, HAS_UP_BIAS=up_bias is not None, SWIGLU=up_weight is not None,
         NORM=norm is not None, HAS_GATE=gate is not None, NORM_BEFORE_GATE=norm_before_gate, NORM_GROUPS=n_groups,
         HAS_RESIDUAL=residual is not None, CONV=conv is not None, CONV_WIDTH=conv_width,
-        CONV_HAS_BIAS=conv_bias is not None, CONV_SILU=conv_silu, BLOCK_W=triton.next_power_of_2(conv_width),
+        CONV_HAS_BIAS=conv_bias is not None, CONV_SILU=conv_silu, BLOCK_W=next_power_of_2(conv_width),
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=num_warps,
     )
     return (out, *extras) if extras else out

@@ -49,6 +49,7 @@ except ImportError as error:
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 from ssm_hub.kernels.activations import softplus  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
 
 
 @triton.jit
@@ -422,13 +423,13 @@ def checkpoint_chunk() -> int:
 
 def checkpoint_shape(batch: int, seqlen: int, dim: int, state_size: int) -> tuple[int, int, int, int]:
     """Shape of the float32 checkpoints that ``selective_scan_fwd`` returns: the state entering every chunk."""
-    return batch, triton.cdiv(seqlen, checkpoint_chunk()), dim, state_size
+    return batch, cdiv(seqlen, checkpoint_chunk()), dim, state_size
 
 
 def _tiles(direction: str, dim: int, state_size: int) -> dict:
     block_t, elements, num_warps = (_INTERPRETER_TILE if triton_interpreter_enabled() else _GPU_TILE)[direction]
-    block_n = triton.next_power_of_2(state_size)
-    block_d = max(1, min(triton.next_power_of_2(dim), elements // (block_t * block_n)))
+    block_n = next_power_of_2(state_size)
+    block_d = max(1, min(next_power_of_2(dim), elements // (block_t * block_n)))
     return dict(BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=num_warps)
 
 
@@ -481,7 +482,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     if chunk % tiles["BLOCK_T"]:
         raise ValueError(f"the checkpoint interval ({chunk}) must be a multiple of the forward's BLOCK_T "
                          f"({tiles['BLOCK_T']})")
-    grid = (batch, triton.cdiv(dim, tiles["BLOCK_D"]))
+    grid = (batch, cdiv(dim, tiles["BLOCK_D"]))
     selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, docs, y, final, checkpoints,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 3),
@@ -509,7 +510,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     docs = _documents_tensor(u, seq_idx, cu_seqlens)
     tiles = _tiles("bwd", dim, state_size)
     tiles["BLOCK_T"] = checkpoint_chunk()
-    num_d_blocks = triton.cdiv(dim, tiles["BLOCK_D"])
+    num_d_blocks = cdiv(dim, tiles["BLOCK_D"])
     device = u.device
     f32 = dict(device=device, dtype=torch.float32)
     du = torch.empty((batch, seqlen, dim), device=device, dtype=u.dtype)

@@ -49,6 +49,7 @@ except ImportError as error:
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 from ssm_hub.kernels.activations import softplus  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
 
 # The most tokens of a chunk that one tile of kernels 2 to 4 holds: [64, 64] score blocks, not [L, L].
 MAX_BLOCK_L = 64
@@ -370,12 +371,12 @@ def dot_config(dtype: torch.dtype) -> dict:
 
 def block_sizes(chunk_size: int, head_dim: int, state_size: int) -> dict:
     """The tile sizes shared by the forward and backward kernels: tl.dot needs every dim >= 16."""
-    block_l = max(16, triton.next_power_of_2(chunk_size))
+    block_l = max(16, next_power_of_2(chunk_size))
     return dict(
         block_l=block_l,
         block_t=min(block_l, MAX_BLOCK_L),
-        block_p=max(16, min(64, triton.next_power_of_2(head_dim))),
-        block_n=max(16, triton.next_power_of_2(state_size)),
+        block_p=max(16, min(64, next_power_of_2(head_dim))),
+        block_n=max(16, next_power_of_2(state_size)),
     )
 
 
@@ -383,7 +384,7 @@ def discretize_dt(dt, A, dt_bias, doc_ids, doc_mode: int, chunk_size: int, dt_so
                   dt_max: float, A_is_log: bool):
     """Kernel 1: (dt, a) as [B, H, chunks, L] float32."""
     batch, seqlen, heads = dt.shape
-    num_chunks = triton.cdiv(seqlen, chunk_size)
+    num_chunks = cdiv(seqlen, chunk_size)
     dt_out = torch.empty((batch, heads, num_chunks, chunk_size), device=dt.device, dtype=torch.float32)
     cum = torch.empty_like(dt_out)
     ssd_chunked_scan_dt_fwd_kernel[(batch, num_chunks, heads)](
@@ -400,7 +401,7 @@ def pass_states(x, B, dt_out, cum, doc_ids, doc_mode: int, chunk_size: int, init
     float32)."""
     batch, seqlen, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
-    num_chunks = triton.cdiv(seqlen, chunk_size)
+    num_chunks = cdiv(seqlen, chunk_size)
     sizes = block_sizes(chunk_size, head_dim, state_size)
     block_p, block_n = min(sizes["block_p"], STATE_BLOCK_P), min(sizes["block_n"], STATE_BLOCK_N)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -408,7 +409,7 @@ def pass_states(x, B, dt_out, cum, doc_ids, doc_mode: int, chunk_size: int, init
     states = torch.empty((batch, num_chunks, heads, head_dim, state_size), device=x.device, dtype=x.dtype)
     final_states = torch.empty((num_final, heads, head_dim, state_size), **f32)
     init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
-    tiles = triton.cdiv(head_dim, block_p) * triton.cdiv(state_size, block_n)
+    tiles = cdiv(head_dim, block_p) * cdiv(state_size, block_n)
     ssd_chunked_scan_state_fwd_kernel[(batch, heads, tiles)](
         x, B, dt_out, cum, doc_ids, initial_states, states, final_states,
         *x.stride(), *B.stride(), *init_strides,
@@ -426,9 +427,9 @@ def chunk_scores(C, B, chunk_size: int):
     the inputs' dtype (float32 accumulation, one rounding at the store): their readers multiply them into a tl.dot
     operand of that dtype, and every head reads them, so bf16 halves that traffic."""
     batch, seqlen, groups, state_size = B.shape
-    num_chunks = triton.cdiv(seqlen, chunk_size)
+    num_chunks = cdiv(seqlen, chunk_size)
     sizes = block_sizes(chunk_size, 1, state_size)
-    t_blocks = triton.cdiv(chunk_size, sizes["block_t"])
+    t_blocks = cdiv(chunk_size, sizes["block_t"])
     scores = torch.empty((batch, num_chunks, groups, chunk_size, chunk_size), device=B.device, dtype=C.dtype)
     ssd_chunked_scan_scores_fwd_kernel[(batch * num_chunks, groups, t_blocks * t_blocks)](
         C, B, scores, *C.stride(), *B.stride(), seqlen, state_size, chunk_size, num_chunks, t_blocks,
@@ -442,14 +443,14 @@ def chunk_outputs(x, C, scores, D, z, dt_out, cum, doc_ids, doc_mode: int, chunk
     """Kernel 3: y [B, T, H, P] in x's dtype; with ``dout`` (and z), the gate's backward: (dy, dz)."""
     batch, seqlen, heads, head_dim = x.shape
     groups, state_size = C.shape[2], C.shape[3]
-    num_chunks = triton.cdiv(seqlen, chunk_size)
+    num_chunks = cdiv(seqlen, chunk_size)
     sizes = block_sizes(chunk_size, head_dim, state_size)
-    t_blocks = triton.cdiv(chunk_size, sizes["block_t"])
+    t_blocks = cdiv(chunk_size, sizes["block_t"])
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dz = torch.empty(z.shape, device=z.device, dtype=z.dtype) if dout is not None else None
     z_strides = z.stride() if z is not None else (0, 0, 0, 0)
     dout_strides = dout.stride() if dout is not None else (0, 0, 0, 0)
-    ssd_chunked_scan_output_fwd_kernel[(batch * num_chunks * t_blocks, heads, triton.cdiv(head_dim, sizes["block_p"]))](
+    ssd_chunked_scan_output_fwd_kernel[(batch * num_chunks * t_blocks, heads, cdiv(head_dim, sizes["block_p"]))](
         x, C, scores, D, z, dt_out, cum, doc_ids, states, out, dout, dz,
         *x.stride(), *C.stride(), *z_strides, *dout_strides,
         seqlen, heads, head_dim, state_size, groups, chunk_size, num_chunks, t_blocks,

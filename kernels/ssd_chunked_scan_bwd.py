@@ -42,6 +42,7 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.activations import softplus  # noqa: E402  (after the guarded triton import)
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
 from ssm_hub.kernels.ssd_chunked_scan import (  # noqa: E402
     STATE_BLOCK_N,
     block_sizes,
@@ -468,13 +469,13 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
     """
     batch, seqlen, heads, head_dim = x.shape
     groups, state_size = B.shape[2], B.shape[3]
-    num_chunks = triton.cdiv(seqlen, chunk_size)
+    num_chunks = cdiv(seqlen, chunk_size)
     device = x.device
     f32 = dict(device=device, dtype=torch.float32)
     sizes = block_sizes(chunk_size, head_dim, state_size)
-    block_t, block_p, block_n = sizes["block_t"], triton.next_power_of_2(max(16, head_dim)), sizes["block_n"]
+    block_t, block_p, block_n = sizes["block_t"], next_power_of_2(max(16, head_dim)), sizes["block_n"]
     dots = dot_config(x.dtype)
-    blocks = triton.cdiv(chunk_size, block_t)
+    blocks = cdiv(chunk_size, block_t)
 
     # The gradient of the gate's input.
     dz = None
@@ -484,7 +485,7 @@ def ssd_chunked_scan_bwd(dout, dfinal, x, dt, A, B, C, chunk_size: int, D, z, dt
 
     # 1. Gradients of the states, chunk by chunk in reverse.
     state_block_n = min(block_n, STATE_BLOCK_N)
-    tiles = triton.cdiv(head_dim, sizes["block_p"]) * triton.cdiv(state_size, state_block_n)
+    tiles = cdiv(head_dim, sizes["block_p"]) * cdiv(state_size, state_block_n)
     dstates = torch.empty_like(states)  # in x's dtype, as the states: a tl.dot operand of kernel 2
     dinitial = torch.empty(initial_states.shape, **f32) if initial_states is not None else None
     dcum_end_states = torch.empty((tiles, batch, heads, num_chunks), **f32)

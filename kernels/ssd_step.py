@@ -16,6 +16,7 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.activations import softplus  # noqa: E402  (after the guarded triton import)
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
 
 
 
@@ -99,11 +100,11 @@ def ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_min
     groups, state_size = B.shape[1], B.shape[2]
     y = torch.empty_like(x)
     new_state = state if in_place else x.new_empty((batch, heads, head_dim, state_size), dtype=torch.float32)
-    block_n = triton.next_power_of_2(state_size)
+    block_n = next_power_of_2(state_size)
     # Keep a program's state tile near 4K elements so it stays in registers.
-    block_p = max(1, min(triton.next_power_of_2(head_dim), 4096 // block_n))
+    block_p = max(1, min(next_power_of_2(head_dim), 4096 // block_n))
     z_strides = z.stride() if z is not None else (0, 0, 0)
-    grid = (batch, heads, triton.cdiv(head_dim, block_p))
+    grid = (batch, heads, cdiv(head_dim, block_p))
     ssd_step_fwd_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_indices, y, new_state,
         *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(),
