@@ -138,7 +138,7 @@ def run_convert(args: argparse.Namespace) -> None:
     # Written into a staging folder and moved into place only once complete (ssm_hub.output_folder).
     with claim_output_folder(args.output, "convert", overwrite=args.overwrite, staged=True) as folder:
         convert_into(args, folder.staging)
-    from ssm_hub.conversion.checkpoint import describe_checkpoint
+    from ssm_hub.conversion.formats.checkpoint import describe_checkpoint
 
     print(f"wrote {args.output} ({args.to} format):")
     for line in describe_checkpoint(args.output):
@@ -147,24 +147,24 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def convert_into(args: argparse.Namespace, output: Path) -> None:
     if args.to == "ssm_hub_multimodal" and args.attention_layers is not None:
-        from ssm_hub.conversion.seed_from_fuyu import seed_multimodal
+        from ssm_hub.conversion.seeding.from_fuyu import seed_multimodal
 
         seed_multimodal(args.source, output, args.attention_layers, dtype=args.dtype,
                         mixer_init=args.mixer_init or "attention")
     elif args.to == "ssm_hub_multimodal":
-        from ssm_hub.conversion.extend_with_images import extend_with_images
+        from ssm_hub.conversion.seeding.extend_with_images import extend_with_images
 
         sizes = {name: value for name, value in (("patch_size", args.patch_size), ("merge_size", args.merge_size),
                                                   ("max_image_size", args.max_image_size)) if value is not None}
         extend_with_images(args.source, output, **sizes, mixture_of_mamba=args.mixture_of_mamba,
                            modality_mlps=args.modality_mlps, modality_norms=args.modality_norms, dtype=args.dtype)
     elif args.to == "ssm_hub_hybrid":
-        from ssm_hub.conversion.seed_from_attention import seed_hybrid
+        from ssm_hub.conversion.seeding.from_attention import seed_hybrid
 
         seed_hybrid(args.source, output, args.attention_layers, dtype=args.dtype,
                     mixer_init=args.mixer_init or "attention")
     else:
-        from ssm_hub.conversion.checkpoint import convert_checkpoint
+        from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
 
         convert_checkpoint(args.source, output, to=args.to, dtype=args.dtype)
 
@@ -361,7 +361,7 @@ def add_distill_command(subparsers) -> None:
 def run_distill(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from ssm_hub.conversion.distill import distill, report_lines
+    from ssm_hub.conversion.distillation.distill import distill, report_lines
     from ssm_hub.output_folder import check_output_folder, claim_output_folder
     from ssm_hub.training.config import DataSection
     from ssm_hub.training.launch import end_process_group
@@ -427,7 +427,7 @@ def add_push_command(subparsers) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    from ssm_hub.conversion.push import push
+    from ssm_hub.conversion.publishing.push import push
 
     url = push(args.folder, args.repo_id, private=args.private, base_model=args.base_model, card=args.card,
                include=args.include, log=print)

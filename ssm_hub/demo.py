@@ -23,9 +23,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
-from ssm_hub.conversion.checkpoint import check_model_reference
-from ssm_hub.conversion.distill import distill, evaluate_against_teacher, report_lines
-from ssm_hub.conversion.seed_from_attention import seed_hybrid
+from ssm_hub.conversion.formats.checkpoint import check_model_reference
+from ssm_hub.conversion.distillation.distill import distill, evaluate_against_teacher, report_lines
+from ssm_hub.conversion.seeding.from_attention import seed_hybrid
 from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
 from ssm_hub.output_folder import claim_output_folder
 from ssm_hub.training.config import DataSection

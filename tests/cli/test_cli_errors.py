@@ -122,7 +122,7 @@ UNREACHABLE_HUB = """
 import sys, httpx2
 from huggingface_hub.utils import _http
 from ssm_hub.cli import main
-from ssm_hub.conversion import checkpoint
+from ssm_hub.conversion.formats import checkpoint
 
 def unreachable(repo_id, **kwargs):
     for attempt in range(1, 6):

@@ -95,7 +95,7 @@ def test_an_interrupted_convert_leaves_the_folder_as_it_was(sources, tmp_path, m
     def interrupted(*args):  # Ctrl-C after the new weights were written, before the tokenizer files
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ssm_hub.conversion.checkpoint.copy_tokenizer_files", interrupted)
+    monkeypatch.setattr("ssm_hub.conversion.formats.checkpoint.copy_tokenizer_files", interrupted)
     assert main(["convert", str(sources[1]), str(output), "--overwrite"]) == 130
 
     assert error_line(capsys) == f"ssm-hub: interrupted: {output} was left as it was"

@@ -11,7 +11,7 @@ from test_cli_errors import error_line
 
 import ssm_hub
 from ssm_hub.cli import main
-from ssm_hub.conversion.push import render_model_card
+from ssm_hub.conversion.publishing.push import render_model_card
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hub"))
 from hub_server import hub_server  # noqa: E402

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, 
 
 import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto classes)
 from conftest import randomised
-from ssm_hub.conversion import checkpoint
-from ssm_hub.conversion.checkpoint import convert_checkpoint
-from ssm_hub.conversion.weight_maps import (
+from ssm_hub.conversion.formats import checkpoint
+from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
+from ssm_hub.conversion.formats.weight_maps import (
     MAMBA_IDENTITY_RULES,
     SSM_HUB_MAMBA2_TO_SSM_HUB,
     SSM_HUB_MAMBA2_TO_TRANSFORMERS,

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, BambaConfig, BambaForCausalLM, Ja
 
 import ssm_hub
 from conftest import randomised
-from ssm_hub.conversion.checkpoint import convert_checkpoint
-from ssm_hub.conversion.weight_maps import (
+from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
+from ssm_hub.conversion.formats.weight_maps import (
     BAMBA_TO_SSM_HUB_HYBRID,
     JAMBA_TO_SSM_HUB_HYBRID,
     SSM_HUB_HYBRID_TO_BAMBA,

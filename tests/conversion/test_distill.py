@@ -1,4 +1,4 @@
-"""Distillation (ssm_hub.conversion.distill): the losses, what each stage trains, the teacher's per-layer states,
+"""Distillation (ssm_hub.conversion.distillation.distill): the losses, what each stage trains, the teacher's per-layer states,
 and ``ssm-hub distill`` end to end on a tiny Llama teacher and a student seeded from it, on CPU: what it reports as
 it goes, and a final save that, interrupted, leaves no student that loads."""
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from ssm_hub.cli import main
-from ssm_hub.conversion.distill import (
+from ssm_hub.conversion.distillation.distill import (
     evaluate_against_teacher,
     hidden_alignment_loss,
     replaced_layers,
@@ -23,8 +23,7 @@ from ssm_hub.conversion.distill import (
     teacher_layer_states,
     token_kl,
 )
-from ssm_hub.conversion.seed_from_attention import seed_hybrid
-from ssm_hub.output_folder import STAGING_PREFIX
+from ssm_hub.conversion.seeding.from_attention import seed_hybrid
 
 
 def test_token_kl_is_the_mean_kl_of_the_next_token_distributions():
@@ -201,7 +200,7 @@ def test_an_interrupted_final_save_leaves_no_student_that_loads(teacher_and_stud
 def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matrices(teacher_and_student, tmp_path):
     from transformers import TrainingArguments
 
-    from ssm_hub.conversion.distill import DistillationTrainer, ReplacedLayers
+    from ssm_hub.conversion.distillation.distill import DistillationTrainer, ReplacedLayers
     from ssm_hub.training.config import DataSection
     from ssm_hub.training.data import read_documents, train_and_eval_datasets
     from transformers import AutoTokenizer
@@ -226,7 +225,7 @@ def test_matrix_orientation_brings_the_scans_matrices_towards_the_attention_matr
 
 
 def test_a_resumed_run_restores_each_finished_stage(teacher_and_student, tmp_path):
-    from ssm_hub.conversion.distill import distill
+    from ssm_hub.conversion.distillation.distill import distill
     from ssm_hub.training.config import DataSection
 
     teacher, student = teacher_and_student
@@ -261,7 +260,7 @@ def test_the_seed_flag_reaches_the_run(teacher_and_student, tmp_path):
 
 
 def test_stages_after_orientation_run_the_teacher_with_its_own_attention(teacher_and_student, tmp_path, monkeypatch):
-    from ssm_hub.conversion import distill as distillation
+    from ssm_hub.conversion.distillation import distill as distillation
     from ssm_hub.training.config import DataSection
 
     seen = []
@@ -351,7 +350,7 @@ def test_sharding_engines_are_refused(teacher_and_student, tmp_path, monkeypatch
     """FSDP shards the student in place; the evaluations between stages need it whole, so distillation refuses it."""
     from transformers import Trainer, TrainingArguments
 
-    from ssm_hub.conversion.distill import DistillationTrainer
+    from ssm_hub.conversion.distillation.distill import DistillationTrainer
 
     original = Trainer.create_accelerator_and_postprocess
 
@@ -376,7 +375,7 @@ def short_run(teacher, student, output) -> list[str]:
 def test_a_student_without_a_tokenizer_takes_the_teachers_through_the_tokenizer_flag(teacher_and_student, tmp_path,
                                                                                       capsys):
     """What ``ssm-hub convert`` writes from a teacher folder without tokenizer files."""
-    from ssm_hub.conversion.checkpoint import VOCABULARY_FILES
+    from ssm_hub.conversion.formats.checkpoint import VOCABULARY_FILES
 
     teacher, student = teacher_and_student
     bare = tmp_path / "bare"
@@ -398,7 +397,7 @@ def test_the_evaluations_run_eval_batch_size_rows_per_forward_call(teacher_and_s
     distill evaluated in batches of 8, whatever the run); a value that is not a positive whole number is refused,
     naming it."""
     from ssm_hub import SsmHubHybridForCausalLM
-    from ssm_hub.conversion import distill as distillation
+    from ssm_hub.conversion.distillation import distill as distillation
     from ssm_hub.training.config import DataSection
 
     teacher, student = teacher_and_student

@@ -1,4 +1,4 @@
-"""Seeding an ssm_hub_hybrid from a Llama-family or GPT-2 teacher (ssm_hub.conversion.seed_from_attention): ``all``
+"""Seeding an ssm_hub_hybrid from a Llama-family or GPT-2 teacher (ssm_hub.conversion.seeding.from_attention): ``all``
 gives the teacher's logits; replaced layers are Mamba-2 layers built from the attention weights; every SPEC form; auto:N keeps
 the layers its probe ranks highest; bad teachers and specs are named. Tiny random teachers built here."""
 
@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from ssm_hub.cli import main
-from ssm_hub.conversion.seed_from_attention import SEEDING_FILE, parse_attention_layers, seed_hybrid
+from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE, parse_attention_layers, seed_hybrid
 
 SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
              vocab_size=300, max_position_embeddings=64, tie_word_embeddings=False)

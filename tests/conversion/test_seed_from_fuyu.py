@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from ssm_hub.cli import main
-from ssm_hub.conversion.seed_from_fuyu import seed_multimodal
+from ssm_hub.conversion.seeding.from_fuyu import seed_multimodal
 
 WORDS = ["<unk>", "|ENDOFTEXT|", "hello", "world", "describe", "|SPEAKER|", "|NEWLINE|"]
 PATCH = 4

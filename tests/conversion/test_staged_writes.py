@@ -12,10 +12,10 @@ from test_seed_from_attention import _teacher
 from test_seed_from_fuyu import fuyu  # noqa: F401  (a module fixture: a tiny Fuyu with its tokenizer)
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ssm_hub.conversion.checkpoint import convert_checkpoint
-from ssm_hub.conversion.extend_with_images import extend_with_images
-from ssm_hub.conversion.seed_from_attention import seed_hybrid
-from ssm_hub.conversion.seed_from_fuyu import seed_multimodal
+from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
+from ssm_hub.conversion.seeding.extend_with_images import extend_with_images
+from ssm_hub.conversion.seeding.from_attention import seed_hybrid
+from ssm_hub.conversion.seeding.from_fuyu import seed_multimodal
 
 WRITERS = {
     "convert_checkpoint": lambda sources, output: convert_checkpoint(sources["mamba"], output),

@@ -12,8 +12,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hub_server import hub_server
-from ssm_hub.conversion.push import render_model_card
-from ssm_hub.conversion.seed_from_attention import seed_hybrid
+from ssm_hub.conversion.publishing.push import render_model_card
+from ssm_hub.conversion.seeding.from_attention import seed_hybrid
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 
 from conftest import CAUSAL_LM_TYPES, WITH_ATTENTION, randomised, tiny_config
-from ssm_hub.conversion.checkpoint import convert_checkpoint
+from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
 
 VOCAB = 64
 GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None)

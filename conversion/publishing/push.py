@@ -1,6 +1,6 @@
 """Publish an ssm_hub model folder to the Hugging Face Hub with a model card: ``ssm-hub push DIR REPO_ID``.
 
-    from ssm_hub.conversion.push import push, render_model_card
+    from ssm_hub.conversion.publishing.push import push, render_model_card
     url = push("distilled/", "me/qwen-hybrid")
 
 The card (model_cards/ssm_hub_model.md) is rendered from what the folder holds: config.json (the architecture and
@@ -21,9 +21,9 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
-from ssm_hub.conversion.checkpoint import TOKENIZER_FILES
-from ssm_hub.conversion.distill import STAGES
-from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
+from ssm_hub.conversion.formats.checkpoint import TOKENIZER_FILES
+from ssm_hub.conversion.distillation.distill import STAGES
+from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE
 
 DISTILLATION_FILE = "distillation.json"
 CARD_FILE = "README.md"

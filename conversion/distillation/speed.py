@@ -1,7 +1,7 @@
 """What a student gains over its teacher at long context: prefill and decode tokens/s and the cache's memory, each
 model on transformers' StaticCache.
 
-    from ssm_hub.conversion.speed import speed_table
+    from ssm_hub.conversion.distillation.speed import speed_table
     rows = speed_table(teacher, student, contexts=[2048, 8192, 32768])
 
 The prompt is prefilled in chunks of at most 4096 tokens (the activations of a 32K prompt stay small), then decode

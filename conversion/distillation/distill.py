@@ -1,7 +1,7 @@
-"""Staged distillation of a seeded student (ssm_hub.conversion.seed_from_attention) from its teacher, through
+"""Staged distillation of a seeded student (ssm_hub.conversion.seeding.from_attention) from its teacher, through
 transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --output DIR``.
 
-    from ssm_hub.conversion.distill import DistillationTrainer, ReplacedLayers, hidden_alignment_loss, token_kl
+    from ssm_hub.conversion.distillation.distill import DistillationTrainer, ReplacedLayers, hidden_alignment_loss, token_kl
     trainer = DistillationTrainer(model=ReplacedLayers(student), teacher=teacher, stage="align", args=...,
                                   train_dataset=...)
 
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from ssm_hub.conversion.checkpoint import check_model_reference
-from ssm_hub.conversion.seed_from_attention import SEEDING_FILE
-from ssm_hub.conversion.speed import DECODE_STEPS, longest_context, speed_table
+from ssm_hub.conversion.formats.checkpoint import check_model_reference
+from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE
+from ssm_hub.conversion.distillation.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.layers.patch_embedding import image_patches
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 from ssm_hub.output_folder import staged_model_folder
@@ -376,7 +376,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     stage, and the settings) and each stage's Trainer output under ``output_dir/<stage>``. A stage with 0 steps is
     skipped. The evaluations run ``eval_batch_size`` held-out rows per forward call. ``speed_contexts``: also measure
     prefill and decode tokens/s and the cache memory of the teacher and the distilled student at these context
-    lengths (ssm_hub.conversion.speed). ``resume``: each stage continues
+    lengths (ssm_hub.conversion.distillation.speed). ``resume``: each stage continues
     from its last checkpoint under ``output_dir/<stage>`` where there is one (a finished stage just restores its
     final weights), so an interrupted run picks up where it stopped. Under a distributed launcher every process
     trains; the first alone evaluates, times and writes (the others wait), and every process returns the same
@@ -387,7 +387,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
 
-    from ssm_hub.conversion.checkpoint import has_tokenizer
+    from ssm_hub.conversion.formats.checkpoint import has_tokenizer
     from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
     from ssm_hub.training.callbacks import write_loss_curve
     from ssm_hub.training.data import read_documents, split_held_out, train_and_eval_datasets

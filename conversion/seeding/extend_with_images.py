@@ -1,7 +1,7 @@
 """Give a text-only ssm_hub model eyes: an ssm_hub_hybrid checkpoint becomes an ssm_hub_multimodal one with a fresh
 patch embedding, and its tokenizer a processor with the image tokens.
 
-    from ssm_hub.conversion.extend_with_images import extend_with_images
+    from ssm_hub.conversion.seeding.extend_with_images import extend_with_images
     extend_with_images("my-hybrid", "my-hybrid-vl", patch_size=16, mixture_of_mamba=True)
 
 or from a shell: ``ssm-hub convert my-hybrid my-hybrid-vl --to ssm_hub_multimodal [--patch-size 16] [--merge-size 1]
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ssm_hub.conversion.checkpoint import (
+from ssm_hub.conversion.formats.checkpoint import (
     VOCABULARY_FILES,
     has_tokenizer,
     parse_dtype,

@@ -1,9 +1,9 @@
 """Seed an ssm_hub_multimodal from transformers' FuyuForCausalLM (a decoder-only vision-language transformer without
 a vision encoder): its patch projection and every weight that is not attention are copied, and the attention layers
-not kept become Mamba-2 layers seeded from them, as ssm_hub.conversion.seed_from_attention seeds a hybrid from a
+not kept become Mamba-2 layers seeded from them, as ssm_hub.conversion.seeding.from_attention seeds a hybrid from a
 Persimmon (Fuyu's decoder).
 
-    from ssm_hub.conversion.seed_from_fuyu import seed_multimodal
+    from ssm_hub.conversion.seeding.from_fuyu import seed_multimodal
     seed_multimodal("adept/fuyu-8b", "fuyu-hybrid", attention_layers="every:4:3")
 
 or from a shell: ``ssm-hub convert FUYU OUT --to ssm_hub_multimodal --attention-layers SPEC``.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ssm_hub.conversion.checkpoint import parse_dtype, read_config, read_weights, save_weights, source_and_output
-from ssm_hub.conversion.extend_with_images import multimodal_config, under_language_model
-from ssm_hub.conversion.seed_from_attention import SEEDING_FILE, seeded_student
+from ssm_hub.conversion.formats.checkpoint import parse_dtype, read_config, read_weights, save_weights, source_and_output
+from ssm_hub.conversion.seeding.extend_with_images import multimodal_config, under_language_model
+from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE, seeded_student
 from ssm_hub.models.multimodal.image_processing_multimodal import SsmHubMultimodalImageProcessor
 from ssm_hub.models.multimodal.modeling_multimodal import SsmHubMultimodalForConditionalGeneration
 from ssm_hub.models.multimodal.processing_multimodal import SsmHubMultimodalProcessor

@@ -1,6 +1,6 @@
 """Convert Mamba / Mamba-2 / hybrid checkpoints between mamba_ssm's, transformers' and ssm_hub's formats.
 
-    from ssm_hub.conversion.checkpoint import convert_checkpoint
+    from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
     convert_checkpoint("state-spaces/mamba-130m-hf", "mamba-130m-ssm-hub")            # -> ssm_hub_mamba
     convert_checkpoint("mamba-130m-ssm-hub", "mamba-130m-transformers", to="mamba")  # -> transformers' MambaForCausalLM
     convert_checkpoint("ai21labs/Jamba-tiny-dev", "jamba-tiny-ssm-hub")               # -> ssm_hub_hybrid
@@ -9,7 +9,7 @@
 or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2|jamba|bamba] [--dtype bfloat16]``.
 
 Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative
-maps of :mod:`ssm_hub.conversion.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
+maps of :mod:`ssm_hub.conversion.formats.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
 only: ssm_hub never unpickles a ``pytorch_model.bin``. The output is written by the target model class's own
 ``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code. The source's tokenizer, chat
 templates and generation settings are copied beside it (a source without a tokenizer is said so, in a warning), and
@@ -42,7 +42,7 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from ssm_hub.conversion.weight_maps import (
+from ssm_hub.conversion.formats.weight_maps import (
     BAMBA_TO_SSM_HUB_HYBRID,
     JAMBA_TO_SSM_HUB_HYBRID,
     MAMBA_SSM_MAMBA1_TO_SSM_HUB,
@@ -357,7 +357,7 @@ def _detect_format(config: dict, source_dir: Path) -> tuple[str, ConversionMap]:
             f"{source_dir / 'config.json'}: mamba_ssm ssm_cfg.layer = {layer!r} is not supported "
             f"(supported: {tuple(_MAMBA_SSM_FORMATS_BY_LAYER)})"
         )
-    from ssm_hub.conversion.seed_from_attention import SUPPORTED_TEACHERS
+    from ssm_hub.conversion.seeding.from_attention import SUPPORTED_TEACHERS
 
     if model_type in SUPPORTED_TEACHERS or model_type == "fuyu":
         target = "ssm_hub_multimodal" if model_type == "fuyu" else "ssm_hub_hybrid"

@@ -1,7 +1,7 @@
 """Seed an ssm_hub_hybrid from a pretrained Llama-family transformer: the attention layers that are not kept become
 Mamba-2 layers built from their weights (as in Mamba-in-the-Llama and mmMamba); everything else is copied.
 
-    from ssm_hub.conversion.seed_from_attention import seed_hybrid
+    from ssm_hub.conversion.seeding.from_attention import seed_hybrid
     seed_hybrid("Qwen/Qwen2.5-0.5B", "qwen-hybrid", attention_layers="every:4:3")   # keep layers 3, 7, 11, ...
 
 or from a shell: ``ssm-hub convert TEACHER OUT --to ssm_hub_hybrid --attention-layers SPEC``.
@@ -10,7 +10,7 @@ Teachers: transformers' LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, 
 RMSNorms on queries and keys come along: ``attention_qk_norm``) and Phi3ForCausalLM (its fused qkv_proj and
 gate_up_proj are split), with default RoPE and SwiGLU MLPs; PersimmonForCausalLM (Fuyu's decoder: its fused
 per-head query_key_value split, LayerNorms on queries and keys, a plain relu^2 MLP, biases everywhere; FuyuForCausalLM
-seeds an ssm_hub_multimodal through ssm_hub.conversion.seed_from_fuyu); and GPT2LMHeadModel through its own map
+seeds an ssm_hub_multimodal through ssm_hub.conversion.seeding.from_fuyu); and GPT2LMHeadModel through its own map
 (its Conv1D weights transposed, its fused c_attn split): the student then has GPT-2's block (LayerNorms, learned
 absolute positions, a plain MLP with GPT-2's activation, biases everywhere). Weights are read from safetensors only.
 
@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from ssm_hub.conversion.checkpoint import (
+from ssm_hub.conversion.formats.checkpoint import (
     copy_tokenizer_files,
     parse_dtype,
     read_config,

@@ -1,0 +1,1 @@
+"""Students seeded from teachers: hybrids from attention models, multimodal models from Fuyu, image support."""
