@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from ssm_hub.models.hybrid.configuration_hybrid import LEGACY_ROPE_FIELDS, ROPE_DEFAULTS, SsmHubHybridConfig
+from ssm_hub.models.hybrid.layer_layout import index_layers, period_form
 from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
@@ -650,18 +651,13 @@ def identity_rules(model_class: type) -> Callable[[Any], tuple[WeightRule, ...]]
     return rules
 
 
-def _period_form(kinds: list[str], special: str, name: str, other: str) -> tuple[int, int]:
-    """(period, offset) with ``kinds[i] == special`` exactly where ``i % period == offset``; ValueError if none.
-    A stack without ``special`` layers gets a period longer than the stack."""
-    layers = len(kinds)
-    if special not in kinds:
-        return layers + 1, layers
-    for period in range(1, layers + 1):
-        offset = kinds.index(special) % period
-        if all((kind == special) == (i % period == offset) for i, kind in enumerate(kinds)):
-            return period, offset
-    raise ValueError(f"{name} = {kinds} has no period form (Jamba puts {special} layers wherever layer % period == "
-                     f"offset and {other} layers elsewhere)")
+def _jamba_period(kinds: list[str], special: str, name: str, other: str) -> tuple[int, int]:
+    """(period, offset) putting ``special`` exactly where ``kinds`` has it (see layer_layout.period_form)."""
+    form = period_form([kind == special for kind in kinds])
+    if form is None:
+        raise ValueError(f"{name} = {kinds} has no period form (Jamba puts {special} layers wherever layer % period "
+                         f"== offset and {other} layers elsewhere)")
+    return form
 
 
 def _jamba_layout_from_lists(source: dict, target: dict) -> dict:
@@ -670,8 +666,8 @@ def _jamba_layout_from_lists(source: dict, target: dict) -> dict:
         unsupported = sorted(set(kinds) - set(allowed))
         if unsupported:
             raise ValueError(f"{name} holds {unsupported}: Jamba's layers are {allowed} only")
-    attn_period, attn_offset = _period_form(mixers, "attention", "mixer_types", "Mamba-1")
-    expert_period, expert_offset = _period_form(ffns, "moe", "ffn_types", "MLP")
+    attn_period, attn_offset = _jamba_period(mixers, "attention", "mixer_types", "Mamba-1")
+    expert_period, expert_offset = _jamba_period(ffns, "moe", "ffn_types", "MLP")
     target.update(attn_layer_period=attn_period, attn_layer_offset=attn_offset,
                   expert_layer_period=expert_period, expert_layer_offset=expert_offset)
     if "moe" not in ffns:  # Jamba's "no MoE" is one expert per layer, an MLP
@@ -862,11 +858,8 @@ BAMBA_PARTIAL_ROTARY_FACTOR = 0.5
 
 
 def _lists_from_bamba_layout(source: dict, target: dict) -> dict:
-    attention = set(source.get("attn_layer_indices") or ())
     layers = target["num_hidden_layers"]
-    outside = sorted(index for index in attention if not 0 <= index < layers)
-    if outside:
-        raise ValueError(f"attn_layer_indices {outside} are outside the {layers} layers")
+    attention = index_layers(source.get("attn_layer_indices") or (), layers, "attn_layer_indices")
     target.update(mixer_types=["attention" if i in attention else "mamba2" for i in range(layers)],
                   ffn_types=["mlp"] * layers)
     return target

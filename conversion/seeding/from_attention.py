@@ -14,7 +14,7 @@ seeds an ssm_hub_multimodal through ssm_hub.conversion.seeding.from_fuyu); and G
 (its Conv1D weights transposed, its fused c_attn split): the student then has GPT-2's block (LayerNorms, learned
 absolute positions, a plain MLP with GPT-2's activation, biases everywhere). Weights are read from safetensors only.
 
-SPEC (:func:`parse_attention_layers`): ``all`` keeps every attention layer (the student then computes the teacher's
+SPEC (``ssm_hub.models.hybrid.layer_layout.parse_layer_selection``): ``all`` keeps every attention layer (the student then computes the teacher's
 logits exactly: the sanity check), ``none`` replaces them all, ``every:K[:OFFSET]`` keeps the layers with
 ``layer % K == OFFSET`` (OFFSET 0 if left out), ``3,7,11`` keeps those, and ``auto:N`` keeps the N layers whose
 replacement alone costs most: the KL divergence from the teacher's next-token distribution on a probe text
@@ -63,6 +63,7 @@ from ssm_hub.conversion.formats.checkpoint import (
 )
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
+from ssm_hub.models.hybrid.layer_layout import parse_layer_selection
 from ssm_hub.models.hybrid.modeling_hybrid import SSM_MIXER_CLASSES, SsmHubHybridForCausalLM
 from ssm_hub.output_folder import staged_model_folder
 
@@ -82,45 +83,6 @@ MIXER_INITS = ("attention", "fresh")
 ATTENTION_TENSORS = {f"{projection}.{kind}" for projection in ("q_proj", "k_proj", "v_proj", "o_proj")
                      for kind in ("weight", "bias")}
 QK_NORM_TENSORS = {f"{norm}.{kind}" for norm in ("q_norm", "k_norm") for kind in ("weight", "bias")}
-
-
-def parse_attention_layers(spec: str, num_layers: int) -> list[int] | tuple[str, int]:
-    """The kept attention layers for ``spec`` (sorted indices), or ``("auto", N)`` for ``auto:N``."""
-    text = str(spec).strip()
-    if text == "all":
-        return list(range(num_layers))
-    if text == "none":
-        return []
-    if text.startswith("auto:"):
-        count = _int(text[5:], spec, "auto:N")
-        if not 0 <= count <= num_layers:
-            raise ValueError(f"--attention-layers {spec!r}: N must be in [0, {num_layers}] (the teacher's layers)")
-        if count in (0, num_layers):  # none or all: nothing to rank, so no probe
-            return list(range(count))
-        return ("auto", count)
-    if text.startswith("every:"):
-        parts = text[6:].split(":")
-        if len(parts) > 2:
-            raise ValueError(f"--attention-layers {spec!r}: write every:K or every:K:OFFSET")
-        period = _int(parts[0], spec, "every:K")
-        offset = _int(parts[1], spec, "every:K:OFFSET") if len(parts) == 2 else 0
-        if period < 1 or not 0 <= offset < period:
-            raise ValueError(f"--attention-layers {spec!r}: K must be at least 1 and OFFSET in [0, K)")
-        return [layer for layer in range(num_layers) if layer % period == offset]
-    layers = [_int(part, spec, "a list of layer indices") for part in text.split(",")]
-    wrong = [layer for layer in layers if not 0 <= layer < num_layers]
-    if wrong or len(set(layers)) != len(layers):
-        raise ValueError(f"--attention-layers {spec!r}: indices must be distinct and in [0, {num_layers}), "
-                         f"got {', '.join(map(str, layers))}")
-    return sorted(layers)
-
-
-def _int(text: str, spec, form: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--attention-layers {spec!r}: expected all, none, every:K[:OFFSET], auto:N or a list of "
-                         f"layer indices such as 3,7,11; {text!r} in {form} is not an integer") from None
 
 
 def student_config(teacher: dict, attention_layers: list[int]) -> SsmHubHybridConfig:
@@ -535,7 +497,7 @@ def seeded_student(teacher: dict, weights: dict[str, torch.Tensor], source_dir: 
     """(the student's config, its weights, what seeding.json records) for ``teacher`` (its config.json as a dict)
     with ``weights`` (its safetensors), ``attention_layers`` a SPEC; ``auto:N`` probes with the tokenizer in
     ``source_dir``."""
-    kept = parse_attention_layers(attention_layers, teacher_layer_count(teacher))
+    kept = parse_layer_selection(attention_layers, teacher_layer_count(teacher))
     scores = None
     if isinstance(kept, tuple):
         scores = probe_layer_importance(weights, teacher, probe_ids(source_dir), seed, mixer_init)

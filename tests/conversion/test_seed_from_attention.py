@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from ssm_hub.cli import main
-from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE, parse_attention_layers, seed_hybrid
+from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE, seed_hybrid
 
 SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
              vocab_size=300, max_position_embeddings=64, tie_word_embeddings=False)
@@ -208,24 +208,6 @@ def test_seeding_is_reproducible_layer_by_layer(tmp_path):
     for layer in (1, 2):  # replaced in both: the same draws
         assert torch.equal(none.model.layers[layer].mamba.in_proj.weight, some.model.layers[layer].mamba.in_proj.weight)
         assert torch.equal(none.model.layers[layer].mamba.A_log, some.model.layers[layer].mamba.A_log)
-
-
-@pytest.mark.parametrize("spec, kept", [
-    ("all", [0, 1, 2, 3, 4, 5]), ("none", []), ("every:3", [0, 3]), ("every:2:1", [1, 3, 5]), ("5, 1", [1, 5]),
-    ("auto:2", ("auto", 2)), ("auto:0", []), ("auto:6", [0, 1, 2, 3, 4, 5]),  # nothing to rank: no probe
-])
-def test_attention_layer_specs(spec, kept):
-    assert parse_attention_layers(spec, 6) == kept
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("every:0", "K must be at least 1"), ("every:3:3", "OFFSET in \\[0, K\\)"), ("1,1", "distinct"),
-    ("6", "in \\[0, 6\\)"), ("auto:7", "N must be in \\[0, 6\\]"), ("half", "'half' in a list of layer indices"),
-    ("every:2:1:0", "every:K or every:K:OFFSET"),
-])
-def test_bad_attention_layer_specs_are_named(spec, message):
-    with pytest.raises(ValueError, match=message):
-        parse_attention_layers(spec, 6)
 
 
 def test_auto_keeps_the_layers_whose_replacement_costs_most_and_writes_the_scores(tmp_path):

@@ -47,6 +47,7 @@ from ssm_hub.models.config_base import (
     require_positive_float,
     require_positive_int,
 )
+from ssm_hub.models.hybrid.layer_layout import periodic_layers
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config
 
@@ -69,15 +70,6 @@ ROUTER_SCORINGS = ("softmax", "sigmoid")
 MLP_TYPES = ("swiglu", "plain")
 NORM_TYPES = ("rms", "layer")
 
-
-def _periodic(num_layers: int, period, offset, name: str) -> list[bool]:
-    """Layers where ``layer % period == offset``, checking the pair as Jamba's config would have it."""
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"SsmHubHybridConfig.{name}_period must be a positive integer, got {period!r}")
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < period:
-        raise ValueError(f"SsmHubHybridConfig.{name}_offset must be an integer in [0, {name}_period = {period}), "
-                         f"got {offset!r}")
-    return [layer % period == offset for layer in range(num_layers)]
 
 
 class SsmHubHybridConfig(SsmHubConfig):
@@ -252,15 +244,17 @@ class SsmHubHybridConfig(SsmHubConfig):
             period, offset = periods["attn"]
             if period is None and offset is None:
                 period, offset = 8, 4
-            attention = _periodic(layers, period, offset, "attn_layer")
-            self.mixer_types = ["attention" if a else self.ssm_type for a in attention]
+            attention = periodic_layers(layers, period, offset, "attn_layer_period", "attn_layer_offset",
+                                        context="SsmHubHybridConfig.")
+            self.mixer_types = ["attention" if i in attention else self.ssm_type for i in range(layers)]
         if self.ffn_types is None:
             period, offset = periods["expert"]
             if period is None and offset is None:
                 self.ffn_types = ["mlp"] * layers
             else:
-                experts = _periodic(layers, period, offset, "expert_layer")
-                self.ffn_types = ["moe" if e else "mlp" for e in experts]
+                experts = periodic_layers(layers, period, offset, "expert_layer_period", "expert_layer_offset",
+                                          context="SsmHubHybridConfig.")
+                self.ffn_types = ["moe" if i in experts else "mlp" for i in range(layers)]
         # The lists are what the config stores; the period form has done its work.
         self.mixer_types = list(self.mixer_types)
         self.ffn_types = list(self.ffn_types)
