@@ -8,13 +8,13 @@
 
 or from a shell: ``ssm-hub convert SRC OUT [--to ssm_hub|mamba|mamba2|jamba|bamba] [--dtype bfloat16]``.
 
-Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative
-maps of :mod:`ssm_hub.conversion.formats.weight_maps`) -> optionally transformers' format. Weights are read from safetensors
-only: ssm_hub never unpickles a ``pytorch_model.bin``. The output is written by the target model class's own
-``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code. The source's tokenizer, chat
-templates and generation settings are copied beside it (a source without a tokenizer is said so, in a warning), and
-:func:`describe_checkpoint` sums up what a folder holds. Every function here (and in seeding) that writes a model
-folder writes it into a staging folder first and moves it into place once complete
+Every conversion goes through ssm_hub's format: source -> ssm_hub config and weights (checked by the declarative maps
+of the family modules beside this one: mamba, mamba_ssm, hybrid, jamba, bamba; see engine) -> optionally transformers'
+format. Weights are read from safetensors only: ssm_hub never unpickles a ``pytorch_model.bin``. The output is written
+by the target model class's own ``save_pretrained``, so an ssm_hub checkpoint carries its ``auto_map`` and code. The
+source's tokenizer, chat templates and generation settings are copied beside it (a source without a tokenizer is said
+so, in a warning), and :func:`describe_checkpoint` sums up what a folder holds. Every function here (and in seeding)
+that writes a model folder writes it into a staging folder first and moves it into place once complete
 (ssm_hub.output_folder.staged_model_folder): an interrupted call leaves no half-written model that loads.
 """
 
@@ -42,24 +42,19 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from ssm_hub.conversion.formats.weight_maps import (
-    BAMBA_TO_SSM_HUB_HYBRID,
-    JAMBA_TO_SSM_HUB_HYBRID,
-    MAMBA_SSM_MAMBA1_TO_SSM_HUB,
-    MAMBA_SSM_MAMBA2_TO_SSM_HUB,
-    SSM_HUB_HYBRID_TO_BAMBA,
-    SSM_HUB_HYBRID_TO_JAMBA,
-    SSM_HUB_HYBRID_TO_SSM_HUB,
+from ssm_hub.conversion.formats.bamba import BAMBA_TO_SSM_HUB_HYBRID, SSM_HUB_HYBRID_TO_BAMBA
+from ssm_hub.conversion.formats.engine import ConversionMap, apply_config_map, apply_weight_map
+from ssm_hub.conversion.formats.hybrid import SSM_HUB_HYBRID_TO_SSM_HUB
+from ssm_hub.conversion.formats.jamba import JAMBA_TO_SSM_HUB_HYBRID, SSM_HUB_HYBRID_TO_JAMBA
+from ssm_hub.conversion.formats.mamba import (
     SSM_HUB_MAMBA2_TO_SSM_HUB,
     SSM_HUB_MAMBA2_TO_TRANSFORMERS,
     SSM_HUB_MAMBA_TO_SSM_HUB,
     SSM_HUB_MAMBA_TO_TRANSFORMERS,
     TRANSFORMERS_MAMBA2_TO_SSM_HUB,
     TRANSFORMERS_MAMBA_TO_SSM_HUB,
-    ConversionMap,
-    apply_config_map,
-    apply_weight_map,
 )
+from ssm_hub.conversion.formats.mamba_ssm import MAMBA_SSM_MAMBA1_TO_SSM_HUB, MAMBA_SSM_MAMBA2_TO_SSM_HUB
 from ssm_hub.models.checkpoint_loading import PICKLED_WEIGHTS, pickled_weight_files, safetensors_only_message
 from ssm_hub.models.hybrid.configuration_hybrid import SsmHubHybridConfig
 from ssm_hub.models.hybrid.modeling_hybrid import SsmHubHybridForCausalLM

@@ -19,7 +19,8 @@ import ssm_hub  # noqa: F401  (registers the ssm_hub model types with the Auto c
 from conftest import randomised
 from ssm_hub.conversion.formats import checkpoint
 from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
-from ssm_hub.conversion.formats.weight_maps import (
+from ssm_hub.conversion.formats.engine import apply_config_map, apply_weight_map
+from ssm_hub.conversion.formats.mamba import (
     MAMBA_IDENTITY_RULES,
     SSM_HUB_MAMBA2_TO_SSM_HUB,
     SSM_HUB_MAMBA2_TO_TRANSFORMERS,
@@ -27,8 +28,6 @@ from ssm_hub.conversion.formats.weight_maps import (
     SSM_HUB_MAMBA_TO_TRANSFORMERS,
     TRANSFORMERS_MAMBA2_TO_SSM_HUB,
     TRANSFORMERS_MAMBA_TO_SSM_HUB,
-    apply_config_map,
-    apply_weight_map,
 )
 from ssm_hub.models.mamba.configuration_mamba import SsmHubMambaConfig
 from ssm_hub.models.mamba2.configuration_mamba2 import SsmHubMamba2Config

@@ -13,14 +13,10 @@ from transformers import AutoModelForCausalLM, BambaConfig, BambaForCausalLM, Ja
 import ssm_hub
 from conftest import randomised
 from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
-from ssm_hub.conversion.formats.weight_maps import (
-    BAMBA_TO_SSM_HUB_HYBRID,
-    JAMBA_TO_SSM_HUB_HYBRID,
-    SSM_HUB_HYBRID_TO_BAMBA,
-    SSM_HUB_HYBRID_TO_JAMBA,
-    SSM_HUB_HYBRID_TO_SSM_HUB,
-    apply_config_map,
-)
+from ssm_hub.conversion.formats.bamba import BAMBA_TO_SSM_HUB_HYBRID, SSM_HUB_HYBRID_TO_BAMBA
+from ssm_hub.conversion.formats.engine import apply_config_map
+from ssm_hub.conversion.formats.hybrid import SSM_HUB_HYBRID_TO_SSM_HUB
+from ssm_hub.conversion.formats.jamba import JAMBA_TO_SSM_HUB_HYBRID, SSM_HUB_HYBRID_TO_JAMBA
 
 TOLERANCE = 1e-5
 INPUT_IDS = torch.randint(1, 97, (2, 13), generator=torch.Generator().manual_seed(1))

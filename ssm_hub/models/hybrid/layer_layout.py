@@ -56,7 +56,8 @@ def index_layers(indices, num_layers: int, what: str) -> list[int]:
     return sorted(indices)
 
 
-def parse_layer_selection(spec: str, num_layers: int, option: str = "--attention-layers") -> list[int] | tuple[str, int]:
+def parse_layer_selection(spec: str, num_layers: int,
+                          option: str = "--attention-layers") -> list[int] | tuple[str, int]:
     """The layers a selection ``spec`` names (sorted indices), or ``("auto", N)`` for ``auto:N`` (N of them, chosen
     by the caller): ``all``, ``none``, ``every:K[:OFFSET]`` (:func:`periodic_layers`), ``auto:N`` or ``3,7,11``.
     Errors name ``option`` and the spec."""
