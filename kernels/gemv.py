@@ -34,9 +34,9 @@ except ImportError as error:
 from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402  (after the guarded triton import)
 
 # The launch rule (see launch_config), chosen on an H100 by timing rules that varied the tile (4 to 64 columns),
-# the step along K (512 to 4096) and the warps (2, 4, 8) on the projections of benchmarks/gemv.py: on each shape the
-# fastest had 4 columns a program and the whole row of K in one step, with 4 warps for rows up to 1024 long and 8
-# beyond.
+# the step along K (512 to 4096) and the warps (2, 4, 8) on the projections of benchmarks/timing/gemv.py: on each
+# shape the fastest had 4 columns a program and the whole row of K in one step, with 4 warps for rows up to 1024 long
+# and 8 beyond.
 BLOCK_N = 4
 MAX_BLOCK_K = 4096
 

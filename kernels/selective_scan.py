@@ -406,7 +406,7 @@ def selective_scan_bwd_kernel(
 # bytes per element of [B, T, D, N], i.e. at N = 16 and CHUNK = 16 one float32 per element of u (100 MB at
 # B 8 x T 2048 x D 1536), kept from the forward to the backward.
 _GPU_CHUNK = 16
-# (BLOCK_T, elements per tile, num_warps), from benchmarks/profile_scans.py --case mamba1 on an H100: forward
+# (BLOCK_T, elements per tile, num_warps), from benchmarks/profiles/profile_scans.py --case mamba1 on an H100: forward
 # 0.91 ms and forward+backward 8.5 ms at B8 x L2048 x D1536, N16, against 1.01 / 10.0 ms with (16, 8192, 8) and
 # (16, 4096, 8).
 _GPU_TILE = {"fwd": (16, 4096, 4), "bwd": (16, 2048, 4)}

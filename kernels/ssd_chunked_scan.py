@@ -60,7 +60,7 @@ STATE_BLOCK_N = 64
 
 NO_DOCS, DOC_MASKS, DOC_CHUNKS = 0, 1, 2
 
-# Launch settings per kernel, (num_warps, num_stages), tuned on an H100 with benchmarks/profile_scans.py.
+# Launch settings per kernel, (num_warps, num_stages), tuned on an H100 with benchmarks/profiles/profile_scans.py.
 LAUNCH = {"dt": (4, 2), "state": (4, 1), "scores": (4, 2), "output": (4, 1)}
 
 

@@ -54,8 +54,8 @@ from ssm_hub.kernels.ssd_chunked_scan import (  # noqa: E402
     launch,
 )
 
-# Launch settings per kernel, (num_warps, num_stages), tuned on an H100 with benchmarks/profile_scans.py (its last
-# sweep at B8 x L2048: forward+backward 0.96 ms with dx_bwd at (4, 2), against 1.02 ms at (4, 1)).
+# Launch settings per kernel, (num_warps, num_stages), tuned on an H100 with benchmarks/profiles/profile_scans.py (its
+# last sweep at B8 x L2048: forward+backward 0.96 ms with dx_bwd at (4, 2), against 1.02 ms at (4, 1)).
 LAUNCH = {"state_bwd": (4, 2), "dx_bwd": (4, 2), "dscores_bwd": (8, 2), "dB_dC_bwd": (4, 2), "dt_bwd": (4, 2)}
 
 

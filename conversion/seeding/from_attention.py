@@ -43,7 +43,7 @@ random draws are seeded per layer, so a layer seeds the same way in the probe an
 ``mixer_init="fresh"`` (``--mixer-init fresh``) instead starts each replaced layer's Mamba-2 mixer as a new
 ssm_hub_hybrid's (its ``_init_weights``: out_proj small, so the layer starts close to a skip) and keeps everything
 else from the teacher; the attention weights of those layers go unused. On the character-level Shakespeare check
-(benchmarks/distillation_quality.py, H100, one run) such a pure-SSM student distilled to a held-out perplexity of
+(benchmarks/quality/distillation_quality.py, H100, one run) such a pure-SSM student distilled to a held-out perplexity of
 4.874 against the attention-seeded one's 5.071, at the same settings and budget.
 """
 

@@ -6,15 +6,15 @@ scan -> gated RMSNorm -> (optionally) out_proj.
         out = mamba2_sequence_train(xBC, dt, gate, conv_weight, conv_bias, A_log, D, dt_bias, norm_weight,
                                     out_weight, out_bias, padding_mask, seq_idx, sizes)
 
-It is made of the custom ops of ssm_hub.ops (causal_conv1d, ssd, gated_rms_norm) and adds no math of its own; what
-it changes is what a training step keeps for backward. Besides its inputs (slices of in_proj's output, which stays
-alive anyway) it keeps the conv output (the scan's x, B and C), the scan's output and intermediates (per-chunk
-states and scores) and the normed output (out_proj's input), and rebuilds nothing in backward. At 130M that is
-3.5 + 3 + 2.2 + 3 KB a token a layer. An earlier version kept only the scan's output and rebuilt the rest in
-backward: 8.7 KB a token a layer less, for five more launches a layer, and a step of this size is bound by the
-host's launch rate, not by the GPU (benchmarks/profile_training_host.py); the memory stays well under a same-size
-transformer's. mamba_ssm's fused path keeps in_proj's output and the scan's output. This node replaces selective
-activation checkpointing, which through its Python dispatch mode on every op doubled a 130M step's CPU time.
+It is made of the custom ops of ssm_hub.ops (causal_conv1d, ssd, gated_rms_norm) and adds no math of its own; what it
+changes is what a training step keeps for backward. Besides its inputs (slices of in_proj's output, which stays alive
+anyway) it keeps the conv output (the scan's x, B and C), the scan's output and intermediates (per-chunk states and
+scores) and the normed output (out_proj's input), and rebuilds nothing in backward. At 130M that is 3.5 + 3 + 2.2 + 3
+KB a token a layer. An earlier version kept only the scan's output and rebuilt the rest in backward: 8.7 KB a token a
+layer less, for five more launches a layer, and a step of this size is bound by the host's launch rate, not by the GPU
+(benchmarks/profiles/profile_training_host.py); the memory stays well under a same-size transformer's. mamba_ssm's
+fused path keeps in_proj's output and the scan's output. This node replaces selective activation checkpointing, whose
+Python dispatch mode ran on every op of the step.
 
 Training only: no cache and no initial or final states. out_weight None leaves out_proj to the caller (for example
 when a PEFT adapter wraps it) and returns the normed output.

@@ -3,7 +3,7 @@ implementations) into one graph and gives eager's loss and gradients, and the re
 compiles the model Trainer trains.
 
 On CPU the kernels run in Triton's interpreter and the compiled graph on the ``aot_eager`` backend (inductor's CPU
-path would build C++ for every test); the GPU timings of inductor are benchmarks/against_llama.py's.
+path would build C++ for every test); the GPU timings of inductor are benchmarks/timing/against_llama.py's.
 Run: pytest tests/models/test_compile_training.py
 """
 

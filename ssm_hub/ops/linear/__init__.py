@@ -3,7 +3,7 @@ causal conv1d's decode step on part of it: ``linear``, ``swiglu_linear``, ``gate
 ``linear_conv_step``, the public ops and their one dispatch point. The math is in ``reference.py``.
 
 The Triton kernel (a matrix-vector product, kernels/gemv.py) covers what decoding one sequence runs: one row (one
-token), bf16 or fp16, no gradient needed. On more rows cuBLAS is as fast or faster (benchmarks/gemv.py measured 2
+token), bf16 or fp16, no gradient needed. On more rows cuBLAS is as fast or faster (benchmarks/timing/gemv.py measured 2
 to 8 rows on an H100). Everything else (training, prefill, float32) is ``torch.nn.functional.linear``, that is cuBLAS,
 under "auto" and ``SSM_HUB_BACKEND=triton`` alike: an ordinary linear layer has no kernel of ours to force. Only an
 explicit ``backend="triton"`` insists, and is refused for what the kernel does not cover.
