@@ -1,7 +1,8 @@
 """Staged distillation of a seeded student (ssm_hub.conversion.seeding.from_attention) from its teacher, through
 transformers' Trainer: ``ssm-hub distill --teacher T --student S --data FILE --output DIR``.
 
-    from ssm_hub.conversion.distillation.distill import DistillationTrainer, ReplacedLayers, hidden_alignment_loss, token_kl
+    from ssm_hub.conversion.distillation.distill import (DistillationTrainer, ReplacedLayers,
+                                                        hidden_alignment_loss, token_kl)
     trainer = DistillationTrainer(model=ReplacedLayers(student), teacher=teacher, stage="align", args=...,
                                   train_dataset=...)
 
@@ -32,15 +33,18 @@ reached under ``model.language_model`` and routed by modality where the student 
 out of the losses, and the evaluations over the caption tokens.
 """
 
+import json
 import math
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from ssm_hub.conversion.distillation.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.conversion.formats.checkpoint import check_model_reference
 from ssm_hub.conversion.seeding.from_attention import SEEDING_FILE
-from ssm_hub.conversion.distillation.speed import DECODE_STEPS, longest_context, speed_table
 from ssm_hub.layers.patch_embedding import image_patches
 from ssm_hub.layers.sequence_boundaries import resolve_seq_idx
 from ssm_hub.output_folder import staged_model_folder
@@ -366,6 +370,31 @@ def report_lines(report: dict) -> list[str]:
     return lines
 
 
+class _Material(NamedTuple):
+    """What the stages train and are judged on: the student's tokenizer or processor, the training and held-out
+    rows, the collator (image-text data) and the held-out openings that the evaluations complete (text data)."""
+
+    processing: Any
+    train_data: Any
+    eval_data: Any
+    collate: Any
+    prompts: list[str]
+    image_text: bool
+
+
+class _StageSettings(NamedTuple):
+    """The Trainer settings every stage shares."""
+
+    batch_size: int
+    learning_rate: float
+    ce_weight: float
+    freeze_mlp: bool
+    bf16: bool
+    seed: int
+    use_cpu: bool
+    resume: bool
+
+
 def distill(teacher: str, student: str, data, output_dir: str, align_steps: int = 100, kl_steps: int = 200,
             orient_steps: int = 0, batch_size: int = 8, learning_rate: float = 1e-3, ce_weight: float = 0.0,
             freeze_mlp: bool = False, bf16: bool = False, seed: int = 0, speed_contexts: list[int] | None = None,
@@ -381,52 +410,16 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     final weights), so an interrupted run picks up where it stopped. Under a distributed launcher every process
     trains; the first alone evaluates, times and writes (the others wait), and every process returns the same
     settings but only the first the evaluations. Returns the report."""
-    import json
-    from pathlib import Path
-
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
-    from ssm_hub.conversion.formats.checkpoint import has_tokenizer
     from ssm_hub.models.checkpoint_loading import from_pretrained_safetensors
-    from ssm_hub.training.callbacks import write_loss_curve
-    from ssm_hub.training.data import read_documents, split_held_out, train_and_eval_datasets
 
-    for name, steps in (("orient_steps", orient_steps), ("align_steps", align_steps), ("kl_steps", kl_steps)):
-        if steps < 0:
-            raise ValueError(f"{name} must be at least 0, got {steps}")
-    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
-        raise ValueError(f"eval_batch_size must be a positive whole number, got {eval_batch_size!r}")
-    for what, reference in (("teacher", teacher), ("student", student), ("tokenizer", tokenizer)):
-        if reference is not None:
-            check_model_reference(reference, what)
+    steps_by_stage = dict(zip(STAGES, (orient_steps, align_steps, kl_steps)))
+    _check_settings(steps_by_stage, eval_batch_size, teacher=teacher, student=student, tokenizer=tokenizer)
     output = Path(output_dir)
     set_seed(seed)
-    image_text = data.builtin == "shapes"
-    if data.eval_fraction <= 0:
-        raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
-    if image_text:
-        from transformers import AutoProcessor
-
-        from ssm_hub.training.shapes import ImageTextCollator, train_and_held_out_scenes
-
-        if orient_steps:
-            raise ValueError("matrix orientation takes text data; distil image-text data with --orient-steps 0")
-        if tokenizer is not None:
-            raise ValueError("--tokenizer applies to text data: an image-text student carries its own processor")
-        processing = AutoProcessor.from_pretrained(student)  # the tokenizer and the image processor
-        train_data, eval_data = train_and_held_out_scenes(data.max_documents, data.eval_fraction)
-        status(f"data: {len(train_data):,} captioned scenes, {len(eval_data):,} held out")
-        collate, prompts = ImageTextCollator(processing), []
-    else:
-        if tokenizer is None and Path(student).is_dir() and not has_tokenizer(Path(student)):
-            raise ValueError(f"the student {student} has no tokenizer (ssm-hub convert found none in the teacher to "
-                             "copy): pass the teacher's tokenizer, its folder or Hub id, as --tokenizer (tokenizer= "
-                             "in Python)")
-        processing = AutoTokenizer.from_pretrained(tokenizer or student)
-        documents = read_documents(data)
-        train_data, eval_data = train_and_eval_datasets(documents, processing, data)
-        collate, prompts = None, sample_prompts(split_held_out(documents, data.eval_fraction)[1])
+    material = _training_material(data, student, tokenizer, orient_steps)
     # The student trains in float32 (bf16 comes from --bf16's autocast), whatever dtype its folder stores; both
     # models go to this process's training device at once, so that the seeded evaluation runs there too.
     # TrainingArguments sets up the processes (the device, the process group) as the stages' Trainers see them;
@@ -442,6 +435,7 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
     if teacher_vocabulary != student_model.config.vocab_size:
         raise ValueError(f"the teacher's vocabulary ({teacher_vocabulary}) and the student's "
                          f"({student_model.config.vocab_size}) differ: distil a student seeded from this teacher")
+    settings = _StageSettings(batch_size, learning_rate, ce_weight, freeze_mlp, bf16, seed, use_cpu, resume)
     report = {"teacher": str(teacher), "student": str(student), "settings": dict(
         orient_steps=orient_steps, align_steps=align_steps, kl_steps=kl_steps, batch_size=batch_size,
         eval_batch_size=eval_batch_size, learning_rate=learning_rate, ce_weight=ce_weight, freeze_mlp=freeze_mlp,
@@ -450,66 +444,140 @@ def distill(teacher: str, student: str, data, output_dir: str, align_steps: int 
 
     def evaluate(after):
         if processes.is_main_process:
-            student_model.eval()
-            status(f"evaluation {after}: teacher and student on {len(eval_data):,} held-out rows")
-            scores = evaluate_against_teacher(student_model, teacher_model, eval_data, eval_batch_size, collate)
-            report["evaluations"][after] = scores
-            status(f"evaluation {after}: student perplexity {scores['student_perplexity']:.2f} (teacher "
-                   f"{scores['teacher_perplexity']:.2f}), token KL {scores['mean_token_kl']:.4f}, greedy agreement "
-                   f"{scores['greedy_agreement']:.1%}")
-            if prompts:
-                status(f"evaluation {after}: greedy completions of {len(prompts)} held-out openings")
-                report["samples"][after] = generation_samples(teacher_model, student_model, processing, prompts)
+            _evaluate(report, after, student_model, teacher_model, material, eval_batch_size)
         processes.wait_for_everyone()
 
     evaluate("seeded")
-    for stage, steps in (("orient", orient_steps), ("align", align_steps), ("kl", kl_steps)):
-        if steps == 0:
-            continue
-        trained = set_trainable(student_model, stage, freeze_mlp)
-        resumed = resume and any((output / stage).glob("checkpoint-*"))
-        status(f"stage {stage}: {steps:,} steps, {trained:,} parameters train" + (", resumed" if resumed else ""))
-        arguments = TrainingArguments(
-            output_dir=str(output / stage), max_steps=steps, per_device_train_batch_size=batch_size,
-            learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
-            logging_steps=max(1, steps // 20), save_steps=max(1, steps // 2), report_to="none", bf16=bf16,
-            seed=seed, max_grad_norm=1.0, dataloader_pin_memory=not use_cpu, use_cpu=use_cpu,
-            # A scan's mixing matrix leaves D, the gated norm and out_proj out of the orient stage's loss.
-            ddp_find_unused_parameters=stage == "orient",
-            # Image-text rows are scenes and captions, which the collator turns into the models' inputs.
-            remove_unused_columns=not image_text,
-        )
-        attention = teacher_model.config._attn_implementation  # before the orient stage switches it to eager
-        trainer = DistillationTrainer(model=student_model if stage == "kl" else ReplacedLayers(student_model),
-                                      teacher=teacher_model, stage=stage, ce_weight=ce_weight, args=arguments,
-                                      train_dataset=train_data, data_collator=collate)
-        trainer.train(resume_from_checkpoint=resumed or None)
-        teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
-        report["train_loss"][stage] = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history
-                                       if "loss" in entry]
-        if processes.is_main_process:
-            write_loss_curve(trainer.state.log_history, output / stage / "loss_curve.png")
-        evaluate(f"after_{stage}")
+    for stage, steps in steps_by_stage.items():
+        if steps:  # a stage with 0 steps is skipped
+            report["train_loss"][stage] = _train_stage(stage, steps, student_model, teacher_model, material, settings,
+                                                       output / stage, processes.is_main_process)
+            evaluate(f"after_{stage}")
     student_model.requires_grad_(True)
     if processes.is_main_process:
         if speed_contexts:
-            longest = longest_context(teacher_model, student_model)
-            timed = [context for context in speed_contexts if longest is None or context <= longest]
-            if len(timed) < len(speed_contexts):
-                report["speed_skipped"] = {
-                    "contexts": [context for context in speed_contexts if context not in timed],
-                    "why": f"a model has learned absolute positions, and the timing decodes {DECODE_STEPS} tokens "
-                           f"past the context: at most {longest} tokens of context"}
-            report["speed"] = speed_table(teacher_model, student_model, timed)
-        # Written beside each other in a staging folder and renamed into the output together, so that an interrupted
-        # save leaves no student that loads half-written or without its report (ssm_hub.output_folder).
-        status(f"saving: the distilled student and distillation.json in {output}")
-        with staged_model_folder(output) as staging:
-            student_model.save_pretrained(staging)
-            processing.save_pretrained(staging)
-            seeding = Path(student) / SEEDING_FILE
-            if seeding.is_file():  # the model card tells how the student was seeded
-                (staging / SEEDING_FILE).write_bytes(seeding.read_bytes())
-            (staging / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
+            report.update(_speed_report(teacher_model, student_model, speed_contexts))
+        _save(output, student_model, material.processing, Path(student), report)
     processes.wait_for_everyone()
     return report
+
+
+def _check_settings(steps_by_stage: dict, eval_batch_size, **references) -> None:
+    for stage, steps in steps_by_stage.items():
+        if steps < 0:
+            raise ValueError(f"{stage}_steps must be at least 0, got {steps}")
+    if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size must be a positive whole number, got {eval_batch_size!r}")
+    for what, reference in references.items():
+        if reference is not None:
+            check_model_reference(reference, what)
+
+
+def _training_material(data, student: str, tokenizer: str | None, orient_steps: int) -> _Material:
+    """The student's tokenizer (or processor) and the rows of ``data``, split into training and held-out rows."""
+    from transformers import AutoTokenizer
+
+    from ssm_hub.conversion.formats.checkpoint import has_tokenizer
+    from ssm_hub.training.data import read_documents, split_held_out, train_and_eval_datasets
+
+    if data.eval_fraction <= 0:
+        raise ValueError("distillation evaluates on held-out documents: data.eval_fraction must be above 0")
+    if data.builtin == "shapes":
+        from transformers import AutoProcessor
+
+        from ssm_hub.training.shapes import ImageTextCollator, train_and_held_out_scenes
+
+        if orient_steps:
+            raise ValueError("matrix orientation takes text data; distil image-text data with --orient-steps 0")
+        if tokenizer is not None:
+            raise ValueError("--tokenizer applies to text data: an image-text student carries its own processor")
+        processing = AutoProcessor.from_pretrained(student)  # the tokenizer and the image processor
+        train_data, eval_data = train_and_held_out_scenes(data.max_documents, data.eval_fraction)
+        status(f"data: {len(train_data):,} captioned scenes, {len(eval_data):,} held out")
+        return _Material(processing, train_data, eval_data, ImageTextCollator(processing), [], True)
+    if tokenizer is None and Path(student).is_dir() and not has_tokenizer(Path(student)):
+        raise ValueError(f"the student {student} has no tokenizer (ssm-hub convert found none in the teacher to "
+                         "copy): pass the teacher's tokenizer, its folder or Hub id, as --tokenizer (tokenizer= "
+                         "in Python)")
+    processing = AutoTokenizer.from_pretrained(tokenizer or student)
+    documents = read_documents(data)
+    train_data, eval_data = train_and_eval_datasets(documents, processing, data)
+    prompts = sample_prompts(split_held_out(documents, data.eval_fraction)[1])
+    return _Material(processing, train_data, eval_data, None, prompts, False)
+
+
+def _evaluate(report: dict, after: str, student_model, teacher_model, material: _Material,
+              eval_batch_size: int) -> None:
+    """Judge the student against the teacher on the held-out rows into ``report`` (see evaluate_against_teacher)."""
+    student_model.eval()
+    status(f"evaluation {after}: teacher and student on {len(material.eval_data):,} held-out rows")
+    scores = evaluate_against_teacher(student_model, teacher_model, material.eval_data, eval_batch_size,
+                                      material.collate)
+    report["evaluations"][after] = scores
+    status(f"evaluation {after}: student perplexity {scores['student_perplexity']:.2f} (teacher "
+           f"{scores['teacher_perplexity']:.2f}), token KL {scores['mean_token_kl']:.4f}, greedy agreement "
+           f"{scores['greedy_agreement']:.1%}")
+    if material.prompts:
+        status(f"evaluation {after}: greedy completions of {len(material.prompts)} held-out openings")
+        report["samples"][after] = generation_samples(teacher_model, student_model, material.processing,
+                                                      material.prompts)
+
+
+def _train_stage(stage: str, steps: int, student_model, teacher_model, material: _Material,
+                 settings: _StageSettings, stage_dir: Path, main_process: bool) -> list[tuple[int, float]]:
+    """One stage as a Trainer run in ``stage_dir`` (resumed from its last checkpoint with ``settings.resume``); its
+    (step, loss) log."""
+    from transformers import TrainingArguments
+
+    from ssm_hub.training.callbacks import write_loss_curve
+
+    trained = set_trainable(student_model, stage, settings.freeze_mlp)
+    resumed = settings.resume and any(stage_dir.glob("checkpoint-*"))
+    status(f"stage {stage}: {steps:,} steps, {trained:,} parameters train" + (", resumed" if resumed else ""))
+    arguments = TrainingArguments(
+        output_dir=str(stage_dir), max_steps=steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+        logging_steps=max(1, steps // 20), save_steps=max(1, steps // 2), report_to="none", bf16=settings.bf16,
+        seed=settings.seed, max_grad_norm=1.0, dataloader_pin_memory=not settings.use_cpu, use_cpu=settings.use_cpu,
+        # A scan's mixing matrix leaves D, the gated norm and out_proj out of the orient stage's loss.
+        ddp_find_unused_parameters=stage == "orient",
+        # Image-text rows are scenes and captions, which the collator turns into the models' inputs.
+        remove_unused_columns=not material.image_text,
+    )
+    attention = teacher_model.config._attn_implementation  # before the orient stage switches it to eager
+    trainer = DistillationTrainer(model=student_model if stage == "kl" else ReplacedLayers(student_model),
+                                  teacher=teacher_model, stage=stage, ce_weight=settings.ce_weight, args=arguments,
+                                  train_dataset=material.train_data, data_collator=material.collate)
+    trainer.train(resume_from_checkpoint=resumed or None)
+    teacher_model.set_attn_implementation(attention)  # orient switched it to eager; the other stages need not
+    if main_process:
+        write_loss_curve(trainer.state.log_history, stage_dir / "loss_curve.png")
+    return [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _speed_report(teacher_model, student_model, speed_contexts: list[int]) -> dict:
+    """{"speed": the speed table} at the contexts both models can take, and {"speed_skipped": ...} for the others."""
+    longest = longest_context(teacher_model, student_model)
+    timed = [context for context in speed_contexts if longest is None or context <= longest]
+    report = {}
+    if len(timed) < len(speed_contexts):
+        report["speed_skipped"] = {
+            "contexts": [context for context in speed_contexts if context not in timed],
+            "why": f"a model has learned absolute positions, and the timing decodes {DECODE_STEPS} tokens past the "
+                   f"context: at most {longest} tokens of context"}
+    report["speed"] = speed_table(teacher_model, student_model, timed)
+    return report
+
+
+def _save(output: Path, student_model, processing, student: Path, report: dict) -> None:
+    """The distilled student, its tokenizer or processor, the seeding record and distillation.json, written beside
+    each other in a staging folder and renamed into ``output`` together, so that an interrupted save leaves no
+    student that loads half-written or without its report (ssm_hub.output_folder)."""
+    status(f"saving: the distilled student and distillation.json in {output}")
+    with staged_model_folder(output) as staging:
+        student_model.save_pretrained(staging)
+        processing.save_pretrained(staging)
+        seeding = student / SEEDING_FILE
+        if seeding.is_file():  # the model card tells how the student was seeded
+            (staging / SEEDING_FILE).write_bytes(seeding.read_bytes())
+        (staging / "distillation.json").write_text(json.dumps(report, indent=1) + "\n")
