@@ -2,12 +2,12 @@
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-
-import ssm_hub
 
 SHIPPED_INSIDE = ("kernels", "conversion", "recipes", "model_cards")
 
@@ -55,3 +55,17 @@ def test_import_and_forward_work_without_triton():
     result = subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_TRITON], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.Size([1, 3, 32])" in result.stdout
+
+
+def test_transformers_imports_from_the_repository_root():
+    """Python run in the checkout's root finds its kernels/ folder as a top-level ``kernels`` module (and its ssm_hub/
+    folder as ssm_hub); that module hands the name to Hugging Face's kernels package, which transformers' hub-kernels
+    integration imports. No PYTHONSAFEPATH."""
+    root = Path(__file__).resolve().parent.parent
+    code = ("import transformers, ssm_hub; from transformers.integrations import hub_kernels; import kernels; "
+            "print(kernels.__file__)")
+    environment = {name: value for name, value in os.environ.items() if name != "PYTHONSAFEPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=environment, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Path(result.stdout.strip()).parent != root / "kernels"
