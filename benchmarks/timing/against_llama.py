@@ -38,6 +38,7 @@ import ssm_hub
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
 from common import (OURS, build_mamba2_130m, free_memory, mamba2_130m_fields, result_stem, results_dir,
                     time_training_steps, wall_seconds)
+
 VOCAB_SIZE = 50288
 LLAMA = "transformers Llama"
 HYBRID = "ssm_hub hybrid (1 attention layer in 4)"

@@ -29,6 +29,7 @@ from ssm_hub.conversion.distillation.speed import cache_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
 from common import decode_cache_len, result_stem, results_dir, step_ms
+
 WIDTH = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4,
              intermediate_size=2816, vocab_size=32000, tie_word_embeddings=False)
 

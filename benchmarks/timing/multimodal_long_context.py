@@ -34,6 +34,7 @@ from ssm_hub.conversion.distillation.speed import cache_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
 from common import decode_cache_len, result_stem, results_dir, step_ms, wall_seconds
+
 HIDDEN, LAYERS, VOCAB = 1024, 24, 32000
 IMAGES, GRID = 16, 16  # images in the prompt, and patches per image side
 PATCH = 16  # ours; Fuyu's patch is its config's (30), the token count is the same
