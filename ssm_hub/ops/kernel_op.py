@@ -43,6 +43,13 @@ def needs_dispatcher(args) -> bool:
     return any(type(a) not in PLAIN_TENSOR_TYPES for a in args if isinstance(a, torch.Tensor))
 
 
+def contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each tensor made contiguous (None stays None), as the kernels read weights, biases and small vectors; a tensor
+    that already is (every weight) skips ``.contiguous()``'s trip through the dispatcher, which a decode step would
+    otherwise pay a dozen times a layer."""
+    return [t if t is None or t.is_contiguous() else t.contiguous() for t in tensors]
+
+
 def records_autograd(args) -> bool:
     """Whether autograd records a call with these positional arguments."""
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)

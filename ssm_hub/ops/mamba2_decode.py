@@ -24,7 +24,7 @@ import torch
 
 from ssm_hub.backend import resolve_backend
 from ssm_hub.ops.device import on_input_device
-from ssm_hub.ops.kernel_op import PLAIN_TENSOR_TYPES, kernel_op
+from ssm_hub.ops.kernel_op import PLAIN_TENSOR_TYPES, contiguous, kernel_op
 from ssm_hub.ops.linear.custom_ops import NORMED_GEMV_MAX_FEATURES
 from ssm_hub.ops.mamba2_sequence import Mamba2Sizes
 
@@ -105,11 +105,6 @@ def mamba2_decode_step(hidden: torch.Tensor, conv_state: torch.Tensor, ssm_state
     return out if pre_norm is None else (out, total.view(hidden.shape))
 
 
-def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t.contiguous()`` without its trip through the dispatcher for the tensor that already is (every weight)."""
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
 @kernel_op("ssm_hub::mamba2_decode_step", mutates_args=("conv_state", "ssm_state"))
 @on_input_device
 def _mamba2_decode_step_triton(
@@ -144,8 +139,8 @@ def _mamba2_decode_step_triton(
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
     (hidden, residual, pre_norm_weight, in_weight, in_bias, conv_bias, A_log, D, dt_bias, norm_weight, out_weight,
-     out_bias) = map(_contiguous, (hidden, residual, pre_norm_weight, in_weight, in_bias, conv_bias, A_log, D, dt_bias,
-                                   norm_weight, out_weight, out_bias))
+     out_bias) = contiguous(hidden, residual, pre_norm_weight, in_weight, in_bias, conv_bias, A_log, D, dt_bias,
+                            norm_weight, out_weight, out_bias)
     # in_proj's columns: gate z [d_inner], conv input xBC [d_inner + 2 G N], dt [H].
     pre_norm = (None, pre_norm_weight, 1, pre_norm_eps, False) if residual is not None else None
     projected, xBC, *total = gemv_fwd(hidden, in_weight, in_bias, norm=pre_norm,

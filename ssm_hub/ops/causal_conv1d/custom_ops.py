@@ -12,7 +12,7 @@ slots, and its gradient flows back into them.
 import torch
 
 from ssm_hub.ops.device import on_input_device
-from ssm_hub.ops.kernel_op import kernel_op
+from ssm_hub.ops.kernel_op import contiguous, kernel_op
 
 
 def _num_states(x, cu_seqlens) -> int:
@@ -33,7 +33,7 @@ def causal_conv1d_fwd_triton(
     """(y [B, T, C], final_state [B or S, C, K - 1]), both in x's dtype."""
     from ssm_hub.kernels.causal_conv1d import causal_conv1d_fwd
 
-    bias = bias.contiguous() if bias is not None else None
+    (bias,) = contiguous(bias)
     return causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu)
 
 
@@ -60,7 +60,7 @@ def causal_conv1d_bwd_triton(
     empty tensor when there is no initial state."""
     from ssm_hub.kernels.causal_conv1d import causal_conv1d_bwd
 
-    bias = bias.contiguous() if bias is not None else None
+    (bias,) = contiguous(bias)
     dx, dweight, dbias, dstate = causal_conv1d_bwd(
         x, weight, bias, initial_state, seq_idx, cu_seqlens, silu, dy, dfinal_state
     )
@@ -114,7 +114,7 @@ def causal_conv1d_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.causal_conv1d_step import causal_conv1d_step_fwd
 
-    bias, state_indices = [t.contiguous() if t is not None else None for t in (bias, state_indices)]
+    bias, state_indices = contiguous(bias, state_indices)
     return causal_conv1d_step_fwd(x, conv_state, weight, bias, activation == "silu", state_indices)
 
 
@@ -136,7 +136,7 @@ def causal_conv1d_step_in_place_triton(
 ) -> torch.Tensor:
     from ssm_hub.kernels.causal_conv1d_step import causal_conv1d_step_fwd
 
-    bias, state_indices = [t.contiguous() if t is not None else None for t in (bias, state_indices)]
+    bias, state_indices = contiguous(bias, state_indices)
     return causal_conv1d_step_fwd(x, conv_state, weight, bias, activation == "silu", state_indices, in_place=True)[0]
 
 

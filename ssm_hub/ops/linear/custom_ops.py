@@ -7,7 +7,7 @@ calls that need no gradient. Registering needs no triton; the kernel is imported
 import torch
 
 from ssm_hub.ops.device import on_input_device
-from ssm_hub.ops.kernel_op import kernel_op
+from ssm_hub.ops.kernel_op import contiguous, kernel_op
 
 
 @kernel_op("ssm_hub::gemv", mutates_args=())
@@ -22,7 +22,7 @@ def gemv_triton(
     """x [K] -> [N]: x W^T + b, or silu(x W^T + b) * (x W_up^T + b_up) with up_weight."""
     from ssm_hub.kernels.gemv import gemv_fwd
 
-    return gemv_fwd(*[t.contiguous() if t is not None else None for t in (x, weight, bias, up_weight, up_bias)])
+    return gemv_fwd(*contiguous(x, weight, bias, up_weight, up_bias))
 
 
 @gemv_triton.register_fake
@@ -49,8 +49,8 @@ def gated_rms_norm_gemv_triton(
     """x [K] -> [N]: gated_rms_norm(x, norm_weight, gate) W^T + b."""
     from ssm_hub.kernels.gemv import gemv_fwd
 
-    gate, norm_weight = [t.contiguous() if t is not None else None for t in (gate, norm_weight)]
-    return gemv_fwd(*[t.contiguous() if t is not None else None for t in (x, weight, bias)],
+    gate, norm_weight = contiguous(gate, norm_weight)
+    return gemv_fwd(*contiguous(x, weight, bias),
                     norm=(gate, norm_weight, n_groups, eps, norm_before_gate))
 
 
@@ -75,7 +75,7 @@ def gemv_conv_step_triton(
     window conv_state [C, K_conv - 1] shifted in place."""
     from ssm_hub.kernels.gemv import gemv_fwd
 
-    x, weight, bias, conv_bias = [t.contiguous() if t is not None else None for t in (x, weight, bias, conv_bias)]
+    x, weight, bias, conv_bias = contiguous(x, weight, bias, conv_bias)
     return gemv_fwd(x, weight, bias, conv=(conv_state, conv_weight, conv_bias, conv_start, silu))
 
 

@@ -11,11 +11,7 @@ state.
 import torch
 
 from ssm_hub.ops.device import on_input_device
-from ssm_hub.ops.kernel_op import kernel_op
-
-
-def _contiguous(*tensors):
-    return [t.contiguous() if t is not None else None for t in tensors]
+from ssm_hub.ops.kernel_op import contiguous, kernel_op
 
 
 @kernel_op("ssm_hub::selective_scan_step", mutates_args=())
@@ -36,7 +32,7 @@ def selective_scan_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.selective_scan_step import selective_scan_step_fwd
 
-    A, D, delta_bias, state_indices = _contiguous(A, D, delta_bias, state_indices)
+    A, D, delta_bias, state_indices = contiguous(A, D, delta_bias, state_indices)
     return selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices,
                                    A_is_log)
 
@@ -65,7 +61,7 @@ def selective_scan_step_in_place_triton(
 ) -> torch.Tensor:
     from ssm_hub.kernels.selective_scan_step import selective_scan_step_fwd
 
-    A, D, delta_bias, state_indices = _contiguous(A, D, delta_bias, state_indices)
+    A, D, delta_bias, state_indices = contiguous(A, D, delta_bias, state_indices)
     return selective_scan_step_fwd(
         state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices, A_is_log, in_place=True
     )[0]
@@ -101,7 +97,7 @@ def selective_scan_fwd_triton(
     states that the backward restarts from (an empty tensor without ``save_checkpoints``)."""
     from ssm_hub.kernels.selective_scan import selective_scan_fwd
 
-    D, delta_bias = _contiguous(D, delta_bias)
+    D, delta_bias = contiguous(D, delta_bias)
     return selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, cu_seqlens, save_checkpoints
     )
@@ -144,7 +140,7 @@ def selective_scan_bwd_triton(
     stands for the gradient of an absent optional input."""
     from ssm_hub.kernels.selective_scan import selective_scan_bwd
 
-    D, delta_bias = _contiguous(D, delta_bias)
+    D, delta_bias = contiguous(D, delta_bias)
     grads = selective_scan_bwd(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, cu_seqlens, checkpoints, dy,
         dfinal_state,

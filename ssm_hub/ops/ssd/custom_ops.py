@@ -5,7 +5,7 @@ when an op first runs."""
 import torch
 
 from ssm_hub.ops.device import on_input_device
-from ssm_hub.ops.kernel_op import kernel_op
+from ssm_hub.ops.kernel_op import contiguous, kernel_op
 
 
 @kernel_op("ssm_hub::ssd_step", mutates_args=())
@@ -28,7 +28,7 @@ def ssd_step_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
-    A, D, dt_bias, state_indices = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
+    A, D, dt_bias, state_indices = contiguous(A, D, dt_bias, state_indices)
     return ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, A_is_log)
 
 
@@ -58,7 +58,7 @@ def ssd_step_in_place_triton(
 ) -> torch.Tensor:
     from ssm_hub.kernels.ssd_step import ssd_step_fwd
 
-    A, D, dt_bias, state_indices = [t.contiguous() if t is not None else None for t in (A, D, dt_bias, state_indices)]
+    A, D, dt_bias, state_indices = contiguous(A, D, dt_bias, state_indices)
     return ssd_step_fwd(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, state_indices, A_is_log, in_place=True
     )[0]
@@ -100,7 +100,7 @@ def ssd_chunked_scan_fwd_triton(
     ``A_is_log``: A is Mamba-2's A_log, and the scan uses A = -exp(A_log)."""
     from ssm_hub.kernels.ssd_chunked_scan import ssd_chunked_scan_fwd
 
-    A, D, dt_bias = [t.contiguous() if t is not None else None for t in (A, D, dt_bias)]
+    A, D, dt_bias = contiguous(A, D, dt_bias)
     return ssd_chunked_scan_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
                                 initial_states, doc_ids, doc_mode, num_final, A_is_log)
 
@@ -153,8 +153,7 @@ def ssd_chunked_scan_bwd_triton(
     ``A_is_log``: as in ``ssd_chunked_scan_fwd``; dA is then A_log's gradient."""
     from ssm_hub.kernels.ssd_chunked_scan_bwd import ssd_chunked_scan_bwd
 
-    A, D, dt_bias = [t.contiguous() if t is not None else None for t in (A, D, dt_bias)]
-    dfinal = dfinal.contiguous() if dfinal is not None else None
+    A, D, dt_bias, dfinal = contiguous(A, D, dt_bias, dfinal)
     grads = ssd_chunked_scan_bwd(dy, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min,
                                  dt_max, initial_states, doc_ids, doc_mode, num_final, dt_out, cum, states, scores,
                                  packed_xBC, A_is_log)
