@@ -23,7 +23,8 @@ from transformers.models.mistral.configuration_mistral import MistralConfig
 from transformers.models.mistral.modeling_mistral import MistralAttention
 
 from conftest import scaled_rope_parameters
-from ssm_hub.layers.attention import ROPE_TYPES, RotaryEmbedding, SelfAttention, apply_rotary, rope_config
+from ssm_hub.layers.attention import SelfAttention
+from ssm_hub.layers.rope import ROPE_TYPES, RotaryEmbedding, apply_rotary, rope_config
 
 H, HEADS, KV_HEADS, D, THETA, WINDOW = 32, 4, 2, 8, 500.0, 3
 # Scaled RoPE for a context of MAX_POSITIONS extended from ORIGINAL_POSITIONS: positions up to LONG cross both.

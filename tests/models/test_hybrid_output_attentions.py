@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 import ssm_hub
 import ssm_hub.layers.attention as attention_module
 from conftest import tiny_config
-from ssm_hub.layers.attention import apply_rotary
+from ssm_hub.layers.rope import apply_rotary
 from test_hybrid_model import full_attention, tiny
 
 HEAD_CLASSES = (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification)

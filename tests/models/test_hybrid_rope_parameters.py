@@ -27,7 +27,7 @@ import ssm_hub
 from conftest import randomised, scaled_rope_parameters
 from ssm_hub.conversion.formats.checkpoint import convert_checkpoint
 from ssm_hub.conversion.seeding.from_attention import student_weights
-from ssm_hub.layers.attention import ROPE_TYPES
+from ssm_hub.layers.rope import ROPE_TYPES
 from test_hybrid_model import full_attention, greedy_by_recomputation, tiny
 from test_save_load import assert_loads_without_ssm_hub
 

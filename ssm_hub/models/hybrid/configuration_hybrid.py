@@ -39,7 +39,7 @@ checks and defaults are those of the pure-SSM models.
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import RopeParameters
 
-from ssm_hub.layers.attention import RopeConfig, rope_config
+from ssm_hub.layers.rope import RopeConfig, rope_config
 from ssm_hub.models.config_base import (
     SsmHubConfig,
     require_choice,
@@ -347,7 +347,7 @@ class SsmHubHybridConfig(SsmHubConfig):
     def check_rope_parameters(self) -> None:
         """Raise ValueError unless ``rope_parameters`` describes RoPE the attention layers implement: a rope_type of
         transformers' with its required keys and sound values, and a ``partial_rotary_factor`` leaving an even
-        number (>= 2) of rotated channels per head (ssm_hub.layers.attention.rope_config, which names the key). The
+        number (>= 2) of rotated channels per head (ssm_hub.layers.rope.rope_config, which names the key). The
         model checks again when it is built, as the config may have changed since."""
         rope_config(self.attention_head_dim, self.rope_parameters, self.max_position_embeddings,
                     owner=f"{type(self).__name__}.rope_parameters")

@@ -33,7 +33,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from ssm_hub.generation import GraphDecodingGenerationMixin
-from ssm_hub.layers.attention import RotaryEmbedding, SelfAttention
+from ssm_hub.layers.attention import SelfAttention
+from ssm_hub.layers.rope import RotaryEmbedding
 from ssm_hub.layers.mamba2_mixer import Mamba2Mixer
 from ssm_hub.layers.mamba_mixer import MambaMixer
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
