@@ -165,7 +165,7 @@ def test_save_load_round_trip_with_code_bundle(tmp_path):
     assert config["mixer_types"] == model.config.mixer_types
     assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"} <= set(
         config["auto_map"])
-    assert (tmp_path / "modeling_hybrid.py").exists() and (tmp_path / "attention.py").exists()
+    assert (tmp_path / "modeling_hybrid.py").exists() and (tmp_path / "configuration_hybrid.py").exists()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     input_ids = torch.randint(1, 97, (2, 9))
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_unknown_keyword_arguments_are_refused():
 
 @pytest.mark.parametrize("config", [tiny, gpt2_block])
 def test_loads_with_trust_remote_code_without_ssm_hub(tmp_path, config):
-    # The flat code bundle (hybrid model, attention, MoE, the SSM mixers and their kernels' dispatch) runs where
+    # The code bundle (hybrid model, attention, MoE, the SSM mixers and their kernels' dispatch) runs where
     # ssm_hub cannot be imported.
     model = model_for(config())
     checkpoint = tmp_path / "checkpoint"

@@ -26,12 +26,15 @@ def test_save_writes_safetensors_only_and_reloads_identically(model_type, tmp_pa
     torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
 
 
-def test_checkpoint_carries_auto_map_and_flat_code(model_type, tmp_path):
-    AutoModelForCausalLM.from_config(tiny_config(model_type)).save_pretrained(tmp_path)
+def test_checkpoint_carries_auto_map_and_four_files_of_code(causal_lm_type, tmp_path):
+    AutoModelForCausalLM.from_config(tiny_config(causal_lm_type)).save_pretrained(tmp_path)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
-    for target in auto_map.values():
-        assert (tmp_path / f"{target.split('.')[0]}.py").exists()
+    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(auto_map)
+    kind = causal_lm_type.removeprefix("ssm_hub_")
+    assert {p.name for p in tmp_path.glob("*.py")} == {f"configuration_{kind}.py", f"modeling_{kind}.py",
+                                                        "ssm_hub_ops.py", "ssm_hub_kernels.py"}
+    assert auto_map["AutoConfig"].startswith(f"configuration_{kind}.")
+    assert all(target.startswith(f"modeling_{kind}.") for key, target in auto_map.items() if key != "AutoConfig")
     for code_file in tmp_path.glob("*.py"):
         for node in ast.walk(ast.parse(code_file.read_text())):
             if isinstance(node, ast.ImportFrom):
@@ -93,9 +96,10 @@ def test_loads_with_trust_remote_code_without_ssm_hub(model_type, tmp_path):
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     assert_loads_without_ssm_hub(model, checkpoint, torch.randint(1, 64, (2, 9)), tmp_path)
-    # Code loaded from a checkpoint saves itself again as a complete bundle.
+    # Code loaded from a checkpoint saves itself again as the same files.
     resaved = tmp_path / "checkpoint-resaved"
-    assert {p.name for p in checkpoint.glob("*.py")} <= {p.name for p in resaved.glob("*.py")}
+    assert {p.name: p.read_text() for p in checkpoint.glob("*.py")} == {p.name: p.read_text() for p in
+                                                                        resaved.glob("*.py")}
 
 
 def test_untied_head_round_trips(model_type, tmp_path):
@@ -132,7 +136,7 @@ def test_push_to_hub_from_save_pretrained_uploads_after_the_code_is_written(tmp_
     model.save_pretrained(tmp_path, push_to_hub=True, repo_id="me/tiny", commit_message="hello")
     (repo_id, kwargs, code_files), = uploads
     assert repo_id == "me/tiny" and kwargs == {"commit_message": "hello"}
-    assert {"modeling_mamba2.py", "ssm_lm.py", "mamba2_mixer.py"} <= set(code_files)
+    assert set(code_files) == {"configuration_mamba2.py", "modeling_mamba2.py", "ssm_hub_ops.py", "ssm_hub_kernels.py"}
 
 
 def test_remote_code_does_not_require_triton(model_type, tmp_path):
