@@ -38,7 +38,8 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
-from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2, strides  # noqa: E402
+from ssm_hub.kernels.varlen import document_numbers, num_states  # noqa: E402
 
 
 @triton.jit
@@ -347,16 +348,6 @@ def _dweight_tiles() -> tuple[int, int, int, int]:
     return 16, 128, 8, 4
 
 
-def _document_numbers(cu_seqlens, seqlen: int):
-    """cu_seqlens [S + 1] -> [1, T] int64 document number of each token (no host sync)."""
-    positions = torch.arange(seqlen, device=cu_seqlens.device, dtype=torch.int64)
-    return torch.searchsorted(cu_seqlens[1:].to(torch.int64), positions, right=True)[None]
-
-
-def _strides(tensor, ndim: int):
-    return tensor.stride() if tensor is not None else (0,) * ndim
-
-
 def causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu: bool):
     """Launch the forward kernel; arguments as ``ssm_hub.ops.causal_conv1d.causal_conv1d``.
 
@@ -366,16 +357,15 @@ def causal_conv1d_fwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     width = weight.shape[1]
     per_doc = cu_seqlens is not None
     if per_doc:
-        seq_idx = _document_numbers(cu_seqlens, seqlen)
-    num_states = cu_seqlens.shape[0] - 1 if per_doc else batch
+        seq_idx = document_numbers(cu_seqlens, seqlen, x.device)
     y = torch.empty((batch, seqlen, channels), device=x.device, dtype=x.dtype)
-    final = torch.empty((num_states, channels, width - 1), device=x.device, dtype=x.dtype)
+    final = torch.empty((num_states(batch, cu_seqlens), channels, width - 1), device=x.device, dtype=x.dtype)
     block_t, block_c = _tiles()
     block_t, block_c = min(block_t, next_power_of_2(seqlen)), min(block_c, next_power_of_2(channels))
     grid = (cdiv(seqlen, block_t), batch, cdiv(channels, block_c))
     causal_conv1d_fwd_kernel[grid](
         x, weight, bias, initial_state, seq_idx, y, final,
-        *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *y.stride(),
+        *x.stride(), *weight.stride(), *strides(initial_state, 3), *strides(seq_idx, 2), *y.stride(),
         *final.stride(),
         seqlen, channels,
         WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, HAS_STATE=initial_state is not None,
@@ -394,7 +384,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     width = weight.shape[1]
     per_doc = cu_seqlens is not None
     if per_doc:
-        seq_idx = _document_numbers(cu_seqlens, seqlen)
+        seq_idx = document_numbers(cu_seqlens, seqlen, x.device)
     varlen = dict(WIDTH=width, HAS_SEQ_IDX=seq_idx is not None, PER_DOC=per_doc)
     block_t, block_c = _tiles()
     block_t, block_c = min(block_t, next_power_of_2(seqlen)), min(block_c, next_power_of_2(channels))
@@ -412,7 +402,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     db_partial = torch.empty((batch * num_chunks, channels), device=x.device, dtype=torch.float32)
     causal_conv1d_bwd_kernel[(num_chunks, batch, cdiv(channels, dw_block_c))](
         x, weight, bias, initial_state, seq_idx, dy, g, dw_partial, db_partial,
-        *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2), *dy.stride(),
+        *x.stride(), *weight.stride(), *strides(initial_state, 3), *strides(seq_idx, 2), *dy.stride(),
         *g.stride(), seqlen, channels, steps,
         HAS_BIAS=bias is not None, SILU=silu, HAS_STATE=initial_state is not None,
         K_BLOCK=next_power_of_2(width), BLOCK_T=dw_block_t, BLOCK_C=dw_block_c, num_warps=dw_warps, **varlen,
@@ -424,7 +414,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
     dx = torch.empty((batch, seqlen, channels), device=x.device, dtype=x.dtype)
     causal_conv1d_bwd_dx_kernel[(cdiv(seqlen, block_t), batch, num_c)](
         weight, seq_idx, g, dfinal, dx,
-        *weight.stride(), *_strides(seq_idx, 2), *g.stride(), *_strides(dfinal, 3), *dx.stride(),
+        *weight.stride(), *strides(seq_idx, 2), *g.stride(), *strides(dfinal, 3), *dx.stride(),
         seqlen, channels,
         HAS_DFINAL=dfinal is not None, BLOCK_T=block_t, BLOCK_C=block_c, **varlen,
     )
@@ -435,7 +425,7 @@ def causal_conv1d_bwd(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu:
         dstate = torch.empty(initial_state.shape, device=x.device, dtype=initial_state.dtype)
         causal_conv1d_bwd_initial_state_kernel[(initial_state.shape[0], num_c)](
             weight, seq_idx, cu_seqlens, g, dfinal, dstate,
-            *weight.stride(), *_strides(seq_idx, 2), *g.stride(), *_strides(dfinal, 3), *dstate.stride(),
+            *weight.stride(), *strides(seq_idx, 2), *g.stride(), *strides(dfinal, 3), *dstate.stride(),
             seqlen, channels,
             HAS_DFINAL=dfinal is not None, BLOCK_S=max(2, next_power_of_2(width - 1)), BLOCK_C=block_c,
             **varlen,

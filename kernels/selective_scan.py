@@ -49,7 +49,8 @@ except ImportError as error:
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 from ssm_hub.kernels.activations import softplus  # noqa: E402
-from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2, strides  # noqa: E402
+from ssm_hub.kernels.varlen import document_numbers, num_states  # noqa: E402
 
 
 @triton.jit
@@ -438,16 +439,7 @@ def _documents_tensor(u, seq_idx, cu_seqlens):
     number of every token of ``cu_seqlens`` (found on the device, no host sync)."""
     if cu_seqlens is None:
         return seq_idx
-    positions = torch.arange(u.shape[1], device=u.device, dtype=torch.int64)
-    return torch.searchsorted(cu_seqlens.to(device=u.device, dtype=torch.int64)[1:], positions, right=True)[None]
-
-
-def _strides(tensor, ndim: int):
-    return tensor.stride() if tensor is not None else (0,) * ndim
-
-
-def _num_states(u, cu_seqlens) -> int:
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else u.shape[0]
+    return document_numbers(cu_seqlens, u.shape[1], u.device)
 
 
 def _scan_flags(D, z, delta_bias, delta_softplus, initial_state, docs, cu_seqlens, sequential_scan):
@@ -473,7 +465,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     docs = _documents_tensor(u, seq_idx, cu_seqlens)
     f32 = dict(device=u.device, dtype=torch.float32)
     y = torch.empty((batch, seqlen, dim), device=u.device, dtype=u.dtype)
-    final = torch.empty((_num_states(u, cu_seqlens), dim, state_size), **f32)
+    final = torch.empty((num_states(u.shape[0], cu_seqlens), dim, state_size), **f32)
     shape = checkpoint_shape(batch, seqlen, dim, state_size)
     checkpoints = torch.empty(shape if save_checkpoints else (0,), **f32)
     tiles = _tiles("fwd", dim, state_size)
@@ -485,8 +477,8 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     grid = (batch, cdiv(dim, tiles["BLOCK_D"]))
     selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, D, z, delta_bias, initial_state, docs, y, final, checkpoints,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 3),
-        *_strides(initial_state, 3), *_strides(docs, 2), *y.stride(),
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *strides(z, 3),
+        *strides(initial_state, 3), *strides(docs, 2), *y.stride(),
         seqlen, dim, state_size, shape[1],
         SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk,
         **_scan_flags(D, z, delta_bias, delta_softplus, initial_state, docs, cu_seqlens, sequential_scan), **tiles,
@@ -521,13 +513,13 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     dA_partial = torch.empty((batch, dim, state_size), **f32)
     dD_partial = torch.empty((batch, dim), **f32)
     dbias_partial = torch.empty((batch, dim), **f32)
-    dinit = torch.empty((_num_states(u, cu_seqlens), dim, state_size), **f32) if initial_state is not None else None
+    dinit = torch.empty((num_states(u.shape[0], cu_seqlens), dim, state_size), **f32) if initial_state is not None else None
     selective_scan_bwd_kernel[(batch, num_d_blocks)](
         u, delta, A, B, C, D, z, delta_bias, initial_state, docs, checkpoints, dy, dfinal_state,
         du, ddelta, dz, dB_partial, dC_partial, dA_partial, dD_partial, dbias_partial, dinit,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 3),
-        *_strides(initial_state, 3), *_strides(docs, 2), *dy.stride(), *_strides(dfinal_state, 3),
-        *du.stride(), *ddelta.stride(), *_strides(dz, 3),
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *strides(z, 3),
+        *strides(initial_state, 3), *strides(docs, 2), *dy.stride(), *strides(dfinal_state, 3),
+        *du.stride(), *ddelta.stride(), *strides(dz, 3),
         seqlen, dim, state_size, checkpoints.shape[1],
         HAS_DFINAL=dfinal_state is not None,
         **_scan_flags(D, z, delta_bias, delta_softplus, initial_state, docs, cu_seqlens, sequential_scan), **tiles,

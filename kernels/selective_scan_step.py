@@ -16,7 +16,7 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.activations import softplus  # noqa: E402  (after the guarded triton import)
-from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2, strides  # noqa: E402
 
 
 
@@ -93,11 +93,10 @@ def selective_scan_step_fwd(state, u, delta, A, B, C, D, z, delta_bias, delta_so
     block_n = next_power_of_2(state_size)
     # A program's state tile of at most 2K elements stays in registers and leaves enough programs for small batches.
     block_d = max(1, min(next_power_of_2(dim), 2048 // block_n))
-    z_strides = z.stride() if z is not None else (0, 0)
     grid = (batch, cdiv(dim, block_d))
     selective_scan_step_fwd_kernel[grid](
         state, u, delta, A, B, C, D, z, delta_bias, state_indices, y, new_state,
-        *state.stride(), *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(),
+        *state.stride(), *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *strides(z, 2), *y.stride(),
         *new_state.stride(),
         dim, state_size,
         A_IS_LOG=A_is_log, HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,

@@ -49,7 +49,7 @@ except ImportError as error:
 
 from ssm_hub.kernels.interpreter import triton_interpreter_enabled  # noqa: E402  (after the guarded triton import)
 from ssm_hub.kernels.activations import softplus  # noqa: E402
-from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2, strides  # noqa: E402
 
 # The most tokens of a chunk that one tile of kernels 2 to 4 holds: [64, 64] score blocks, not [L, L].
 MAX_BLOCK_L = 64
@@ -408,11 +408,10 @@ def pass_states(x, B, dt_out, cum, doc_ids, doc_mode: int, chunk_size: int, init
     # In the inputs' dtype: its readers multiply it as a tl.dot operand of that dtype.
     states = torch.empty((batch, num_chunks, heads, head_dim, state_size), device=x.device, dtype=x.dtype)
     final_states = torch.empty((num_final, heads, head_dim, state_size), **f32)
-    init_strides = initial_states.stride() if initial_states is not None else (0, 0, 0, 0)
     tiles = cdiv(head_dim, block_p) * cdiv(state_size, block_n)
     ssd_chunked_scan_state_fwd_kernel[(batch, heads, tiles)](
         x, B, dt_out, cum, doc_ids, initial_states, states, final_states,
-        *x.stride(), *B.stride(), *init_strides,
+        *x.stride(), *B.stride(), *strides(initial_states, 4),
         seqlen, heads, head_dim, state_size, heads // groups, chunk_size, num_chunks,
         HAS_INITIAL=initial_states is not None, DOC_MODE=doc_mode, **dot_config(x.dtype),
         BLOCK_S=sizes["block_t"], BLOCK_P=block_p, BLOCK_N=block_n, **launch(LAUNCH["state"]),
@@ -448,11 +447,9 @@ def chunk_outputs(x, C, scores, D, z, dt_out, cum, doc_ids, doc_mode: int, chunk
     t_blocks = cdiv(chunk_size, sizes["block_t"])
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dz = torch.empty(z.shape, device=z.device, dtype=z.dtype) if dout is not None else None
-    z_strides = z.stride() if z is not None else (0, 0, 0, 0)
-    dout_strides = dout.stride() if dout is not None else (0, 0, 0, 0)
     ssd_chunked_scan_output_fwd_kernel[(batch * num_chunks * t_blocks, heads, cdiv(head_dim, sizes["block_p"]))](
         x, C, scores, D, z, dt_out, cum, doc_ids, states, out, dout, dz,
-        *x.stride(), *C.stride(), *z_strides, *dout_strides,
+        *x.stride(), *C.stride(), *strides(z, 4), *strides(dout, 4),
         seqlen, heads, head_dim, state_size, groups, chunk_size, num_chunks, t_blocks,
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         GATE_BACKWARD=dout is not None, DOC_MODE=doc_mode, **dot_config(x.dtype),

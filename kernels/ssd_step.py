@@ -16,7 +16,7 @@ except ImportError as error:
     raise ImportError("ssm_hub's Triton kernels need triton: pip install triton") from error
 
 from ssm_hub.kernels.activations import softplus  # noqa: E402  (after the guarded triton import)
-from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
+from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2, strides  # noqa: E402
 
 
 
@@ -103,11 +103,10 @@ def ssd_step_fwd(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, dt_min
     block_n = next_power_of_2(state_size)
     # Keep a program's state tile near 4K elements so it stays in registers.
     block_p = max(1, min(next_power_of_2(head_dim), 4096 // block_n))
-    z_strides = z.stride() if z is not None else (0, 0, 0)
     grid = (batch, heads, cdiv(head_dim, block_p))
     ssd_step_fwd_kernel[grid](
         state, x, dt, A, B, C, D, z, dt_bias, state_indices, y, new_state,
-        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *y.stride(),
+        *state.stride(), *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *strides(z, 3), *y.stride(),
         *new_state.stride(),
         head_dim, state_size, heads // groups, dt_min, dt_max,
         A_IS_LOG=A_is_log, HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,

@@ -36,6 +36,11 @@ def check_tensor(name: str, tensor, layout: str, shape=None, integer: bool = Fal
         raise ValueError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
 
 
+def num_states(batch: int, cu_seqlens: torch.Tensor | None) -> int:
+    """How many final states an op returns: one per document of ``cu_seqlens``, else one per row."""
+    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+
+
 def check_varlen(seq_idx, cu_seqlens, batch: int, seqlen: int) -> list[int] | None:
     """Validate the document layout of a [batch, seqlen] input; return ``cu_seqlens`` as a list, or None.
 

@@ -13,10 +13,7 @@ import torch
 
 from ssm_hub.ops.device import on_input_device
 from ssm_hub.ops.kernel_op import contiguous, kernel_op
-
-
-def _num_states(x, cu_seqlens) -> int:
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else x.shape[0]
+from ssm_hub.ops.varlen import num_states
 
 
 @kernel_op("ssm_hub::causal_conv1d_fwd", mutates_args=())
@@ -39,7 +36,7 @@ def causal_conv1d_fwd_triton(
 
 @causal_conv1d_fwd_triton.register_fake
 def _(x, weight, bias, initial_state, seq_idx, cu_seqlens, silu):
-    final = x.new_empty((_num_states(x, cu_seqlens), x.shape[2], weight.shape[1] - 1))
+    final = x.new_empty((num_states(x.shape[0], cu_seqlens), x.shape[2], weight.shape[1] - 1))
     return x.new_empty(x.shape), final
 
 

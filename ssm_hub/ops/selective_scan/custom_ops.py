@@ -12,6 +12,7 @@ import torch
 
 from ssm_hub.ops.device import on_input_device
 from ssm_hub.ops.kernel_op import contiguous, kernel_op
+from ssm_hub.ops.varlen import num_states
 
 
 @kernel_op("ssm_hub::selective_scan_step", mutates_args=())
@@ -72,10 +73,6 @@ def _(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, state_indices,
     return torch.empty_like(u)
 
 
-def _num_states(u, cu_seqlens) -> int:
-    return cu_seqlens.shape[0] - 1 if cu_seqlens is not None else u.shape[0]
-
-
 @kernel_op("ssm_hub::selective_scan_fwd", mutates_args=())
 @on_input_device
 def selective_scan_fwd_triton(
@@ -109,7 +106,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
 
     batch, seqlen, dim = u.shape
     state_size = A.shape[1]
-    final = u.new_empty((_num_states(u, cu_seqlens), dim, state_size), dtype=torch.float32)
+    final = u.new_empty((num_states(u.shape[0], cu_seqlens), dim, state_size), dtype=torch.float32)
     shape = checkpoint_shape(batch, seqlen, dim, state_size) if save_checkpoints else (0,)
     return u.new_empty(u.shape), final, u.new_empty(shape, dtype=torch.float32)
 
