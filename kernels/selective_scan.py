@@ -171,6 +171,17 @@ def _block_states(
 
 
 @triton.jit
+def _channel_tile(d_block, dim, state_size, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(d, n, d_ok, n_ok, dn, dn_ok) of BLOCK_D channels from block ``d_block`` by the state: int64 channel and state
+    indices, their masks, and the flat index d * N + n of each state entry with its mask."""
+    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    n = tl.arange(0, BLOCK_N).to(tl.int64)
+    d_ok = d < dim
+    n_ok = n < state_size
+    return d, n, d_ok, n_ok, d[:, None] * state_size + n[None, :], d_ok[:, None] & n_ok[None, :]
+
+
+@triton.jit
 def _channel_parameters(A_ptr, delta_bias_ptr, D_ptr, stride_A_d, stride_A_n, d, n, d_ok, dn_ok,
                         HAS_DELTA_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
     """(A [BLOCK_D, N], delta_bias [BLOCK_D], D [BLOCK_D]) of the program's channels in float32; zeros when absent."""
@@ -205,12 +216,7 @@ def selective_scan_fwd_kernel(
 ):
     """y for one row and BLOCK_D channels over all T, their final state(s) and their checkpoints."""
     row = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    n = tl.arange(0, BLOCK_N).to(tl.int64)
-    d_ok = d < dim
-    n_ok = n < state_size
-    dn = d[:, None] * state_size + n[None, :]
-    dn_ok = d_ok[:, None] & n_ok[None, :]
+    d, n, d_ok, n_ok, dn, dn_ok = _channel_tile(tl.program_id(1).to(tl.int64), dim, state_size, BLOCK_D, BLOCK_N)
     rows = tl.arange(0, BLOCK_T)[:, None, None]
 
     A, bias, skip = _channel_parameters(A_ptr, delta_bias_ptr, D_ptr, stride_A_d, stride_A_n, d, n, d_ok, dn_ok,
@@ -291,12 +297,7 @@ def selective_scan_bwd_kernel(
     backwards; partial sums of dB, dC [B, D blocks, T, N] and dA [B, D, N], dD, d delta_bias [B, D]."""
     row = tl.program_id(0).to(tl.int64)
     d_block = tl.program_id(1).to(tl.int64)
-    d = d_block * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
-    n = tl.arange(0, BLOCK_N).to(tl.int64)
-    d_ok = d < dim
-    n_ok = n < state_size
-    dn = d[:, None] * state_size + n[None, :]
-    dn_ok = d_ok[:, None] & n_ok[None, :]
+    d, n, d_ok, n_ok, dn, dn_ok = _channel_tile(d_block, dim, state_size, BLOCK_D, BLOCK_N)
     rows = tl.arange(0, BLOCK_T)[:, None, None]
 
     A, bias, skip = _channel_parameters(A_ptr, delta_bias_ptr, D_ptr, stride_A_d, stride_A_n, d, n, d_ok, dn_ok,

@@ -87,6 +87,25 @@ def chunk_tokens(start, chunk, chunk_size, seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def chunk_block(blocks, num_chunks):
+    """(program, row_chunk, row, chunk, block) of a program whose axis 0 runs over rows x chunks x ``blocks`` blocks
+    of a chunk: its index on that axis, its row and chunk as one index, the row, the chunk, and its block."""
+    program = tl.program_id(0).to(tl.int64)
+    row_chunk = program // blocks
+    return program, row_chunk, row_chunk // num_chunks, row_chunk % num_chunks, program % blocks
+
+
+@triton.jit
+def triangle_block(num_chunks, t_blocks):
+    """(row, chunk, group, t_block, s_block) of a program of the [T, S] block grids (rows x chunks, groups,
+    t_blocks x t_blocks): the block's row and chunk, its group, and its block of T and of S. The caller returns at
+    once where s_block > t_block, above the diagonal."""
+    row_chunk = tl.program_id(0).to(tl.int64)
+    return (row_chunk // num_chunks, row_chunk % num_chunks, tl.program_id(1).to(tl.int64),
+            tl.program_id(2) // t_blocks, tl.program_id(2) % t_blocks)
+
+
+@triton.jit
 def chunk_bounds(doc_ptr, chunk, chunk_size, num_chunks, DOC_MODE: tl.constexpr):
     """(document, restarts, ends) of a chunk in DOC_CHUNKS layout (row 0): its document, whether the document
     starts with this chunk, whether it ends with it."""
@@ -225,12 +244,7 @@ def ssd_chunked_scan_scores_fwd_kernel(
 ):
     # C_t . B_s for one [T, S] block of one chunk and group, on and below the diagonal (s <= t): the kernels that
     # read it never look above.
-    row_chunk = tl.program_id(0).to(tl.int64)
-    row = row_chunk // num_chunks
-    chunk = row_chunk % num_chunks
-    group = tl.program_id(1).to(tl.int64)
-    t_block = tl.program_id(2) // t_blocks
-    s_block = tl.program_id(2) % t_blocks
+    row, chunk, group, t_block, s_block = triangle_block(num_chunks, t_blocks)
     if s_block > t_block:
         return
     l_t, t, t_valid = chunk_tokens(t_block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
@@ -249,7 +263,7 @@ def ssd_chunked_scan_scores_fwd_kernel(
         ).to(DOT_DTYPE)
         scores += tl.dot(Ct, Bt, input_precision=DOT_PRECISION)
     # [B, chunks, G, L, L].
-    offsets = ((row_chunk * tl.num_programs(1) + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
+    offsets = (((row * num_chunks + chunk) * tl.num_programs(1) + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
     tl.store(scores_ptr + offsets, scores.to(scores_ptr.dtype.element_ty), mask=(l_t[:, None] < chunk_size) & (l_s[None, :] < chunk_size))
 
 
@@ -268,11 +282,8 @@ def ssd_chunked_scan_output_fwd_kernel(
     # One program: BLOCK_T tokens of one chunk (l counted from the chunk's start), one head, BLOCK_P channels.
     # With GATE_BACKWARD it recomputes the gate's input y and, from dout, writes dy = dout silu(z) into y_ptr
     # (same layout as x) and dz = dout y silu'(z) into dz_ptr (z's layout); otherwise it writes the output.
-    program = tl.program_id(0).to(tl.int64)
-    row_chunk = program // t_blocks
-    row = row_chunk // num_chunks
-    chunk = row_chunk % num_chunks
-    t_start = (program % t_blocks) * BLOCK_T
+    program, row_chunk, row, chunk, t_block = chunk_block(t_blocks, num_chunks)
+    t_start = t_block * BLOCK_T
     head = tl.program_id(1).to(tl.int64)
     group = head // (heads // groups)
     p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)

@@ -46,12 +46,14 @@ from ssm_hub.kernels.launch_sizes import cdiv, next_power_of_2  # noqa: E402
 from ssm_hub.kernels.ssd_chunked_scan import (  # noqa: E402
     STATE_BLOCK_N,
     block_sizes,
+    chunk_block,
     chunk_bounds,
     chunk_documents,
     chunk_outputs,
     chunk_tokens,
     dot_config,
     launch,
+    triangle_block,
 )
 
 # Launch settings per kernel, (num_warps, num_stages), tuned on an H100 with benchmarks/profiles/profile_scans.py (its
@@ -147,11 +149,7 @@ def ssd_chunked_scan_dx_bwd_kernel(
     DOT_PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_S tokens s of one chunk, one head, all P channels.
-    program = tl.program_id(0).to(tl.int64)
-    row_chunk = program // s_blocks
-    row = row_chunk // num_chunks
-    chunk = row_chunk % num_chunks
-    s_block = program % s_blocks
+    program, row_chunk, row, chunk, s_block = chunk_block(s_blocks, num_chunks)
     head = tl.program_id(1).to(tl.int64)
     group = head // (heads // groups)
     l_s, s, s_valid = chunk_tokens(s_block * BLOCK_S, chunk, chunk_size, seqlen, BLOCK_S)
@@ -249,12 +247,7 @@ def ssd_chunked_scan_dscores_bwd_kernel(
 ):
     # dS_ts = sum over the group's heads of exp(a_t - a_s) dt_s (dy_t . x_s), for one [T, S] block on or below the
     # diagonal: the gradient of the scores C_t . B_s, from which kernel 3 gets dB and dC in one product each.
-    row_chunk = tl.program_id(0).to(tl.int64)
-    row = row_chunk // num_chunks
-    chunk = row_chunk % num_chunks
-    group = tl.program_id(1).to(tl.int64)
-    t_block = tl.program_id(2) // t_blocks
-    s_block = tl.program_id(2) % t_blocks
+    row, chunk, group, t_block, s_block = triangle_block(num_chunks, t_blocks)
     if s_block > t_block:
         return
     l_t, t, t_valid = chunk_tokens(t_block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
@@ -285,7 +278,7 @@ def ssd_chunked_scan_dscores_bwd_kernel(
         decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
         dscores += tl.dot(dy_t, xt_s, input_precision=DOT_PRECISION) * decay * dt_s[None, :]
     # [B, chunks, G, L, L], in the scores' dtype: kernel 4 reads it as a tl.dot operand.
-    offsets = ((row_chunk * groups + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
+    offsets = (((row * num_chunks + chunk) * groups + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
     tl.store(dscores_ptr + offsets, dscores.to(dscores_ptr.dtype.element_ty), mask=(l_t[:, None] < chunk_size) & (l_s[None, :] < chunk_size))
 
 
@@ -305,11 +298,7 @@ def ssd_chunked_scan_dB_dC_bwd_kernel(
     # program_id(2) == 0: dB of BLOCK_T tokens (as s), from dS^T C and the chunk-state path of every head.
     # program_id(2) == 1: dC of BLOCK_T tokens (as t), from dS B and the entering state of every head; and each
     # head's d a_t share of that entering-state path, C_t . (exp(a_t) h_c^T dy_t).
-    program = tl.program_id(0).to(tl.int64)
-    row_chunk = program // blocks
-    row = row_chunk // num_chunks
-    chunk = row_chunk % num_chunks
-    block = program % blocks
+    program, row_chunk, row, chunk, block = chunk_block(blocks, num_chunks)
     group = tl.program_id(1).to(tl.int64)
     for_C = tl.program_id(2) == 1
     l, t, valid = chunk_tokens(block * BLOCK_T, chunk, chunk_size, seqlen, BLOCK_T)
