@@ -15,6 +15,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ssm_hub.layers.linear import KernelLinear, is_plain_linear
+from ssm_hub.layers.mixer_state import cached_states, conv_over_sequence
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import GatedRMSNorm, RMSNorm
 from ssm_hub.layers.peft_compat import is_unhooked, unwrapped_conv_parameters
@@ -81,9 +82,8 @@ class Mamba2Mixer(nn.Module):
         """``modality``: which projections each token takes (only with ``modalities`` > 1; None: modality 0)."""
         batch_size, seq_len, _ = hidden_states.shape
         # Non-zero while the cache records states for assisted decoding (see ssm_hub.layers.state_rollback).
-        stepped_tokens = recorded_state_count(cache, self.layer_idx, seq_len, seq_idx, self.conv_kernel_size)
-        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
-        ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        stepped_tokens, conv_state, ssm_state = cached_states(cache, self.layer_idx, seq_len, seq_idx,
+                                                              self.conv_kernel_size)
 
         decoding = conv_state is not None and ssm_state is not None and seq_len == 1 and not stepped_tokens
         if decoding:
@@ -235,14 +235,8 @@ class Mamba2Mixer(nn.Module):
         the SSM states after each of them come back instead of the final one, oldest first (see
         layers.state_rollback)."""
         batch_size, seq_len, _ = xBC.shape
-        conv_weight, conv_bias = self._conv_parameters()
-        conv_out = causal_conv1d(
-            xBC, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
-            return_final_state=want_states,
-        )
-        xBC, conv_state = conv_out if want_states else (conv_out, None)
-        if padding_mask is not None:
-            xBC = xBC * padding_mask[..., None].to(xBC.dtype)
+        xBC, conv_state = conv_over_sequence(xBC, *self._conv_parameters(), conv_state, seq_idx, padding_mask,
+                                             want_states)
         x, B, C = xBC.split([self.intermediate_size, self.n_groups * self.state_size, self.n_groups * self.state_size], -1)
         x = x.view(batch_size, seq_len, self.num_heads, self.head_dim)
         B = B.view(batch_size, seq_len, self.n_groups, self.state_size)

@@ -17,12 +17,13 @@ from torch import nn
 from transformers import initialization as init
 
 from ssm_hub.layers.linear import KernelLinear
+from ssm_hub.layers.mixer_state import cached_states, conv_over_sequence
 from ssm_hub.layers.modality_routing import ModalityRouting, modality_copies, per_modality
 from ssm_hub.layers.norms import RMSNorm
 from ssm_hub.layers.peft_compat import unwrapped_conv_parameters
 from ssm_hub.layers.ssm_init import inverse_softplus, sample_time_steps
-from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, recorded_state_count, scan_then_step
-from ssm_hub.ops.causal_conv1d import causal_conv1d, causal_conv1d_step
+from ssm_hub.layers.state_rollback import first_tokens, record_conv_inputs, scan_then_step
+from ssm_hub.ops.causal_conv1d import causal_conv1d_step
 from ssm_hub.ops.selective_scan import selective_scan, selective_scan_step
 
 
@@ -96,9 +97,8 @@ class MambaMixer(nn.Module):
         """``modality``: which projections each token takes (only with ``modalities`` > 1; None: modality 0)."""
         seq_len = hidden_states.shape[1]
         # Non-zero while the cache records states for assisted decoding (see ssm_hub.layers.state_rollback).
-        stepped_tokens = recorded_state_count(cache, self.layer_idx, seq_len, seq_idx, self.conv_kernel_size)
-        conv_state = cache.get_conv_state(self.layer_idx) if cache is not None else None
-        ssm_state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        stepped_tokens, conv_state, ssm_state = cached_states(cache, self.layer_idx, seq_len, seq_idx,
+                                                              self.conv_kernel_size)
 
         x, gate = self._project("in_proj", hidden_states, modality).chunk(2, dim=-1)
         if padding_mask is not None:
@@ -138,14 +138,7 @@ class MambaMixer(nn.Module):
         """conv -> dt, B, C -> selective scan (gated) over a sequence: (y, final conv state or None, final SSM state
         or None). With ``stepped_tokens``, the last that many tokens run one decode step each and the SSM states
         after each of them come back instead of the final one, oldest first (see layers.state_rollback)."""
-        conv_weight, conv_bias = self._conv_parameters()
-        conv_out = causal_conv1d(
-            x, conv_weight, conv_bias, activation="silu", initial_state=conv_state, seq_idx=seq_idx,
-            return_final_state=want_states,
-        )
-        x, conv_state = conv_out if want_states else (conv_out, None)
-        if padding_mask is not None:
-            x = x * padding_mask[..., None].to(x.dtype)
+        x, conv_state = conv_over_sequence(x, *self._conv_parameters(), conv_state, seq_idx, padding_mask, want_states)
         dt, B, C = self._selection(x, modality)
 
         def scan(end, state):

@@ -1,12 +1,17 @@
-"""The plumbing every ssm_hub model shares: the keyword arguments a forward accepts, the cache check, and the
-causal-LM and sequence-classification heads' logits and losses.
+"""The plumbing every ssm_hub model shares: the keyword arguments a forward accepts, the backbone's input embeddings
+and cache, the weight initialisation of convs and SSM mixers, and the causal-LM and sequence-classification heads'
+logits and losses.
 
     from ssm_hub.models.common import check_cache_layers, lm_head_logits_and_loss
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from ssm_hub.ops.cross_entropy import cross_entropy
@@ -49,6 +54,54 @@ def check_cache_layers(cache, config) -> None:
             f"({config.layer_types}): use DynamicCache(config=model.config) or "
             "StaticCache(config=model.config, max_cache_len=...)"
         )
+
+
+def embeddings_and_cache(model, embeddings: nn.Module, input_ids, inputs_embeds, cache, use_cache: bool | None):
+    """(inputs_embeds, cache or None) for a backbone's forward: the embeddings of ``input_ids`` by ``embeddings``
+    (exactly one of the two must be given), and the cache the layers use. ``use_cache`` None: a cache passed in is
+    used, otherwise one is made by default only outside training (``model.config.use_cache``), as transformers
+    does; never under gradient checkpointing in training, whose recomputed forward would update the cache twice. A
+    cache made here is ``DynamicCache(config=model.config)``; one passed in must fit the config (check_cache_layers).
+    """
+    config = model.config
+    if use_cache is None:
+        use_cache = cache is not None or (config.use_cache and not model.training)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = embeddings(input_ids)
+    if model.gradient_checkpointing and model.training and torch.is_grad_enabled():
+        use_cache = False
+    if use_cache and cache is None:
+        cache = DynamicCache(config=config)
+    if not use_cache:
+        cache = None
+    if cache is not None:
+        check_cache_layers(cache, config)
+    return inputs_embeds, cache
+
+
+def init_conv1d(conv: nn.Conv1d) -> None:
+    """PyTorch's own Conv1d initialisation (kaiming-uniform weight, bias uniform within 1 / sqrt(fan_in)), through
+    ``transformers.initialization`` so that weights loaded from a checkpoint are left as they are."""
+    init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+    if conv.bias is not None:
+        bound = 1 / math.sqrt(conv.weight.shape[1] * conv.weight.shape[2])
+        init.uniform_(conv.bias, -bound, bound)
+
+
+def init_mixer(mixer: nn.Module, ssm_config, rescale_prenorm_residual: bool, num_layers: int) -> None:
+    """An SSM mixer's own parameters (``mixer.init_ssm_parameters(ssm_config)``: A_log, D, dt), then, with
+    ``rescale_prenorm_residual``, its output projections (``out_proj`` and any per-modality copies in
+    ``modality_out_proj``) scaled by 1/sqrt(num_layers). transformers initialises children before parents, so the
+    projections already hold their initial values here."""
+    mixer.init_ssm_parameters(ssm_config)
+    for out_weight in (projection.weight for projection in (mixer.out_proj, *(mixer.modality_out_proj or ()))):
+        # A weight loaded from a checkpoint is marked initialised; scaling it again would shrink it at every load.
+        if rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
+            # GPT-2 / mamba_ssm scheme: each layer adds one residual branch, so scale its output projection by
+            # 1/sqrt(num_layers) to keep the residual stream's variance flat with depth.
+            out_weight /= math.sqrt(num_layers)
 
 
 def reject_unknown_kwargs(owner: str, kwargs: dict, allowed: tuple) -> None:
@@ -97,6 +150,16 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index: int = 
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch
+
+
+def prepare_classifier_call(model, use_cache: bool | None, return_dict: bool | None, kwargs: dict) -> bool:
+    """The return_dict a sequence classifier's forward uses (``model.config.return_dict`` when None), after refusing
+    ``use_cache=True`` (a classifier keeps no cache, so it is an error rather than silently ignored) and dropping
+    ``num_items_in_batch`` from ``kwargs`` (Trainer passes it; a classifier's loss has no use for it)."""
+    if use_cache:
+        raise ValueError(f"{type(model).__name__} keeps no cache: use_cache=True cannot be honoured")
+    kwargs.pop("num_items_in_batch", None)
+    return return_dict if return_dict is not None else model.config.return_dict
 
 
 def last_token_index(input_ids, attention_mask, pad_token_id, seq_len: int, device) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
@@ -26,9 +26,12 @@ from ssm_hub.models.common import (
     LOSS_KWARGS,
     PACKING_KWARGS,
     cache_from_aliases,
-    check_cache_layers,
+    embeddings_and_cache,
+    init_conv1d,
+    init_mixer,
     lm_head_logits_and_loss,
     pooled_classification,
+    prepare_classifier_call,
     reject_unknown_kwargs,
 )
 from ssm_hub.models.remote_code import save_with_remote_code
@@ -106,22 +109,13 @@ class SSMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv1d):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            if module.bias is not None:
-                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
-                init.uniform_(module.bias, -bound, bound)
+            init_conv1d(module)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, (RMSNorm, GatedRMSNorm)):
             init.ones_(module.weight)
         if isinstance(module, self.mixer_class):
-            # transformers initialises children before parents, so the mixer's Linear layers are already done here.
-            module.init_ssm_parameters(self.config)
-            out_weight = module.out_proj.weight
-            if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
-                # GPT-2 / mamba_ssm scheme: each layer adds one residual branch, so scale its output projection by
-                # 1/sqrt(num_layers) to keep the residual stream's variance flat with depth.
-                out_weight /= math.sqrt(self.config.num_hidden_layers)
+            init_mixer(module, self.config, self.config.rescale_prenorm_residual, self.config.num_hidden_layers)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' save_pretrained, plus the model's code next to the weights (see models.remote_code)."""
@@ -178,22 +172,8 @@ class SSMBackbone(SSMPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if use_cache is None:
-            # A cache passed in is used; otherwise cache by default only outside training, as transformers does.
-            use_cache = cache is not None or (self.config.use_cache and not self.training)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embeddings(input_ids)
+        inputs_embeds, cache = embeddings_and_cache(self, self.embeddings, input_ids, inputs_embeds, cache, use_cache)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if not use_cache:
-            cache = None
-        if cache is not None:
-            check_cache_layers(cache, self.config)
 
         position_ids = packing_inputs_as_tensors(position_ids, kwargs, inputs_embeds.device)
         # The SSM layers' cache slots count no tokens: after earlier tokens, how many there were is not known.
@@ -298,10 +278,7 @@ class SSMForSequenceClassification(SSMPreTrainedModel):
         use_cache: accepted for compatibility with transformers' classifiers; a classifier keeps no cache, so True
         is an error rather than silently ignored.
         """
-        if use_cache:
-            raise ValueError(f"{type(self).__name__} keeps no cache: use_cache=True cannot be honoured")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        kwargs.pop("num_items_in_batch", None)
+        return_dict = prepare_classifier_call(self, use_cache, return_dict, kwargs)
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=output_hidden_states,

@@ -20,14 +20,13 @@ models do, and the attention masks keep each query inside the same documents, wi
 """
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, StaticLayer
+from transformers.cache_utils import Cache, StaticLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
@@ -55,9 +54,12 @@ from ssm_hub.models.common import (
     LOSS_KWARGS,
     PACKING_KWARGS,
     cache_from_aliases,
-    check_cache_layers,
+    embeddings_and_cache,
+    init_conv1d,
+    init_mixer,
     lm_head_logits_and_loss,
     pooled_classification,
+    prepare_classifier_call,
     reject_unknown_kwargs,
 )
 from ssm_hub.models.hybrid.configuration_hybrid import (
@@ -261,10 +263,7 @@ class SsmHubHybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Conv1d):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            if module.bias is not None:
-                bound = 1 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
-                init.uniform_(module.bias, -bound, bound)
+            init_conv1d(module)
         elif isinstance(module, (RMSNorm, GatedRMSNorm)):
             init.ones_(module.weight)
         elif isinstance(module, nn.LayerNorm):
@@ -286,11 +285,8 @@ class SsmHubHybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
             init.normal_(module.values.weight, mean=0.0, std=module.values.embedding_dim**-0.5)
         if isinstance(module, (MambaMixer, Mamba2Mixer)):
             kind = "mamba" if isinstance(module, MambaMixer) else "mamba2"
-            module.init_ssm_parameters(self.config.ssm_config(kind))
-            out_projections = [module.out_proj, *(module.modality_out_proj or ())]
-            for out_weight in (projection.weight for projection in out_projections):
-                if self.config.rescale_prenorm_residual and not getattr(out_weight, "_is_hf_initialized", False):
-                    out_weight /= math.sqrt(self.config.num_hidden_layers)
+            init_mixer(module, self.config.ssm_config(kind), self.config.rescale_prenorm_residual,
+                       self.config.num_hidden_layers)
 
     def post_init(self):
         super().post_init()
@@ -326,6 +322,21 @@ class SsmHubHybridPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """transformers' save_pretrained, plus the model's code next to the weights (see models.remote_code)."""
         save_with_remote_code(self, super().save_pretrained, save_directory, push_to_hub, kwargs)
+
+    def _causal_lm_forward(self, labels, logits_to_keep, return_dict, attention_mask, **inputs):
+        """The forward of a causal-LM head on ``self.model`` (the hybrid's, the multimodal model's): the model on
+        ``attention_mask`` and ``inputs``, less the loss's own keyword arguments (LOSS_KWARGS, which go to
+        ``self.loss_function``), then the head's logits and loss plus the router losses, as a HybridCausalLMOutput
+        (a tuple unless ``return_dict``, by default ``config.return_dict``)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        loss_kwargs = {key: inputs.pop(key) for key in LOSS_KWARGS if key in inputs}
+        outputs = self.model(attention_mask=attention_mask, **inputs, return_dict=True)
+        logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
+        loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
+        output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+                                      router_logits=outputs.router_logits)
+        return output if return_dict else output.to_tuple()
 
     def _add_router_losses(self, loss, router_logits, attention_mask):
         """(loss + aux, aux): ``router_aux_loss_coef`` x the load-balancing loss plus ``router_z_loss_coef`` x the
@@ -460,21 +471,9 @@ class SsmHubHybridModel(SsmHubHybridPreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_router_logits = output_router_logits if output_router_logits is not None else config.output_router_logits
         return_dict = return_dict if return_dict is not None else config.return_dict
-        if use_cache is None:
-            use_cache = cache is not None or (config.use_cache and not self.training)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
+        inputs_embeds, cache = embeddings_and_cache(self, self.embed_tokens, input_ids, inputs_embeds, cache,
+                                                    use_cache)
         batch_size, seq_len = inputs_embeds.shape[:2]
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            use_cache = False
-        if use_cache and cache is None:
-            cache = DynamicCache(config=config)
-        if not use_cache:
-            cache = None
-        if cache is not None:
-            check_cache_layers(cache, config)
 
         # Document boundaries for the SSM layers come from the caller's position_ids (before any default).
         position_ids = packing_inputs_as_tensors(position_ids, kwargs, inputs_embeds.device)
@@ -571,21 +570,11 @@ class SsmHubHybridForCausalLM(SsmHubHybridPreTrainedModel, GraphDecodingGenerati
         ``router_aux_loss_coef``) and the router z-loss (times ``router_z_loss_coef``) to the loss.
         logits_to_keep: compute logits for the last N positions only (0 = all), or for the given indices.
         """
-        config = self.config
-        return_dict = return_dict if return_dict is not None else config.return_dict
-        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        return self._causal_lm_forward(
+            labels, logits_to_keep, return_dict, attention_mask, input_ids=input_ids, position_ids=position_ids,
             inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, return_dict=True,
-            **kwargs,
+            output_hidden_states=output_hidden_states, output_router_logits=output_router_logits, **kwargs,
         )
-        logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
-        loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
-        output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                      router_logits=outputs.router_logits)
-        return output if return_dict else output.to_tuple()
 
 
 class SsmHubHybridForSequenceClassification(SsmHubHybridPreTrainedModel):
@@ -617,10 +606,7 @@ class SsmHubHybridForSequenceClassification(SsmHubHybridPreTrainedModel):
         is an error rather than silently ignored.
         output_router_logits: as for the causal LM: return the router logits and add the router losses.
         """
-        if use_cache:
-            raise ValueError(f"{type(self).__name__} keeps no cache: use_cache=True cannot be honoured")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        kwargs.pop("num_items_in_batch", None)
+        return_dict = prepare_classifier_call(self, use_cache, return_dict, kwargs)
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,

@@ -37,7 +37,6 @@ from ssm_hub.models.hybrid.modeling_hybrid import (
     SsmHubHybridPreTrainedModel,
 )
 from ssm_hub.models.multimodal.configuration_multimodal import MODALITIES, SsmHubMultimodalConfig
-from ssm_hub.models.common import LOSS_KWARGS, lm_head_logits_and_loss
 
 IMAGE = MODALITIES.index("image")
 
@@ -219,20 +218,12 @@ class SsmHubMultimodalForConditionalGeneration(SsmHubMultimodalPreTrainedModel, 
             mask them with -100 to keep them out of the loss).
         The other arguments are the hybrid causal LM's.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        loss_kwargs = {key: kwargs.pop(key) for key in LOSS_KWARGS if key in kwargs}
-        outputs = self.model(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
-            position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_router_logits=output_router_logits, return_dict=True, **kwargs,
+        return self._causal_lm_forward(
+            labels, logits_to_keep, return_dict, attention_mask, input_ids=input_ids, pixel_values=pixel_values,
+            image_sizes=image_sizes, position_ids=position_ids, inputs_embeds=inputs_embeds, cache=cache,
+            use_cache=use_cache, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits, **kwargs,
         )
-        logits, loss = lm_head_logits_and_loss(self, outputs.last_hidden_state, labels, logits_to_keep, loss_kwargs)
-        loss, aux_loss = self._add_router_losses(loss, outputs.router_logits, attention_mask)
-        output = HybridCausalLMOutput(loss=loss, aux_loss=aux_loss, logits=logits, cache=outputs.cache,
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-                                      router_logits=outputs.router_logits)
-        return output if return_dict else output.to_tuple()
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
                                       input_ids: torch.LongTensor | None = None, **model_kwargs):
