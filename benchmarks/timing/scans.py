@@ -4,13 +4,17 @@ All candidates run in one process, in the same run.
 
 What is timed (issue "Triton kernels", Benchmarks):
 
-- Mamba-2 SSD chunked scan at (B8, L2048), (B4, L8192), (B2, L32768); 24 heads x head_dim 64, state 128, n_groups 1,
-  chunk 256; x / dt / B / C in bf16, A / D / dt_bias in fp32, dt_softplus on, no z (as the Mamba-2 layer calls it).
-  Candidates: ssm_hub ``ssd_chunked_scan`` backend="triton" and backend="torch" (the reference), mamba_ssm 2.3.x
-  ``mamba_chunk_scan_combined`` and fla ``chunk_simple_gla`` (forward only; the equivalent linear-attention form).
-- Mamba-1 selective scan at B8 x L2048, d_inner 1536, state 16, with z and delta_bias (delta_softplus on): ssm_hub
-  ``selective_scan`` backend="triton" (when it exists) and backend="torch", and mamba_ssm's CUDA ``selective_scan_fn``
-  only when ``selective_scan_cuda`` is a real build (not the empty stub of benchmarks/README.md).
+- Mamba-2 SSD chunked scan at the shapes of SSD_SHAPES: the 130M model's (24 heads x head_dim 64, state 128, one
+  group) at B8 x L2048, B4 x L8192 and B2 x L32768, and the shapes of larger models (Nemotron-H-8B's mixer: 128 heads,
+  8 groups, with z), a small state with groups, a 2.7B-class model at 64K tokens and short rows. Chunk 256; x / dt /
+  B / C / z in bf16, A / D / dt_bias in fp32, dt_softplus on. Candidates: ssm_hub ``ssd_chunked_scan``
+  backend="triton" and backend="torch" (the reference), mamba_ssm 2.3.x ``mamba_chunk_scan_combined`` and fla
+  ``chunk_simple_gla`` (forward only; the equivalent linear-attention form, for the shapes without z).
+- Mamba-1 selective scan at the shapes of MAMBA1_SHAPES (a 130M-class d_inner 1536 at B8 x L2048, Falcon-Mamba-7B's
+  d_inner 5120 at B2 x L16384), state 16, with z and delta_bias (delta_softplus on): ssm_hub ``selective_scan``
+  backend="triton" and backend="torch" (where it fits in memory), and mamba_ssm's CUDA ``selective_scan_fn`` only
+  when ``selective_scan_cuda`` is a real build (benchmarks/tools/build_cuda_baselines.py), not the empty stub of
+  benchmarks/README.md.
 
 Each candidate is timed forward and forward+backward (backward of its outputs against pre-made gradient tensors) with
 ``triton.testing.do_bench`` (median). A candidate that cannot run is kept in the table with the reason ("no backward
@@ -24,7 +28,7 @@ mamba_ssm without its CUDA build: see benchmarks/README.md (its source package o
 ``selective_scan_cuda`` module). fla: ``pip install flash-linear-attention``.
 
     python benchmarks/timing/scans.py                    # all; writes benchmarks/results/scans/<device>.{json,md,png}
-    python benchmarks/timing/scans.py --shapes B8xL2048  # a subset of the SSD shapes (several allowed)
+    python benchmarks/timing/scans.py --shapes B8xL2048  # a subset of the shapes (several allowed, either scan)
     python benchmarks/timing/scans.py --cases ssd        # only the SSD scan (or: mamba1)
 """
 
@@ -34,6 +38,7 @@ import math
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +46,41 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
 from common import free_memory, graph_ms, measured_copy_bandwidth, result_stem, results_dir, time_ms
 
-# (batch, seq_len) of the SSD scan; Mamba-1 runs at the first.
-SHAPES = {"B8xL2048": (8, 2048), "B4xL8192": (4, 8192), "B2xL32768": (2, 32768)}
-HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 24, 64, 128, 1, 256
-MAMBA1_BATCH, MAMBA1_LEN, MAMBA1_DIM, MAMBA1_STATE = 8, 2048, 1536, 16
+
+
+class SsdShape(NamedTuple):
+    batch: int
+    seq_len: int
+    heads: int
+    head_dim: int
+    state: int
+    groups: int
+    gate: bool  # with z, as layers that gate inside the scan call it
+    like: str
+
+
+class Mamba1Shape(NamedTuple):
+    batch: int
+    seq_len: int
+    dim: int
+    state: int
+    like: str
+
+
+SSD_SHAPES = {
+    "B8xL2048": SsdShape(8, 2048, 24, 64, 128, 1, False, "130M"),
+    "B4xL8192": SsdShape(4, 8192, 24, 64, 128, 1, False, "130M, longer rows"),
+    "B2xL32768": SsdShape(2, 32768, 24, 64, 128, 1, False, "130M, long rows"),
+    "B4xL2048_H128_G8": SsdShape(4, 2048, 128, 64, 128, 8, True, "Nemotron-H-8B mixer"),
+    "B4xL4096_H32_N64_G8": SsdShape(4, 4096, 32, 64, 64, 8, True, "small state, groups"),
+    "B1xL65536_H48": SsdShape(1, 65536, 48, 64, 128, 1, False, "2.7B-class, long context"),
+    "B16xL512_z": SsdShape(16, 512, 24, 64, 128, 1, True, "short rows"),
+}
+MAMBA1_SHAPES = {
+    "B8xL2048_D1536": Mamba1Shape(8, 2048, 1536, 16, "130M-class"),
+    "B2xL16384_D5120": Mamba1Shape(2, 16384, 5120, 16, "Falcon-Mamba-7B width"),
+}
+CHUNK = 256
 
 BASELINE = "mamba_ssm"  # the candidate name prefix ratios are taken against
 NO_BACKWARD = "no backward kernel yet"
@@ -173,19 +209,23 @@ def inverse_softplus(y):
     return y + torch.log(-torch.expm1(-y))
 
 
-def ssd_inputs(batch, seq_len):
+def ssd_inputs(shape: SsdShape):
     """Inputs as a Mamba-2 layer makes them: softplus(dt + dt_bias) in [1e-3, 0.1], A in [-16, -1]."""
+    batch, seq_len, heads, head_dim, state, groups = shape[:6]
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    dt_init = torch.exp(torch.empty(HEADS, device="cuda").uniform_(math.log(1e-3), math.log(0.1)))
-    return dict(
-        x=torch.randn(batch, seq_len, HEADS, HEAD_DIM, **bf16),
-        dt=(torch.randn(batch, seq_len, HEADS, device="cuda") * 0.5).to(torch.bfloat16),
-        A=-torch.empty(HEADS, device="cuda").uniform_(1, 16),
-        B=torch.randn(batch, seq_len, GROUPS, STATE, **bf16),
-        C=torch.randn(batch, seq_len, GROUPS, STATE, **bf16),
-        D=torch.randn(HEADS, device="cuda"),
+    dt_init = torch.exp(torch.empty(heads, device="cuda").uniform_(math.log(1e-3), math.log(0.1)))
+    inputs = dict(
+        x=torch.randn(batch, seq_len, heads, head_dim, **bf16),
+        dt=(torch.randn(batch, seq_len, heads, device="cuda") * 0.5).to(torch.bfloat16),
+        A=-torch.empty(heads, device="cuda").uniform_(1, 16),
+        B=torch.randn(batch, seq_len, groups, state, **bf16),
+        C=torch.randn(batch, seq_len, groups, state, **bf16),
+        D=torch.randn(heads, device="cuda"),
         dt_bias=inverse_softplus(dt_init),
     )
+    if shape.gate:
+        inputs["z"] = torch.randn(batch, seq_len, heads, head_dim, **bf16)
+    return inputs
 
 
 def ssd_floor_bytes(inputs) -> tuple[int, int]:
@@ -195,7 +235,7 @@ def ssd_floor_bytes(inputs) -> tuple[int, int]:
     return input_bytes + output_bytes, 2 * (input_bytes + output_bytes)
 
 
-def ssd_candidates(inputs, leaves):
+def ssd_candidates(shape: SsdShape, inputs, leaves):
     """name -> (make_forward(requires_grad) or None, why not, forward only)."""
     from ssm_hub.ops.ssd import ssd_chunked_scan
 
@@ -205,7 +245,7 @@ def ssd_candidates(inputs, leaves):
     def ours(backend):
         def make(requires_grad):
             t = source(requires_grad)
-            return lambda: ssd_chunked_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"],
+            return lambda: ssd_chunked_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], z=t.get("z"),
                                             dt_bias=t["dt_bias"], dt_softplus=True, backend=backend)
         return make
 
@@ -220,12 +260,14 @@ def ssd_candidates(inputs, leaves):
     else:
         def make_mamba(requires_grad):
             t = source(requires_grad)
-            return lambda: combined(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], dt_bias=t["dt_bias"],
-                                    dt_softplus=True)
+            return lambda: combined(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], z=t.get("z"),
+                                    dt_bias=t["dt_bias"], dt_softplus=True)
         candidates["mamba_ssm mamba_chunk_scan_combined"] = (make_mamba, None, False)
 
     simple_gla, why_not, _ = load_fla_simple_gla()
-    if simple_gla is None:
+    if shape.gate:
+        candidates["fla chunk_simple_gla (fwd only)"] = (None, "not comparable: fla's simple GLA has no z gate", True)
+    elif simple_gla is None:
         candidates["fla chunk_simple_gla (fwd only)"] = (None, why_not, True)
     else:
         # SSD is linear attention with a scalar per-head decay: y_t = sum_{s<=t} (C_t . B_s) exp(sum_{s<r<=t} dt_r A)
@@ -236,7 +278,7 @@ def ssd_candidates(inputs, leaves):
         # timed: fla refuses triton < 3.7.1 on Hopper for its gated backward.
         with torch.no_grad():
             dt = F.softplus(inputs["dt"].float() + inputs["dt_bias"])  # [B, T, H]
-            per_group = HEADS // GROUPS
+            per_group = shape.heads // shape.groups
             fla_inputs = dict(
                 q=inputs["C"].repeat_interleave(per_group, dim=2).contiguous(),
                 k=inputs["B"].repeat_interleave(per_group, dim=2).contiguous(),
@@ -269,13 +311,15 @@ def check_ssd_output(name, make, inputs, reference):
 
 
 def run_ssd(shape_name, bandwidth) -> list[dict]:
-    batch, seq_len = SHAPES[shape_name]
+    shape = SSD_SHAPES[shape_name]
+    batch, seq_len = shape.batch, shape.seq_len
     torch.manual_seed(0)
-    inputs = ssd_inputs(batch, seq_len)
+    inputs = ssd_inputs(shape)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     floor_fwd, floor_fwd_bwd = ssd_floor_bytes(inputs)
-    case = f"ssd B{batch} L{seq_len} H{HEADS} P{HEAD_DIM} N{STATE} G{GROUPS} chunk{CHUNK}"
-    candidates = ssd_candidates(inputs, leaves)
+    case = (f"ssd B{batch} L{seq_len} H{shape.heads} P{shape.head_dim} N{shape.state} G{shape.groups} chunk{CHUNK}"
+            f"{' z' if shape.gate else ''} ({shape.like})")
+    candidates = ssd_candidates(shape, inputs, leaves)
 
     # The output every candidate is compared with: mamba_ssm's, else our torch reference's.
     reference = None
@@ -333,16 +377,16 @@ def mamba1_inputs(batch, seq_len, dim, state):
     )
 
 
-def run_mamba1(bandwidth) -> list[dict]:
+def run_mamba1(shape_name, bandwidth) -> list[dict]:
     from ssm_hub.ops.selective_scan import selective_scan
 
-    batch, seq_len, dim, state = MAMBA1_BATCH, MAMBA1_LEN, MAMBA1_DIM, MAMBA1_STATE
+    batch, seq_len, dim, state, like = MAMBA1_SHAPES[shape_name]
     torch.manual_seed(0)
     inputs = mamba1_inputs(batch, seq_len, dim, state)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
     input_bytes, output_bytes = nbytes(*inputs.values()), nbytes(inputs["u"])
     floor_fwd, floor_fwd_bwd = input_bytes + output_bytes, 2 * (input_bytes + output_bytes)
-    case = f"selective_scan B{batch} L{seq_len} D{dim} N{state} z delta_bias"
+    case = f"selective_scan B{batch} L{seq_len} D{dim} N{state} z delta_bias ({like})"
 
     def ours(backend):
         def make(requires_grad):
@@ -373,7 +417,7 @@ def run_mamba1(bandwidth) -> list[dict]:
 
     rows = []
     for name, (make, why_not) in candidates.items():
-        row = {"benchmark": "selective_scan", "shape": f"B{batch}xL{seq_len}", "case": case, "batch": batch,
+        row = {"benchmark": "selective_scan", "shape": shape_name, "case": case, "batch": batch,
                "seq_len": seq_len, "candidate": name,
                "floor_forward_ms": floor_fwd / bandwidth * 1e3,
                "floor_forward_backward_ms": floor_fwd_bwd / bandwidth * 1e3}
@@ -382,7 +426,7 @@ def run_mamba1(bandwidth) -> list[dict]:
         else:
             own_leaves = getattr(make, "leaves", leaves)
             row.update(measure(make, list(own_leaves.values())))
-        print(f"{'mamba1':>10} | {name:<38} | fwd {describe(row['forward'])} "
+        print(f"{shape_name:>10} | {name:<38} | fwd {describe(row['forward'])} "
               f"| fwd+bwd {describe(row['forward_backward'])}", flush=True)
         rows.append(row)
     free_memory()
@@ -477,7 +521,9 @@ def plot(report, path: Path):
     except ImportError:
         print("matplotlib is not importable: no plot written (pip install matplotlib for one)")
         return None
-    rows = [r for r in report["rows"] if r["benchmark"] == "ssd_chunked_scan"]
+    # The 130M shape at three lengths: one line per candidate.
+    rows = [r for r in report["rows"]
+            if r["benchmark"] == "ssd_chunked_scan" and SSD_SHAPES[r["shape"]].like.startswith("130M")]
     if not rows:
         return None
     figure, axis = plt.subplots(figsize=(7, 4.5))
@@ -494,7 +540,7 @@ def plot(report, path: Path):
     axis.set_xticks([s for s, _ in shapes], [label for _, label in shapes])
     axis.set_xlabel("shape (batch x sequence length)")
     axis.set_ylabel("forward time (ms, eager do_bench median)")
-    axis.set_title(f"SSD chunked scan forward, H{HEADS} P{HEAD_DIM} N{STATE}, bf16\n{report['device']}", fontsize=10)
+    axis.set_title(f"SSD chunked scan forward, 130M shape (H24 P64 N128), bf16\n{report['device']}", fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -509,8 +555,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[1:]))
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES),
-                        help="SSD shapes to run (default: all)")
+    parser.add_argument("--shapes", nargs="+", choices=[*SSD_SHAPES, *MAMBA1_SHAPES],
+                        default=[*SSD_SHAPES, *MAMBA1_SHAPES], help="shapes to run (default: all)")
     parser.add_argument("--cases", nargs="+", choices=("ssd", "mamba1"), default=["ssd", "mamba1"],
                         help="which scans to time (default: both)")
     parser.add_argument("--output", type=Path, default=results_dir(__file__))
@@ -523,11 +569,11 @@ def main():
     bandwidth = measured_copy_bandwidth()
     print(f"measured copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    if "ssd" in args.cases:
-        for shape in args.shapes:
+    for shape in args.shapes:
+        if shape in SSD_SHAPES and "ssd" in args.cases:
             rows += run_ssd(shape, bandwidth)
-    if "mamba1" in args.cases:
-        rows += run_mamba1(bandwidth)
+        elif shape in MAMBA1_SHAPES and "mamba1" in args.cases:
+            rows += run_mamba1(shape, bandwidth)
     add_ratios(rows)
 
     device = torch.cuda.get_device_name()
@@ -540,10 +586,10 @@ def main():
         "copy_bandwidth_TBps": bandwidth / 1e12,
         "mamba_ssm": mamba_why or mamba_version, "fla": fla_why or fla_version,
         "mamba_ssm_cuda_selective_scan": cuda_scan_why or "built",
-        "ssd_config": {"heads": HEADS, "head_dim": HEAD_DIM, "state": STATE, "groups": GROUPS, "chunk": CHUNK,
-                       "dtypes": "x/dt/B/C bf16, A/D/dt_bias fp32", "dt_softplus": True, "z": None},
-        "mamba1_config": {"batch": MAMBA1_BATCH, "seq_len": MAMBA1_LEN, "d_inner": MAMBA1_DIM, "state": MAMBA1_STATE,
-                          "dtypes": "u/delta/B/C/z bf16, A/D/delta_bias fp32", "delta_softplus": True},
+        "ssd_shapes": {name: shape._asdict() for name, shape in SSD_SHAPES.items()},
+        "ssd_config": {"chunk": CHUNK, "dtypes": "x/dt/B/C/z bf16, A/D/dt_bias fp32", "dt_softplus": True},
+        "mamba1_shapes": {name: shape._asdict() for name, shape in MAMBA1_SHAPES.items()},
+        "mamba1_config": {"dtypes": "u/delta/B/C/z bf16, A/D/delta_bias fp32", "delta_softplus": True},
         "rows": rows,
     }
     args.output.mkdir(parents=True, exist_ok=True)
