@@ -36,6 +36,9 @@ AUTO_MAP_CLASSES_ATTRIBUTE = "AUTO_MAP"
 # Keyword arguments of save_pretrained that only matter for an upload (see save_with_remote_code).
 HUB_KWARGS = ("repo_id", "commit_message", "private", "create_pr", "revision", "token")
 EXPORTABLE_PACKAGES = ("ssm_hub.", "transformers_modules.")
+# The files a model's bundle puts the ops (dispatch, custom ops, torch references) and the Triton kernels in.
+OPS_FILE = "ssm_hub_ops"
+KERNELS_FILE = "ssm_hub_kernels"
 
 
 def _root_package(module_name: str) -> str:
@@ -100,8 +103,6 @@ def collect_modules(start_modules: list[str]) -> dict[str, tuple[str, bool]]:
     return found
 
 
-
-
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 _SCOPES = (*_FUNCTIONS, ast.Lambda, ast.ClassDef, *_COMPREHENSIONS)
@@ -155,9 +156,11 @@ def global_references(tree: ast.Module, owner: str) -> list[ast.Name]:
                 found.append(node)
         elif isinstance(node, (*_FUNCTIONS, ast.Lambda)):
             # Decorators, defaults and annotations run in the enclosing scope; the body in the function's own.
-            outer = [*getattr(node, "decorator_list", []), *node.args.defaults, *filter(None, node.args.kw_defaults),
-                     *(a.annotation for a in _arguments(node.args) if a.annotation), *filter(None, [getattr(
-                         node, "returns", None)])]
+            outer = [*getattr(node, "decorator_list", []), *node.args.defaults,
+                     *(default for default in node.args.kw_defaults if default is not None),
+                     *(a.annotation for a in _arguments(node.args) if a.annotation is not None)]
+            if getattr(node, "returns", None) is not None:
+                outer.append(node.returns)
             for child in outer:
                 visit(child, scopes)
             body = node.body if isinstance(node.body, list) else [node.body]
@@ -188,12 +191,6 @@ def global_references(tree: ast.Module, owner: str) -> list[ast.Name]:
     for statement in tree.body:
         visit(statement, [])
     return found
-
-
-
-# The files a model's bundle puts the ops (dispatch, custom ops, torch references) and the Triton kernels in.
-OPS_FILE = "ssm_hub_ops"
-KERNELS_FILE = "ssm_hub_kernels"
 
 
 @dataclass
@@ -267,28 +264,37 @@ def _module_file_names(modules: dict[str, tuple[str, bool]], main_module: str, a
     return files
 
 
+def _dependencies_first(roots: list, dependencies, cycle: str) -> list:
+    """``roots`` and all they reach through ``dependencies(node)``, each after the nodes it depends on; a node that
+    depends on itself through others raises ValueError, ``cycle`` formatted with it."""
+    order, state = [], {}
+
+    def visit(node) -> None:
+        if state.get(node) == "done":
+            return
+        if state.get(node) == "visiting":
+            raise ValueError(cycle.format(node))
+        state[node] = "visiting"
+        for dependency in dependencies(node):
+            visit(dependency)
+        state[node] = "done"
+        order.append(node)
+
+    for root in roots:
+        visit(root)
+    return order
+
+
 def _file_order(members: list[str], parsed: dict[str, _Module], files: dict[str, str], anchor: str | None
                 ) -> list[str]:
     """The file's modules in an order where each comes after the modules it imports at module level (as Python
     would import them), starting from the module the file is named after."""
-    order, state = [], {}
+    def same_file_imports(name: str) -> list[str]:
+        return [target for _, target, module_level in parsed[name].imports
+                if module_level and files[target] == files[name]]
 
-    def visit(name: str) -> None:
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "visiting":
-            raise ValueError(f"remote-code export: modules of {files[name]} import each other at module level "
-                             f"({name})")
-        state[name] = "visiting"
-        for _, target, module_level in parsed[name].imports:
-            if module_level and files[target] == files[name]:
-                visit(target)
-        state[name] = "done"
-        order.append(name)
-
-    for name in sorted(members, key=lambda member: (member != anchor, member)):
-        visit(name)
-    return order
+    return _dependencies_first(sorted(members, key=lambda member: (member != anchor, member)), same_file_imports,
+                               "remote-code export: {} imports, at module level, a module that imports it back")
 
 
 def _check_file_imports_acyclic(parsed: dict[str, _Module], files: dict[str, str]) -> None:
@@ -298,21 +304,8 @@ def _check_file_imports_acyclic(parsed: dict[str, _Module], files: dict[str, str
         for _, target, module_level in module.imports:
             if module_level and files[target] != files[name]:
                 edges.setdefault(files[name], set()).add(files[target])
-    state = {}
-
-    def visit(file: str) -> None:
-        state[file] = "visiting"
-        for other in edges.get(file, ()):
-            if state.get(other) == "visiting":
-                raise ValueError(f"remote-code export: {file}.py and {other}.py would import each other at module "
-                                 f"level")
-            if other not in state:
-                visit(other)
-        state[file] = "done"
-
-    for file in sorted(edges):
-        if file not in state:
-            visit(file)
+    _dependencies_first(sorted(edges), lambda file: sorted(edges.get(file, ())),
+                        "remote-code export: {}.py would import, at module level, a file that imports it back")
 
 
 class _Merge:
