@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs of every ssm_hub architecture, so each model test runs for all of them."""
 
+import json
 import os
 
 import torch
@@ -160,3 +161,17 @@ def assert_decode_step_is_one_graph(model, backend: str, monkeypatch) -> None:
         )
     assert explanation.graph_break_count == 0, [str(reason.reason) for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+def with_short_chunks(student, chunk_size: int = 32):
+    """The seeded ``student`` folder with its Mamba-2 layers scanning in chunks of ``chunk_size`` tokens.
+
+    seed_hybrid keeps SsmHubHybridConfig's chunks of 256 tokens (a GPU's); on CPU the torch scan pads every sequence
+    to whole chunks and builds a [chunk, chunk] decay matrix per head and chunk, so each 32- or 64-token row of these
+    runs would cost a 256-token one (most of these tests' time). The scan's result does not depend on the chunk
+    length beyond rounding, and nothing here reads it."""
+    config_file = student / "config.json"
+    config = json.loads(config_file.read_text())
+    config["mamba_chunk_size"] = chunk_size
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return student

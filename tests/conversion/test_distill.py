@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from conftest import with_short_chunks
 from ssm_hub.cli import main
 from ssm_hub.conversion.distillation.distill import (
     evaluate_against_teacher,
@@ -94,7 +95,7 @@ def teacher_and_student(tmp_path):
     teacher.save_pretrained(tmp_path / "teacher")
     train_tokenizer([topics[key] for key in sorted(topics)][:200], 300).save_pretrained(tmp_path / "teacher")
     seed_hybrid(tmp_path / "teacher", tmp_path / "student", "every:2:1")
-    return tmp_path / "teacher", tmp_path / "student"
+    return tmp_path / "teacher", with_short_chunks(tmp_path / "student")
 
 
 def test_each_stage_trains_what_it_should(teacher_and_student):
@@ -290,9 +291,9 @@ def test_distill_takes_a_gpt2_teacher_and_an_ssm_only_student(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_inner=48, vocab_size=300, n_positions=128,
                                bos_token_id=None, eos_token_id=None)).save_pretrained(tmp_path / "teacher")
     train_tokenizer([topics[key] for key in sorted(topics)][:200], 300).save_pretrained(tmp_path / "teacher")
-    seed_hybrid(tmp_path / "teacher", tmp_path / "student", "none")
+    student = with_short_chunks(seed_hybrid(tmp_path / "teacher", tmp_path / "student", "none"))
     output = tmp_path / "distilled"
-    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+    assert main(["distill", "--teacher", str(tmp_path / "teacher"), "--student", str(student),
                  "--output", str(output), "--builtin", "python_docs", "--max-documents", "60", "--seq-len", "64",
                  "--eval-fraction", "0.1", "--orient-steps", "2", "--align-steps", "2", "--kl-steps", "2",
                  "--batch-size", "2", "--speed-contexts", "32", "120"]) == 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import with_short_chunks
 from hub_server import hub_server
 from ssm_hub.conversion.publishing.push import render_model_card
 from ssm_hub.conversion.seeding.from_attention import seed_hybrid
@@ -30,7 +31,7 @@ def distilled(tmp_path_factory):
                                  intermediate_size=48, vocab_size=300, tie_word_embeddings=False)
                      ).save_pretrained(folder / "teacher")
     train_tokenizer([topics[key] for key in sorted(topics)][:100], 300).save_pretrained(folder / "teacher")
-    seed_hybrid(folder / "teacher", folder / "student", "1")
+    with_short_chunks(seed_hybrid(folder / "teacher", folder / "student", "1"))
     assert main(["distill", "--teacher", str(folder / "teacher"), "--student", str(folder / "student"),
                  "--output", str(folder / "distilled"), "--builtin", "python_docs", "--max-documents", "40",
                  "--seq-len", "32", "--eval-fraction", "0.2", "--align-steps", "2", "--kl-steps", "2",
