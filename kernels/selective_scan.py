@@ -514,7 +514,9 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool
     dA_partial = torch.empty((batch, dim, state_size), **f32)
     dD_partial = torch.empty((batch, dim), **f32)
     dbias_partial = torch.empty((batch, dim), **f32)
-    dinit = torch.empty((num_states(u.shape[0], cu_seqlens), dim, state_size), **f32) if initial_state is not None else None
+    dinit = None
+    if initial_state is not None:
+        dinit = torch.empty((num_states(u.shape[0], cu_seqlens), dim, state_size), **f32)
     selective_scan_bwd_kernel[(batch, num_d_blocks)](
         u, delta, A, B, C, D, z, delta_bias, initial_state, docs, checkpoints, dy, dfinal_state,
         du, ddelta, dz, dB_partial, dC_partial, dA_partial, dD_partial, dbias_partial, dinit,

@@ -263,7 +263,8 @@ def ssd_chunked_scan_scores_fwd_kernel(
         ).to(DOT_DTYPE)
         scores += tl.dot(Ct, Bt, input_precision=DOT_PRECISION)
     # [B, chunks, G, L, L].
-    offsets = (((row * num_chunks + chunk) * tl.num_programs(1) + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
+    row_chunk = row * num_chunks + chunk
+    offsets = ((row_chunk * tl.num_programs(1) + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
     tl.store(scores_ptr + offsets, scores.to(scores_ptr.dtype.element_ty), mask=(l_t[:, None] < chunk_size) & (l_s[None, :] < chunk_size))
 
 

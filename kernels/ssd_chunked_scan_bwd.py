@@ -278,7 +278,8 @@ def ssd_chunked_scan_dscores_bwd_kernel(
         decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
         dscores += tl.dot(dy_t, xt_s, input_precision=DOT_PRECISION) * decay * dt_s[None, :]
     # [B, chunks, G, L, L], in the scores' dtype: kernel 4 reads it as a tl.dot operand.
-    offsets = (((row * num_chunks + chunk) * groups + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
+    row_chunk = row * num_chunks + chunk
+    offsets = ((row_chunk * groups + group) * chunk_size + l_t[:, None]) * chunk_size + l_s[None, :]
     tl.store(dscores_ptr + offsets, dscores.to(dscores_ptr.dtype.element_ty), mask=(l_t[:, None] < chunk_size) & (l_s[None, :] < chunk_size))
 
 
