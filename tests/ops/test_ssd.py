@@ -93,6 +93,26 @@ def test_chunked_matches_naive_without_options():
     torch.testing.assert_close(final, final_ref)
 
 
+def test_a_row_shorter_than_a_chunk_is_scanned_as_one_chunk_of_its_length(monkeypatch):
+    # Padding a 9-token row to a chunk of 256 would cost a 256-token row's [L, L] work (the CPU demo's rows).
+    import ssm_hub.ops.ssd.reference as reference
+
+    chunk_lengths = []
+    scan_chunks = reference._ssd_chunks
+
+    def recording(x, *args):
+        chunk_lengths.append(args[4])
+        return scan_chunks(x, *args)
+
+    monkeypatch.setattr(reference, "_ssd_chunks", recording)
+    inputs = make_inputs(seqlen=9)
+    y, final = ssd_chunked_scan(**inputs, chunk_size=256, return_final_states=True, backend="torch")
+    assert chunk_lengths == [9]
+    y_naive, final_naive = ssd_naive_ref(**inputs, return_final_states=True)
+    torch.testing.assert_close(y, y_naive)
+    torch.testing.assert_close(final, final_naive)
+
+
 def test_initial_states_matter():
     # Guards the test above against an initial state that would be ignored by both implementations.
     inputs = make_inputs(seqlen=10)

@@ -256,6 +256,9 @@ def ssd_chunked_scan_ref(
     # 2. Lay the tokens out on chunks. Padding tokens have dt = 0 and x = B = C = 0: no decay, no input, no
     #    output, so the state passes through them unchanged and final states can be read after them.
     if bounds is None:
+        # A row shorter than a chunk is one chunk of its own length: the result does not depend on the chunk length
+        # beyond rounding, and a whole chunk of padding costs its [L, L] work (a 128-token row in chunks of 256).
+        chunk_size = max(1, min(chunk_size, seqlen))
         length = math.ceil(seqlen / chunk_size) * chunk_size
         positions = torch.arange(seqlen, device=device)
         restart_chunks, final_chunks = [0], [length // chunk_size - 1]
